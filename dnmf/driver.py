@@ -1,0 +1,126 @@
+"""The one iteration loop every solver runs: history, stopping rules, callbacks.
+
+Each iteration appends an :class:`IterationRecord`. The loop stops when
+
+- the relative objective decrease (f_{t-1} - f_t) / f_{t-1} < ``tol`` **and** the relative
+  iterate change max(‖ΔW‖/‖W‖, ‖ΔH‖/‖H‖) < ``tol_x`` ("converged"), or
+- ``max_iter`` iterations have run in all ("max_iter"), or
+- ``max_time`` seconds have passed in this run ("max_time"), or
+- a callback returned True ("callback").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+from .solvers import Solver, SolverState
+
+STOP_REASONS = ("converged", "max_iter", "max_time", "callback")
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """What one iteration did: its number (from 1), objective, changes and wall seconds."""
+
+    iteration: int
+    objective: float
+    rel_decrease: float
+    w_change: float
+    h_change: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StoppingRules:
+    """When to stop; see the module docstring."""
+
+    max_iter: int = 200
+    tol: float = 1e-4
+    tol_x: float = 1e-3
+    max_time: float | None = None
+
+    def converged(self, record: IterationRecord) -> bool:
+        return record.rel_decrease < self.tol and max(record.w_change, record.h_change) < self.tol_x
+
+
+class Checkpointer(Protocol):
+    """What the driver asks of a checkpoint writer (see :mod:`dnmf.checkpoint`)."""
+
+    def after_iteration(self, state: SolverState, history: list[IterationRecord]) -> None: ...
+
+    def finish(self, state: SolverState, history: list[IterationRecord], stop_reason: str) -> None: ...
+
+
+Callback = Callable[[IterationRecord], "bool | None"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The end of a run: the final state, the whole history and why it stopped."""
+
+    state: SolverState
+    history: list[IterationRecord] = field(default_factory=list)
+    stop_reason: str = "max_iter"
+
+    @property
+    def n_iter(self) -> int:
+        return self.history[-1].iteration if self.history else 0
+
+
+def relative_decrease(previous: float, current: float) -> float:
+    """(previous - current) / previous, 0 when both are 0."""
+    if previous == 0:
+        return 0.0
+    return (previous - current) / abs(previous)
+
+
+def run(
+    solver: Solver,
+    state: SolverState,
+    rules: StoppingRules,
+    callbacks: tuple[Callback, ...] = (),
+    history: list[IterationRecord] | None = None,
+    checkpointer: Checkpointer | None = None,
+) -> RunResult:
+    """Iterate ``solver`` from ``state`` until a stopping rule fires.
+
+    ``history`` continues an earlier run (on resume): iteration numbers go on from its end and
+    ``max_iter`` counts all iterations. ``max_time`` counts this run's seconds only.
+    """
+    history = list(history or [])
+    started = time.perf_counter()
+    stop_reason = "max_iter"
+    while (history[-1].iteration if history else 0) < rules.max_iter:
+        tick = time.perf_counter()
+        step = solver.step(state)
+        previous = state.objective
+        state = step.state
+        record = IterationRecord(
+            iteration=(history[-1].iteration if history else 0) + 1,
+            objective=state.objective,
+            rel_decrease=relative_decrease(previous, state.objective),
+            w_change=step.w_change,
+            h_change=step.h_change,
+            seconds=time.perf_counter() - tick,
+        )
+        history.append(record)
+        if checkpointer is not None:
+            checkpointer.after_iteration(state, history)
+        asked_to_stop = [bool(callback(record)) for callback in callbacks]
+        if any(asked_to_stop):
+            stop_reason = "callback"
+            break
+        if rules.converged(record):
+            stop_reason = "converged"
+            break
+        if rules.max_time is not None and time.perf_counter() - started >= rules.max_time:
+            stop_reason = "max_time"
+            break
+    if checkpointer is not None:
+        checkpointer.finish(state, history, stop_reason)
+    return RunResult(state, history, stop_reason)

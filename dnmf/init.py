@@ -1,0 +1,204 @@
+"""Starting points: seeded random, NNDSVD / NNDSVDa / NNDSVDar, and custom (W, H).
+
+W is always a dask array chunked like V's row blocks and built on the workers (never on the
+client); H (r x p) is a numpy array.
+
+References
+----------
+C. Boutsidis, E. Gallopoulos (2008). SVD based initialization: A head start for nonnegative
+matrix factorization. Pattern Recognition 41(4).
+N. Halko, P.-G. Martinsson, J. Tropp (2011). Finding structure with randomness. SIAM Review 53(2).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from . import kernels
+from .errors import InvalidMatrixError, ParameterError, expected
+from .store import Matrix, MatrixStats, tree_reduce
+
+INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
+NNDSVD_THRESHOLD = 1e-6
+
+
+@dataclass(frozen=True)
+class Start:
+    """A starting point: W (dask, row blocks of V), H (numpy), and how it was made."""
+
+    W: da.Array
+    H: np.ndarray
+    method: str
+
+
+def resolve_init(init: str | None, n_components: int, shape: tuple[int, int]) -> str:
+    """scikit-learn's default: NNDSVDa when the rank allows it, else random."""
+    if init is None:
+        return "nndsvda" if n_components <= min(shape) else "random"
+    if init not in INIT_METHODS:
+        raise ParameterError(expected(f"init in {INIT_METHODS}", init))
+    return init
+
+
+def _blocks_array(name: str, dsk: dict, matrix: Matrix, r: int, dtype, dependencies=()) -> da.Array:
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(dependencies))
+    return da.Array(graph, name, chunks=(matrix.row_chunks, (r,)), dtype=dtype)
+
+
+def random_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int) -> Start:
+    """Strictly positive random W and H with entries ≈ sqrt(mean(V) / r), from ``seed``."""
+    scale = float(np.sqrt(stats.mean / r))
+    name = f"dnmf-init-random-{uuid.uuid4().hex}"
+    offsets = matrix.row_offsets
+    dsk = {
+        (name, i, 0): (kernels.random_rows, seed, offsets[i], offsets[i + 1], r, scale, matrix.dtype)
+        for i in range(len(matrix.row_chunks))
+    }
+    W = _blocks_array(name, dsk, matrix, r, matrix.dtype)
+    H = np.random.default_rng([seed, 1]).random((r, matrix.shape[1]))
+    H = ((H + 0.5) * scale).astype(matrix.dtype)
+    return Start(W, H, "random")
+
+
+def custom_start(matrix: Matrix, r: int, W, H) -> Start:
+    """Validate a user's (W, H) and lay W out like V's row blocks."""
+    n, p = matrix.shape
+    if W is None or H is None:
+        raise ParameterError("init='custom' needs both W and H; pass fit(X, W=..., H=...).")
+    H = np.asarray(H)
+    _check_factor("H", H.shape, (r, p))
+    _check_factor("W", W.shape, (n, r))
+    H = _nonnegative("H", H).astype(matrix.dtype)
+    if isinstance(W, da.Array):
+        W_dask = W.astype(matrix.dtype).rechunk((matrix.row_chunks, (r,)))
+        bad = dask.compute(((W_dask < 0) | ~da.isfinite(W_dask)).any())[0]
+        if bad:
+            raise InvalidMatrixError("W has negative or non-finite entries; a starting W must be non-negative.")
+    else:
+        W_np = _nonnegative("W", np.asarray(W)).astype(matrix.dtype)
+        W_dask = da.from_array(W_np, chunks=(matrix.row_chunks, (r,)), name=f"dnmf-W0-{uuid.uuid4().hex}")
+    return Start(W_dask, H, "custom")
+
+
+def _check_factor(label: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise InvalidMatrixError(expected(f"{label} of shape {want}", f"shape {tuple(got)}"))
+
+
+def _nonnegative(label: str, X: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(X)) or np.any(X < 0):
+        raise InvalidMatrixError(f"{label} has negative or non-finite entries; a starting {label} must be non-negative.")
+    return X
+
+
+# ---------------------------------------------------------------------------
+# NNDSVD from a randomized SVD that streams V
+
+
+def _map_rows(matrix: Matrix, func, k: int, *args) -> da.Array:
+    """Row blocks of ``func(V_b, *args)``, each of shape (n_b, k)."""
+    return da.map_blocks(
+        func, matrix.data, *args, chunks=(matrix.row_chunks, (k,)), dtype=matrix.dtype,
+        meta=np.empty((0, 0), dtype=matrix.dtype),
+    )
+
+
+def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
+    """Qᵀ V (k x p) as a fixed-order sum of per-block products, on the client (k x p is small)."""
+    name = f"dnmf-qtv-{uuid.uuid4().hex}"
+    q_keys = [row[0] for row in Q.__dask_keys__()]
+    dsk = {
+        (name, i): (kernels.block_transpose_times, qk, vk)
+        for i, (qk, vk) in enumerate(zip(q_keys, matrix.block_keys()))
+    }
+    root = tree_reduce(dsk, name, list(dsk), _add)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[Q, matrix.data])
+    return dask.compute(Delayed(root, graph, layer=name))[0]
+
+
+def _add(a, b):
+    return a + b
+
+
+def _orthonormalize(Y: da.Array) -> da.Array:
+    """An orthonormal basis of the columns of a tall Y, by two rounds of Gram-matrix QR."""
+    for _ in range(2):
+        gram = dask.compute(Y.T @ Y)[0].astype(np.float64)
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > values.max() * 1e-12
+        transform = (vectors[:, keep] / np.sqrt(values[keep])).astype(Y.dtype)
+        Y = (Y @ transform).persist()
+    return Y
+
+
+def randomized_svd(matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n_power_iter: int = 2):
+    """Top-r SVD of V streaming it by row blocks: U (dask, row blocks), s, Vt (numpy).
+
+    Costs 2 + 2 * n_power_iter passes over V.
+    """
+    n, p = matrix.shape
+    k = min(r + n_oversamples, n, p)
+    omega = np.random.default_rng([seed, 2]).standard_normal((p, k)).astype(matrix.dtype)
+    Q = _orthonormalize(_map_rows(matrix, kernels.block_times, k, omega).persist())
+    for _ in range(n_power_iter):
+        Z = _transpose_times(Q, matrix)  # (k, p)
+        Zq, _ = np.linalg.qr(Z.T.astype(np.float64))
+        Q = _orthonormalize(_map_rows(matrix, kernels.block_times, Zq.shape[1], Zq.astype(matrix.dtype)).persist())
+    B = _transpose_times(Q, matrix).astype(np.float64)
+    Ub, s, Vt = np.linalg.svd(B, full_matrices=False)
+    U = (Q @ Ub[:, :r].astype(matrix.dtype)).persist()
+    return U, s[:r], Vt[:r]
+
+
+def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant: str) -> Start:
+    """NNDSVD (zeros kept), NNDSVDa (zeros filled with mean(V)) or NNDSVDar (small random)."""
+    U, s, Vt = randomized_svd(matrix, r, seed)
+    pos_sq, neg_sq = dask.compute((da.maximum(U, 0) ** 2).sum(axis=0), (da.minimum(U, 0) ** 2).sum(axis=0))
+    u_pos, u_neg = np.sqrt(pos_sq.astype(np.float64)), np.sqrt(neg_sq.astype(np.float64))
+    v_pos = np.linalg.norm(np.maximum(Vt, 0), axis=1)
+    v_neg = np.linalg.norm(np.maximum(-Vt, 0), axis=1)
+    positive = u_pos * v_pos >= u_neg * v_neg
+    signs = np.where(positive, 1.0, -1.0)
+    u_norm = np.where(positive, u_pos, u_neg)
+    v_norm = np.where(positive, v_pos, v_neg)
+    weight = np.sqrt(s * u_norm * v_norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w_scale = np.where(u_norm > 0, weight / u_norm, 0.0)
+        h_scale = np.where(v_norm > 0, weight / v_norm, 0.0)
+    H = np.maximum(Vt * signs[:, None], 0) * h_scale[:, None]
+
+    mean = stats.mean
+    H = kernels.fill_zeros(H.astype(matrix.dtype), None, 0, NNDSVD_THRESHOLD)
+    zeros = H == 0
+    w_fill = {"nndsvd": None, "nndsvda": mean, "nndsvdar": (seed, mean / 100)}[variant]
+    if variant == "nndsvda":
+        H[zeros] = mean
+    elif variant == "nndsvdar":
+        H[zeros] = mean / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
+
+    name = f"dnmf-init-nndsvd-{uuid.uuid4().hex}"
+    u_keys = [row[0] for row in U.__dask_keys__()]
+    offsets = matrix.row_offsets
+    signs_t, scales_t = signs.astype(matrix.dtype), w_scale.astype(matrix.dtype)
+    dsk = {
+        (name, i, 0): (kernels.nndsvd_w_block, key, signs_t, scales_t, w_fill, offsets[i], NNDSVD_THRESHOLD)
+        for i, key in enumerate(u_keys)
+    }
+    W = _blocks_array(name, dsk, matrix, r, matrix.dtype, dependencies=[U])
+    return Start(W, H, variant)
+
+
+def make_start(matrix: Matrix, stats: MatrixStats, r: int, init: str, seed: int, W=None, H=None) -> Start:
+    """Dispatch on ``init`` (already resolved)."""
+    if init == "custom":
+        return custom_start(matrix, r, W, H)
+    if init == "random":
+        return random_start(matrix, stats, r, seed)
+    return nndsvd_start(matrix, stats, r, seed, init)

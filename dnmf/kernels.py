@@ -1,0 +1,427 @@
+"""Per-block math of NMF: numpy/scipy in, numpy out. Never imports dask.
+
+V is split into row blocks ``V_b`` (all columns); W into the matching row blocks ``W_b``.
+H (r x p) is small and whole. One iteration, for each block, is :func:`step_block`: update
+``W_b`` from ``V_b`` and H, then compute the :class:`Partials` that the next H update and
+the objective need, so that V is read once per iteration.
+
+The objective is the β-divergence D_β(V | WH) (½‖V − WH‖² for β = 2), as in
+scikit-learn. For β = 2 it comes from the Gram identity
+
+    ‖V − WH‖² = ‖V‖² − 2⟨WᵀV, H⟩ + ⟨WᵀW, HHᵀ⟩
+
+and never forms WH; for other β, WH is formed one block at a time (at V's nonzeros only
+for sparse V and KL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import xlogy
+
+FROBENIUS = 2.0
+KULLBACK_LEIBLER = 1.0
+ITAKURA_SAITO = 0.0
+
+# Random inits are generated in fixed tiles of rows, so a seed gives the same W
+# whatever the chunking.
+RANDOM_TILE_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which update to apply: ``solver`` "mu" or "hals", β of the divergence, ε."""
+
+    solver: str
+    beta: float
+    eps: float
+
+    @property
+    def gamma(self) -> float:
+        """Févotte-Idier exponent that makes β-MU monotone outside 1 ≤ β ≤ 2."""
+        if self.beta < 1:
+            return 1.0 / (2.0 - self.beta)
+        if self.beta > 2:
+            return 1.0 / (self.beta - 1.0)
+        return 1.0
+
+
+class Partials(NamedTuple):
+    """Sums over row blocks that the H update and the objective need.
+
+    numer : (r, p) array. WᵀV (β = 2), or Wᵀ(V ∘ (WH)^(β-2)) otherwise.
+    denom : WᵀW of shape (r, r) for β = 2; column sums of W, shape (r,), for β = 1;
+        Wᵀ(WH)^(β-1) of shape (r, p) otherwise.
+    loss : the divergence summed over the blocks (β ≠ 2); 0 for β = 2.
+    w_sq, dw_sq : ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
+    """
+
+    numer: np.ndarray
+    denom: np.ndarray
+    loss: float
+    w_sq: float
+    dw_sq: float
+
+
+def add_partials(a: Partials, b: Partials) -> Partials:
+    """Elementwise sum of two block partials (the tree reduction's binary op)."""
+    return Partials(*(x + y for x, y in zip(a, b)))
+
+
+def sum_partials(parts: list[Partials]) -> Partials:
+    """Left-to-right sum of a list of partials (a fixed order, so results are reproducible)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = add_partials(total, part)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# Input blocks
+
+
+def as_float_block(block, dtype: np.dtype):
+    """Return a block as a float array (or CSR matrix) of ``dtype``, copying only if needed."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        return block if block.dtype == dtype else block.astype(dtype)
+    return np.asarray(block, dtype=dtype)
+
+
+def _dot_t(W_b: np.ndarray, V_b) -> np.ndarray:
+    """W_bᵀ V_b for dense or sparse V_b, as a dense (r, p) array."""
+    if sp.issparse(V_b):
+        return np.asarray((V_b.T @ W_b).T)
+    return W_b.T @ V_b
+
+
+def _dot_ht(V_b, H: np.ndarray) -> np.ndarray:
+    """V_b Hᵀ for dense or sparse V_b, as a dense (n_b, r) array."""
+    return np.asarray(V_b @ H.T)
+
+
+def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
+    rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
+    out = np.empty(V_b.nnz, dtype=W_b.dtype)
+    # Chunked so the (nnz, r) gather stays small.
+    step = max(1, 2**22 // max(1, W_b.shape[1]))
+    for start in range(0, V_b.nnz, step):
+        stop = start + step
+        out[start:stop] = np.einsum(
+            "ij,ji->i", W_b[rows[start:stop]], H[:, V_b.indices[start:stop]]
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Partials and objective
+
+
+def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
+    """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0."""
+    beta, eps = rule.beta, rule.eps
+    if beta == FROBENIUS:
+        return Partials(_dot_t(W_b, V_b), W_b.T @ W_b, 0.0, 0.0, 0.0)
+    if beta == KULLBACK_LEIBLER and sp.issparse(V_b):
+        wh = _wh_at_nonzeros(V_b, W_b, H)
+        ratio = V_b.copy()
+        ratio.data = V_b.data / (wh + eps)
+        numer = _dot_t(W_b, ratio)
+        col_w = W_b.sum(axis=0)
+        loss = (
+            float(np.sum(xlogy(V_b.data, V_b.data / wh), dtype=np.float64))
+            - float(V_b.data.sum(dtype=np.float64))
+            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+        )
+        return Partials(numer, col_w, loss, 0.0, 0.0)
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    wh = W_b @ H
+    loss = beta_divergence_dense(V_d, wh, beta)
+    wh += eps
+    if beta == KULLBACK_LEIBLER:
+        np.divide(V_d, wh, out=wh)
+        return Partials(W_b.T @ wh, W_b.sum(axis=0), loss, 0.0, 0.0)
+    denom = W_b.T @ (wh ** (beta - 1.0))
+    numer = W_b.T @ (V_d * wh ** (beta - 2.0))
+    return Partials(numer, denom, loss, 0.0, 0.0)
+
+
+def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
+    """D_β(V | WH) summed over a dense block, accumulated in float64."""
+    V = V.astype(np.float64, copy=False)
+    WH = WH.astype(np.float64, copy=False)
+    if beta == FROBENIUS:
+        return 0.5 * float(np.sum((V - WH) ** 2))
+    if beta == KULLBACK_LEIBLER:
+        return float(np.sum(xlogy(V, V) - xlogy(V, WH) - V + WH))
+    if beta == ITAKURA_SAITO:
+        ratio = V / WH
+        return float(np.sum(ratio - np.log(ratio) - 1.0))
+    return float(
+        np.sum(V**beta + (beta - 1.0) * WH**beta - beta * V * WH ** (beta - 1.0))
+        / (beta * (beta - 1.0))
+    )
+
+
+def objective(partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float) -> float:
+    """D_β(V | WH) from reduced partials; ``v_sq`` is ‖V‖² (used for β = 2 only)."""
+    if beta != FROBENIUS:
+        return max(float(partials.loss), 0.0)
+    cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
+    gram = float(np.vdot(partials.denom.astype(np.float64), HHt.astype(np.float64)))
+    return max(0.5 * (v_sq - 2.0 * cross + gram), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Update rules
+
+
+def mu_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
+    """Multiplicative update of one row block of W (a new array).
+
+    β = 2: W ← W ∘ (V Hᵀ) / (W HHᵀ + ε); β = 1: W ← W ∘ ((V / (WH + ε)) Hᵀ) / (1 Hᵀ + ε);
+    otherwise W ← W ∘ [((WH+ε)^(β-2) ∘ V) Hᵀ / ((WH+ε)^(β-1) Hᵀ + ε)]^γ.
+    """
+    beta, eps = rule.beta, rule.eps
+    if beta == FROBENIUS:
+        numer = _dot_ht(V_b, H)
+        denom = W_b @ HHt
+        denom += eps
+    elif beta == KULLBACK_LEIBLER:
+        if sp.issparse(V_b):
+            ratio = V_b.copy()
+            ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
+        else:
+            ratio = W_b @ H
+            ratio += eps
+            np.divide(V_b, ratio, out=ratio)
+        numer = _dot_ht(ratio, H)
+        denom = H.sum(axis=1) + eps
+    else:
+        V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+        wh = W_b @ H
+        wh += eps
+        numer = (V_d * wh ** (beta - 2.0)) @ H.T
+        denom = (wh ** (beta - 1.0)) @ H.T
+        denom += eps
+    np.divide(numer, denom, out=numer)
+    if rule.gamma != 1.0:
+        numer **= rule.gamma
+    numer *= W_b
+    return numer
+
+
+def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
+    """Multiplicative update of H from the reduced partials (a new array).
+
+    β = 2: H ← H ∘ (WᵀV) / (WᵀW H + ε); β = 1: H ← H ∘ (Wᵀ(V / (WH + ε))) / (Wᵀ1 + ε);
+    otherwise H ← H ∘ [Wᵀ(V ∘ (WH+ε)^(β-2)) / (Wᵀ(WH+ε)^(β-1) + ε)]^γ.
+    """
+    eps = rule.eps
+    if rule.beta == FROBENIUS:
+        denom = partials.denom @ H
+    elif rule.beta == KULLBACK_LEIBLER:
+        denom = np.repeat(partials.denom[:, None], H.shape[1], axis=1)
+    else:
+        denom = partials.denom.copy()
+    denom += eps
+    ratio = partials.numer / denom
+    if rule.gamma != 1.0:
+        ratio **= rule.gamma
+    ratio *= H
+    return ratio.astype(H.dtype, copy=False)
+
+
+def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """One HALS sweep over the rows of X (r, m), in place, Gauss-Seidel in component order.
+
+    Minimizes ½⟨X, gram X⟩ − ⟨cross, X⟩ over X ≥ 0 one row at a time:
+    X_k ← max(0, X_k + (cross_k − gram_k X) / gram_kk). Rows with gram_kk = 0 are left as is.
+    """
+    for k in range(X.shape[0]):
+        if gram[k, k] == 0:
+            continue
+        step = cross[k] - gram[k] @ X
+        step /= gram[k, k]
+        step += X[k]
+        np.maximum(step, 0, out=X[k])
+    return X
+
+
+def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
+    """HALS update of one row block of W (a new array): the columns of W in turn."""
+    Wt = np.ascontiguousarray(W_b.T)
+    hals_sweep(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T))
+    return np.ascontiguousarray(Wt.T)
+
+
+def hals_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
+    """HALS update of H from WᵀV and WᵀW (a new array): the rows of H in turn."""
+    return hals_sweep(H.copy(), partials.denom, partials.numer)
+
+
+def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
+    """The H half-step of ``rule``."""
+    if rule.solver == "hals":
+        return hals_update_h(H, partials)
+    return mu_update_h(H, partials, rule)
+
+
+def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
+    """The W half-step of ``rule`` for one row block."""
+    if rule.solver == "hals":
+        return hals_update_w(V_b, W_b, H, HHt)
+    return mu_update_w(V_b, W_b, H, HHt, rule)
+
+
+def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule):
+    """One iteration's work on a row block, reading V_b once.
+
+    Returns ``(W_b_new, partials)`` where the partials are taken at (W_b_new, H) and carry
+    ‖W_b_new‖² and ‖W_b_new − W_b‖².
+    """
+    V_b = as_float_block(V_b, W_b.dtype)
+    W_new = update_w(V_b, W_b, H, HHt, rule)
+    partials = block_partials(V_b, W_new, H, rule)
+    delta = W_new - W_b
+    return W_new, partials._replace(
+        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta))
+    )
+
+
+def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
+    """Partials at a starting point (no W update), with ‖W_b‖²."""
+    V_b = as_float_block(V_b, W_b.dtype)
+    partials = block_partials(V_b, W_b, H, rule)
+    return partials._replace(w_sq=float(np.vdot(W_b, W_b)))
+
+
+# ---------------------------------------------------------------------------
+# Scan: validation and the sums the objective and the inits need
+
+
+class BlockStats(NamedTuple):
+    """What one pass over V learns: sums, counts and the first bad entries (global positions)."""
+
+    v_sq: float
+    v_sum: float
+    nnz: int
+    n_negative: int
+    n_nonfinite: int
+    first_negative: tuple[int, int] | None
+    first_nonfinite: tuple[int, int] | None
+
+
+def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int):
+    if mask_rows.size == 0:
+        return None
+    return (int(mask_rows[0]) + row_offset, int(mask_cols[0]))
+
+
+def block_stats(V_b, row_offset: int) -> BlockStats:
+    """Sums and the bad entries of one row block starting at global row ``row_offset``."""
+    if sp.issparse(V_b):
+        coo = sp.coo_matrix(V_b)
+        rows, cols, values = coo.row, coo.col, coo.data
+    else:
+        values = np.asarray(V_b)
+        rows = cols = None
+    nonfinite = ~np.isfinite(values)
+    negative = values < 0
+    n_nonfinite, n_negative = int(nonfinite.sum()), int(negative.sum())
+
+    def first(mask):
+        if rows is None:
+            r, c = np.nonzero(mask)
+        else:
+            r, c = rows[mask], cols[mask]
+        return _first_position(r, c, row_offset)
+
+    finite = np.where(nonfinite, 0, values) if n_nonfinite else values
+    return BlockStats(
+        v_sq=float(np.sum(np.square(finite, dtype=np.float64))),
+        v_sum=float(np.sum(finite, dtype=np.float64)),
+        nnz=int(np.count_nonzero(values)),
+        n_negative=n_negative,
+        n_nonfinite=n_nonfinite,
+        first_negative=first(negative) if n_negative else None,
+        first_nonfinite=first(nonfinite) if n_nonfinite else None,
+    )
+
+
+def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:
+    """Combine the stats of two blocks (``a`` comes first in row order)."""
+    return BlockStats(
+        a.v_sq + b.v_sq,
+        a.v_sum + b.v_sum,
+        a.nnz + b.nnz,
+        a.n_negative + b.n_negative,
+        a.n_nonfinite + b.n_nonfinite,
+        a.first_negative or b.first_negative,
+        a.first_nonfinite or b.first_nonfinite,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Initialization helpers
+
+
+def random_rows(seed: int, start: int, stop: int, r: int, scale: float, dtype) -> np.ndarray:
+    """Rows ``start:stop`` of a strictly positive random W, independent of the chunking.
+
+    Entries are ``scale * U[0.5, 1.5)``, drawn tile by tile from ``default_rng([seed, 0, tile])``.
+    """
+    out = np.empty((stop - start, r), dtype=dtype)
+    first_tile, last_tile = start // RANDOM_TILE_ROWS, (stop - 1) // RANDOM_TILE_ROWS
+    for tile in range(first_tile, last_tile + 1):
+        tile_start = tile * RANDOM_TILE_ROWS
+        values = np.random.default_rng([seed, 0, tile]).random((RANDOM_TILE_ROWS, r))
+        lo, hi = max(start, tile_start), min(stop, tile_start + RANDOM_TILE_ROWS)
+        out[lo - start : hi - start] = values[lo - tile_start : hi - tile_start]
+    out += 0.5
+    out *= scale
+    return out
+
+
+def block_times(V_b, M: np.ndarray) -> np.ndarray:
+    """V_b @ M for a dense or sparse block (the range finder's product)."""
+    return np.asarray(as_float_block(V_b, M.dtype) @ M)
+
+
+def block_transpose_times(Q_b: np.ndarray, V_b) -> np.ndarray:
+    """Q_bᵀ V_b for a dense or sparse block."""
+    return _dot_t(Q_b, as_float_block(V_b, Q_b.dtype))
+
+
+def nndsvd_w_block(
+    U_b: np.ndarray, signs: np.ndarray, scales: np.ndarray, fill, start: int, threshold: float
+) -> np.ndarray:
+    """NNDSVD's W for one row block: the chosen sign part of each singular vector, scaled.
+
+    ``signs[k]`` is +1 to keep the positive part of U[:, k], -1 for the negative part;
+    ``scales[k]`` = sqrt(s_k σ_k) / ‖chosen part of U[:, k]‖. Entries below ``threshold``
+    become 0, then ``fill`` replaces zeros: None (NNDSVD), a number (NNDSVDa), or
+    ``(seed, scale)`` for small random values (NNDSVDar).
+    """
+    W_b = np.maximum(U_b * signs, 0) * scales
+    return fill_zeros(W_b, fill, start, threshold)
+
+
+def fill_zeros(X: np.ndarray, fill, start: int, threshold: float) -> np.ndarray:
+    """Zero the entries of X below ``threshold``, then fill the zeros as NNDSVD's variants do."""
+    X[X < threshold] = 0
+    if fill is None:
+        return X
+    zeros = X == 0
+    if isinstance(fill, tuple):
+        seed, scale = fill
+        values = random_rows(seed, start, start + X.shape[0], X.shape[1], scale, X.dtype)
+        X[zeros] = values[zeros]
+    else:
+        X[zeros] = fill
+    return X

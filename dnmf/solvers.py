@@ -1,0 +1,124 @@
+"""One NMF iteration as a Dask graph over V's row blocks.
+
+An iteration updates H first, then W (the order of Lee & Seung's presentation):
+
+1. on the client, H ← update(H, partials) from the reduced r x p / r x r partials of the
+   previous pass (H is small: r x p);
+2. one task per row block i reads V_i once, updates W_i from V_i Hᵀ and HHᵀ, and computes
+   the partials at the new (W_i, H) that the next H update and the objective need;
+3. the partials are summed in a fixed-order tree, W is persisted, the small sums computed.
+
+So V is read once per iteration, only r x p and r x r sums travel to the client, and the
+graph never grows: each iteration starts from persisted W.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from . import kernels
+from .kernels import Partials, Rule
+from .store import Matrix, tree_reduce
+
+SOLVERS = ("mu", "hals")
+
+
+@dataclass(frozen=True)
+class SolverState:
+    """An iterate and what the next step needs from it.
+
+    W : dask array (n, r) in V's row blocks, persisted.
+    H : ndarray (r, p).
+    partials : the reduced :class:`~dnmf.kernels.Partials` at (W, H).
+    objective : D_β(V | WH) at (W, H).
+    """
+
+    W: da.Array
+    H: np.ndarray
+    partials: Partials
+    objective: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """The result of one iteration: the new state and the relative changes of W and H."""
+
+    state: SolverState
+    w_change: float
+    h_change: float
+
+
+def _keys(arr: da.Array) -> list:
+    return [row[0] for row in arr.__dask_keys__()]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """Builds and runs the per-iteration graphs for one matrix and one update rule.
+
+    matrix : the row-blocked V.
+    rule : which update (MU for any β, or HALS for β = 2) and ε.
+    v_sq : ‖V‖², for the Frobenius objective.
+    update_h : False to keep H fixed (``transform``: solve for W only).
+    """
+
+    matrix: Matrix
+    rule: Rule
+    v_sq: float
+    update_h: bool = True
+
+    def start(self, W: da.Array, H: np.ndarray) -> SolverState:
+        """The state at a starting point: one pass over V for the partials at (W, H)."""
+        H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
+        W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
+        name = f"dnmf-start-{uuid.uuid4().hex}"
+        dsk = {(name, "H"): H}
+        leaves = []
+        for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
+            dsk[(name, i)] = (kernels.initial_partials_block, vk, wk, (name, "H"), self.rule)
+            leaves.append((name, i))
+        root = tree_reduce(dsk, name, leaves, kernels.add_partials)
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
+        W, partials = dask.persist(W, Delayed(root, graph, layer=name))
+        partials = dask.compute(partials)[0]
+        HHt = H @ H.T
+        return SolverState(W, H, partials, self._objective(partials, H, HHt))
+
+    def step(self, state: SolverState) -> Step:
+        """One iteration: H from the partials, then one pass over V that updates W."""
+        H_old = state.H
+        H = kernels.update_h(H_old, state.partials, self.rule) if self.update_h else H_old
+        HHt = H @ H.T
+        W, partials = self._w_pass(state.W, H, HHt)
+        h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
+        w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
+        new_state = SolverState(W, H, partials, self._objective(partials, H, HHt))
+        return Step(new_state, w_change, h_change)
+
+    def _w_pass(self, W: da.Array, H: np.ndarray, HHt: np.ndarray) -> tuple[da.Array, Partials]:
+        name = f"dnmf-step-{uuid.uuid4().hex}"
+        w_name, p_name = f"{name}-W", f"{name}-partials"
+        h_key, hht_key = (name, "H"), (name, "HHt")
+        dsk = {h_key: H, hht_key: HHt}
+        leaves = []
+        for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
+            dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
+            dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
+            dsk[(p_name, i)] = (operator.getitem, (name, i), 1)
+            leaves.append((p_name, i))
+        root = tree_reduce(dsk, p_name, leaves, kernels.add_partials)
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
+        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
+        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name))
+        return W_new, dask.compute(partials)[0]
+
+    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta)

@@ -1,0 +1,277 @@
+"""Open, lay out and validate the input matrix V.
+
+Whatever the input (numpy, scipy.sparse, dask array, ``zarr.Array``, path or URL of a Zarr
+array), :func:`open_matrix` returns a :class:`Matrix`: a dask array of V in row blocks that
+hold all columns, without ever loading V whole. :func:`scan_matrix` makes one pass over V
+to validate it and collect the sums the objective and the inits need.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from . import kernels
+from .errors import InvalidMatrixError, StoreError, expected
+
+# A row block of about this many bytes (dense) balances task overhead against memory.
+TARGET_BLOCK_BYTES = 64 * 2**20
+MIN_BLOCKS = 4
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """V as a dask array of row blocks, with what dnmf needs to know about it.
+
+    data : dask array of shape (n, p), one chunk along the columns.
+    dtype : the float dtype the factors use (V's own when it is float32/float64).
+    in_memory : V was given in memory (numpy / scipy), so results are returned as numpy.
+    sparse : the blocks are scipy.sparse CSR matrices.
+    source : a short description of where V came from (a path, "numpy", ...).
+    """
+
+    data: da.Array
+    dtype: np.dtype
+    in_memory: bool
+    sparse: bool
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def row_chunks(self) -> tuple[int, ...]:
+        return self.data.chunks[0]
+
+    @property
+    def row_offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.row_chunks).tolist()]
+
+    def block_keys(self) -> list:
+        """Dask keys of the row blocks, top to bottom."""
+        return [row[0] for row in self.data.__dask_keys__()]
+
+
+@dataclass(frozen=True)
+class MatrixStats:
+    """Sums over V from one scan: ‖V‖², ΣV, nnz, and the bad entries found."""
+
+    v_sq: float
+    v_sum: float
+    nnz: int
+    n_negative: int
+    n_nonfinite: int
+    first_negative: tuple[int, int] | None
+    first_nonfinite: tuple[int, int] | None
+    shape: tuple[int, int]
+
+    @property
+    def mean(self) -> float:
+        return self.v_sum / (self.shape[0] * self.shape[1])
+
+
+def factor_dtype(dtype) -> np.dtype:
+    """float32 stays float32; everything else is factored in float64."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32 or dtype == np.float64:
+        return dtype
+    if dtype.kind in "biuf":
+        return np.dtype(np.float64)
+    raise InvalidMatrixError(expected("a numeric matrix (bool, integer or float)", str(dtype)))
+
+
+def auto_row_block(n: int, p: int, itemsize: int, density: float = 1.0, min_blocks: int = MIN_BLOCKS) -> int:
+    """Rows per block: about TARGET_BLOCK_BYTES each, and at least ``min_blocks`` blocks."""
+    bytes_per_row = max(1.0, p * itemsize * (density if density < 1 else 1.0))
+    rows = int(TARGET_BLOCK_BYTES // bytes_per_row)
+    rows = min(rows, math.ceil(n / min_blocks))
+    return max(1, min(n, rows))
+
+
+def _row_chunks(n: int, rows: int | tuple[int, ...] | None, default: int) -> tuple[int, ...]:
+    if isinstance(rows, tuple):
+        if sum(rows) != n:
+            raise InvalidMatrixError(expected(f"row chunks summing to {n}", rows))
+        return rows
+    size = default if rows is None else int(rows)
+    if size < 1:
+        raise InvalidMatrixError(expected("a positive number of rows per chunk", rows))
+    full, rest = divmod(n, size)
+    return (size,) * full + ((rest,) if rest else ())
+
+
+def _from_sparse(X, rows_per_block: int | None) -> da.Array:
+    X = sp.csr_matrix(X)
+    density = X.nnz / max(1, X.shape[0] * X.shape[1])
+    default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density)
+    chunks = (_row_chunks(X.shape[0], rows_per_block, default), (X.shape[1],))
+    name = f"dnmf-V-{uuid.uuid4().hex}"
+    return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
+
+
+def _open_zarr(path_or_url: str):
+    import zarr
+
+    local = "://" not in str(path_or_url)
+    if local and not os.path.exists(path_or_url):
+        raise StoreError(f"No Zarr array at {path_or_url!r}: the path does not exist.")
+    try:
+        node = zarr.open(store=str(path_or_url), mode="r")
+    except Exception as e:  # zarr raises several types for a bad store
+        raise StoreError(f"Cannot open {path_or_url!r} as a Zarr array: {e}") from e
+    if not isinstance(node, zarr.Array):
+        raise StoreError(
+            f"{path_or_url!r} is a Zarr group, not an array; give the path of the array inside it."
+        )
+    return node
+
+
+def _rechunk_rows(arr: da.Array, rows_per_block, default: int, align: int = 1) -> da.Array:
+    """Row blocks holding all columns, aligned to ``align`` rows (the store's chunk)."""
+    n = arr.shape[0]
+    if rows_per_block is None:
+        same = len(arr.chunks[1]) == 1
+        if same and max(arr.chunks[0]) <= 2 * default and len(arr.chunks[0]) >= min(MIN_BLOCKS, n):
+            return arr
+        rows = max(align, (default // align) * align)
+    else:
+        rows = rows_per_block
+    return arr.rechunk((_row_chunks(n, rows, default), (arr.shape[1],)))
+
+
+def open_matrix(X, chunks: int | tuple | None = None) -> Matrix:
+    """Lay out any supported input as row blocks of V, lazily.
+
+    Parameters
+    ----------
+    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, or str / os.PathLike
+        The matrix V of shape (n_samples, n_features). A string is the path or URL of a Zarr
+        array, opened read-only.
+    chunks : int or tuple of int, optional
+        Rows per block (or the row chunk sizes). By default about 64 MiB per block, at least
+        four blocks, aligned with the Zarr chunks.
+    """
+    if isinstance(X, Matrix):
+        return X
+    if isinstance(X, (str, os.PathLike)):
+        return _matrix_from_zarr(_open_zarr(os.fspath(X)), chunks, source=os.fspath(X))
+    try:
+        import zarr
+
+        if isinstance(X, zarr.Array):
+            return _matrix_from_zarr(X, chunks, source=str(X.store_path))
+    except ImportError:  # pragma: no cover - zarr is a dependency
+        pass
+    if isinstance(X, da.Array):
+        _check_2d(X.shape)
+        dtype = factor_dtype(X.dtype)
+        default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize)
+        sparse = sp.issparse(X._meta)
+        return Matrix(_rechunk_rows(X, chunks, default), dtype, False, sparse, "dask")
+    if sp.issparse(X):
+        _check_2d(X.shape)
+        return Matrix(_from_sparse(X, chunks), factor_dtype(X.dtype), True, True, "scipy.sparse")
+    if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
+        X = np.asarray(X)
+        _check_2d(X.shape)
+        dtype = factor_dtype(X.dtype)
+        default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize)
+        row_chunks = _row_chunks(X.shape[0], chunks, default)
+        name = f"dnmf-V-{uuid.uuid4().hex}"
+        data = da.from_array(X, chunks=(row_chunks, (X.shape[1],)), name=name)
+        return Matrix(data, dtype, True, False, "numpy")
+    raise InvalidMatrixError(
+        expected("a numpy array, scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
+    )
+
+
+def _matrix_from_zarr(arr, chunks, source: str) -> Matrix:
+    _check_2d(arr.shape)
+    dtype = factor_dtype(arr.dtype)
+    default = auto_row_block(arr.shape[0], arr.shape[1], arr.dtype.itemsize)
+    data = da.from_zarr(arr)
+    aligned = _rechunk_rows(data, chunks, default, align=arr.chunks[0])
+    return Matrix(aligned, dtype, False, False, source)
+
+
+def _check_2d(shape) -> None:
+    if len(shape) != 2:
+        raise InvalidMatrixError(expected("a 2-D matrix (n_samples, n_features)", f"shape {tuple(shape)}"))
+    if shape[0] < 1 or shape[1] < 1:
+        raise InvalidMatrixError(expected("a non-empty matrix", f"shape {tuple(shape)}"))
+
+
+# ---------------------------------------------------------------------------
+# One pass of statistics
+
+
+def scan_matrix(matrix: Matrix) -> MatrixStats:
+    """One pass over V: ‖V‖², ΣV, nnz and the negative / non-finite entries."""
+    keys = matrix.block_keys()
+    name = f"dnmf-scan-{uuid.uuid4().hex}"
+    dsk = {
+        (name, i): (kernels.block_stats, key, offset)
+        for i, (key, offset) in enumerate(zip(keys, matrix.row_offsets))
+    }
+    root = tree_reduce(dsk, name, [(name, i) for i in range(len(keys))], kernels.add_stats)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[matrix.data])
+    (stats,) = dask.compute(Delayed(root, graph, layer=name))
+    return MatrixStats(*stats, shape=matrix.shape)
+
+
+def tree_reduce(dsk: dict, name: str, keys: list, combine, split_every: int = 8):
+    """Add a fixed-order tree of ``combine`` over ``keys`` to ``dsk``; return the root key.
+
+    The order of the leaves and of each combination is fixed, so the result is the same
+    bit for bit whichever scheduler runs it.
+    """
+    level = 0
+    while len(keys) > 1:
+        next_keys = []
+        for j in range(0, len(keys), split_every):
+            group = keys[j : j + split_every]
+            key = (f"{name}-sum{level}", j // split_every)
+            dsk[key] = (_fold, combine, group)
+            next_keys.append(key)
+        keys, level = next_keys, level + 1
+    return keys[0]
+
+
+def _fold(combine, values):
+    total = values[0]
+    for value in values[1:]:
+        total = combine(total, value)
+    return total
+
+
+def validate_stats(stats: MatrixStats, beta: float) -> None:
+    """Raise one clear error for negative, non-finite, or (for β ≤ 0) zero entries."""
+    if stats.n_nonfinite:
+        raise InvalidMatrixError(
+            f"The matrix has {stats.n_nonfinite} NaN or infinite entries (first at row, column "
+            f"{stats.first_nonfinite}); NMF needs finite values. Remove or impute them."
+        )
+    if stats.n_negative:
+        raise InvalidMatrixError(
+            f"The matrix has {stats.n_negative} negative entries (first at row, column "
+            f"{stats.first_negative}); NMF needs non-negative values."
+        )
+    n_cells = stats.shape[0] * stats.shape[1]
+    if beta <= 0 and stats.nnz < n_cells:
+        raise InvalidMatrixError(
+            f"The matrix has {n_cells - stats.nnz} zero entries, and the β-divergence with "
+            f"β = {beta} (e.g. Itakura-Saito) is undefined at zero. Add a small offset or use "
+            "beta_loss='kullback-leibler' or 'frobenius'."
+        )
+    if stats.v_sum == 0:
+        raise InvalidMatrixError("The matrix is all zeros: there is nothing to factor.")

@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+
+def planted_parts(n=60, p=40, seed=1301, noise=0.05):
+    """The seed chapter's demonstration matrix: three overlapping block parts plus noise."""
+    rng = np.random.default_rng(seed)
+    H_true = np.zeros((3, p))
+    H_true[0, 0:14] = 1
+    H_true[1, 12:27] = 1
+    H_true[2, 25:40] = 1
+    W_true = rng.uniform(0, 1, size=(n, 3))
+    V = W_true @ H_true + rng.uniform(0, noise, size=(n, p))
+    return V, W_true, H_true
+
+
+@pytest.fixture
+def parts():
+    return planted_parts()
+
+
+@pytest.fixture
+def lowrank():
+    rng = np.random.default_rng(0)
+    return rng.random((120, 4)) @ rng.random((4, 50)) + 0.01 * rng.random((120, 50))
+
+
+def custom_start(shape, r, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    n, p = shape
+    return (rng.uniform(0.1, 1, (n, r)).astype(dtype), rng.uniform(0.1, 1, (r, p)).astype(dtype))
+
+
+def best_cosines(H, H_true):
+    """For each planted row of H_true, the best cosine similarity with a learned row of H."""
+    Hn = H / np.linalg.norm(H, axis=1, keepdims=True)
+    Tn = H_true / np.linalg.norm(H_true, axis=1, keepdims=True)
+    return (Tn @ Hn.T).max(axis=1)
