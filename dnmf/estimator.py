@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import driver, kernels
+from . import driver, kernels, missing
 from .errors import ParameterError, expected
 from .init import make_start, resolve_init
 from .kernels import Rule
@@ -150,17 +150,35 @@ def fit_factors(
     H=None,
     update_h: bool = True,
     callbacks: tuple = (),
+    mask=None,
 ) -> Factorization:
-    """The shared code path of :class:`NMF` and :func:`non_negative_factorization`."""
+    """The shared code path of :class:`NMF` and :func:`non_negative_factorization`.
+
+    ``mask`` (V's shape, True = observed) or ``params["missing"] == "nan"`` fit the masked
+    objective over the observed entries only (:mod:`dnmf.masked`).
+    """
     matrix = open_matrix(X, params.get("chunks"))
     config = make_config(params, matrix.shape)
     if not update_h:
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
+    nan_is_missing = missing.check_missing(params.get("missing"))
+    is_masked = nan_is_missing or mask is not None
+    if is_masked and config.solver == "hals":
+        raise ParameterError("solver='hals' does not support missing values or a mask; use solver='mu'.")
     with blas_threads_for_scheduler():
-        stats = scan_matrix(matrix)
-        validate_stats(stats, config.beta)
-        start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
-        solver = Solver(matrix, config.rule, stats.v_sq, update_h=update_h)
+        if is_masked:
+            mask_da = None if mask is None else missing.open_mask(mask, matrix)
+            scanned = missing.scan_masked(matrix, mask_da, nan_is_missing)
+            stats = scanned.imputed_stats()
+            validate_stats(stats, config.beta)
+            init_matrix = missing.filled_matrix(matrix, mask_da, scanned.observed_mean)
+            start = make_start(init_matrix, stats, config.n_components, config.init, config.seed, W, H)
+            solver = Solver(matrix, config.rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+        else:
+            stats = scan_matrix(matrix)
+            validate_stats(stats, config.beta)
+            start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
+            solver = Solver(matrix, config.rule, stats.v_sq, update_h=update_h)
         state = solver.start(start.W, start.H)
         result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
@@ -209,6 +227,12 @@ class NMF(TransformerMixin, BaseEstimator):
         Rows per block of X (default: about 64 MiB per block).
     callbacks : sequence of callables or None
         Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
+    missing : {None, "nan"}, default=None
+        "nan": NaN entries of X are missing; the objective and the (MU) updates then cover the
+        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). Not with HALS.
+    n_runs : int, default=1
+        Random restarts: fit this many seeds spawned from ``random_state`` (concurrently where
+        memory allows) and keep the run with the lowest final objective. Needs a random init.
 
     Attributes
     ----------
@@ -222,6 +246,12 @@ class NMF(TransformerMixin, BaseEstimator):
         Per iteration: iteration, objective, rel_decrease, w_change, h_change, seconds.
     stop_reason_ : str
         "converged", "max_iter", "max_time" or "callback".
+    run_losses_ : list of float
+        The final objective of every run (one entry unless ``n_runs`` > 1).
+    best_run_ : int
+        Index of the kept run in ``run_losses_``.
+    run_seeds_ : list of int
+        The seed of every run.
 
     References
     ----------
@@ -247,6 +277,8 @@ class NMF(TransformerMixin, BaseEstimator):
         eps=None,
         chunks=None,
         callbacks=None,
+        missing=None,
+        n_runs=1,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -260,16 +292,33 @@ class NMF(TransformerMixin, BaseEstimator):
         self.eps = eps
         self.chunks = chunks
         self.callbacks = callbacks
+        self.missing = missing
+        self.n_runs = n_runs
 
-    def fit(self, X, y=None, W=None, H=None):
-        """Learn W and H from X; W and H are a custom start (with init="custom")."""
-        self.fit_transform(X, W=W, H=H)
+    def fit(self, X, y=None, W=None, H=None, mask=None):
+        """Learn W and H from X; W and H are a custom start (with init="custom").
+
+        ``mask`` (boolean, X's shape, True = observed; numpy, dask, Zarr) fits the observed
+        entries only.
+        """
+        self.fit_transform(X, W=W, H=H, mask=mask)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None):
+    def fit_transform(self, X, y=None, W=None, H=None, mask=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
-        fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=tuple(self.callbacks or ()))
+        callbacks = tuple(self.callbacks or ())
+        if self.n_runs == 1:
+            fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=callbacks, mask=mask)
+            losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.config.seed]
+        else:
+            from .restarts import fit_runs
+
+            if W is not None or H is not None:
+                raise ParameterError("n_runs > 1 restarts from random starts; do not pass W and H.")
+            runs = fit_runs(X, self.get_params(), self.n_runs, mask=mask, callbacks=callbacks)
+            fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)
+        self.run_losses_, self.best_run_, self.run_seeds_ = losses, best, seeds
         return self._output(fact.W, fact.matrix)
 
     def _store_result(self, fact: Factorization) -> None:
@@ -303,7 +352,8 @@ class NMF(TransformerMixin, BaseEstimator):
 
     def _constant_w(self, matrix: Matrix) -> da.Array:
         """A flat start for W: every entry sqrt(mean(X) / r), like scikit-learn's transform."""
-        mean = float(dask.compute(matrix.data.mean())[0]) if not matrix.sparse else _sparse_mean(matrix)
+        mean_of = da.nanmean if self.missing == "nan" else da.mean
+        mean = float(dask.compute(mean_of(matrix.data))[0]) if not matrix.sparse else _sparse_mean(matrix)
         value = np.sqrt(max(mean, np.finfo(float).tiny) / self.n_components_)
         return da.full(
             (matrix.shape[0], self.n_components_), value, dtype=matrix.dtype,

@@ -24,7 +24,7 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels
+from . import kernels, masked
 from .kernels import Partials, Rule
 from .store import Matrix, tree_reduce
 
@@ -68,12 +68,27 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
+    masked : minimize the divergence over observed entries only (:mod:`dnmf.masked`): NaN
+        entries of V are missing, and so are the False entries of ``mask``.
+    mask : optional boolean dask array shaped and row-chunked like V (True = observed).
     """
 
     matrix: Matrix
     rule: Rule
     v_sq: float
     update_h: bool = True
+    masked: bool = False
+    mask: da.Array | None = None
+
+    def _block_task(self, func, masked_func, i: int, vk, wk, *args) -> tuple:
+        """The task of row block i: ``func(V_i, W_i, *args)``, or the masked kernel with M_i."""
+        if not self.masked:
+            return (func, vk, wk, *args)
+        mk = None if self.mask is None else _keys(self.mask)[i]
+        return (masked_func, vk, mk, wk, *args)
+
+    def _dependencies(self, W: da.Array) -> list:
+        return [self.matrix.data, W] + ([self.mask] if self.mask is not None else [])
 
     def start(self, W: da.Array, H: np.ndarray) -> SolverState:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
@@ -83,10 +98,12 @@ class Solver:
         dsk = {(name, "H"): H}
         leaves = []
         for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
-            dsk[(name, i)] = (kernels.initial_partials_block, vk, wk, (name, "H"), self.rule)
+            dsk[(name, i)] = self._block_task(
+                kernels.initial_partials_block, masked.masked_initial_partials, i, vk, wk, (name, "H"), self.rule
+            )
             leaves.append((name, i))
         root = tree_reduce(dsk, name, leaves, kernels.add_partials)
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
         W, partials = dask.persist(W, Delayed(root, graph, layer=name))
         partials = dask.compute(partials)[0]
         HHt = H @ H.T
@@ -95,7 +112,8 @@ class Solver:
     def step(self, state: SolverState) -> Step:
         """One iteration: H from the partials, then one pass over V that updates W."""
         H_old = state.H
-        H = kernels.update_h(H_old, state.partials, self.rule) if self.update_h else H_old
+        update = masked.masked_update_h if self.masked else kernels.update_h
+        H = update(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = H @ H.T
         W, partials = self._w_pass(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
@@ -110,15 +128,20 @@ class Solver:
         dsk = {h_key: H, hht_key: HHt}
         leaves = []
         for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
-            dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
+            if self.masked:
+                dsk[(name, i)] = self._block_task(None, masked.masked_step_block, i, vk, wk, h_key, self.rule)
+            else:
+                dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
             dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
             dsk[(p_name, i)] = (operator.getitem, (name, i), 1)
             leaves.append((p_name, i))
         root = tree_reduce(dsk, p_name, leaves, kernels.add_partials)
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
         W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
         W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name))
         return W_new, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
+        if self.masked:
+            return max(float(partials.loss), 0.0)
         return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta)

@@ -1,0 +1,181 @@
+"""Missing entries on the Dask side: open a mask, scan V over observed entries, fill V for the
+SVD-based inits, draw hold-out masks and score a fit on the held-out entries.
+
+The per-block math is in :mod:`dnmf.masked`; this module only lays out graphs over V's row
+blocks (one task per block, fixed-order tree sums), like :mod:`dnmf.store`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, replace
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from . import masked
+from .errors import InvalidMatrixError, ParameterError, expected
+from .store import Matrix, MatrixStats, tree_reduce
+
+MISSING_VALUES = (None, "nan")
+
+
+def check_missing(missing) -> bool:
+    """True when NaN entries mean "missing" (``missing="nan"``); validate the option."""
+    if missing not in MISSING_VALUES:
+        raise ParameterError(expected(f"missing in {MISSING_VALUES}", missing))
+    return missing == "nan"
+
+
+def _keys(arr: da.Array) -> list:
+    return [row[0] for row in arr.__dask_keys__()]
+
+
+def open_mask(mask, matrix: Matrix) -> da.Array:
+    """A boolean mask (True = observed) as a dask array row-chunked like V.
+
+    ``mask`` is a numpy / dask boolean array, a ``zarr.Array``, or the path of a Zarr array,
+    of V's shape.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        from .store import _open_zarr
+
+        mask = _open_zarr(os.fspath(mask))
+    if isinstance(mask, da.Array):
+        arr = mask
+    elif hasattr(mask, "shape") and hasattr(mask, "dtype") and not isinstance(mask, np.ndarray):
+        arr = da.from_array(mask, chunks=(matrix.row_chunks, (matrix.shape[1],)))  # zarr.Array
+    else:
+        mask = np.asarray(mask)
+        arr = None
+    if arr is None:
+        if mask.shape != matrix.shape:
+            raise InvalidMatrixError(expected(f"a mask of V's shape {matrix.shape}", f"shape {mask.shape}"))
+        if mask.dtype != bool:
+            raise InvalidMatrixError(expected("a boolean mask (True = observed)", f"dtype {mask.dtype}"))
+        name = f"dnmf-mask-{uuid.uuid4().hex}"
+        return da.from_array(mask, chunks=(matrix.row_chunks, (matrix.shape[1],)), name=name)
+    if tuple(arr.shape) != matrix.shape:
+        raise InvalidMatrixError(expected(f"a mask of V's shape {matrix.shape}", f"shape {tuple(arr.shape)}"))
+    if arr.dtype != bool:
+        raise InvalidMatrixError(expected("a boolean mask (True = observed)", f"dtype {arr.dtype}"))
+    return arr.rechunk((matrix.row_chunks, (matrix.shape[1],)))
+
+
+def _mask_key(mask: da.Array | None, i: int):
+    return None if mask is None else _keys(mask)[i]
+
+
+def _graph(name: str, dsk: dict, matrix: Matrix, *arrays) -> HighLevelGraph:
+    deps = [matrix.data, *(a for a in arrays if a is not None)]
+    return HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+
+
+@dataclass(frozen=True)
+class MaskedStats:
+    """The scan of V over its observed entries: the usual stats and the count of observed ones."""
+
+    stats: MatrixStats
+    n_observed: int
+
+    @property
+    def observed_mean(self) -> float:
+        return self.stats.v_sum / max(1, self.n_observed)
+
+    def imputed_stats(self) -> MatrixStats:
+        """The stats of V with its missing entries set to the observed mean (for validation and inits).
+
+        ΣV and nnz count the imputed entries; ‖V‖² stays over observed entries (the masked
+        objective does not use it).
+        """
+        n_missing = self.stats.shape[0] * self.stats.shape[1] - self.n_observed
+        return replace(
+            self.stats,
+            v_sum=self.observed_mean * self.stats.shape[0] * self.stats.shape[1],
+            nnz=self.stats.nnz + (n_missing if self.observed_mean > 0 else 0),
+        )
+
+
+def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> MaskedStats:
+    """One pass over V: ‖V‖², ΣV, nnz and the bad entries, over the observed entries only."""
+    name = f"dnmf-mscan-{uuid.uuid4().hex}"
+    dsk = {
+        (name, i): (masked.masked_block_stats, vk, _mask_key(mask, i), offset, nan_is_missing)
+        for i, (vk, offset) in enumerate(zip(matrix.block_keys(), matrix.row_offsets))
+    }
+    root = tree_reduce(dsk, name, list(dsk), masked.add_masked_stats)
+    (result,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask), layer=name))
+    stats, n_observed = result
+    if n_observed == 0:
+        raise InvalidMatrixError("Every entry of the matrix is missing: there is nothing to factor.")
+    return MaskedStats(MatrixStats(*stats, shape=matrix.shape), n_observed)
+
+
+def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix:
+    """V with its missing entries replaced by ``value``, lazily (what the SVD inits stream)."""
+    name = f"dnmf-filled-{uuid.uuid4().hex}"
+    dsk = {
+        (name, i, 0): (masked.fill_missing, vk, _mask_key(mask, i), value, matrix.dtype)
+        for i, vk in enumerate(matrix.block_keys())
+    }
+    data = da.Array(_graph(name, dsk, matrix, mask), name, chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype)
+    return Matrix(data, matrix.dtype, matrix.in_memory, False, matrix.source)
+
+
+def holdout_mask(matrix: Matrix, seed: int, fraction: float) -> da.Array:
+    """A random training mask row-chunked like V: each entry held out (False) with probability ``fraction``.
+
+    Independent of the chunking for a given seed (see :func:`dnmf.masked.holdout_rows`).
+    """
+    if not 0 < fraction < 1:
+        raise ParameterError(expected("holdout_fraction strictly between 0 and 1", fraction))
+    name = f"dnmf-holdout-{uuid.uuid4().hex}"
+    offsets, p = matrix.row_offsets, matrix.shape[1]
+    dsk = {
+        (name, i, 0): (masked.holdout_rows, seed, offsets[i], offsets[i + 1], p, fraction)
+        for i in range(len(matrix.row_chunks))
+    }
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    return da.Array(graph, name, chunks=(matrix.row_chunks, (p,)), dtype=bool)
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """How well a fit on the training entries predicts the held-out ones.
+
+    divergence : D_β(V | WH) summed over the held-out entries.
+    heldout_v_sq, train_v_sq : Σ V² over the held-out / training entries.
+    n_heldout : how many entries were held out (and observed).
+    """
+
+    divergence: float
+    heldout_v_sq: float
+    n_heldout: int
+    train_v_sq: float
+
+    @property
+    def relative_error(self) -> float:
+        """sqrt(2 D_β / Σ V²) over the held-out entries: ‖V − WH‖ / ‖V‖ there for Frobenius."""
+        return float(np.sqrt(2.0 * self.divergence / max(self.heldout_v_sq, np.finfo(float).tiny)))
+
+
+def score_holdout(matrix: Matrix, mask: da.Array | None, train: da.Array, W: da.Array, H: np.ndarray, beta: float) -> HoldoutScore:
+    """One pass over V scoring (W, H) on the entries observed in ``mask`` but not in ``train``."""
+    name = f"dnmf-score-{uuid.uuid4().hex}"
+    h_key = (name, "H")
+    dsk = {h_key: H}
+    train_keys, w_keys = _keys(train), _keys(W)
+    for i, vk in enumerate(matrix.block_keys()):
+        dsk[(name, i)] = (masked.holdout_score_block, vk, _mask_key(mask, i), train_keys[i], w_keys[i], h_key, beta)
+    leaves = [(name, i) for i in range(len(train_keys))]
+    root = tree_reduce(dsk, name, leaves, _add)
+    (sums,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask, train, W), layer=name))
+    return HoldoutScore(float(sums[0]), float(sums[1]), int(sums[2]), float(sums[3]))
+
+
+def _add(a, b):
+    return a + b

@@ -1,0 +1,118 @@
+"""Random restarts: K fits from K seeds derived reproducibly from one, run concurrently.
+
+NMF's objective is non-convex, so different starts reach different local minima. Run ``K``
+fits whose seeds are spawned from the user's seed (:class:`numpy.random.SeedSequence`), keep
+the one with the lowest final objective, and record every final objective.
+
+The K fits are submitted as separate Dask graphs from a small thread pool, so on a cluster
+their tasks interleave and fill the workers while each fit waits on its client-side H update.
+Each fit keeps its own W (n x r) in memory, so the number of fits in flight is capped to keep
+their factors within :data:`RESTART_MEMORY_BYTES`; past that they run in turn.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import ParameterError, expected
+from .estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_seed
+from .missing import open_mask
+from .store import open_matrix
+
+# Budget for the factors of concurrent fits (W and its update, per fit).
+RESTART_MEMORY_BYTES = 2**30
+RESTART_INITS = ("random", "nndsvdar")
+
+
+def child_seeds(seed: int, n_runs: int) -> list[int]:
+    """``n_runs`` independent integer seeds spawned from ``seed`` (reproducible)."""
+    children = np.random.SeedSequence(seed).spawn(n_runs)
+    return [int(child.generate_state(1)[0]) for child in children]
+
+
+def concurrent_runs(n_runs: int, shape: tuple[int, int], n_components: int, itemsize: int) -> int:
+    """How many fits to run at once so that their W's stay within the memory budget."""
+    per_fit = 2 * shape[0] * n_components * itemsize
+    return int(max(1, min(n_runs, RESTART_MEMORY_BYTES // max(1, per_fit))))
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The outcome of K restarts: what each run's ``summarize`` returned, and their losses.
+
+    results : one entry per run, in seed order.
+    losses : final objective of each run.
+    seeds : the seed of each run.
+    """
+
+    results: list
+    losses: list[float]
+    seeds: list[int]
+
+    @property
+    def best(self) -> int:
+        """Index of the run with the lowest final objective (the first one on ties)."""
+        return int(np.argmin(self.losses))
+
+
+def _keep_all(fact: Factorization) -> Factorization:
+    return fact
+
+
+def fit_runs(
+    X,
+    params: dict,
+    n_runs: int,
+    *,
+    mask=None,
+    callbacks: tuple = (),
+    summarize: Callable[[Factorization], object] = _keep_all,
+    max_concurrent: int | None = None,
+) -> Runs:
+    """Fit ``n_runs`` seeds derived from ``params["random_state"]``; keep what ``summarize`` returns.
+
+    Parameters
+    ----------
+    X : any input :func:`dnmf.open_matrix` accepts (opened once, shared by the runs).
+    params : the estimator's parameters (``random_state`` is replaced by each run's seed).
+    n_runs : int, at least 1. With 1, the fit uses ``random_state`` itself.
+    mask : optional mask of V's shape (True = observed), shared by all runs.
+    summarize : what to keep of each fit (by default the whole :class:`Factorization`);
+        keeping a summary frees each fit's W as soon as it ends.
+    max_concurrent : cap on fits in flight (default: :func:`concurrent_runs`).
+    """
+    if not isinstance(n_runs, (int, np.integer)) or isinstance(n_runs, bool) or n_runs < 1:
+        raise ParameterError(expected("n_runs a positive integer", n_runs))
+    matrix = open_matrix(X, params.get("chunks"))
+    if mask is not None:
+        mask = open_mask(mask, matrix)
+    seed = resolve_seed(params.get("random_state"))
+    if n_runs == 1:
+        seeds = [seed]
+    else:
+        seeds = child_seeds(seed, n_runs)
+        init = params.get("init") or "random"
+        if init not in RESTART_INITS:
+            raise ParameterError(
+                f"n_runs={n_runs} restarts need a random start, but init={init!r} gives the same start "
+                f"every time; use init in {RESTART_INITS}."
+            )
+        params = {**params, "init": init}
+    r = params.get("n_components") or matrix.shape[1]
+    workers = max_concurrent or concurrent_runs(n_runs, matrix.shape, r, matrix.dtype.itemsize)
+
+    def one(run_seed: int):
+        fact = fit_factors(matrix, {**params, "random_state": run_seed}, callbacks=callbacks, mask=mask)
+        return summarize(fact), float(fact.result.state.objective)
+
+    with blas_threads_for_scheduler():
+        if workers <= 1 or n_runs == 1:
+            outcomes = [one(s) for s in seeds]
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dnmf-run") as pool:
+                outcomes = list(pool.map(one, seeds))
+    return Runs([o[0] for o in outcomes], [o[1] for o in outcomes], seeds)
