@@ -163,8 +163,6 @@ def fit_factors(
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
     nan_is_missing = missing.check_missing(params.get("missing"))
     is_masked = nan_is_missing or mask is not None
-    if is_masked and config.solver == "hals":
-        raise ParameterError("solver='hals' does not support missing values or a mask; use solver='mu'.")
     with blas_threads_for_scheduler():
         if is_masked:
             mask_da = None if mask is None else missing.open_mask(mask, matrix)
@@ -229,7 +227,8 @@ class NMF(TransformerMixin, BaseEstimator):
         Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
     missing : {None, "nan"}, default=None
         "nan": NaN entries of X are missing; the objective and the (MU) updates then cover the
-        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). Not with HALS.
+        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS fills
+        the missing entries with the current WH before each step (an EM-style majorization).
     n_runs : int, default=1
         Random restarts: fit this many seeds spawned from ``random_state`` (concurrently where
         memory allows) and keep the run with the lowest final objective. Needs a random init.
