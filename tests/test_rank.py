@@ -177,3 +177,33 @@ def test_survey_parameter_errors():
         rank_survey(V, [2], holdout_fraction=0)
     with pytest.raises(DnmfError, match="Rank 9 is larger than"):
         rank_survey(V, [2, 9])
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def test_rank_command(tmp_path):
+    import zarr
+    from click.testing import CliRunner
+
+    from dnmf.rank_cli import rank_command
+
+    path = str(tmp_path / "v.zarr")
+    V = planted(3, n=60, p=30)
+    zarr.create_array(path, shape=V.shape, chunks=(30, 30), dtype="f8")[:] = V
+    out = tmp_path / "survey"
+    args = [path, "--ranks", "2:4", "--runs", "2", "--max-iter", "100", "--tol", "1e-4", "--out", str(out)]
+    result = CliRunner().invoke(rank_command, args)
+    assert result.exit_code == 0, result.output
+    assert "Suggested rank: 3." in result.output
+    assert RankSurvey.load(out / "survey.json").suggested_rank == 3
+    assert (out / "survey.png").stat().st_size > 0
+
+    again = CliRunner().invoke(rank_command, args)
+    assert again.exit_code == 1 and "already exists" in again.output
+
+    bad = CliRunner().invoke(rank_command, [path, "--ranks", "x"])
+    assert bad.exit_code == 1 and "Expected ranks like" in bad.output
+    missing = CliRunner().invoke(rank_command, [str(tmp_path / "nope.zarr")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
