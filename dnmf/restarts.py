@@ -7,7 +7,8 @@ the one with the lowest final objective, and record every final objective.
 The K fits are submitted as separate Dask graphs from a small thread pool, so on a cluster
 their tasks interleave and fill the workers while each fit waits on its client-side H update.
 Each fit keeps its own W (n x r) in memory, so the number of fits in flight is capped to keep
-their factors within :data:`RESTART_MEMORY_BYTES`; past that they run in turn.
+their factors within :data:`RESTART_MEMORY_BYTES` (and at :data:`MAX_CONCURRENT_RUNS`); the
+rest wait their turn.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from .estimator import Factorization, blas_threads_for_scheduler, fit_factors, r
 from .missing import open_mask
 from .store import open_matrix
 
-# Budget for the factors of concurrent fits (W and its update, per fit).
+# Budget for the factors of concurrent fits (W and its update, per fit), and a cap on the
+# fits in flight (each is a client thread with its own graphs).
 RESTART_MEMORY_BYTES = 2**30
+MAX_CONCURRENT_RUNS = 8
 RESTART_INITS = ("random", "nndsvdar")
 
 
@@ -35,9 +38,9 @@ def child_seeds(seed: int, n_runs: int) -> list[int]:
 
 
 def concurrent_runs(n_runs: int, shape: tuple[int, int], n_components: int, itemsize: int) -> int:
-    """How many fits to run at once so that their W's stay within the memory budget."""
+    """How many fits to run at once: their W's within the memory budget, at most 8."""
     per_fit = 2 * shape[0] * n_components * itemsize
-    return int(max(1, min(n_runs, RESTART_MEMORY_BYTES // max(1, per_fit))))
+    return int(max(1, min(n_runs, MAX_CONCURRENT_RUNS, RESTART_MEMORY_BYTES // max(1, per_fit))))
 
 
 @dataclass(frozen=True)
