@@ -143,7 +143,7 @@ def test_survey_reproducible_and_respects_missing():
         np.testing.assert_allclose(a.curve(name), b.curve(name), rtol=1e-4)
     for name in ("objective", "heldout_error"):
         np.testing.assert_array_equal(a.curve(name)[1:], b.curve(name)[1:])
-    np.testing.assert_allclose(a.curve("heldout_error"), c.curve("heldout_error"), rtol=1e-5)
+    np.testing.assert_allclose(a.curve("heldout_error"), c.curve("heldout_error"), rtol=1e-4)
     with pytest.raises(DnmfError, match="NaN or infinite"):
         rank_survey(V, [2], **kw)
 
