@@ -66,8 +66,8 @@ def open_mask(mask, matrix: Matrix) -> da.Array:
     return arr.rechunk((matrix.row_chunks, (matrix.shape[1],)))
 
 
-def _mask_key(mask: da.Array | None, i: int):
-    return None if mask is None else _keys(mask)[i]
+def _mask_keys(mask: da.Array | None, matrix: Matrix) -> list:
+    return [None] * len(matrix.row_chunks) if mask is None else _keys(mask)
 
 
 def _graph(name: str, dsk: dict, matrix: Matrix, *arrays) -> HighLevelGraph:
@@ -104,8 +104,8 @@ def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> 
     """One pass over V: ‖V‖², ΣV, nnz and the bad entries, over the observed entries only."""
     name = f"dnmf-mscan-{uuid.uuid4().hex}"
     dsk = {
-        (name, i): (masked.masked_block_stats, vk, _mask_key(mask, i), offset, nan_is_missing)
-        for i, (vk, offset) in enumerate(zip(matrix.block_keys(), matrix.row_offsets))
+        (name, i): (masked.masked_block_stats, vk, mk, offset, nan_is_missing)
+        for i, (vk, mk, offset) in enumerate(zip(matrix.block_keys(), _mask_keys(mask, matrix), matrix.row_offsets))
     }
     root = tree_reduce(dsk, name, list(dsk), masked.add_masked_stats)
     (result,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask), layer=name))
@@ -119,8 +119,8 @@ def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix
     """V with its missing entries replaced by ``value``, lazily (what the SVD inits stream)."""
     name = f"dnmf-filled-{uuid.uuid4().hex}"
     dsk = {
-        (name, i, 0): (masked.fill_missing, vk, _mask_key(mask, i), value, matrix.dtype)
-        for i, vk in enumerate(matrix.block_keys())
+        (name, i, 0): (masked.fill_missing, vk, mk, value, matrix.dtype)
+        for i, (vk, mk) in enumerate(zip(matrix.block_keys(), _mask_keys(mask, matrix)))
     }
     data = da.Array(_graph(name, dsk, matrix, mask), name, chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype)
     return Matrix(data, matrix.dtype, matrix.in_memory, False, matrix.source)
@@ -168,9 +168,9 @@ def score_holdout(matrix: Matrix, mask: da.Array | None, train: da.Array, W: da.
     name = f"dnmf-score-{uuid.uuid4().hex}"
     h_key = (name, "H")
     dsk = {h_key: H}
-    train_keys, w_keys = _keys(train), _keys(W)
+    train_keys, w_keys, mask_keys = _keys(train), _keys(W), _mask_keys(mask, matrix)
     for i, vk in enumerate(matrix.block_keys()):
-        dsk[(name, i)] = (masked.holdout_score_block, vk, _mask_key(mask, i), train_keys[i], w_keys[i], h_key, beta)
+        dsk[(name, i)] = (masked.holdout_score_block, vk, mask_keys[i], train_keys[i], w_keys[i], h_key, beta)
     leaves = [(name, i) for i in range(len(train_keys))]
     root = tree_reduce(dsk, name, leaves, _add)
     (sums,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask, train, W), layer=name))

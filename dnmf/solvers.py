@@ -80,12 +80,11 @@ class Solver:
     masked: bool = False
     mask: da.Array | None = None
 
-    def _block_task(self, func, masked_func, i: int, vk, wk, *args) -> tuple:
-        """The task of row block i: ``func(V_i, W_i, *args)``, or the masked kernel with M_i."""
-        if not self.masked:
-            return (func, vk, wk, *args)
-        mk = None if self.mask is None else _keys(self.mask)[i]
-        return (masked_func, vk, mk, wk, *args)
+    def _mask_keys(self) -> list:
+        """The mask's block keys (None per block when NaN alone marks the missing entries)."""
+        if self.mask is None:
+            return [None] * len(self.matrix.row_chunks)
+        return _keys(self.mask)
 
     def _dependencies(self, W: da.Array) -> list:
         return [self.matrix.data, W] + ([self.mask] if self.mask is not None else [])
@@ -97,10 +96,11 @@ class Solver:
         name = f"dnmf-start-{uuid.uuid4().hex}"
         dsk = {(name, "H"): H}
         leaves = []
-        for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
-            dsk[(name, i)] = self._block_task(
-                kernels.initial_partials_block, masked.masked_initial_partials, i, vk, wk, (name, "H"), self.rule
-            )
+        for i, (vk, wk, mk) in enumerate(zip(self.matrix.block_keys(), _keys(W), self._mask_keys())):
+            if self.masked:
+                dsk[(name, i)] = (masked.masked_initial_partials, vk, mk, wk, (name, "H"), self.rule)
+            else:
+                dsk[(name, i)] = (kernels.initial_partials_block, vk, wk, (name, "H"), self.rule)
             leaves.append((name, i))
         root = tree_reduce(dsk, name, leaves, kernels.add_partials)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
@@ -127,9 +127,9 @@ class Solver:
         h_key, hht_key = (name, "H"), (name, "HHt")
         dsk = {h_key: H, hht_key: HHt}
         leaves = []
-        for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
+        for i, (vk, wk, mk) in enumerate(zip(self.matrix.block_keys(), _keys(W), self._mask_keys())):
             if self.masked:
-                dsk[(name, i)] = self._block_task(None, masked.masked_step_block, i, vk, wk, h_key, self.rule)
+                dsk[(name, i)] = (masked.masked_step_block, vk, mk, wk, h_key, self.rule)
             else:
                 dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
             dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
