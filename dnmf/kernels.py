@@ -255,7 +255,7 @@ def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray
 
 def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
     """HALS update of one row block of W (a new array): the columns of W in turn."""
-    Wt = np.ascontiguousarray(W_b.T)
+    Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
     hals_sweep(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T))
     return np.ascontiguousarray(Wt.T)
 

@@ -72,3 +72,15 @@ def test_input_not_modified():
     copy = V.copy()
     dnmf.NMF(2, max_iter=3).fit(V)
     np.testing.assert_array_equal(V, copy)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_custom_start_not_modified_rank_one(solver):
+    # With r = 1, W.T is contiguous: an in-place sweep on a view would write into the user's W.
+    V = good()
+    W0, H0 = np.full((20, 1), 0.5), np.full((1, 10), 0.5)
+    W_copy, H_copy = W0.copy(), H0.copy()
+    runs = [dnmf.NMF(1, solver=solver, init="custom", max_iter=20, tol=0, tol_x=0).fit(V, W=W0, H=H0).components_ for _ in range(2)]
+    np.testing.assert_array_equal(W0, W_copy)
+    np.testing.assert_array_equal(H0, H_copy)
+    np.testing.assert_array_equal(runs[0], runs[1])
