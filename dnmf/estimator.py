@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -19,7 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import driver, kernels
+from . import checkpoint, driver, kernels
 from .errors import ParameterError, expected
 from .init import make_start, resolve_init
 from .kernels import Rule
@@ -150,19 +151,50 @@ def fit_factors(
     H=None,
     update_h: bool = True,
     callbacks: tuple = (),
+    resume=None,
 ) -> Factorization:
-    """The shared code path of :class:`NMF` and :func:`non_negative_factorization`."""
+    """The shared code path of :class:`NMF` and :func:`non_negative_factorization`.
+
+    ``resume`` is a checkpoint directory to continue from (see :mod:`dnmf.checkpoint`).
+    """
     matrix = open_matrix(X, params.get("chunks"))
     config = make_config(params, matrix.shape)
     if not update_h:
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
+    target = params.get("checkpoint") or resume
+    schedule = checkpoint.schedule_from_params(params) if target is not None else None
+    if target is not None:
+        target = checkpoint.check_target(target, resume)
     with blas_threads_for_scheduler():
         stats = scan_matrix(matrix)
         validate_stats(stats, config.beta)
-        start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
+        fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
+        history, last_saved = None, None
+        if resume is not None:
+            snapshot = checkpoint.load(resume)
+            if params.get("random_state") is None:  # an unseeded fit adopts the saved seed
+                config = replace(config, seed=int(snapshot.record["settings"]["seed"]))
+            checkpoint.check_compatible(snapshot, checkpoint.resolved_settings(config), fingerprint, resume)
+            start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
+            last_saved = (snapshot.iteration, snapshot.record.get("stop_reason"))
+        else:
+            start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
+            start_W, start_H = start.W, start.H
         solver = Solver(matrix, config.rule, stats.v_sq, update_h=update_h)
-        state = solver.start(start.W, start.H)
-        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))
+        state = solver.start(start_W, start_H)
+        writer = None
+        if target is not None:
+            input_path = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) and "://" not in os.fspath(X) else None
+            meta = {
+                "params": checkpoint.saved_params(params, config.seed),
+                "settings": checkpoint.resolved_settings(config),
+                "fingerprint": fingerprint,
+                "input_path": input_path,
+            }
+            writer = checkpoint.Checkpointer(target, schedule, meta, last_saved)
+            if resume is None:
+                writer.save(state, [])  # the start itself: init work (e.g. NNDSVD) is never lost
+        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(
             f"Maximum number of iterations {config.rules.max_iter} reached before convergence "
@@ -197,11 +229,14 @@ class NMF(TransformerMixin, BaseEstimator):
         NNDSVD variants use a randomized SVD that streams X.
     max_iter : int, default=200
     tol : float, default=1e-4
-        Stop when the relative objective decrease of an iteration is below ``tol`` and ...
+        Tolerance of the stopping condition on the objective: the fit stops ("converged")
+        when an iteration's relative objective decrease (f_{t-1} - f_t) / f_{t-1} is below
+        ``tol`` **and** the iterates moved less than ``tol_x``. 0 disables convergence checks.
     tol_x : float, default=1e-3
-        ... the relative change of W and of H (Frobenius norm) is below ``tol_x``.
+        Tolerance on the iterates: max(‖ΔW‖_F / ‖W‖_F, ‖ΔH‖_F / ‖H‖_F) of the iteration must
+        be below ``tol_x`` (together with ``tol``) to stop.
     max_time : float or None
-        Stop after this many seconds.
+        Stop ("max_time") after this many seconds of iterating in this run.
     random_state : int, RandomState, Generator or None
     eps : float or None
         Added to every denominator of the updates (default 1e-10).
@@ -209,6 +244,15 @@ class NMF(TransformerMixin, BaseEstimator):
         Rows per block of X (default: about 64 MiB per block).
     callbacks : sequence of callables or None
         Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
+    checkpoint : str or os.PathLike or None
+        A directory to write crash-safe checkpoints into (new or empty; see
+        :mod:`dnmf.checkpoint`): at the start, on the schedule below, and at the end.
+        ``fit(X, resume=PATH)`` or :func:`dnmf.checkpoint.resume` continues from it, bitwise
+        as if never interrupted.
+    checkpoint_every : int or None, default=10
+        Write a checkpoint after every ``checkpoint_every``-th iteration.
+    checkpoint_interval : float or None
+        Also write one when this many seconds have passed since the last.
 
     Attributes
     ----------
@@ -247,6 +291,9 @@ class NMF(TransformerMixin, BaseEstimator):
         eps=None,
         chunks=None,
         callbacks=None,
+        checkpoint=None,
+        checkpoint_every=10,
+        checkpoint_interval=None,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -260,15 +307,21 @@ class NMF(TransformerMixin, BaseEstimator):
         self.eps = eps
         self.chunks = chunks
         self.callbacks = callbacks
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
 
-    def fit(self, X, y=None, W=None, H=None):
-        """Learn W and H from X; W and H are a custom start (with init="custom")."""
-        self.fit_transform(X, W=W, H=H)
+    def fit(self, X, y=None, W=None, H=None, resume=None):
+        """Learn W and H from X; W and H are a custom start (with init="custom").
+
+        ``resume`` is a checkpoint directory of an earlier fit of X to continue from.
+        """
+        self.fit_transform(X, W=W, H=H, resume=resume)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None):
+    def fit_transform(self, X, y=None, W=None, H=None, resume=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
-        fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=tuple(self.callbacks or ()))
+        fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=tuple(self.callbacks or ()), resume=resume)
         self._store_result(fact)
         return self._output(fact.W, fact.matrix)
 
@@ -297,7 +350,7 @@ class NMF(TransformerMixin, BaseEstimator):
                 expected(f"X with {self.components_.shape[1]} features, as in fit", f"{matrix.shape[1]} features")
             )
         W0 = self._constant_w(matrix)
-        params = {**self.get_params(), "n_components": self.n_components_, "init": "custom"}
+        params = {**self.get_params(), "n_components": self.n_components_, "init": "custom", "checkpoint": None}
         fact = fit_factors(matrix, params, W=W0, H=self.components_, update_h=False)
         return self._output(fact.W, matrix)
 
