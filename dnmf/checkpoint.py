@@ -110,6 +110,8 @@ def check_target(path, resume) -> str:
     target = _local_path(path)
     if resume is not None and _local_path(resume) == target:
         return target
+    if _abandoned_start(target):
+        shutil.rmtree(target)
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         what = "a checkpoint" if has_checkpoint(target) else "other files"
         raise ParameterError(
@@ -117,6 +119,14 @@ def check_target(path, resume) -> str:
             "fit(X, resume=PATH), or choose a new or empty directory."
         )
     return target
+
+
+def _abandoned_start(path: str) -> bool:
+    """A directory holding only the leftovers of a fit killed before its first checkpoint."""
+    if not os.path.isdir(path) or has_checkpoint(path) or not os.listdir(path):
+        return False
+    ours = lambda name: name == "zarr.json" or VERSION_PATTERN.match(name) or name.startswith(f".{POINTER}.")  # noqa: E731
+    return all(ours(name) for name in os.listdir(path))
 
 
 # ---------------------------------------------------------------------------
@@ -520,7 +530,8 @@ def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None):
     callbacks : sequence of callables, optional
         As for :class:`~dnmf.NMF`.
 
-    The continued fit writes further checkpoints into ``path`` with the saved frequency.
+    The continued fit writes further checkpoints into ``path`` with the saved frequency,
+    the last one at its end: ``load(path).W`` is the final W (a dask array read from it).
     """
     from .estimator import NMF
 

@@ -210,6 +210,17 @@ def test_fresh_fit_never_overwrites(tmp_path, V):
         quiet_fit(dnmf.NMF(RANK, checkpoint=str(tmp_path / "new"), checkpoint_every=0, **kwargs()), V)
 
 
+def test_fit_killed_before_its_first_checkpoint_can_start_again(tmp_path, V):
+    ckpt = tmp_path / "ck"
+    (ckpt / "v000001" / "W").mkdir(parents=True)  # a first version cut short, no pointer yet
+    (ckpt / "zarr.json").write_text("{}")
+    with pytest.raises(StoreError, match="No checkpoint"):
+        quiet_fit(dnmf.NMF(RANK, max_iter=2, **kwargs()), V, resume=str(ckpt))
+    model = dnmf.NMF(RANK, max_iter=2, checkpoint=str(ckpt), **kwargs())
+    quiet_fit(model, V)
+    assert checkpoint.load(str(ckpt)).iteration == 2
+
+
 def test_missing_checkpoint_is_a_store_error(tmp_path, V):
     with pytest.raises(StoreError, match="No checkpoint"):
         quiet_fit(dnmf.NMF(RANK, max_iter=2, **kwargs()), V, resume=str(tmp_path / "none"))
