@@ -314,6 +314,14 @@ class _Corrupt(Exception):
 # The writer the driver calls
 
 
+def _library_versions() -> dict:
+    import zarr
+
+    from . import __version__
+
+    return {"dnmf": __version__, "numpy": np.__version__, "dask": dask.__version__, "zarr": zarr.__version__}
+
+
 def _history_array(history: list[IterationRecord]) -> np.ndarray:
     out = np.array([[getattr(r, c) for c in HISTORY_COLUMNS] for r in history], dtype=np.float64)
     return out.reshape(len(history), len(HISTORY_COLUMNS))
@@ -378,6 +386,7 @@ class Checkpointer:
             "storage_rows": int(rows),
             "checksums": {"W": w_sums, "H": crc32(H), "history": crc32(hist)},
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": _library_versions(),
         }
         group.attrs[ATTRS_KEY] = record
         del w_arr

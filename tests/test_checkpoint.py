@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
@@ -135,15 +136,26 @@ def kwargs(**over):
     return {**base, **over}
 
 
-def test_resume_continues_history_bitwise(tmp_path, V):
+@pytest.mark.parametrize(
+    "layout,settings",
+    [
+        ("float64", {}),
+        ("float32", {"solver": "hals"}),
+        ("sparse", {"beta_loss": "kullback-leibler"}),
+        ("uneven-chunks", {"chunks": (30, 20, 40, 30)}),
+    ],
+)
+def test_resume_continues_history_bitwise(tmp_path, V, layout, settings):
+    X = {"float32": V.astype(np.float32), "sparse": sp.csr_matrix(V * (V > 0.6))}.get(layout, V)
     ckpt = str(tmp_path / "ck")
-    ref = dnmf.NMF(RANK, max_iter=12, **kwargs())
-    W_ref = quiet_fit(ref, V)
-    first = dnmf.NMF(RANK, max_iter=5, checkpoint=ckpt, checkpoint_every=2, **kwargs())
-    quiet_fit(first, V)
+    ref = dnmf.NMF(RANK, max_iter=12, **kwargs(**settings))
+    W_ref = quiet_fit(ref, X)
+    first = dnmf.NMF(RANK, max_iter=5, checkpoint=ckpt, checkpoint_every=2, **kwargs(**settings))
+    quiet_fit(first, X)
     assert len(first.history_) == 5
-    second = dnmf.NMF(RANK, max_iter=12, checkpoint_every=3, **kwargs())  # frequency may change
-    W = quiet_fit(second, V, resume=ckpt)
+    # max_iter and the checkpoint frequency may change
+    second = dnmf.NMF(RANK, max_iter=12, checkpoint_every=3, **kwargs(**settings))
+    W = quiet_fit(second, X, resume=ckpt)
     assert same_bits(W, W_ref) and same_bits(second.components_, ref.components_)
     assert [r["iteration"] for r in second.history_] == list(range(1, 13))
     assert checkpoint.load(ckpt).iteration == 12
@@ -352,3 +364,17 @@ def test_converged_checkpoint_resumes_to_the_same_stop(tmp_path, V):
     quiet_fit(again, V, resume=ckpt)
     assert again.stop_reason_ == "converged" and again.n_iter_ == first.n_iter_
     assert same_bits(again.components_, first.components_)
+
+
+@pytest.mark.slow
+def test_checkpoint_and_resume_on_a_distributed_cluster(tmp_path, V):
+    from distributed import Client, LocalCluster
+
+    ref = dnmf.NMF(RANK, max_iter=8, **kwargs(solver="hals"))
+    W_ref = quiet_fit(ref, V)
+    ckpt = str(tmp_path / "ck")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster):
+        quiet_fit(dnmf.NMF(RANK, max_iter=4, checkpoint=ckpt, checkpoint_every=2, **kwargs(solver="hals")), V)
+        model = dnmf.NMF(RANK, max_iter=8, **kwargs(solver="hals"))
+        W = quiet_fit(model, V, resume=ckpt)  # W blocks written and read by the worker processes
+    assert same_bits(W, W_ref) and same_bits(model.components_, ref.components_)
