@@ -373,7 +373,7 @@ def test_checkpoint_and_resume_on_a_distributed_cluster(tmp_path, V):
     ref = dnmf.NMF(RANK, max_iter=8, **kwargs(solver="hals"))
     W_ref = quiet_fit(ref, V)
     ckpt = str(tmp_path / "ck")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster):
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, Client(cluster):
         quiet_fit(dnmf.NMF(RANK, max_iter=4, checkpoint=ckpt, checkpoint_every=2, **kwargs(solver="hals")), V)
         model = dnmf.NMF(RANK, max_iter=8, **kwargs(solver="hals"))
         W = quiet_fit(model, V, resume=ckpt)  # W blocks written and read by the worker processes
