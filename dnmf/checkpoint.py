@@ -25,6 +25,7 @@ row chunks, dtype and iterate-altering settings; anything else is refused with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -399,9 +400,14 @@ class Checkpointer:
         return name
 
     def _prune(self, keep: set) -> None:
+        """Remove versions other than ``keep`` and pointer temp files left by a kill."""
         for _, name in _versions(self.root):
             if name not in keep:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        for name in os.listdir(self.root):
+            if name.startswith(f".{POINTER}.") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.root, name))
 
 
 # ---------------------------------------------------------------------------

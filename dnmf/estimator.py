@@ -161,6 +161,8 @@ def fit_factors(
     config = make_config(params, matrix.shape)
     if not update_h:
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
+    if resume is not None and (W is not None or H is not None):
+        raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     target = params.get("checkpoint") or resume
     schedule = checkpoint.schedule_from_params(params) if target is not None else None
     if target is not None:

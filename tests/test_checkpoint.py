@@ -238,6 +238,14 @@ def test_missing_checkpoint_is_a_store_error(tmp_path, V):
         quiet_fit(dnmf.NMF(RANK, max_iter=2, **kwargs()), V, resume=str(tmp_path / "none"))
 
 
+def test_resume_with_a_start_is_refused(tmp_path, V):
+    ckpt = str(tmp_path / "ck")
+    quiet_fit(dnmf.NMF(RANK, max_iter=2, checkpoint=ckpt, **kwargs()), V)
+    W0, H0 = np.ones((V.shape[0], RANK)), np.ones((RANK, V.shape[1]))
+    with pytest.raises(ParameterError, match="do not pass W or H"):
+        quiet_fit(dnmf.NMF(RANK, max_iter=4, **kwargs(init="custom")), V, resume=ckpt, W=W0, H=H0)
+
+
 def _w_chunk_files(version_dir: Path) -> list[Path]:
     return sorted(p for p in (version_dir / "W").rglob("*") if p.is_file() and p.name != "zarr.json")
 
