@@ -193,9 +193,10 @@ def fit_factors(
                 "fingerprint": fingerprint,
                 "input_path": input_path,
             }
-            writer = checkpoint.Checkpointer(target, schedule, meta, last_saved)
-            if resume is None:
-                writer.save(state, [])  # the start itself: init work (e.g. NNDSVD) is never lost
+            same_place = resume is not None and os.path.abspath(os.fspath(resume)) == target
+            writer = checkpoint.Checkpointer(target, schedule, meta, last_saved if same_place else None)
+            if not same_place:
+                writer.save(state, history or [])  # the start: init work (e.g. NNDSVD) is never lost
         result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(

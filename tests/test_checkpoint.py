@@ -159,6 +159,11 @@ def test_resume_continues_history_bitwise(tmp_path, V, layout, settings):
     assert same_bits(W, W_ref) and same_bits(second.components_, ref.components_)
     assert [r["iteration"] for r in second.history_] == list(range(1, 13))
     assert checkpoint.load(ckpt).iteration == 12
+    if layout == "float64":  # resuming into another directory starts it with the resumed state
+        elsewhere = str(tmp_path / "elsewhere")
+        third = dnmf.NMF(RANK, max_iter=12, checkpoint=elsewhere, **kwargs(**settings))
+        quiet_fit(third, X, resume=ckpt)
+        assert checkpoint.read_pointer(elsewhere) == {"version": "v000002", "iteration": 12, "stop_reason": "max_iter"}
 
 
 def test_resume_function_with_in_memory_matrix(tmp_path, V):
