@@ -336,14 +336,16 @@ class Checkpointer:
     root : absolute checkpoint directory (see :func:`check_target`).
     schedule : when to write.
     meta : what every version records besides the state: params, settings, fingerprint, input.
-    last_saved : (iteration, stop_reason) of the version this run resumes from, if any.
+    resumed_from : the :class:`Snapshot` this run resumes from when it writes into the same
+        directory: that version is kept as the previous good one until the next is complete.
     """
 
-    def __init__(self, root: str, schedule: Schedule, meta: dict, last_saved: tuple | None = None):
+    def __init__(self, root: str, schedule: Schedule, meta: dict, resumed_from: Snapshot | None = None):
         self.root = root
         self.schedule = schedule
         self.meta = meta
-        self.last_saved = last_saved
+        self.last_saved = None if resumed_from is None else (resumed_from.iteration, resumed_from.record.get("stop_reason"))
+        self._good = None if resumed_from is None else resumed_from.version
         self._last_write = time.monotonic()
 
     def after_iteration(self, state: SolverState, history: list[IterationRecord]) -> None:
@@ -369,7 +371,7 @@ class Checkpointer:
         group = zarr.open_group(vdir, mode="w-")
         n, r = state.W.shape
         rows = storage_rows(state.W.chunks[0])
-        w_arr = group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
+        group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
         w_sums = write_w(state.W, os.path.join(vdir, "W"), rows)
         H = np.ascontiguousarray(state.H)
         group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
@@ -390,11 +392,12 @@ class Checkpointer:
             "versions": _library_versions(),
         }
         group.attrs[ATTRS_KEY] = record
-        del w_arr
         fsync_tree(vdir)
-        previous = read_pointer(self.root).get("version")
         write_pointer(self.root, {"version": name, "iteration": int(iteration), "stop_reason": stop_reason})
-        self._prune(keep={name, previous})
+        # Keep the last version known good (not merely the one the pointer named before: it
+        # may be the damaged one a resume skipped).
+        self._prune(keep={name, self._good})
+        self._good = name
         self.last_saved = (iteration, stop_reason)
         self._last_write = time.monotonic()
         return name
@@ -447,8 +450,6 @@ def _load_version(root: str, name: str) -> Snapshot:
         H = np.asarray(group["H"][...])
         hist = np.asarray(group["history"][...])
         w_arr = group["W"]
-    except _Corrupt:
-        raise
     except Exception as e:  # a damaged version can fail in many ways
         raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
     if crc32(H) != sums["H"]:
@@ -499,19 +500,19 @@ def load(path) -> Snapshot:
     raise StoreError(f"No usable checkpoint version in {os.fspath(path)!r} ({detail}). Start a new fit.")
 
 
-def check_compatible(snapshot: Snapshot, settings: dict, print_: dict, path) -> None:
+def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, path) -> None:
     """Refuse a resume whose matrix or iterate-altering settings differ from the checkpoint's."""
     saved_print, saved_settings = snapshot.record["fingerprint"], snapshot.record["settings"]
     differences = []
     for key in ("shape", "dtype", "sparse", "row_chunks"):
-        if saved_print[key] != print_[key]:
+        if saved_print[key] != matrix_print[key]:
             label = "row chunks (chunks=)" if key == "row_chunks" else f"matrix {key}"
-            differences.append(f"{label}: checkpoint {saved_print[key]!r}, now {print_[key]!r}")
+            differences.append(f"{label}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r}")
     if not differences:
         for key in ("v_sq", "v_sum", "nnz"):
-            if saved_print[key] != print_[key]:
+            if saved_print[key] != matrix_print[key]:
                 differences.append(
-                    f"matrix content (checksum {key}: checkpoint {saved_print[key]!r}, now {print_[key]!r})"
+                    f"matrix content (checksum {key}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r})"
                 )
                 break
     for key in ITERATE_SETTINGS:

@@ -171,14 +171,13 @@ def fit_factors(
         stats = scan_matrix(matrix)
         validate_stats(stats, config.beta)
         fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
-        history, last_saved = None, None
+        history, snapshot = None, None
         if resume is not None:
             snapshot = checkpoint.load(resume)
             if params.get("random_state") is None:  # an unseeded fit adopts the saved seed
                 config = replace(config, seed=int(snapshot.record["settings"]["seed"]))
             checkpoint.check_compatible(snapshot, checkpoint.resolved_settings(config), fingerprint, resume)
             start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
-            last_saved = (snapshot.iteration, snapshot.record.get("stop_reason"))
         else:
             start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
             start_W, start_H = start.W, start.H
@@ -194,7 +193,7 @@ def fit_factors(
                 "input_path": input_path,
             }
             same_place = resume is not None and os.path.abspath(os.fspath(resume)) == target
-            writer = checkpoint.Checkpointer(target, schedule, meta, last_saved if same_place else None)
+            writer = checkpoint.Checkpointer(target, schedule, meta, resumed_from=snapshot if same_place else None)
             if not same_place:
                 writer.save(state, history or [])  # the start: init work (e.g. NNDSVD) is never lost
         result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)

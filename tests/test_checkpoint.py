@@ -275,11 +275,20 @@ def test_corrupt_newest_version_falls_back_to_previous(tmp_path, V, damage):
 
     ref = dnmf.NMF(RANK, max_iter=14, **kwargs())
     W_ref = quiet_fit(ref, V)
-    model = dnmf.NMF(RANK, max_iter=14, **kwargs())
+    listings = {}
+
+    def look(record):
+        listings[record.iteration] = sorted(n for n in os.listdir(ckpt) if n.startswith("v"))
+
+    model = dnmf.NMF(RANK, max_iter=14, callbacks=[look], **kwargs())
     with pytest.warns(checkpoint.CheckpointWarning):
         W = quiet_fit(model, V, resume=str(ckpt))
     assert same_bits(W, W_ref) and same_bits(model.components_, ref.components_)
     assert [r["iteration"] for r in model.history_] == list(range(1, 15))
+    # After the first new version (iteration 9) the damaged one is gone and the good one the
+    # resume used is kept as the previous version.
+    assert newest.name not in listings[9] and snapshot.version in listings[9] and len(listings[9]) == 2
+    assert checkpoint.load(str(ckpt)).iteration == 14
 
 
 def test_no_good_version_is_a_store_error(tmp_path, V):
