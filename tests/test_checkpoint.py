@@ -280,7 +280,7 @@ def test_corrupt_newest_version_falls_back_to_previous(tmp_path, V, damage):
     def look(record):
         listings[record.iteration] = sorted(n for n in os.listdir(ckpt) if n.startswith("v"))
 
-    model = dnmf.NMF(RANK, max_iter=14, callbacks=[look], **kwargs())
+    model = dnmf.NMF(RANK, max_iter=14, checkpoint_every=3, callbacks=[look], **kwargs())
     with pytest.warns(checkpoint.CheckpointWarning):
         W = quiet_fit(model, V, resume=str(ckpt))
     assert same_bits(W, W_ref) and same_bits(model.components_, ref.components_)
