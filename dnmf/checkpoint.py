@@ -413,6 +413,29 @@ class Checkpointer:
                     os.remove(os.path.join(self.root, name))
 
 
+def start_writer(
+    target: str, schedule: Schedule, X, params: dict, config, matrix_print: dict, state: SolverState,
+    snapshot: Snapshot | None,
+) -> Checkpointer:
+    """The writer of a fit (fresh or resumed); writes its first version unless it continues
+    writing into the checkpoint it resumes from.
+
+    A fresh fit's first version is its start, so init work (e.g. NNDSVD's passes) is never lost.
+    """
+    X_path = os.fspath(X) if isinstance(X, (str, os.PathLike)) else None
+    meta = {
+        "params": saved_params(params, config.seed),
+        "settings": resolved_settings(config),
+        "fingerprint": matrix_print,
+        "input_path": os.path.abspath(X_path) if X_path is not None and "://" not in X_path else X_path,
+    }
+    same_place = snapshot is not None and snapshot.root == target
+    writer = Checkpointer(target, schedule, meta, resumed_from=snapshot if same_place else None)
+    if not same_place:
+        writer.save(state, snapshot.history if snapshot is not None else [])
+    return writer
+
+
 # ---------------------------------------------------------------------------
 # Loading
 
@@ -426,6 +449,7 @@ class Snapshot:
     history : the iteration records up to ``iteration``.
     record : the version's attrs (params, settings, fingerprint, input, stop reason, ...).
     version : the version's directory name.
+    root : the checkpoint directory (absolute).
     """
 
     W: da.Array
@@ -433,6 +457,7 @@ class Snapshot:
     history: list[IterationRecord]
     record: dict
     version: str
+    root: str
 
     @property
     def iteration(self) -> int:
@@ -466,7 +491,7 @@ def _load_version(root: str, name: str) -> Snapshot:
         IterationRecord(int(row[0]), *(float(x) for x in row[1:])) for row in hist.reshape(-1, len(HISTORY_COLUMNS))
     ]
     W = da.from_zarr(w_arr, chunks=(record["storage_rows"], w_arr.shape[1]))
-    return Snapshot(W, H, history, record, name)
+    return Snapshot(W, H, history, record, name, root)
 
 
 def load(path) -> Snapshot:

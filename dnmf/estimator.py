@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import os
 import warnings
 from dataclasses import dataclass, replace
 
@@ -185,17 +184,7 @@ def fit_factors(
         state = solver.start(start_W, start_H)
         writer = None
         if target is not None:
-            input_path = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) and "://" not in os.fspath(X) else None
-            meta = {
-                "params": checkpoint.saved_params(params, config.seed),
-                "settings": checkpoint.resolved_settings(config),
-                "fingerprint": fingerprint,
-                "input_path": input_path,
-            }
-            same_place = resume is not None and os.path.abspath(os.fspath(resume)) == target
-            writer = checkpoint.Checkpointer(target, schedule, meta, resumed_from=snapshot if same_place else None)
-            if not same_place:
-                writer.save(state, history or [])  # the start: init work (e.g. NNDSVD) is never lost
+            writer = checkpoint.start_writer(target, schedule, X, params, config, fingerprint, state, snapshot)
         result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(
@@ -233,10 +222,10 @@ class NMF(TransformerMixin, BaseEstimator):
     tol : float, default=1e-4
         Tolerance of the stopping condition on the objective: the fit stops ("converged")
         when an iteration's relative objective decrease (f_{t-1} - f_t) / f_{t-1} is below
-        ``tol`` **and** the iterates moved less than ``tol_x``. 0 disables convergence checks.
+        ``tol`` **and** the iterates moved less than ``tol_x``.
     tol_x : float, default=1e-3
         Tolerance on the iterates: max(‖ΔW‖_F / ‖W‖_F, ‖ΔH‖_F / ‖H‖_F) of the iteration must
-        be below ``tol_x`` (together with ``tol``) to stop.
+        be below ``tol_x`` (together with ``tol``) to stop. ``tol_x=0`` never stops early.
     max_time : float or None
         Stop ("max_time") after this many seconds of iterating in this run.
     random_state : int, RandomState, Generator or None
