@@ -124,10 +124,12 @@ def check_target(path, resume) -> str:
 
 def _abandoned_start(path: str) -> bool:
     """A directory holding only the leftovers of a fit killed before its first checkpoint."""
-    if not os.path.isdir(path) or has_checkpoint(path) or not os.listdir(path):
+    if not os.path.isdir(path) or has_checkpoint(path):
         return False
-    ours = lambda name: name == "zarr.json" or VERSION_PATTERN.match(name) or name.startswith(f".{POINTER}.")  # noqa: E731
-    return all(ours(name) for name in os.listdir(path))
+    names = os.listdir(path)
+    versions = [name for name in names if VERSION_PATTERN.match(name)]
+    others = [name for name in names if name not in versions and name != "zarr.json" and not name.startswith(f".{POINTER}.")]
+    return bool(versions) and not others
 
 
 # ---------------------------------------------------------------------------
