@@ -7,6 +7,9 @@ Each iteration appends an :class:`IterationRecord`. The loop stops when
 - ``max_iter`` iterations have run in all ("max_iter"), or
 - ``max_time`` seconds have passed in this run ("max_time"), or
 - a callback returned True ("callback").
+
+Like scikit-learn's ``tol``, both tolerances are relative, so they do not depend on the scale
+of V; ``tol_x=0`` turns the convergence stop off. The checks run after every iteration.
 """
 
 from __future__ import annotations
@@ -95,7 +98,12 @@ def run(
     history = list(history or [])
     started = time.perf_counter()
     stop_reason = "max_iter"
-    while (history[-1].iteration if history else 0) < rules.max_iter:
+    # A resumed run whose last recorded iteration already met the tolerances stops where the
+    # uninterrupted run stopped.
+    already_converged = bool(history) and rules.converged(history[-1])
+    if already_converged:
+        stop_reason = "converged"
+    while not already_converged and (history[-1].iteration if history else 0) < rules.max_iter:
         tick = time.perf_counter()
         step = solver.step(state)
         previous = state.objective

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import driver, kernels, missing
+from . import checkpoint, driver, kernels, missing
 from .errors import ParameterError, expected
 from .init import make_start, resolve_init
 from .kernels import Rule
@@ -143,6 +143,30 @@ class Factorization:
     stats: MatrixStats
 
 
+@dataclass(frozen=True)
+class Problem:
+    """V ready to factor: its stats (validated), the matrix the inits read, the solver."""
+
+    stats: MatrixStats
+    init_matrix: Matrix
+    solver: Solver
+
+
+def _prepare(matrix: Matrix, config: FitConfig, params: dict, mask, update_h: bool) -> Problem:
+    """Scan and validate V, and build the solver: masked when entries are missing."""
+    nan_is_missing = missing.check_missing(params.get("missing"))
+    if not nan_is_missing and mask is None:
+        stats = scan_matrix(matrix)
+        validate_stats(stats, config.beta)
+        return Problem(stats, matrix, Solver(matrix, config.rule, stats.v_sq, update_h=update_h))
+    mask_da = None if mask is None else missing.open_mask(mask, matrix)
+    scanned = missing.scan_masked(matrix, mask_da, nan_is_missing)
+    stats = scanned.imputed_stats()
+    validate_stats(stats, config.beta)
+    solver = Solver(matrix, config.rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+    return Problem(stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver)
+
+
 def fit_factors(
     X,
     params: dict,
@@ -151,34 +175,43 @@ def fit_factors(
     update_h: bool = True,
     callbacks: tuple = (),
     mask=None,
+    resume=None,
 ) -> Factorization:
     """The shared code path of :class:`NMF` and :func:`non_negative_factorization`.
 
     ``mask`` (V's shape, True = observed) or ``params["missing"] == "nan"`` fit the masked
-    objective over the observed entries only (:mod:`dnmf.masked`).
+    objective over the observed entries only (:mod:`dnmf.masked`). ``resume`` is a checkpoint
+    directory to continue from (see :mod:`dnmf.checkpoint`).
     """
     matrix = open_matrix(X, params.get("chunks"))
     config = make_config(params, matrix.shape)
     if not update_h:
-        config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
-    nan_is_missing = missing.check_missing(params.get("missing"))
-    is_masked = nan_is_missing or mask is not None
+        config = replace(config, init="custom")
+    if resume is not None and (W is not None or H is not None):
+        raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
+    target = params.get("checkpoint") or resume
+    schedule = checkpoint.schedule_from_params(params) if target is not None else None
+    if target is not None:
+        target = checkpoint.check_target(target, resume)
     with blas_threads_for_scheduler():
-        if is_masked:
-            mask_da = None if mask is None else missing.open_mask(mask, matrix)
-            scanned = missing.scan_masked(matrix, mask_da, nan_is_missing)
-            stats = scanned.imputed_stats()
-            validate_stats(stats, config.beta)
-            init_matrix = missing.filled_matrix(matrix, mask_da, scanned.observed_mean)
-            start = make_start(init_matrix, stats, config.n_components, config.init, config.seed, W, H)
-            solver = Solver(matrix, config.rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+        problem = _prepare(matrix, config, params, mask, update_h)
+        stats, solver = problem.stats, problem.solver
+        fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
+        history, snapshot = None, None
+        if resume is not None:
+            snapshot = checkpoint.load(resume)
+            if params.get("random_state") is None:  # an unseeded fit adopts the saved seed
+                config = replace(config, seed=int(snapshot.record["settings"]["seed"]))
+            checkpoint.check_compatible(snapshot, checkpoint.resolved_settings(config), fingerprint, resume)
+            start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
         else:
-            stats = scan_matrix(matrix)
-            validate_stats(stats, config.beta)
-            start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
-            solver = Solver(matrix, config.rule, stats.v_sq, update_h=update_h)
-        state = solver.start(start.W, start.H)
-        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))
+            start = make_start(problem.init_matrix, stats, config.n_components, config.init, config.seed, W, H)
+            start_W, start_H = start.W, start.H
+        state = solver.start(start_W, start_H)
+        writer = None
+        if target is not None:
+            writer = checkpoint.start_writer(target, schedule, X, params, config, fingerprint, state, snapshot)
+        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(
             f"Maximum number of iterations {config.rules.max_iter} reached before convergence "
@@ -213,11 +246,14 @@ class NMF(TransformerMixin, BaseEstimator):
         NNDSVD variants use a randomized SVD that streams X.
     max_iter : int, default=200
     tol : float, default=1e-4
-        Stop when the relative objective decrease of an iteration is below ``tol`` and ...
+        Tolerance of the stopping condition on the objective: the fit stops ("converged")
+        when an iteration's relative objective decrease (f_{t-1} - f_t) / f_{t-1} is below
+        ``tol`` **and** the iterates moved less than ``tol_x``.
     tol_x : float, default=1e-3
-        ... the relative change of W and of H (Frobenius norm) is below ``tol_x``.
+        Tolerance on the iterates: max(‖ΔW‖_F / ‖W‖_F, ‖ΔH‖_F / ‖H‖_F) of the iteration must
+        be below ``tol_x`` (together with ``tol``) to stop. ``tol_x=0`` never stops early.
     max_time : float or None
-        Stop after this many seconds.
+        Stop ("max_time") after this many seconds of iterating in this run.
     random_state : int, RandomState, Generator or None
     eps : float or None
         Added to every denominator of the updates (default 1e-10).
@@ -232,6 +268,15 @@ class NMF(TransformerMixin, BaseEstimator):
     n_runs : int, default=1
         Random restarts: fit this many seeds spawned from ``random_state`` (concurrently where
         memory allows) and keep the run with the lowest final objective. Needs a random init.
+    checkpoint : str or os.PathLike or None
+        A directory to write crash-safe checkpoints into (new or empty; see
+        :mod:`dnmf.checkpoint`): at the start, on the schedule below, and at the end.
+        ``fit(X, resume=PATH)`` or :func:`dnmf.checkpoint.resume` continues from it, bitwise
+        as if never interrupted.
+    checkpoint_every : int or None, default=10
+        Write a checkpoint after every ``checkpoint_every``-th iteration.
+    checkpoint_interval : float or None
+        Also write one when this many seconds have passed since the last.
 
     Attributes
     ----------
@@ -278,6 +323,9 @@ class NMF(TransformerMixin, BaseEstimator):
         callbacks=None,
         missing=None,
         n_runs=1,
+        checkpoint=None,
+        checkpoint_every=10,
+        checkpoint_interval=None,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -293,27 +341,31 @@ class NMF(TransformerMixin, BaseEstimator):
         self.callbacks = callbacks
         self.missing = missing
         self.n_runs = n_runs
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
 
-    def fit(self, X, y=None, W=None, H=None, mask=None):
+    def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
 
         ``mask`` (boolean, X's shape, True = observed; numpy, dask, Zarr) fits the observed
-        entries only.
+        entries only. ``resume`` is a checkpoint directory of an earlier fit of X to continue
+        from.
         """
-        self.fit_transform(X, W=W, H=H, mask=mask)
+        self.fit_transform(X, W=W, H=H, mask=mask, resume=resume)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None, mask=None):
+    def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
         callbacks = tuple(self.callbacks or ())
         if self.n_runs == 1:
-            fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=callbacks, mask=mask)
+            fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=callbacks, mask=mask, resume=resume)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.config.seed]
         else:
             from .restarts import fit_runs
 
-            if W is not None or H is not None:
-                raise ParameterError("n_runs > 1 restarts from random starts; do not pass W and H.")
+            if W is not None or H is not None or resume is not None:
+                raise ParameterError("n_runs > 1 restarts from random starts; do not pass W, H or resume.")
             runs = fit_runs(X, self.get_params(), self.n_runs, mask=mask, callbacks=callbacks)
             fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)
@@ -345,7 +397,7 @@ class NMF(TransformerMixin, BaseEstimator):
                 expected(f"X with {self.components_.shape[1]} features, as in fit", f"{matrix.shape[1]} features")
             )
         W0 = self._constant_w(matrix)
-        params = {**self.get_params(), "n_components": self.n_components_, "init": "custom"}
+        params = {**self.get_params(), "n_components": self.n_components_, "init": "custom", "checkpoint": None}
         fact = fit_factors(matrix, params, W=W0, H=self.components_, update_h=False)
         return self._output(fact.W, matrix)
 

@@ -1,0 +1,600 @@
+"""Crash-safe checkpoints of a running fit, and exact resume.
+
+A checkpoint directory ``PATH`` holds versions, each a complete Zarr group, and a pointer::
+
+    PATH/zarr.json        an empty Zarr group (so Zarr tools can browse PATH)
+    PATH/CURRENT          {"version": "v000007", ...}: the newest complete version
+    PATH/v000006/         the previous good version (kept until the next one is complete)
+    PATH/v000007/         arrays W (n, r; written block by block by the workers), H (r, p),
+                          history (n_iter, 6) and attrs["dnmf_checkpoint"]: iteration, stop
+                          reason, seed, configuration, fingerprint of V, checksums.
+
+A version is written into a fresh directory, every file in it is fsynced, then ``CURRENT`` is
+replaced atomically (temp file, fsync, ``os.replace``, fsync of ``PATH``), then versions other
+than the new one and the previous one are removed. A kill at any moment leaves ``CURRENT``
+naming a complete version. Each array's CRC-32 (per stored block for W) is recorded, so a
+version damaged later is detected on resume; the previous good version is then used, with a
+:class:`CheckpointWarning`.
+
+Resume starts the solver at the saved (W, H), with the saved history. The solver's ``start``
+recomputes the partials at (W, H) with the same kernel and the same summation order as a step,
+so the continued iterates are bitwise those of the uninterrupted fit, given the same matrix,
+row chunks, dtype and iterate-altering settings; anything else is refused with a
+:class:`~dnmf.errors.CheckpointMismatchError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from .driver import IterationRecord
+from .errors import CheckpointMismatchError, ParameterError, StoreError, expected
+from .solvers import SolverState
+from .store import Matrix, MatrixStats
+
+FORMAT_VERSION = 1
+POINTER = "CURRENT"
+ATTRS_KEY = "dnmf_checkpoint"
+HISTORY_COLUMNS = ("iteration", "objective", "rel_decrease", "w_change", "h_change", "seconds")
+VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
+DEFAULT_EVERY = 10
+# Estimator parameters that change the iterates (besides V, its chunks and dtype).
+ITERATE_SETTINGS = ("n_components", "solver", "beta", "init", "eps", "seed")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint version was unusable and an older one was used instead."""
+
+
+# ---------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to write: every ``every`` iterations and/or every ``interval`` seconds, and at the end."""
+
+    every: int | None = DEFAULT_EVERY
+    interval: float | None = None
+
+    def due(self, iteration: int, seconds_since_write: float) -> bool:
+        by_count = self.every is not None and iteration % self.every == 0
+        by_time = self.interval is not None and seconds_since_write >= self.interval
+        return by_count or by_time
+
+
+def schedule_from_params(params: dict) -> Schedule:
+    """Validate ``checkpoint_every`` (iterations) and ``checkpoint_interval`` (seconds)."""
+    every, interval = params.get("checkpoint_every", DEFAULT_EVERY), params.get("checkpoint_interval")
+    if every is not None and (not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1):
+        raise ParameterError(expected("checkpoint_every a positive integer (iterations) or None", every))
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0):
+        raise ParameterError(expected("checkpoint_interval a non-negative number of seconds or None", interval))
+    return Schedule(None if every is None else int(every), None if interval is None else float(interval))
+
+
+def _local_path(path) -> str:
+    path = os.fspath(path)
+    if "://" in path:
+        raise ParameterError(
+            f"Checkpoints need a local or shared file-system path (atomic rename and fsync); got {path!r}."
+        )
+    return os.path.abspath(path)
+
+
+def has_checkpoint(path) -> bool:
+    """True when ``path`` holds a checkpoint pointer."""
+    return os.path.isfile(os.path.join(os.fspath(path), POINTER))
+
+
+def check_target(path, resume) -> str:
+    """The absolute checkpoint directory to write, refusing to overwrite anything.
+
+    A fresh fit needs a new or empty directory; a resumed fit may go on writing into the
+    checkpoint it resumes from.
+    """
+    target = _local_path(path)
+    if resume is not None and _local_path(resume) == target:
+        return target
+    if _abandoned_start(target):
+        shutil.rmtree(target)
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        what = "a checkpoint" if has_checkpoint(target) else "other files"
+        raise ParameterError(
+            f"checkpoint={os.fspath(path)!r} already holds {what}; resume from it with "
+            "fit(X, resume=PATH), or choose a new or empty directory."
+        )
+    return target
+
+
+def _abandoned_start(path: str) -> bool:
+    """A directory holding only the leftovers of a fit killed before its first checkpoint."""
+    if not os.path.isdir(path) or has_checkpoint(path):
+        return False
+    names = os.listdir(path)
+    versions = [name for name in names if VERSION_PATTERN.match(name)]
+    others = [name for name in names if name not in versions and name != "zarr.json" and not name.startswith(f".{POINTER}.")]
+    return bool(versions) and not others
+
+
+# ---------------------------------------------------------------------------
+# Fingerprint and configuration
+
+
+def fingerprint(matrix: Matrix, stats: MatrixStats) -> dict:
+    """What identifies V for resume: shape, dtypes, row chunks, and sums from the validation scan.
+
+    ‖V‖², ΣV and nnz come free from the scan every fit makes; with the same row chunks they
+    are reproduced bit for bit, so they act as a cheap content checksum (they do not see,
+    e.g., a permutation of rows).
+    """
+    return {
+        "shape": [int(s) for s in matrix.shape],
+        "dtype": str(matrix.data.dtype),
+        "factor_dtype": str(matrix.dtype),
+        "sparse": bool(matrix.sparse),
+        "row_chunks": [int(c) for c in matrix.row_chunks],
+        "v_sq": float(stats.v_sq),
+        "v_sum": float(stats.v_sum),
+        "nnz": int(stats.nnz),
+    }
+
+
+def resolved_settings(config) -> dict:
+    """The iterate-altering settings of a :class:`~dnmf.estimator.FitConfig`."""
+    return {
+        "n_components": int(config.n_components),
+        "solver": config.solver,
+        "beta": float(config.beta),
+        "init": config.init,
+        "eps": float(config.eps),
+        "seed": int(config.seed),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def saved_params(params: dict, seed: int) -> dict:
+    """The estimator's parameters as JSON, with the resolved seed as ``random_state``."""
+    skip = {"callbacks"}
+    out = {k: _jsonable(v) for k, v in params.items() if k not in skip}
+    out["random_state"] = int(seed)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Low-level file safety
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under ``root`` (and ``root`` itself)."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def write_pointer(root: str, content: dict) -> None:
+    """Atomically replace ``root/CURRENT``: temp file, fsync, ``os.replace``, fsync of ``root``."""
+    tmp = os.path.join(root, f".{POINTER}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(content, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, POINTER))
+    _fsync_path(root)
+
+
+def read_pointer(root: str) -> dict:
+    try:
+        with open(os.path.join(root, POINTER)) as f:
+            content = json.load(f)
+        return content if isinstance(content, dict) and "version" in content else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes in C order."""
+    return zlib.crc32(np.ascontiguousarray(array).data) & 0xFFFFFFFF
+
+
+def _versions(root: str) -> list[tuple[int, str]]:
+    """(sequence number, name) of the version directories under ``root``, oldest first."""
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = VERSION_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------
+# Writing W block by block on the workers
+
+
+def storage_rows(row_chunks: tuple[int, ...]) -> int:
+    """Rows per stored chunk of W: the fit's row block when the blocks are regular."""
+    first = row_chunks[0]
+    if all(c == first for c in row_chunks[:-1]) and row_chunks[-1] <= first:
+        return first
+    return max(row_chunks)
+
+
+def _regular_chunks(n: int, rows: int) -> tuple[int, ...]:
+    full, rest = divmod(n, rows)
+    return (rows,) * full + ((rest,) if rest else ())
+
+
+def _store_block(block: np.ndarray, array_path: str, start: int) -> int:
+    """Write one block of W into its own stored chunk(s); return its CRC-32."""
+    import zarr
+
+    arr = zarr.open_array(array_path, mode="r+")
+    arr[start : start + block.shape[0]] = block
+    return crc32(block)
+
+
+def _block_checksum(array_path: str, start: int, stop: int) -> int:
+    import zarr
+
+    return crc32(zarr.open_array(array_path, mode="r")[start:stop])
+
+
+def _run_blocks(name: str, dsk: dict, keys: list, dependencies=()) -> list:
+    dsk[(name, "all")] = (list, keys)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(dependencies))
+    return list(dask.compute(Delayed((name, "all"), graph, layer=name))[0])
+
+
+def write_w(W: da.Array, array_path: str, rows: int) -> list[int]:
+    """Store W (already a Zarr array at ``array_path``) chunk by chunk from the workers.
+
+    Each task writes whole stored chunks, so tasks never share a chunk; only the CRC-32 of
+    each block comes back to the client.
+    """
+    W = W.rechunk((_regular_chunks(W.shape[0], rows), W.chunks[1]))
+    offsets = np.cumsum((0,) + W.chunks[0]).tolist()
+    name = f"dnmf-checkpoint-W-{uuid.uuid4().hex}"
+    dsk, keys = {}, []
+    for i, row in enumerate(W.__dask_keys__()):
+        dsk[(name, i)] = (_store_block, row[0], array_path, offsets[i])
+        keys.append((name, i))
+    return _run_blocks(name, dsk, keys, dependencies=[W])
+
+
+def verify_w(array_path: str, n: int, rows: int, expected_sums: list[int]) -> None:
+    """Recompute the per-chunk CRC-32 of a stored W on the workers; raise on any difference."""
+    bounds = list(zip(range(0, n, rows), [min(n, s + rows) for s in range(0, n, rows)]))
+    if len(bounds) != len(expected_sums):
+        raise _Corrupt(f"W has {len(bounds)} blocks, the checksums list {len(expected_sums)}")
+    name = f"dnmf-checkpoint-verify-{uuid.uuid4().hex}"
+    dsk = {(name, i): (_block_checksum, array_path, a, b) for i, (a, b) in enumerate(bounds)}
+    got = _run_blocks(name, dsk, list(dsk))
+    bad = [i for i, (g, e) in enumerate(zip(got, expected_sums)) if g != e]
+    if bad:
+        raise _Corrupt(f"W block(s) {bad} fail their checksum")
+
+
+class _Corrupt(Exception):
+    """A version failed verification (internal; becomes a warning or a StoreError)."""
+
+
+# ---------------------------------------------------------------------------
+# The writer the driver calls
+
+
+def _library_versions() -> dict:
+    import zarr
+
+    from . import __version__
+
+    return {"dnmf": __version__, "numpy": np.__version__, "dask": dask.__version__, "zarr": zarr.__version__}
+
+
+def _history_array(history: list[IterationRecord]) -> np.ndarray:
+    out = np.array([[getattr(r, c) for c in HISTORY_COLUMNS] for r in history], dtype=np.float64)
+    return out.reshape(len(history), len(HISTORY_COLUMNS))
+
+
+class Checkpointer:
+    """Writes checkpoint versions for :func:`dnmf.driver.run` (its ``Checkpointer`` protocol).
+
+    Parameters
+    ----------
+    root : absolute checkpoint directory (see :func:`check_target`).
+    schedule : when to write.
+    meta : what every version records besides the state: params, settings, fingerprint, input.
+    resumed_from : the :class:`Snapshot` this run resumes from when it writes into the same
+        directory: that version is kept as the previous good one until the next is complete.
+    """
+
+    def __init__(self, root: str, schedule: Schedule, meta: dict, resumed_from: Snapshot | None = None):
+        self.root = root
+        self.schedule = schedule
+        self.meta = meta
+        self.last_saved = None if resumed_from is None else (resumed_from.iteration, resumed_from.record.get("stop_reason"))
+        self._good = None if resumed_from is None else resumed_from.version
+        self._last_write = time.monotonic()
+
+    def after_iteration(self, state: SolverState, history: list[IterationRecord]) -> None:
+        iteration = history[-1].iteration if history else 0
+        if self.schedule.due(iteration, time.monotonic() - self._last_write):
+            self.save(state, history)
+
+    def finish(self, state: SolverState, history: list[IterationRecord], stop_reason: str) -> None:
+        iteration = history[-1].iteration if history else 0
+        if self.last_saved != (iteration, stop_reason):
+            self.save(state, history, stop_reason)
+
+    def save(self, state: SolverState, history: list[IterationRecord], stop_reason: str | None = None) -> str:
+        """Write one complete version, switch the pointer to it, prune; return its name."""
+        import zarr
+
+        os.makedirs(self.root, exist_ok=True)
+        if not os.path.exists(os.path.join(self.root, "zarr.json")):
+            zarr.open_group(self.root, mode="a")
+        existing = _versions(self.root)
+        name = f"v{(existing[-1][0] + 1) if existing else 1:06d}"
+        vdir = os.path.join(self.root, name)
+        group = zarr.open_group(vdir, mode="w-")
+        n, r = state.W.shape
+        rows = storage_rows(state.W.chunks[0])
+        group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
+        w_sums = write_w(state.W, os.path.join(vdir, "W"), rows)
+        H = np.ascontiguousarray(state.H)
+        group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
+        hist = _history_array(history)
+        h_arr = group.create_array("history", shape=hist.shape, chunks=(max(1, hist.shape[0]), hist.shape[1]), dtype="f8", compressors=None, fill_value=0)
+        if hist.size:
+            h_arr[...] = hist
+        iteration = history[-1].iteration if history else 0
+        record = {
+            **self.meta,
+            "format": FORMAT_VERSION,
+            "iteration": int(iteration),
+            "stop_reason": stop_reason,
+            "history_columns": list(HISTORY_COLUMNS),
+            "storage_rows": int(rows),
+            "checksums": {"W": w_sums, "H": crc32(H), "history": crc32(hist)},
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": _library_versions(),
+        }
+        group.attrs[ATTRS_KEY] = record
+        fsync_tree(vdir)
+        write_pointer(self.root, {"version": name, "iteration": int(iteration), "stop_reason": stop_reason})
+        # Keep the last version known good (not merely the one the pointer named before: it
+        # may be the damaged one a resume skipped).
+        self._prune(keep={name, self._good})
+        self._good = name
+        self.last_saved = (iteration, stop_reason)
+        self._last_write = time.monotonic()
+        return name
+
+    def _prune(self, keep: set) -> None:
+        """Remove versions other than ``keep`` and pointer temp files left by a kill."""
+        for _, name in _versions(self.root):
+            if name not in keep:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        for name in os.listdir(self.root):
+            if name.startswith(f".{POINTER}.") and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.root, name))
+
+
+def start_writer(
+    target: str, schedule: Schedule, X, params: dict, config, matrix_print: dict, state: SolverState,
+    snapshot: Snapshot | None,
+) -> Checkpointer:
+    """The writer of a fit (fresh or resumed); writes its first version unless it continues
+    writing into the checkpoint it resumes from.
+
+    A fresh fit's first version is its start, so init work (e.g. NNDSVD's passes) is never lost.
+    """
+    X_path = os.fspath(X) if isinstance(X, (str, os.PathLike)) else None
+    meta = {
+        "params": saved_params(params, config.seed),
+        "settings": resolved_settings(config),
+        "fingerprint": matrix_print,
+        "input_path": os.path.abspath(X_path) if X_path is not None and "://" not in X_path else X_path,
+    }
+    same_place = snapshot is not None and snapshot.root == target
+    writer = Checkpointer(target, schedule, meta, resumed_from=snapshot if same_place else None)
+    if not same_place:
+        writer.save(state, snapshot.history if snapshot is not None else [])
+    return writer
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A verified checkpoint version.
+
+    W : dask array (n, r) read lazily from the version's Zarr array.
+    H : ndarray (r, p).
+    history : the iteration records up to ``iteration``.
+    record : the version's attrs (params, settings, fingerprint, input, stop reason, ...).
+    version : the version's directory name.
+    root : the checkpoint directory (absolute).
+    """
+
+    W: da.Array
+    H: np.ndarray
+    history: list[IterationRecord]
+    record: dict
+    version: str
+    root: str
+
+    @property
+    def iteration(self) -> int:
+        return int(self.record["iteration"])
+
+
+def _load_version(root: str, name: str) -> Snapshot:
+    import zarr
+
+    vdir = os.path.join(root, name)
+    try:
+        group = zarr.open_group(vdir, mode="r")
+        record = dict(group.attrs[ATTRS_KEY])
+        sums = record["checksums"]
+        H = np.asarray(group["H"][...])
+        hist = np.asarray(group["history"][...])
+        w_arr = group["W"]
+    except Exception as e:  # a damaged version can fail in many ways
+        raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
+    if crc32(H) != sums["H"]:
+        raise _Corrupt("H fails its checksum")
+    if crc32(hist) != sums["history"]:
+        raise _Corrupt("the history fails its checksum")
+    try:
+        verify_w(os.path.join(vdir, "W"), w_arr.shape[0], record["storage_rows"], sums["W"])
+    except _Corrupt:
+        raise
+    except Exception as e:
+        raise _Corrupt(f"W cannot be read ({type(e).__name__}: {e})") from e
+    history = [
+        IterationRecord(int(row[0]), *(float(x) for x in row[1:])) for row in hist.reshape(-1, len(HISTORY_COLUMNS))
+    ]
+    W = da.from_zarr(w_arr, chunks=(record["storage_rows"], w_arr.shape[1]))
+    return Snapshot(W, H, history, record, name, root)
+
+
+def load(path) -> Snapshot:
+    """The newest good version of the checkpoint at ``path``.
+
+    The version ``CURRENT`` names is tried first, then older ones, newest first; each
+    unusable one is reported with a :class:`CheckpointWarning`. Raises
+    :class:`~dnmf.errors.StoreError` when there is no checkpoint or no good version.
+    """
+    root = _local_path(path)
+    pointer = read_pointer(root)
+    if not pointer:
+        raise StoreError(f"No checkpoint at {os.fspath(path)!r}: it has no readable {POINTER} pointer file.")
+    match = VERSION_PATTERN.match(str(pointer["version"]))
+    newest = int(match.group(1)) if match else -1
+    candidates = [name for seq, name in reversed(_versions(root)) if seq <= newest]
+    problems = []
+    for name in candidates:
+        try:
+            snapshot = _load_version(root, name)
+        except _Corrupt as e:
+            problems.append(f"{name}: {e}")
+            warnings.warn(
+                f"Checkpoint version {name} in {root!r} is unusable ({e}); trying an older version.",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            continue
+        return snapshot
+    detail = "; ".join(problems) if problems else f"the pointer names {pointer['version']!r}, which is missing"
+    raise StoreError(f"No usable checkpoint version in {os.fspath(path)!r} ({detail}). Start a new fit.")
+
+
+def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, path) -> None:
+    """Refuse a resume whose matrix or iterate-altering settings differ from the checkpoint's."""
+    saved_print, saved_settings = snapshot.record["fingerprint"], snapshot.record["settings"]
+    differences = []
+    for key in ("shape", "dtype", "sparse", "row_chunks"):
+        if saved_print[key] != matrix_print[key]:
+            label = "row chunks (chunks=)" if key == "row_chunks" else f"matrix {key}"
+            differences.append(f"{label}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r}")
+    if not differences:
+        for key in ("v_sq", "v_sum", "nnz"):
+            if saved_print[key] != matrix_print[key]:
+                differences.append(
+                    f"matrix content (checksum {key}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r})"
+                )
+                break
+    for key in ITERATE_SETTINGS:
+        if saved_settings[key] != settings[key]:
+            differences.append(f"{key}: checkpoint {saved_settings[key]!r}, now {settings[key]!r}")
+    if differences:
+        raise CheckpointMismatchError(
+            f"Cannot resume from {os.fspath(path)!r}: it was made for a different matrix or with "
+            f"settings that change the iterates ({'; '.join(differences)}). Resume with the "
+            "checkpoint's matrix and settings, or start a new fit."
+        )
+
+
+# ---------------------------------------------------------------------------
+# The public resume entry point
+
+
+def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None):
+    """Continue the fit saved at ``path`` and return the fitted :class:`~dnmf.NMF`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A checkpoint directory written by ``NMF(checkpoint=...)``.
+    X : matrix or path, optional
+        The matrix of the original fit. By default the input path the checkpoint recorded
+        (only when the original input was a Zarr path).
+    max_iter, max_time : optional
+        New limits (``max_iter`` counts all iterations, from the start of the original fit;
+        ``max_time`` counts this run's seconds). By default the saved ones.
+    callbacks : sequence of callables, optional
+        As for :class:`~dnmf.NMF`.
+
+    The continued fit writes further checkpoints into ``path`` with the saved frequency,
+    the last one at its end: ``load(path).W`` is the final W (a dask array read from it).
+    """
+    from .estimator import NMF
+
+    snapshot = load(path)
+    params = dict(snapshot.record["params"])
+    if isinstance(params.get("chunks"), list):
+        params["chunks"] = tuple(params["chunks"])
+    if max_iter is not None:
+        params["max_iter"] = max_iter
+    if max_time is not None:
+        params["max_time"] = max_time
+    params["checkpoint"] = os.fspath(path)
+    params["callbacks"] = callbacks
+    if X is None:
+        X = snapshot.record.get("input_path")
+        if X is None:
+            raise ParameterError(
+                f"The checkpoint at {os.fspath(path)!r} was made from an in-memory matrix; pass it "
+                "again: resume(path, X)."
+            )
+    valid = set(NMF().get_params())
+    model = NMF(**{k: v for k, v in params.items() if k in valid})
+    return model.fit(X, resume=path)
