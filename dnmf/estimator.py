@@ -222,6 +222,8 @@ class NMF(TransformerMixin, BaseEstimator):
         Per iteration: iteration, objective, rel_decrease, w_change, h_change, seconds.
     stop_reason_ : str
         "converged", "max_iter", "max_time" or "callback".
+    data_norm_ : float
+        ‖X‖_F, so reconstruction_err_ / data_norm_ is the relative error (Frobenius).
 
     References
     ----------
@@ -283,6 +285,7 @@ class NMF(TransformerMixin, BaseEstimator):
         self.stop_reason_ = result.stop_reason
         self.seed_ = fact.config.seed
         self.init_ = fact.config.init
+        self.data_norm_ = float(np.sqrt(fact.stats.v_sq))  # ‖X‖_F, for relative errors
 
     @staticmethod
     def _output(W: da.Array, matrix: Matrix):
