@@ -337,9 +337,19 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
 
     from . import convert as conv
 
+    bars = []
+
+    def progress(rows: int) -> None:
+        if not bars:  # drawn at the first block, so an early error shows no bar
+            bars.append(tqdm(desc="convert", unit="rows", disable=quiet, file=sys.stderr))
+        bars[0].update(rows)
+
     started = time.perf_counter()
-    with tqdm(desc="convert", unit="rows", disable=quiet, file=sys.stderr) as bar:
-        facts = conv.convert(src, dst, chunks=chunks, dataset=dataset, overwrite=overwrite, progress=bar.update)
+    try:
+        facts = conv.convert(src, dst, chunks=chunks, dataset=dataset, overwrite=overwrite, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     n, p = facts["shape"]
     note = f" ({facts['note']})" if facts["note"] else ""
     click.echo(f"{n} x {p} {facts['dtype']}, chunks {facts['chunks'][0]} rows, {time.perf_counter() - started:.1f} s -> {dst}{note}")

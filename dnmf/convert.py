@@ -9,7 +9,7 @@ Sources and how they are read:
   row index), then written by row blocks.
 - ``.csv`` / ``.tsv`` (``.txt``: whitespace): parsed by pandas in row blocks; a first line
   that is not numeric is taken as a header and skipped. Values are parsed exactly
-  (``float_precision="round_trip"``) as float64.
+  (``float_precision="round_trip"``) as float64; an empty field or a short line is an error.
 - HDF5 ``.h5`` / ``.hdf5`` (``FILE.h5:/path/to/dataset`` or ``dataset=``): a 2-D dataset, or a
   group holding a CSR/CSC matrix (data, indices, indptr, shape), by row blocks.
 - AnnData ``.h5ad``: its ``X`` (dense, or CSR by row blocks; CSC is read whole).
@@ -190,13 +190,13 @@ def _text_chunks(path: str, fmt: str, rows: int) -> Iterator[np.ndarray]:
     sep, header, _, _ = _text_layout(path, fmt)
     reader = pd.read_csv(
         path, sep=sep if sep else r"\s+", header=0 if header else None, chunksize=rows,
-        dtype=np.float64, float_precision="round_trip", engine="c",
+        dtype=np.float64, float_precision="round_trip", engine="c", na_filter=False,
     )
     try:
         for frame in reader:
             yield frame.to_numpy(dtype=np.float64)
     except ValueError as e:
-        raise FormatError(f"{path!r} has an entry that is not a number: {e}") from e
+        raise FormatError(f"{path!r} has an entry that is not a number (or an empty field): {e}") from e
     finally:
         reader.close()
 
