@@ -57,8 +57,11 @@ def main(debug: bool) -> None:
     Start with `dnmf demo`; `dnmf COMMAND -h` explains each command.
     """
     if not debug:
-        # Dask's INFO/WARNING chatter would bury the progress bar (workers inherit this).
+        # Dask's INFO/WARNING chatter would bury the progress bar (workers inherit the variable).
+        import dask
+
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        dask.config.set({"logging.distributed": "error"})
         logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
@@ -112,8 +115,7 @@ def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet
         _say(quiet, f"Dask: {n} workers; dashboard: {link or 'unavailable (pip install bokeh)'}")
         yield client
     finally:
-        if scheduler == "local":
-            client.close()
+        client.close()  # shuts down a local cluster; only disconnects from a remote one
 
 
 @contextlib.contextmanager
@@ -437,7 +439,10 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
             os.path.join(tmp, "V.zarr"), n_samples, n_features, parts, seed=seed,
             rows_per_chunk=max(1, -(-n_samples // 8)),
         )
-        with dask_client("local", workers, threads_per_worker, None, quiet), warnings.catch_warnings():
+        with dask_client("local", workers, threads_per_worker, None, quiet) as client, warnings.catch_warnings():
+            from .cluster import dashboard_link
+
+            link = dashboard_link(client)
             warnings.simplefilter("ignore", ConvergenceWarning)
             callbacks = make_callbacks(max_iter, quiet, None)
             started = time.perf_counter()
@@ -460,5 +465,7 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
     click.echo("Planted part -> best learned part (cosine):")
     for k, (j, c) in enumerate(zip(index, cosine)):
         click.echo(f"  part {k + 1} -> H row {j + 1}  ({c:.3f})")
+    if link:
+        click.echo(f"The Dask dashboard was at {link} (the cluster is closed now).")
     click.echo(f"Result and plots (convergence.png, parts.png, w_heatmap.png) in {out_dir}/")
     click.echo(f"Next: dnmf info {out_dir}/result.zarr   |   dnmf plot {out_dir}/result.zarr")
