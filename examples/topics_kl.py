@@ -10,8 +10,10 @@ NMF with β = 1 (KL, the Poisson likelihood of counts) recovers one topic per th
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 
@@ -51,6 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=8, help="words shown per topic")
     args = parser.parse_args(argv)
 
+    warnings.simplefilter("ignore", ConvergenceWarning)  # the stop reason is printed below
     counts, vocab, theme_words = make_corpus(args.docs)
     model = dnmf.NMF(len(THEMES), solver="mu", beta_loss="kullback-leibler", init="nndsvda",
                      max_iter=args.max_iter, random_state=0)

@@ -212,15 +212,15 @@ def test_subprocess_help_and_error_exit_codes(tmp_path):
 
 @pytest.mark.slow
 def test_subprocess_fit_and_demo_on_a_local_cluster(tmp_path, parts_zarr):
-    path, _, H_true = parts_zarr
-    fit = run_subprocess("fit", path, "-r", 3, "-o", tmp_path / "r.zarr", "--scheduler", "threads", "--max-iter", 30,
-                         "--solver", "hals")
+    path, _, _ = parts_zarr
+    fit = run_subprocess("fit", path, "-r", 3, "-o", tmp_path / "r.zarr", "--scheduler", "threads", "--max-iter", 10,
+                         "--tol", 0, "--solver", "hals")
     assert fit.returncode == 0, fit.stderr
-    assert "NMF: 100%" in fit.stderr or "30/30" in fit.stderr  # the progress bar
-    assert best_cosines(load_result(tmp_path / "r.zarr").H, H_true).min() > 0.98
+    assert "10/10" in fit.stderr and "objective=" in fit.stderr  # the progress bar
+    assert load_result(tmp_path / "r.zarr").n_iter == 10
 
     # The demo starts a LocalCluster of 2 workers on 127.0.0.1 and prints its dashboard.
-    demo = run_subprocess("demo", "--n-samples", 2000, "--n-features", 200, "--parts", 4, "--max-iter", 60,
+    demo = run_subprocess("demo", "--n-samples", 1200, "--n-features", 120, "--parts", 4, "--max-iter", 20,
                           "--out-dir", tmp_path / "demo", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
     assert "dashboard: http://127.0.0.1:" in demo.stderr
