@@ -208,6 +208,8 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
         extra["checkpoint"] = checkpoint
     if checkpoint_every is not None:
         extra["checkpoint_every"] = checkpoint_every
+    if extra and "checkpoint" not in NMF().get_params():
+        raise DnmfError("This dnmf has no checkpoint support yet; run without --checkpoint / --checkpoint-every.")
     callbacks = make_callbacks(max_iter, quiet, log_json)
     started = time.perf_counter()
     try:

@@ -84,16 +84,19 @@ def write_array(group, name: str, X, row_chunk: int | None = None) -> None:
     A dask X is stored by its own tasks (on the workers, under a distributed client), so it is
     never gathered on the client.
     """
+    _fill(lambda **spec: group.create_array(name, **spec), X, row_chunk)
+
+
+def _fill(create, X, row_chunk: int | None = None) -> None:
+    """Create a Blosc-lz4 array with ``create(shape=, chunks=, dtype=, compressors=)`` and fill it
+    with X in row chunks (X's own for dask)."""
     X_is_dask = isinstance(X, da.Array)
     if row_chunk is None:
         row_chunk = max(X.chunks[0]) if X_is_dask else X.shape[0]
     row_chunk = max(1, min(int(row_chunk), X.shape[0]))
-    arr = group.create_array(
-        name, shape=X.shape, chunks=(row_chunk, X.shape[1]), dtype=X.dtype, compressors=compressor()
-    )
+    arr = create(shape=X.shape, chunks=(row_chunk, X.shape[1]), dtype=X.dtype, compressors=compressor())
     if X_is_dask:
-        X = X.rechunk((row_chunk, X.shape[1]))
-        da.store(X, arr, lock=False)
+        da.store(X.rechunk((row_chunk, X.shape[1])), arr, lock=False)
     else:
         arr[...] = X
 
@@ -264,13 +267,5 @@ def save_array(path, X, overwrite: bool = False) -> Path:
     import zarr
 
     with atomic_directory(path, overwrite) as tmp:
-        row_chunk = max(X.chunks[0]) if isinstance(X, da.Array) else X.shape[0]
-        row_chunk = max(1, min(int(row_chunk), X.shape[0]))
-        arr = zarr.create_array(
-            store=str(tmp), shape=X.shape, chunks=(row_chunk, X.shape[1]), dtype=X.dtype, compressors=compressor()
-        )
-        if isinstance(X, da.Array):
-            da.store(X.rechunk((row_chunk, X.shape[1])), arr, lock=False)
-        else:
-            arr[...] = X
+        _fill(lambda **spec: zarr.create_array(store=str(tmp), **spec), X)
     return Path(path)

@@ -170,6 +170,16 @@ def test_bad_input_gives_one_line_and_leaves_files_alone(tmp_path, make_args, me
     assert {p.name: tree_digest(p) for p in tmp_path.iterdir()} == before
 
 
+def test_info_reports_bad_entries_of_a_file(tmp_path):
+    V = np.ones((20, 6))
+    V[3, 4], V[7, 1] = -1.0, np.nan
+    np.save(tmp_path / "bad.npy", V)
+    facts = json.loads(run_cli("info", tmp_path / "bad.npy", "--json").stdout)
+    assert facts["negative"] == "1 (first at row, column (3, 4))"
+    assert facts["nan_or_inf"] == "1 (first at row, column (7, 1))"
+    assert facts["nmf_ready"] == "no" and facts["shape"] == "20 x 6"
+
+
 def test_overwrite_replaces_only_after_success(tmp_path):
     V, _, _ = planted_parts(n=60, p=40)
     np.save(tmp_path / "V.npy", V)
