@@ -7,9 +7,9 @@ Sources and how they are read:
   time, or a numpy archive holding one array (or ``dataset=NAME``).
 - Matrix Market ``.mtx`` / ``.mtx.gz``: read whole by ``scipy.io.mmread`` (the format has no
   row index), then written by row blocks.
-- ``.csv`` / ``.tsv`` (``.txt``: whitespace): parsed by pandas in row blocks; a first line
-  that is not numeric is taken as a header and skipped. Values are parsed exactly
-  (``float_precision="round_trip"``) as float64; an empty field or a short line is an error.
+- ``.csv`` / ``.tsv`` (``.txt``: whitespace): parsed by ``numpy.loadtxt`` in row blocks; a
+  first line that is not numeric is taken as a header and skipped. Values are parsed exactly
+  (correctly rounded) as float64; an empty field or a short line is an error.
 - HDF5 ``.h5`` / ``.hdf5`` (``FILE.h5:/path/to/dataset`` or ``dataset=``): a 2-D dataset, or a
   group holding a CSR/CSC matrix (data, indices, indptr, shape), by row blocks.
 - AnnData ``.h5ad``: its ``X`` (dense, or CSR by row blocks; CSC is read whole).
@@ -21,6 +21,7 @@ columns, the layout :func:`dnmf.open_matrix` reads fastest.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -184,21 +185,18 @@ def _text_layout(path: str, fmt: str) -> tuple[str | None, bool, int, int]:
 
 
 def _text_chunks(path: str, fmt: str, rows: int) -> Iterator[np.ndarray]:
-    """Row blocks of a delimited text file as float64 arrays."""
-    import pandas as pd
-
+    """Row blocks of a delimited text file as float64 arrays (``rows`` lines at a time)."""
     sep, header, _, _ = _text_layout(path, fmt)
-    reader = pd.read_csv(
-        path, sep=sep if sep else r"\s+", header=0 if header else None, chunksize=rows,
-        dtype=np.float64, float_precision="round_trip", engine="c", na_filter=False,
-    )
-    try:
-        for frame in reader:
-            yield frame.to_numpy(dtype=np.float64)
-    except ValueError as e:
-        raise FormatError(f"{path!r} has an entry that is not a number (or an empty field): {e}") from e
-    finally:
-        reader.close()
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = (line for line in f if line.strip())
+        if header:
+            next(lines)
+        while block := list(itertools.islice(lines, rows)):
+            try:
+                yield np.loadtxt(block, delimiter=sep, dtype=np.float64, ndmin=2, comments=None)
+            except ValueError as e:
+                raise FormatError(f"{path!r} has an entry that is not a number, or a short line: {e}") from e
 
 
 # --- HDF5 / AnnData ----------------------------------------------------------------------
@@ -221,7 +219,10 @@ def _h5_shape(group) -> tuple[int, int]:
 
 
 def _open_h5(path: str, fmt: str, dataset: str | None) -> Source:
-    import h5py
+    try:
+        import h5py
+    except ImportError as e:
+        raise FormatError(f"Reading {path!r} needs h5py: pip install 'dnmf[formats]' (or h5py).") from e
 
     try:
         f = h5py.File(path, "r")

@@ -39,7 +39,7 @@ def describe_result(path) -> dict:
         "seed": res.attrs.get("seed"),
         "iterations": res.n_iter,
         "stop_reason": res.stop_reason,
-        "loss": _fmt(res.reconstruction_err),
+        "reconstruction_err": _fmt(res.reconstruction_err),
     }
     if res.relative_error is not None:
         facts["relative_error"] = _fmt(res.relative_error)
