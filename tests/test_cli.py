@@ -211,6 +211,31 @@ def test_resume_continues_a_checkpointed_fit(tmp_path, parts_zarr):
     assert load_result(tmp_path / "b.zarr").n_iter == 8
 
 
+def test_resume_command_wiring(tmp_path, parts_zarr, monkeypatch):
+    """`dnmf resume` hands its options to dnmf.checkpoint.resume and saves what it returns."""
+    import types
+
+    path, _, _ = parts_zarr
+    calls = []
+
+    def fake_resume(ckpt, X=None, *, max_iter=None, max_time=None, callbacks=None):
+        calls.append((ckpt, X, max_iter, max_time, len(callbacks)))
+        model = dnmf.NMF(3, max_iter=max_iter, random_state=0, callbacks=callbacks)
+        model.W_ = model.fit_transform(str(path))
+        return model
+
+    monkeypatch.setitem(sys.modules, "dnmf.checkpoint", types.SimpleNamespace(resume=fake_resume))
+    (tmp_path / "ckpt").mkdir()
+    result = run_cli("resume", tmp_path / "ckpt", "-o", tmp_path / "r.zarr", "--max-iter", 7, "--max-time", 60,
+                     "--log-json", tmp_path / "log.jsonl", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert calls == [(str(tmp_path / "ckpt"), None, 7, 60.0, 2)]
+    assert load_result(tmp_path / "r.zarr").n_iter == 7
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 7
+    missing = run_cli("resume", tmp_path / "nope", "-o", tmp_path / "s.zarr", *FAST)
+    assert missing.exit_code == 1 and "No checkpoint" in one_line_error(missing.stderr)
+
+
 def test_subprocess_help_and_error_exit_codes(tmp_path):
     help_run = run_subprocess("-h")
     assert help_run.returncode == 0
