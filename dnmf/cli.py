@@ -193,7 +193,8 @@ def summary(model, seconds: float, out) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new result is complete).")
 def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, seed, chunks, dataset,
         checkpoint, checkpoint_every, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite):
-    """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads).
+    """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
+    those are converted to a temporary Zarr array under $TMPDIR first).
 
     Writes W, H and the fit's record (configuration, history, stop reason, versions) to --out.
     """

@@ -18,13 +18,15 @@ def get_client(scheduler=None, n_workers=None, threads_per_worker=None, memory_l
     scheduler : None, "local", str or distributed.Client
         None: no client (dask's threaded scheduler, or a client the caller already made).
         "local": a new LocalCluster on this machine, listening on 127.0.0.1 only.
-        A path to an existing scheduler file (JSON), or a scheduler address ("tcp://host:8786").
+        A path to an existing scheduler file (JSON), or a scheduler address ("tcp://host:8786");
+        connecting waits up to the dask config value ``dnmf.connect-timeout`` (default "10s").
         A Client is returned as it is.
     n_workers, threads_per_worker : int, optional
         Size of a new LocalCluster (default: dask's, from the number of cores).
     memory_limit : str or int, optional
         Memory per worker of a new LocalCluster, e.g. "4GiB" (default: dask's).
     """
+    import dask
     from distributed import Client
 
     if scheduler is None:
@@ -33,6 +35,13 @@ def get_client(scheduler=None, n_workers=None, threads_per_worker=None, memory_l
         return scheduler
     if not isinstance(scheduler, str):
         raise ParameterError(expected('scheduler None, "local", an address or a scheduler file', scheduler))
+    if memory_limit is not None and not isinstance(memory_limit, (int, float)):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError) as e:
+            raise ParameterError(expected('memory_limit a size such as "4GiB"', memory_limit)) from e
     if scheduler == "local":
         return Client(
             n_workers=n_workers,
@@ -45,8 +54,8 @@ def get_client(scheduler=None, n_workers=None, threads_per_worker=None, memory_l
     if os.path.isfile(scheduler):
         return Client(scheduler_file=scheduler)
     try:
-        return Client(scheduler, timeout="10s")
-    except OSError as e:
+        return Client(scheduler, timeout=dask.config.get("dnmf.connect-timeout", "10s"))
+    except (OSError, ValueError) as e:
         raise ParameterError(
             f"Cannot reach a Dask scheduler at {scheduler!r} ({e}); check the address, or use --scheduler local."
         ) from e

@@ -147,6 +147,8 @@ def bad_matrix(tmp_path: Path, value: float) -> Path:
         (lambda t: ["fit", t / "V.npy", "-r", 2, "-o", t / "o.zarr", "--beta-loss", "bogus"], "beta_loss"),
         (lambda t: ["fit", t / "V.npy", "-r", 2, "-o", t / "o.zarr", "--solver", "hals", "--beta-loss",
                     "kullback-leibler"], "Frobenius loss only"),
+        (lambda t: ["fit", t / "V.npy", "-r", 2, "-o", t / "o.zarr", "--scheduler", "local", "--memory-limit",
+                    "lots"], "memory_limit"),
         (lambda t: ["info", t / "nowhere"], "does not exist"),
         (lambda t: ["plot", t / "V.npy"], "not a dnmf result"),
         (lambda t: ["transform", t / "V.npy", t / "V.npy", "-o", t / "W.zarr"], "not a dnmf result"),
@@ -165,7 +167,8 @@ def test_bad_input_gives_one_line_and_leaves_files_alone(tmp_path, make_args, me
     args = make_args(tmp_path)
     before = {p.name: tree_digest(p) for p in tmp_path.iterdir()}
 
-    result = run_cli(*args, *([] if args[0] in ("info", "plot", "convert") else FAST))
+    extra = [] if args[0] in ("info", "plot", "convert") else ["--quiet"] if "--scheduler" in args else FAST
+    result = run_cli(*args, *extra)
 
     assert result.exit_code == 1
     assert message in one_line_error(result.stderr)
@@ -180,6 +183,17 @@ def test_info_reports_bad_entries_of_a_file(tmp_path):
     assert facts["negative"] == "1 (first at row, column (3, 4))"
     assert facts["nan_or_inf"] == "1 (first at row, column (7, 1))"
     assert facts["nmf_ready"] == "no" and facts["shape"] == "20 x 6"
+
+
+def test_unreachable_scheduler(tmp_path):
+    import dask
+
+    np.save(tmp_path / "V.npy", np.ones((10, 4)))
+    with dask.config.set({"dnmf.connect-timeout": "0.5s"}):
+        result = run_cli("fit", tmp_path / "V.npy", "-r", 2, "-o", tmp_path / "o.zarr", "--scheduler",
+                         "tcp://127.0.0.1:9", "--quiet")
+    assert result.exit_code == 1 and "Cannot reach a Dask scheduler" in one_line_error(result.stderr)
+    assert os.listdir(tmp_path) == ["V.npy"]
 
 
 def test_overwrite_replaces_only_after_success(tmp_path):
