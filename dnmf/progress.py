@@ -44,6 +44,7 @@ class ProgressBar:
                 "objective": f"{record.objective:.5g}",
                 "rel_change": f"{record.rel_decrease:.2e}",
                 "dWH": f"{max(record.w_change, record.h_change):.2e}",
+                "s/it": f"{record.seconds:.3g}",
             },
             refresh=False,
         )
