@@ -231,7 +231,9 @@ class Result:
         """An :class:`~dnmf.NMF` with this H, ready for ``transform``."""
         from .estimator import NMF
 
-        params = {k: v for k, v in self.config.items() if k in NMF().get_params()}
+        # The fit's settings, except those that would make a transform write anything.
+        run_only = ("checkpoint", "checkpoint_every", "callbacks")
+        params = {k: v for k, v in self.config.items() if k in NMF().get_params() and k not in run_only}
         model = NMF(**params)
         model.components_ = self.H
         model.n_components_ = self.H.shape[0]
