@@ -296,6 +296,8 @@ class NMF(TransformerMixin, BaseEstimator):
         Index of the kept run in ``run_losses_``.
     run_seeds_ : list of int
         The seed of every run.
+    data_norm_ : float
+        ‖X‖_F, so reconstruction_err_ / data_norm_ is the relative error (Frobenius).
 
     References
     ----------
@@ -383,6 +385,7 @@ class NMF(TransformerMixin, BaseEstimator):
         self.stop_reason_ = result.stop_reason
         self.seed_ = fact.config.seed
         self.init_ = fact.config.init
+        self.data_norm_ = float(np.sqrt(fact.stats.v_sq))  # ‖X‖_F, for relative errors
 
     @staticmethod
     def _output(W: da.Array, matrix: Matrix):

@@ -212,6 +212,6 @@ def test_distributed_equals_threaded(lowrank):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         ref = dnmf.NMF(3, **kw).fit_transform(lowrank)
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, Client(cluster):
             got = dnmf.NMF(3, **kw).fit_transform(lowrank)
     np.testing.assert_array_equal(got, ref)

@@ -1,0 +1,273 @@
+"""A fitted factorization on disk: a Zarr group with W, H and what produced them.
+
+Layout of a result ``RESULT.zarr``::
+
+    W        (n_samples, n_components)  written block by block from the workers
+    H        (n_components, n_features)
+    attrs    dnmf_result (format version), config, history, stop_reason, n_iter,
+             reconstruction_err, data_norm, seed, init, input_path, versions, created
+
+Every directory dnmf writes goes to a hidden sibling first and is renamed into place only
+when complete, so a failed or interrupted write leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from .errors import StoreError
+
+RESULT_FORMAT = 1
+
+
+def compressor():
+    """The codec for arrays dnmf writes: Blosc-lz4 (about 2x Zstd's read speed here)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5)
+
+
+def refuse_existing(path, overwrite: bool) -> Path:
+    """``path`` as a Path; a StoreError when it exists and ``overwrite`` is False."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StoreError(f"{str(path)!r} already exists; choose another output path or pass --overwrite.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh hidden sibling of ``path`` to write into; rename it to ``path`` on success.
+
+    On an exception the sibling is removed and ``path`` (if it existed) is untouched. With
+    ``overwrite``, an existing ``path`` is replaced only after the new one is complete.
+    """
+    path = refuse_existing(path, overwrite).absolute()
+    if not path.parent.is_dir():
+        raise StoreError(f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            _remove(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def write_array(group, name: str, X, row_chunk: int | None = None) -> None:
+    """Write X (numpy or dask) as array ``name`` of a Zarr group, block by block for dask.
+
+    A dask X is stored by its own tasks (on the workers, under a distributed client), so it is
+    never gathered on the client.
+    """
+    _fill(lambda **spec: group.create_array(name, **spec), X, row_chunk)
+
+
+def _fill(create, X, row_chunk: int | None = None) -> None:
+    """Create a Blosc-lz4 array with ``create(shape=, chunks=, dtype=, compressors=)`` and fill it
+    with X in row chunks (X's own for dask)."""
+    X_is_dask = isinstance(X, da.Array)
+    if row_chunk is None:
+        row_chunk = max(X.chunks[0]) if X_is_dask else X.shape[0]
+    row_chunk = max(1, min(int(row_chunk), X.shape[0]))
+    arr = create(shape=X.shape, chunks=(row_chunk, X.shape[1]), dtype=X.dtype, compressors=compressor())
+    if X_is_dask:
+        da.store(X.rechunk((row_chunk, X.shape[1])), arr, lock=False)
+    else:
+        arr[...] = X
+
+
+def json_safe(value):
+    """``value`` with numpy scalars as Python numbers, tuples as lists, non-finite floats as None,
+    and anything else that JSON cannot hold as its repr."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def versions() -> dict:
+    """Versions of dnmf and the libraries that shape its results."""
+    import dask
+    import zarr
+
+    from . import __version__
+
+    return {"dnmf": __version__, "dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
+
+
+def model_config(model) -> dict:
+    """The estimator's parameters, JSON-safe; callbacks (run-time only) are left out."""
+    params = dict(model.get_params())
+    params.pop("callbacks", None)
+    return json_safe(params)
+
+
+def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Path:
+    """Write a fitted model's W and H and its record to the Zarr group ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The result to create (a directory, by convention ``*.zarr``).
+    model : dnmf.NMF
+        A fitted estimator (``components_``, ``history_``, ...).
+    W : ndarray or dask array of shape (n_samples, n_components)
+        What ``fit_transform`` returned. A dask W is written chunk by chunk, never gathered.
+    input_path : str, optional
+        Where V came from, recorded for ``dnmf info`` and resume.
+    overwrite : bool
+        Replace an existing ``path`` (only once the new result is complete).
+    """
+    import zarr
+
+    H = np.asarray(model.components_)
+    if W.ndim != 2 or W.shape[1] != H.shape[0]:
+        raise StoreError(f"Expected W with {H.shape[0]} columns, as H has rows. Got shape {W.shape} instead.")
+    with atomic_directory(path, overwrite) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        write_array(group, "W", W)
+        write_array(group, "H", H)
+        data_norm = getattr(model, "data_norm_", None)
+        group.attrs.update(
+            json_safe(
+                {
+                    "dnmf_result": RESULT_FORMAT,
+                    "config": model_config(model),
+                    "history": list(model.history_),
+                    "stop_reason": model.stop_reason_,
+                    "n_iter": model.n_iter_,
+                    "n_components": model.n_components_,
+                    "reconstruction_err": model.reconstruction_err_,
+                    "data_norm": data_norm,
+                    "seed": getattr(model, "seed_", None),
+                    "init": getattr(model, "init_", None),
+                    "input_path": None if input_path is None else str(input_path),
+                    "versions": versions(),
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+        )
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class Result:
+    """A result read back by :func:`load_result`.
+
+    W : dask array (n_samples, n_components), lazy over the stored chunks.
+    H : ndarray (n_components, n_features).
+    attrs : everything else that was recorded (see the module docstring).
+    """
+
+    path: str
+    W: da.Array
+    H: np.ndarray
+    attrs: dict
+
+    @property
+    def config(self) -> dict:
+        return self.attrs.get("config", {})
+
+    @property
+    def history(self) -> list[dict]:
+        return self.attrs.get("history", [])
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.attrs.get("stop_reason")
+
+    @property
+    def n_iter(self) -> int:
+        return int(self.attrs.get("n_iter") or 0)
+
+    @property
+    def reconstruction_err(self) -> float | None:
+        return self.attrs.get("reconstruction_err")
+
+    @property
+    def relative_error(self) -> float | None:
+        """‖V − WH‖ / ‖V‖ for the Frobenius loss when ‖V‖ was recorded, else None."""
+        norm, err = self.attrs.get("data_norm"), self.reconstruction_err
+        beta = self.config.get("beta_loss", "frobenius")
+        if not norm or err is None or beta not in ("frobenius", 2, 2.0):
+            return None
+        return err / norm
+
+    def to_model(self):
+        """An :class:`~dnmf.NMF` with this H, ready for ``transform``."""
+        from .estimator import NMF
+
+        # The fit's settings, except those that would make a transform write anything.
+        run_only = ("checkpoint", "checkpoint_every", "callbacks")
+        params = {k: v for k, v in self.config.items() if k in NMF().get_params() and k not in run_only}
+        model = NMF(**params)
+        model.components_ = self.H
+        model.n_components_ = self.H.shape[0]
+        model.n_features_in_ = self.H.shape[1]
+        return model
+
+
+def is_result(path) -> bool:
+    """Whether ``path`` is a Zarr group written by :func:`save_result`."""
+    import zarr
+
+    try:
+        node = zarr.open(store=str(path), mode="r")
+    except Exception:  # not Zarr at all
+        return False
+    return isinstance(node, zarr.Group) and "dnmf_result" in node.attrs
+
+
+def load_result(path) -> Result:
+    """Open a result written by :func:`save_result` (W lazily, H in memory)."""
+    import zarr
+
+    if not Path(path).exists() and "://" not in str(path):
+        raise StoreError(f"No dnmf result at {str(path)!r}: the path does not exist.")
+    if not is_result(path):
+        raise StoreError(f"{str(path)!r} is not a dnmf result (a Zarr group written by `dnmf fit`).")
+    group = zarr.open_group(str(path), mode="r")
+    return Result(str(path), da.from_zarr(group["W"]), np.asarray(group["H"][...]), dict(group.attrs))
+
+
+def save_array(path, X, overwrite: bool = False) -> Path:
+    """Write X (numpy or dask, 2-D) as a new Zarr array at ``path``, chunk by chunk for dask."""
+    import zarr
+
+    with atomic_directory(path, overwrite) as tmp:
+        _fill(lambda **spec: zarr.create_array(store=str(tmp), **spec), X)
+    return Path(path)
