@@ -463,3 +463,12 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
         click.echo(f"The Dask dashboard was at {link} (the cluster is closed now).")
     click.echo(f"Result and plots (convergence.png, parts.png, w_heatmap.png) in {out_dir}/")
     click.echo(f"Next: dnmf info {out_dir}/result.zarr   |   dnmf plot {out_dir}/result.zarr")
+
+
+def _register_subcommands() -> None:
+    from .rank_cli import rank_command
+
+    main.add_command(rank_command, "rank")
+
+
+_register_subcommands()

@@ -258,3 +258,8 @@ def test_subprocess_fit_and_demo_on_a_local_cluster(tmp_path, parts_zarr):
     assert sorted(os.listdir(tmp_path / "demo")) == ["convergence.png", "parts.png", "result.zarr", "w_heatmap.png"]
     rerun = run_subprocess("demo", "--out-dir", tmp_path / "demo", cwd=tmp_path)
     assert rerun.returncode == 1 and "--overwrite" in one_line_error(rerun.stderr)
+
+
+def test_rank_is_a_subcommand():
+    result = CliRunner().invoke(main, ["rank", "--help"])
+    assert result.exit_code == 0 and "Survey the ranks" in result.output
