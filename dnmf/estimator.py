@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
@@ -19,7 +20,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import driver, kernels
+from . import driver, kernels, outofcore
+from .cluster import current_client
 from .errors import ParameterError, expected
 from .init import make_start, resolve_init
 from .kernels import Rule
@@ -141,6 +143,8 @@ class Factorization:
     config: FitConfig
     matrix: Matrix
     stats: MatrixStats
+    info: dict = field(default_factory=dict)
+    spill: outofcore.Rerooting | None = None
 
 
 def fit_factors(
@@ -152,17 +156,46 @@ def fit_factors(
     callbacks: tuple = (),
 ) -> Factorization:
     """The shared code path of :class:`NMF` and :func:`non_negative_factorization`."""
-    matrix = open_matrix(X, params.get("chunks"))
+    client = current_client()
+    cache = params.get("cache", "auto")
+    outofcore.check_cache(cache)
+    reroot_every = outofcore.resolve_reroot_every(params.get("reroot_every"), client)
+    matrix = open_matrix(X, params.get("chunks"), block_bytes=outofcore.block_bytes_for_workers(client))
     config = make_config(params, matrix.shape)
     if not update_h:
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)
+    spill = None
     with blas_threads_for_scheduler():
+        plan = outofcore.plan_cache(cache, matrix, client)
+        if plan is not None:
+            matrix = outofcore.apply_cache(plan, matrix)
         stats = scan_matrix(matrix)
         validate_stats(stats, config.beta)
+        if plan is None:  # sparse V: its size was known only after the scan
+            plan = outofcore.plan_cache(cache, matrix, client, nnz=stats.nnz)
+            matrix = outofcore.apply_cache(plan, matrix)
         start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
         solver = Solver(matrix, config.rule, stats.v_sq, update_h=update_h)
         state = solver.start(start.W, start.H)
-        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))
+        if reroot_every:
+            solver = spill = outofcore.Rerooting(solver, reroot_every, params.get("spill_dir"))
+        try:
+            result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))
+        except BaseException:
+            if spill is not None:
+                spill.close()
+            raise
+    info = {
+        "v_storage": plan.storage,
+        "v_bytes": plan.v_bytes,
+        "cache_budget_bytes": plan.budget_bytes,
+        "scheduler": "threads" if client is None else "distributed",
+        "n_workers": None if client is None else len(client.scheduler_info(n_workers=-1)["workers"]),
+        "row_blocks": len(matrix.row_chunks),
+        "max_block_rows": max(matrix.row_chunks),
+        "reroot_every": reroot_every,
+        "n_reroots": 0 if spill is None else spill.n_reroots,
+    }
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(
             f"Maximum number of iterations {config.rules.max_iter} reached before convergence "
@@ -170,7 +203,7 @@ def fit_factors(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return Factorization(result.state.W, result.state.H, result, config, matrix, stats)
+    return Factorization(result.state.W, result.state.H, result, config, matrix, stats, info, spill)
 
 
 class NMF(TransformerMixin, BaseEstimator):
@@ -209,6 +242,20 @@ class NMF(TransformerMixin, BaseEstimator):
         Rows per block of X (default: about 64 MiB per block).
     callbacks : sequence of callables or None
         Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
+    cache : {"auto", True, False}, default="auto"
+        Keep V in memory for the whole fit (the workers' memory under dask.distributed):
+        True always, False never (read V's row blocks from their store on every pass), "auto"
+        when V takes at most half of the workers' total memory limit (of the available RAM
+        under the threaded scheduler). V given as numpy / scipy is in memory already.
+    reroot_every : int or None
+        Under dask.distributed, write W to a Zarr array in ``spill_dir`` and reload it every
+        this many iterations, so that the scheduler's record of how to recompute W (its
+        lineage) stays bounded; the values are unchanged. None: every 20 iterations; 0: never.
+        Unused by the threaded scheduler.
+    spill_dir : str or None
+        Where re-rooted W is written: a directory every worker can read and write (on a
+        multi-node cluster, a shared file system). None: a temporary directory of this machine
+        (dask's ``temporary-directory`` setting, else the system's), deleted after the fit.
 
     Attributes
     ----------
@@ -222,6 +269,13 @@ class NMF(TransformerMixin, BaseEstimator):
         Per iteration: iteration, objective, rel_decrease, w_change, h_change, seconds.
     stop_reason_ : str
         "converged", "max_iter", "max_time" or "callback".
+    cache_used_ : bool
+        Whether V was held in memory during the fit (given in memory, or cached).
+    fit_info_ : dict
+        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``,
+        ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``row_blocks``,
+        ``max_block_rows``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
+        ``history_`` record.
 
     References
     ----------
@@ -247,6 +301,9 @@ class NMF(TransformerMixin, BaseEstimator):
         eps=None,
         chunks=None,
         callbacks=None,
+        cache="auto",
+        reroot_every=None,
+        spill_dir=None,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -260,6 +317,9 @@ class NMF(TransformerMixin, BaseEstimator):
         self.eps = eps
         self.chunks = chunks
         self.callbacks = callbacks
+        self.cache = cache
+        self.reroot_every = reroot_every
+        self.spill_dir = spill_dir
 
     def fit(self, X, y=None, W=None, H=None):
         """Learn W and H from X; W and H are a custom start (with init="custom")."""
@@ -270,7 +330,16 @@ class NMF(TransformerMixin, BaseEstimator):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
         fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=tuple(self.callbacks or ()))
         self._store_result(fact)
-        return self._output(fact.W, fact.matrix)
+        return self._release_spill(fact, self._output(fact.W, fact.matrix))
+
+    def _release_spill(self, fact: Factorization, W_out):
+        """Delete re-rooting's spill once W no longer needs it (with this estimator for dask W)."""
+        if fact.spill is not None:
+            if fact.matrix.in_memory:
+                fact.spill.close()
+            else:
+                weakref.finalize(self, fact.spill.close)
+        return W_out
 
     def _store_result(self, fact: Factorization) -> None:
         result = fact.result
@@ -279,7 +348,9 @@ class NMF(TransformerMixin, BaseEstimator):
         self.n_features_in_ = fact.matrix.shape[1]
         self.n_iter_ = result.n_iter
         self.reconstruction_err_ = float(np.sqrt(2.0 * result.state.objective))
-        self.history_ = [record.as_dict() for record in result.history]
+        self.history_ = [{**record.as_dict(), "v_storage": fact.info.get("v_storage")} for record in result.history]
+        self.cache_used_ = fact.info.get("v_storage") != outofcore.V_STREAMED
+        self.fit_info_ = dict(fact.info)
         self.stop_reason_ = result.stop_reason
         self.seed_ = fact.config.seed
         self.init_ = fact.config.init
@@ -291,7 +362,7 @@ class NMF(TransformerMixin, BaseEstimator):
     def transform(self, X):
         """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
         check_is_fitted(self, "components_")
-        matrix = open_matrix(X, self.chunks)
+        matrix = open_matrix(X, self.chunks, block_bytes=outofcore.block_bytes_for_workers(current_client()))
         if matrix.shape[1] != self.components_.shape[1]:
             raise ParameterError(
                 expected(f"X with {self.components_.shape[1]} features, as in fit", f"{matrix.shape[1]} features")
@@ -299,7 +370,7 @@ class NMF(TransformerMixin, BaseEstimator):
         W0 = self._constant_w(matrix)
         params = {**self.get_params(), "n_components": self.n_components_, "init": "custom"}
         fact = fit_factors(matrix, params, W=W0, H=self.components_, update_h=False)
-        return self._output(fact.W, matrix)
+        return self._release_spill(fact, self._output(fact.W, matrix))
 
     def _constant_w(self, matrix: Matrix) -> da.Array:
         """A flat start for W: every entry sqrt(mean(X) / r), like scikit-learn's transform."""
@@ -358,4 +429,7 @@ def non_negative_factorization(
         return est.transform(X), est.components_, None
     params = {**est.get_params(), "n_components": est.n_components_, "init": "custom"}
     fact = fit_factors(X, params, W=W, H=H, update_h=False)
-    return NMF._output(fact.W, fact.matrix), fact.H, fact.result.n_iter
+    W_out = NMF._output(fact.W, fact.matrix)
+    if fact.spill is not None and fact.matrix.in_memory:
+        fact.spill.close()
+    return W_out, fact.H, fact.result.n_iter
