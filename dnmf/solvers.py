@@ -89,14 +89,14 @@ class Solver:
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
         W, partials = dask.persist(W, Delayed(root, graph, layer=name))
         partials = dask.compute(partials)[0]
-        HHt = H @ H.T
+        HHt = kernels.gram(H.T)
         return SolverState(W, H, partials, self._objective(partials, H, HHt))
 
     def step(self, state: SolverState) -> Step:
         """One iteration: H from the partials, then one pass over V that updates W."""
         H_old = state.H
         H = kernels.update_h(H_old, state.partials, self.rule) if self.update_h else H_old
-        HHt = H @ H.T
+        HHt = kernels.gram(H.T)
         W, partials = self._w_pass(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
