@@ -41,7 +41,7 @@ CACHE_FRACTION = 0.5
 # A worker thread should hold a V block of at most this fraction of its worker's memory limit:
 # the block, its read buffer and the next block queued on the worker stay well below the
 # limit, next to the ~100 MiB a worker process needs for itself.
-BLOCK_FRACTION_PER_THREAD = 1 / 16
+BLOCK_FRACTION_PER_THREAD = 1 / 32
 MIN_BLOCK_BYTES = 2**20
 # Re-root W this often (iterations) under dask.distributed unless told otherwise.
 DEFAULT_REROOT_EVERY = 20
