@@ -254,7 +254,8 @@ class NMF(TransformerMixin, BaseEstimator):
         Unused by the threaded scheduler.
     spill_dir : str or None
         Where re-rooted W is written: a directory every worker can read and write (on a
-        multi-node cluster, a shared file system). None: a temporary directory of this machine
+        multi-node cluster, a shared file system) or an fsspec URL (``s3://bucket/spill``).
+        None: a temporary directory of this machine
         (dask's ``temporary-directory`` setting, else the system's), deleted after the fit.
 
     Attributes

@@ -210,8 +210,8 @@ class Rerooting:
     solver : the solver to wrap.
     every : iterations between re-rootings (positive).
     directory : the spill directory, on a file system every worker can read and write (a
-        shared one on a multi-node cluster). None: a new temporary directory, deleted by
-        :meth:`close`.
+        shared one on a multi-node cluster), or an fsspec URL (``s3://bucket/spill``). None: a
+        new temporary directory, deleted by :meth:`close`.
     """
 
     def __init__(self, solver, every: int, directory: str | os.PathLike | None = None):
@@ -223,7 +223,7 @@ class Rerooting:
         base = dask.config.get("temporary-directory", None) or None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="dnmf-reroot-", dir=base)
-        else:
+        elif not _is_url(directory):
             os.makedirs(directory, exist_ok=True)
         self.directory = os.fspath(directory)
         self.n_steps = 0
@@ -249,15 +249,36 @@ class Rerooting:
         return dataclasses.replace(step, state=new_state)
 
     def reroot(self, W: da.Array) -> da.Array:
-        url = os.path.join(self.directory, f"W-{self.n_reroots:06d}.zarr")
+        url = f"{self.directory.rstrip('/')}/W-{self.n_reroots:06d}.zarr"
         W = reroot(W, url)
         self.n_reroots += 1
         self._spills.append(url)
         while len(self._spills) > 2:
-            shutil.rmtree(self._spills.pop(0), ignore_errors=True)
+            _remove_tree(self._spills.pop(0))
         return W
 
     def close(self) -> None:
-        """Delete the spill directory if this object created it (W must not need it any more)."""
+        """Delete the spills (and the directory if this object created it); W must not need them."""
+        for url in self._spills:
+            _remove_tree(url)
+        self._spills = []
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _is_url(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a directory or an fsspec URL prefix, ignoring what is already gone."""
+    if not _is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        fs.rm(root, recursive=True)
+    except FileNotFoundError:
+        pass
