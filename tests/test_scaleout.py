@@ -142,6 +142,16 @@ def test_distributed_threaded_cached_streamed_rerooted_are_bitwise_equal(client,
     assert sorted(os.listdir(tmp_path / "spill")) == ["W-000000.zarr", "W-000001.zarr"]
 
 
+def test_nndsvda_and_hals_are_bitwise_equal_on_a_cluster(client):
+    V = small_matrix(2000, 150)
+    with dask.config.set(scheduler="threads"):
+        ref, W_ref = fit(V, init="nndsvda", solver="hals", max_iter=5)
+    with client.as_current():
+        model, W = fit(V, init="nndsvda", solver="hals", max_iter=5)
+    assert model.fit_info_["scheduler"] == "distributed"
+    assert np.array_equal(W, W_ref) and np.array_equal(model.components_, ref.components_)
+
+
 def test_cache_and_reroot_parameters_are_checked(client):
     V = small_matrix(300, 20)
     with pytest.raises(ParameterError, match="cache"):
