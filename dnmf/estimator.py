@@ -160,7 +160,9 @@ def fit_factors(
     cache = params.get("cache", "auto")
     outofcore.check_cache(cache)
     reroot_every = outofcore.resolve_reroot_every(params.get("reroot_every"), client)
-    matrix = open_matrix(X, params.get("chunks"), block_bytes=outofcore.block_bytes_for_workers(client))
+    block_bytes = outofcore.block_bytes_for_workers(client)
+    matrix = open_matrix(X, params.get("chunks"), block_bytes=block_bytes)
+    outofcore.warn_if_blocks_too_big(matrix, block_bytes)
     config = make_config(params, matrix.shape)
     if not update_h:
         config = FitConfig(config.n_components, config.solver, config.beta, "custom", config.eps, config.seed, config.rules)

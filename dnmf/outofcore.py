@@ -71,6 +71,23 @@ def block_bytes_for_workers(client) -> int | None:
     return int(max(MIN_BLOCK_BYTES, min(TARGET_BLOCK_BYTES, min(budgets))))
 
 
+def warn_if_blocks_too_big(matrix: Matrix, block_bytes: int | None) -> None:
+    """Log a warning when V's row blocks are far larger than the workers can hold comfortably.
+
+    This happens when the store's chunks are larger than the budget (a task reads a whole chunk)
+    or when ``chunks`` was given explicitly.
+    """
+    if block_bytes is None:
+        return
+    largest = max(matrix.row_chunks) * matrix.shape[1] * matrix.data.dtype.itemsize
+    if not matrix.sparse and largest > 4 * block_bytes:
+        logger.warning(
+            "row blocks of V take up to %.0f MiB, more than 4 x the %.0f MiB the workers' memory "
+            "limit suggests; rechunk the store to fewer rows per chunk or pass a smaller `chunks`",
+            largest / 2**20, block_bytes / 2**20,
+        )
+
+
 # ---------------------------------------------------------------------------
 # Caching V
 
