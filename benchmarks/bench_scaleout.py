@@ -47,13 +47,9 @@ def write_zarr(path: str, n: int, p: int, rows_per_chunk: int) -> None:
 
 
 def start_cluster(n_workers: int, memory_limit: str):
-    from distributed import Client, LocalCluster
+    from dnmf.cluster import get_client
 
-    cluster = LocalCluster(
-        n_workers=n_workers, threads_per_worker=1, memory_limit=memory_limit, host="127.0.0.1",
-        dashboard_address=None, processes=True,
-    )
-    client = Client(cluster)
+    client, _ = get_client("local", n_workers=n_workers, threads_per_worker=1, memory_limit=memory_limit)
     client.run(lambda: __import__("dnmf.kernels") and __import__("dnmf.store") and None)
     return client
 

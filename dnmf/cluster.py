@@ -165,14 +165,20 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
     from distributed import Client, LocalCluster
 
     n_workers = n_workers or max(1, min(4, os.cpu_count() or 1))
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker or 1,
-        memory_limit="auto" if memory_limit is None else memory_limit,
-        host="127.0.0.1",
-        dashboard_address=None,
-        processes=True,
-    )
+    # No spilling to disk: dnmf keeps V in worker memory only when it fits (cache="auto") and
+    # otherwise streams it, so spilling would only write V blocks that are about to be dropped;
+    # with it, 256 MiB workers streaming V were seen to go from ~120 MiB to past the 80% pause
+    # mark. Pausing (80%) and the nanny's restart (95%) stay. (The nanny hands its config over.)
+    no_spill = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+    with dask.config.set(no_spill):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker or 1,
+            memory_limit="auto" if memory_limit is None else memory_limit,
+            host="127.0.0.1",
+            dashboard_address=None,
+            processes=True,
+        )
     logger.info("started a LocalCluster of %d workers at %s", n_workers, cluster.scheduler_address)
     return Client(cluster)
 

@@ -238,7 +238,7 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
     write_big_zarr(path, n, p, rows_per_chunk=256)  # 4 MiB chunks
     limit = 256 * MiB
     settings = dict(init="random", random_state=0, max_iter=2, tol=0, tol_x=0)
-    client = local_cluster(2, memory_limit=f"{limit // MiB}MiB")
+    client, owned = get_client("local", n_workers=2, memory_limit=f"{limit // MiB}MiB")  # dnmf's own
     try:
         workers_before = set(client.scheduler_info()["workers"])
         with client.as_current():
@@ -257,14 +257,11 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
     assert model.n_iter_ == 2
     # No worker restarted, paused or near its limit.
     assert workers_after == workers_before
-    # Never near the limit: the nanny terminates a worker at 95% of it. (Under heavy load from
-    # other processes, workers were seen to pass the 80% pause threshold briefly, which dask
-    # handles by pausing; the peak here is ~120 MiB on an idle machine.)
-    assert max(peaks.values()) < 0.95 * limit, peaks
+    # Never paused (80% of the limit) nor restarted (95%): the peak is ~120 MiB here.
+    assert max(peaks.values()) < 0.8 * limit, peaks
     messages = " ".join(message for worker_logs in logs.values() for _, message in worker_logs)
-    assert "exceeded" not in messages and "Restarting worker" not in messages
-    print("peak worker memory (MiB):", {k: round(v / MiB) for k, v in peaks.items()},
-          "pauses:", messages.count("Pausing worker"))
+    assert "Pausing worker" not in messages and "Restarting worker" not in messages
+    print("peak worker memory (MiB):", {k: round(v / MiB) for k, v in peaks.items()})
 
     # The same fit, V cached in memory, on dask's threaded scheduler in this process.
     with dask.config.set(scheduler="threads"):
