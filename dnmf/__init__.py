@@ -1,21 +1,45 @@
 """dnmf: distributed, out-of-core non-negative matrix factorization on Dask and Zarr."""
 
-from .driver import IterationRecord, StoppingRules
+from __future__ import annotations
+
+import importlib
+
 from .errors import DnmfError
-from .estimator import NMF, non_negative_factorization
-from .rank import RankSurvey, rank_survey
-from .store import open_matrix
 
 __version__ = "0.1.0"
+
+# The public names are imported on first use: a dask worker unpickling a kernel imports this
+# package, and the estimator's scikit-learn import alone costs ~100 MiB of worker memory.
+_LAZY = {
+    "NMF": "estimator",
+    "non_negative_factorization": "estimator",
+    "IterationRecord": "driver",
+    "StoppingRules": "driver",
+    "open_matrix": "store",
+    "rank_survey": "rank",
+    "RankSurvey": "rank",
+}
 
 __all__ = [
     "NMF",
     "DnmfError",
-    "RankSurvey",
     "IterationRecord",
     "StoppingRules",
     "non_negative_factorization",
     "open_matrix",
     "rank_survey",
+    "RankSurvey",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

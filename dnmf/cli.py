@@ -102,20 +102,16 @@ def report_options(func):
 @contextlib.contextmanager
 def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet: bool):
     """A distributed client for the command's duration (none for 'threads'); prints the dashboard."""
-    from .cluster import dashboard_link, get_client
+    from .cluster import connect, dashboard_link
 
-    if scheduler == "threads":
-        yield None
-        return
-    _say(quiet, "Starting Dask…" if scheduler == "local" else f"Connecting to {scheduler}…")
-    client = get_client(scheduler, n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit)
-    try:
-        link = dashboard_link(client)
-        n = len(client.scheduler_info().get("workers", {}))
-        _say(quiet, f"Dask: {n} workers; dashboard: {link or 'unavailable (pip install bokeh)'}")
+    if scheduler != "threads":
+        _say(quiet, "Starting Dask…" if scheduler == "local" else f"Connecting to {scheduler}…")
+    with connect(scheduler, n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit) as client:
+        if client is not None:
+            link = dashboard_link(client)
+            n = len(client.scheduler_info().get("workers", {}))
+            _say(quiet, f"Dask: {n} workers; dashboard: {link or 'unavailable (pip install bokeh)'}")
         yield client
-    finally:
-        client.close()  # shuts down a local cluster; only disconnects from a remote one
 
 
 @contextlib.contextmanager

@@ -1,63 +1,124 @@
-"""Where the work runs: a Dask client for a scheduler address, a new local cluster, or none.
+"""Where a fit runs: one small place that finds or starts a dask.distributed cluster.
 
-A minimal version for the command line; the scale-out work extends it (Slurm, caching).
+:func:`get_client` understands every way dnmf is launched:
+
+========================  =====================================================================
+``scheduler``             what happens
+========================  =====================================================================
+``None``                  the current ``Client`` if there is one, else a new ``LocalCluster``
+``"local"``               a new ``LocalCluster`` on 127.0.0.1 (``n_workers``, ``threads_per_worker``,
+                          ``memory_limit``)
+``"threads"``             no cluster: dask's threaded scheduler in this process
+a ``Client``              used as it is
+``"tcp://host:8786"``     connect to a running scheduler (any ``proto://`` address or ``host:port``)
+a ``.json`` path          connect through a scheduler file (``dask scheduler --scheduler-file``)
+``"slurm"`` / ``"pbs"``   start a dask-jobqueue ``SLURMCluster`` / ``PBSCluster`` with ``job_options``
+                          (cores, memory, queue, account, walltime, interface, ...) and scale it to
+                          ``n_workers`` jobs
+``"mpi"``                 join a dask-mpi allocation: ``dask_mpi.initialize()`` turns MPI rank 0
+                          into the scheduler, rank 1 into this client, the other ranks into workers
+========================  =====================================================================
+
+Use it as a context manager, which closes what it started::
+
+    with dnmf.cluster.connect("local", n_workers=4, memory_limit="4GiB") as client:
+        NMF(10).fit("data/V.zarr")
+
+or as ``client, owned = get_client(...)`` followed by ``close_client(client, owned)``.
+
+The helpers at the bottom tell the estimator how much memory the workers have, so that it can
+choose row blocks that fit in a worker and decide whether V can be cached.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator, Mapping
+
+import dask
 
 from .errors import ParameterError, expected
 
+logger = logging.getLogger(__name__)
 
-def get_client(scheduler=None, n_workers=None, threads_per_worker=None, memory_limit=None):
-    """A ``distributed.Client`` for ``scheduler``, or None to use dask's current scheduler.
+JOBQUEUE_SCHEDULERS = ("slurm", "pbs")
+NAMED_SCHEDULERS = ("local", "threads", "mpi", *JOBQUEUE_SCHEDULERS)
+
+
+def get_client(
+    scheduler=None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = None,
+    *,
+    job_options: Mapping | None = None,
+):
+    """A dask.distributed ``Client`` for ``scheduler`` and whether this call created it.
 
     Parameters
     ----------
-    scheduler : None, "local", str or distributed.Client
-        None: no client (dask's threaded scheduler, or a client the caller already made).
-        "local": a new LocalCluster on this machine, listening on 127.0.0.1 only.
-        A path to an existing scheduler file (JSON), or a scheduler address ("tcp://host:8786");
-        connecting waits up to the dask config value ``dnmf.connect-timeout`` (default "10s").
-        A Client is returned as it is.
-    n_workers, threads_per_worker : int, optional
-        Size of a new LocalCluster (default: dask's, from the number of cores).
+    scheduler : None, str, os.PathLike or distributed.Client
+        See the module docstring for the accepted values.
+    n_workers : int, optional
+        Workers of a new ``LocalCluster`` (default: one per core, at most 4), or the number of
+        jobs of a dask-jobqueue cluster (default 1).
+    threads_per_worker : int, optional
+        Threads per worker of a new ``LocalCluster`` (default 1: BLAS already uses the core).
     memory_limit : str or int, optional
-        Memory per worker of a new LocalCluster, e.g. "4GiB" (default: dask's).
+        Memory limit per worker of a new ``LocalCluster`` (e.g. ``"4GiB"``; default: the
+        machine's memory shared between the workers).
+    job_options : mapping, optional
+        Keyword arguments of ``SLURMCluster`` / ``PBSCluster`` (``cores``, ``memory``,
+        ``queue``, ``account``, ``walltime``, ``interface``, ``job_extra_directives``, ...).
+
+    Returns
+    -------
+    client : distributed.Client or None
+        None for ``scheduler="threads"``.
+    owned : bool
+        True when this call started the client (and maybe its cluster): close it with
+        :func:`close_client`.
     """
-    import dask
     from distributed import Client
 
-    if scheduler is None:
-        return None
     if isinstance(scheduler, Client):
-        return scheduler
-    if not isinstance(scheduler, str):
-        raise ParameterError(expected('scheduler None, "local", an address or a scheduler file', scheduler))
-    if memory_limit is not None and not isinstance(memory_limit, (int, float)):
-        from dask.utils import parse_bytes
+        return scheduler, False
+    if scheduler is None:
+        current = current_client()
+        if current is not None:
+            return current, False
+        return _local_client(n_workers, threads_per_worker, memory_limit), True
+    if not isinstance(scheduler, (str, os.PathLike)):
+        raise ParameterError(_scheduler_expected(scheduler))
+    text = os.fspath(scheduler)
+    if text == "threads":
+        return None, False
+    if text == "local":
+        return _local_client(n_workers, threads_per_worker, memory_limit), True
+    if text in JOBQUEUE_SCHEDULERS:
+        return _jobqueue_client(text, n_workers or 1, job_options or {}), True
+    if text == "mpi":
+        return _mpi_client(), True
+    if text.endswith(".json"):
+        if not os.path.exists(text):
+            raise ParameterError(f"No scheduler file at {text!r}: start the scheduler with --scheduler-file first.")
+        return _remote_client(text, scheduler_file=text), True
+    if "://" in text or _looks_like_host_port(text):
+        return _remote_client(text, address=text), True
+    raise ParameterError(_scheduler_expected(scheduler))
 
-        try:
-            parse_bytes(memory_limit)
-        except (ValueError, TypeError) as e:
-            raise ParameterError(expected('memory_limit a size such as "4GiB"', memory_limit)) from e
-    if scheduler == "local":
-        return Client(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit="auto" if memory_limit is None else memory_limit,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            processes=True,
-        )
-    if os.path.isfile(scheduler):
-        return Client(scheduler_file=scheduler)
+
+def _remote_client(label: str, **where):
+    """Connect to a running scheduler, waiting at most ``dnmf.connect-timeout`` (default 10 s)."""
+    from distributed import Client
+
     try:
-        return Client(scheduler, timeout=dask.config.get("dnmf.connect-timeout", "10s"))
+        return Client(**where, timeout=dask.config.get("dnmf.connect-timeout", "10s"))
     except (OSError, ValueError) as e:
         raise ParameterError(
-            f"Cannot reach a Dask scheduler at {scheduler!r} ({e}); check the address, or use --scheduler local."
+            f"Cannot reach a Dask scheduler at {label!r} ({e}); check the address, or use --scheduler local."
         ) from e
 
 
@@ -70,3 +131,149 @@ def dashboard_link(client) -> str | None:
     except ImportError:
         return None
     return client.dashboard_link
+
+
+def close_client(client, owned: bool) -> None:
+    """Close ``client`` and the cluster it started, if :func:`get_client` created them."""
+    if client is None or not owned:
+        return
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler=None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = None,
+    *,
+    job_options: Mapping | None = None,
+) -> Iterator:
+    """:func:`get_client` as a context manager that closes what it started.
+
+    Inside the block the client is the default one (``scheduler="threads"`` selects dask's
+    threaded scheduler instead), so every dnmf call runs on it.
+    """
+    client, owned = get_client(
+        scheduler, n_workers, threads_per_worker, memory_limit, job_options=job_options
+    )
+    try:
+        if client is None:
+            with dask.config.set(scheduler="threads"):
+                yield None
+        else:
+            with client.as_current():
+                yield client
+    finally:
+        close_client(client, owned)
+
+
+def _scheduler_expected(got) -> str:
+    return expected(
+        f"scheduler None, a distributed.Client, one of {NAMED_SCHEDULERS}, a scheduler address "
+        "such as 'tcp://10.0.0.1:8786', or the path of a scheduler file (.json)",
+        got,
+    )
+
+
+def _looks_like_host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def _local_client(n_workers, threads_per_worker, memory_limit):
+    from distributed import Client, LocalCluster
+
+    n_workers = n_workers or max(1, min(4, os.cpu_count() or 1))
+    if memory_limit is not None and not isinstance(memory_limit, (int, float)):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError) as e:
+            raise ParameterError(expected('memory_limit a size such as "4GiB"', memory_limit)) from e
+    # No spilling to disk: dnmf keeps V in worker memory only when it fits (cache="auto") and
+    # otherwise streams it, so spilling would only write V blocks that are about to be dropped;
+    # with it, 256 MiB workers streaming V were seen to go from ~120 MiB to past the 80% pause
+    # mark. Pausing (80%) and the nanny's restart (95%) stay. (The nanny hands its config over.)
+    no_spill = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+    with dask.config.set(no_spill):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker or 1,
+            memory_limit="auto" if memory_limit is None else memory_limit,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",  # loopback only, any free port
+            processes=True,
+        )
+    logger.info("started a LocalCluster of %d workers at %s", n_workers, cluster.scheduler_address)
+    return Client(cluster)
+
+
+def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
+    try:
+        import dask_jobqueue
+    except ImportError as e:
+        raise ParameterError(
+            f"scheduler={kind!r} needs dask-jobqueue; install it with `pip install dask-jobqueue` "
+            "(or `pip install dnmf[hpc]`)."
+        ) from e
+    from distributed import Client
+
+    cluster_class = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
+    try:
+        cluster = cluster_class(**dict(job_options))
+    except TypeError as e:
+        raise ParameterError(f"Invalid job_options for {cluster_class.__name__}: {e}") from e
+    cluster.scale(jobs=n_jobs)
+    logger.info("submitted %d %s job(s); scheduler at %s", n_jobs, kind, cluster.scheduler_address)
+    return Client(cluster)
+
+
+def _mpi_client():
+    try:
+        import dask_mpi
+    except ImportError as e:
+        raise ParameterError(
+            "scheduler='mpi' needs dask-mpi and mpi4py; install them with `pip install dask-mpi mpi4py` "
+            "and launch the script with mpirun / srun."
+        ) from e
+    from distributed import Client
+
+    # Rank 0 becomes the scheduler and ranks >= 2 workers (neither returns from initialize);
+    # rank 1 goes on running this program as the client.
+    dask_mpi.initialize(nthreads=1, dashboard=False)
+    return Client()
+
+
+def current_client():
+    """The current dask.distributed client, or None (threaded scheduler)."""
+    try:
+        from distributed import default_client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    # A client only runs dnmf's graphs when it is dask's scheduler (not overridden).
+    return client if dask.base.get_scheduler() == client.get else None
+
+
+# ---------------------------------------------------------------------------
+# What the workers have
+
+
+def worker_memory_limits(client) -> list[int]:
+    """Each worker's memory limit in bytes (0 for a worker without a limit)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [int(info.get("memory_limit") or 0) for info in workers.values()]
+
+
+def worker_threads(client) -> list[int]:
+    """Each worker's number of threads."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [int(info.get("nthreads") or 1) for info in workers.values()]

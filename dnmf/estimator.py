@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
-from dataclasses import dataclass, replace
+import weakref
+from dataclasses import dataclass, field, replace
 
 import dask
 import dask.array as da
@@ -19,7 +20,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, driver, kernels, missing
+from . import checkpoint, driver, kernels, missing, outofcore
+from .cluster import current_client
 from .errors import ParameterError, expected
 from .init import make_start, resolve_init
 from .kernels import Rule
@@ -141,6 +143,8 @@ class Factorization:
     config: FitConfig
     matrix: Matrix
     stats: MatrixStats
+    info: dict = field(default_factory=dict)
+    spill: outofcore.Rerooting | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,11 @@ class Problem:
     stats: MatrixStats
     init_matrix: Matrix
     solver: Solver
+
+    def on(self, matrix: Matrix) -> Problem:
+        """The same problem reading V from ``matrix`` (e.g. V now cached in memory)."""
+        init_matrix = matrix if self.init_matrix is self.solver.matrix else self.init_matrix
+        return replace(self, init_matrix=init_matrix, solver=replace(self.solver, matrix=matrix))
 
 
 def _prepare(matrix: Matrix, config: FitConfig, params: dict, mask, update_h: bool) -> Problem:
@@ -183,7 +192,13 @@ def fit_factors(
     objective over the observed entries only (:mod:`dnmf.masked`). ``resume`` is a checkpoint
     directory to continue from (see :mod:`dnmf.checkpoint`).
     """
-    matrix = open_matrix(X, params.get("chunks"))
+    client = current_client()
+    cache = params.get("cache", "auto")
+    outofcore.check_cache(cache)
+    reroot_every = outofcore.resolve_reroot_every(params.get("reroot_every"), client)
+    block_bytes = outofcore.block_bytes_for_workers(client)
+    matrix = open_matrix(X, params.get("chunks"), block_bytes=block_bytes)
+    outofcore.warn_if_blocks_too_big(matrix, block_bytes)
     config = make_config(params, matrix.shape)
     if not update_h:
         config = replace(config, init="custom")
@@ -193,8 +208,16 @@ def fit_factors(
     schedule = checkpoint.schedule_from_params(params) if target is not None else None
     if target is not None:
         target = checkpoint.check_target(target, resume)
+    spill = None
     with blas_threads_for_scheduler():
+        plan = outofcore.plan_cache(cache, matrix, client)
+        if plan is not None:
+            matrix = outofcore.apply_cache(plan, matrix)
         problem = _prepare(matrix, config, params, mask, update_h)
+        if plan is None:  # sparse V: its size was known only after the scan
+            plan = outofcore.plan_cache(cache, matrix, client, nnz=problem.stats.nnz)
+            matrix = outofcore.apply_cache(plan, matrix)
+            problem = problem.on(matrix)
         stats, solver = problem.stats, problem.solver
         fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
         history, snapshot = None, None
@@ -211,7 +234,27 @@ def fit_factors(
         writer = None
         if target is not None:
             writer = checkpoint.start_writer(target, schedule, X, params, config, fingerprint, state, snapshot)
-        result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer)
+        if reroot_every:
+            solver = spill = outofcore.Rerooting(solver, reroot_every, params.get("spill_dir"))
+        try:
+            result = driver.run(
+                solver, state, config.rules, callbacks=tuple(callbacks), history=history, checkpointer=writer
+            )
+        except BaseException:
+            if spill is not None:
+                spill.close()
+            raise
+    info = {
+        "v_storage": plan.storage,
+        "v_bytes": plan.v_bytes,
+        "cache_budget_bytes": plan.budget_bytes,
+        "scheduler": "threads" if client is None else "distributed",
+        "n_workers": None if client is None else len(client.scheduler_info(n_workers=-1)["workers"]),
+        "row_blocks": len(matrix.row_chunks),
+        "max_block_rows": max(matrix.row_chunks),
+        "reroot_every": reroot_every,
+        "n_reroots": 0 if spill is None else spill.n_reroots,
+    }
     if result.stop_reason == "max_iter" and config.rules.max_iter > 1 and update_h:
         warnings.warn(
             f"Maximum number of iterations {config.rules.max_iter} reached before convergence "
@@ -219,7 +262,7 @@ def fit_factors(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return Factorization(result.state.W, result.state.H, result, config, matrix, stats)
+    return Factorization(result.state.W, result.state.H, result, config, matrix, stats, info, spill)
 
 
 class NMF(TransformerMixin, BaseEstimator):
@@ -277,6 +320,21 @@ class NMF(TransformerMixin, BaseEstimator):
         Write a checkpoint after every ``checkpoint_every``-th iteration.
     checkpoint_interval : float or None
         Also write one when this many seconds have passed since the last.
+    cache : {"auto", True, False}, default="auto"
+        Keep V in memory for the whole fit (the workers' memory under dask.distributed):
+        True always, False never (read V's row blocks from their store on every pass), "auto"
+        when V takes at most half of the workers' total memory limit (of the available RAM
+        under the threaded scheduler). V given as numpy / scipy is in memory already.
+    reroot_every : int or None
+        Under dask.distributed, write W to a Zarr array in ``spill_dir`` and reload it every
+        this many iterations, so that the scheduler's record of how to recompute W (its
+        lineage) stays bounded; the values are unchanged. None: every 20 iterations; 0: never.
+        Unused by the threaded scheduler.
+    spill_dir : str or None
+        Where re-rooted W is written: a directory every worker can read and write (on a
+        multi-node cluster, a shared file system) or an fsspec URL (``s3://bucket/spill``).
+        None: a temporary directory of this machine
+        (dask's ``temporary-directory`` setting, else the system's), deleted after the fit.
 
     Attributes
     ----------
@@ -296,6 +354,13 @@ class NMF(TransformerMixin, BaseEstimator):
         Index of the kept run in ``run_losses_``.
     run_seeds_ : list of int
         The seed of every run.
+    cache_used_ : bool
+        Whether V was held in memory during the fit (given in memory, or cached).
+    fit_info_ : dict
+        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``,
+        ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``row_blocks``,
+        ``max_block_rows``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
+        ``history_`` record.
     data_norm_ : float
         ‖X‖_F, so reconstruction_err_ / data_norm_ is the relative error (Frobenius).
 
@@ -328,6 +393,9 @@ class NMF(TransformerMixin, BaseEstimator):
         checkpoint=None,
         checkpoint_every=10,
         checkpoint_interval=None,
+        cache="auto",
+        reroot_every=None,
+        spill_dir=None,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -346,6 +414,9 @@ class NMF(TransformerMixin, BaseEstimator):
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
+        self.cache = cache
+        self.reroot_every = reroot_every
+        self.spill_dir = spill_dir
 
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
@@ -372,7 +443,16 @@ class NMF(TransformerMixin, BaseEstimator):
             fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)
         self.run_losses_, self.best_run_, self.run_seeds_ = losses, best, seeds
-        return self._output(fact.W, fact.matrix)
+        return self._release_spill(fact, self._output(fact.W, fact.matrix))
+
+    def _release_spill(self, fact: Factorization, W_out):
+        """Delete re-rooting's spill once W no longer needs it (with this estimator for dask W)."""
+        if fact.spill is not None:
+            if fact.matrix.in_memory:
+                fact.spill.close()
+            else:
+                weakref.finalize(self, fact.spill.close)
+        return W_out
 
     def _store_result(self, fact: Factorization) -> None:
         result = fact.result
@@ -381,7 +461,9 @@ class NMF(TransformerMixin, BaseEstimator):
         self.n_features_in_ = fact.matrix.shape[1]
         self.n_iter_ = result.n_iter
         self.reconstruction_err_ = float(np.sqrt(2.0 * result.state.objective))
-        self.history_ = [record.as_dict() for record in result.history]
+        self.history_ = [{**record.as_dict(), "v_storage": fact.info.get("v_storage")} for record in result.history]
+        self.cache_used_ = fact.info.get("v_storage") != outofcore.V_STREAMED
+        self.fit_info_ = dict(fact.info)
         self.stop_reason_ = result.stop_reason
         self.seed_ = fact.config.seed
         self.init_ = fact.config.init
@@ -394,7 +476,7 @@ class NMF(TransformerMixin, BaseEstimator):
     def transform(self, X):
         """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
         check_is_fitted(self, "components_")
-        matrix = open_matrix(X, self.chunks)
+        matrix = open_matrix(X, self.chunks, block_bytes=outofcore.block_bytes_for_workers(current_client()))
         if matrix.shape[1] != self.components_.shape[1]:
             raise ParameterError(
                 expected(f"X with {self.components_.shape[1]} features, as in fit", f"{matrix.shape[1]} features")
@@ -402,7 +484,7 @@ class NMF(TransformerMixin, BaseEstimator):
         W0 = self._constant_w(matrix)
         params = {**self.get_params(), "n_components": self.n_components_, "init": "custom", "checkpoint": None}
         fact = fit_factors(matrix, params, W=W0, H=self.components_, update_h=False)
-        return self._output(fact.W, matrix)
+        return self._release_spill(fact, self._output(fact.W, matrix))
 
     def _constant_w(self, matrix: Matrix) -> da.Array:
         """A flat start for W: every entry sqrt(mean(X) / r), like scikit-learn's transform."""
@@ -462,4 +544,7 @@ def non_negative_factorization(
         return est.transform(X), est.components_, None
     params = {**est.get_params(), "n_components": est.n_components_, "init": "custom"}
     fact = fit_factors(X, params, W=W, H=H, update_h=False)
-    return NMF._output(fact.W, fact.matrix), fact.H, fact.result.n_iter
+    W_out = NMF._output(fact.W, fact.matrix)
+    if fact.spill is not None and fact.matrix.in_memory:
+        fact.spill.close()
+    return W_out, fact.H, fact.result.n_iter

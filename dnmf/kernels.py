@@ -104,6 +104,15 @@ def _dot_ht(V_b, H: np.ndarray) -> np.ndarray:
     return np.asarray(V_b @ H.T)
 
 
+def gram(A: np.ndarray) -> np.ndarray:
+    """AᵀA (columns' Gram matrix) by a general matrix product.
+
+    ``A.T @ A`` makes numpy call BLAS syrk, whose rounding was seen to vary from run to run in
+    dask workers (OpenBLAS 0.3.31), breaking bitwise reproducibility; gemm on a copy does not.
+    """
+    return A.T @ A.copy()
+
+
 def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
     """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
     rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
@@ -126,7 +135,7 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
     """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0."""
     beta, eps = rule.beta, rule.eps
     if beta == FROBENIUS:
-        return Partials(_dot_t(W_b, V_b), W_b.T @ W_b, 0.0, 0.0, 0.0)
+        return Partials(_dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
     if beta == KULLBACK_LEIBLER and sp.issparse(V_b):
         wh = _wh_at_nonzeros(V_b, W_b, H)
         ratio = V_b.copy()

@@ -106,7 +106,7 @@ class Solver:
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
         W, partials = dask.persist(W, Delayed(root, graph, layer=name))
         partials = dask.compute(partials)[0]
-        HHt = H @ H.T
+        HHt = kernels.gram(H.T)
         return SolverState(W, H, partials, self._objective(partials, H, HHt))
 
     def step(self, state: SolverState) -> Step:
@@ -114,7 +114,7 @@ class Solver:
         H_old = state.H
         update = masked.masked_update_h if self.masked else kernels.update_h
         H = update(H_old, state.partials, self.rule) if self.update_h else H_old
-        HHt = H @ H.T
+        HHt = kernels.gram(H.T)
         W, partials = self._w_pass(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))

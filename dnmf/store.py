@@ -90,10 +90,14 @@ def factor_dtype(dtype) -> np.dtype:
     raise InvalidMatrixError(expected("a numeric matrix (bool, integer or float)", str(dtype)))
 
 
-def auto_row_block(n: int, p: int, itemsize: int, density: float = 1.0, min_blocks: int = MIN_BLOCKS) -> int:
-    """Rows per block: about TARGET_BLOCK_BYTES each, and at least ``min_blocks`` blocks."""
+def auto_row_block(
+    n: int, p: int, itemsize: int, density: float = 1.0, min_blocks: int = MIN_BLOCKS,
+    target_bytes: int | None = None,
+) -> int:
+    """Rows per block: about ``target_bytes`` (default TARGET_BLOCK_BYTES) each, and at least
+    ``min_blocks`` blocks."""
     bytes_per_row = max(1.0, p * itemsize * (density if density < 1 else 1.0))
-    rows = int(TARGET_BLOCK_BYTES // bytes_per_row)
+    rows = int((target_bytes or TARGET_BLOCK_BYTES) // bytes_per_row)
     rows = min(rows, math.ceil(n / min_blocks))
     return max(1, min(n, rows))
 
@@ -110,10 +114,10 @@ def _row_chunks(n: int, rows: int | tuple[int, ...] | None, default: int) -> tup
     return (size,) * full + ((rest,) if rest else ())
 
 
-def _from_sparse(X, rows_per_block: int | None) -> da.Array:
+def _from_sparse(X, rows_per_block: int | None, block_bytes: int | None = None) -> da.Array:
     X = sp.csr_matrix(X)
     density = X.nnz / max(1, X.shape[0] * X.shape[1])
-    default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density)
+    default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density, target_bytes=block_bytes)
     chunks = (_row_chunks(X.shape[0], rows_per_block, default), (X.shape[1],))
     name = f"dnmf-V-{uuid.uuid4().hex}"
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
@@ -149,7 +153,7 @@ def _rechunk_rows(arr: da.Array, rows_per_block, default: int, align: int = 1) -
     return arr.rechunk((_row_chunks(n, rows, default), (arr.shape[1],)))
 
 
-def open_matrix(X, chunks: int | tuple | None = None) -> Matrix:
+def open_matrix(X, chunks: int | tuple | None = None, block_bytes: int | None = None) -> Matrix:
     """Lay out any supported input as row blocks of V, lazily.
 
     Parameters
@@ -160,32 +164,35 @@ def open_matrix(X, chunks: int | tuple | None = None) -> Matrix:
     chunks : int or tuple of int, optional
         Rows per block (or the row chunk sizes). By default about 64 MiB per block, at least
         four blocks, aligned with the Zarr chunks.
+    block_bytes : int, optional
+        The size the default row blocks aim at instead of 64 MiB (smaller for workers with
+        little memory: see :func:`dnmf.outofcore.block_bytes_for_workers`).
     """
     if isinstance(X, Matrix):
         return X
     if isinstance(X, (str, os.PathLike)):
-        return _matrix_from_zarr(_open_zarr(os.fspath(X)), chunks, source=os.fspath(X))
+        return _matrix_from_zarr(_open_zarr(os.fspath(X)), chunks, source=os.fspath(X), block_bytes=block_bytes)
     try:
         import zarr
 
         if isinstance(X, zarr.Array):
-            return _matrix_from_zarr(X, chunks, source=str(X.store_path))
+            return _matrix_from_zarr(X, chunks, source=str(X.store_path), block_bytes=block_bytes)
     except ImportError:  # pragma: no cover - zarr is a dependency
         pass
     if isinstance(X, da.Array):
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
-        default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize)
+        default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize, target_bytes=block_bytes)
         sparse = sp.issparse(X._meta)
         return Matrix(_rechunk_rows(X, chunks, default), dtype, False, sparse, "dask")
     if sp.issparse(X):
         _check_2d(X.shape)
-        return Matrix(_from_sparse(X, chunks), factor_dtype(X.dtype), True, True, "scipy.sparse")
+        return Matrix(_from_sparse(X, chunks, block_bytes), factor_dtype(X.dtype), True, True, "scipy.sparse")
     if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
         X = np.asarray(X)
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
-        default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize)
+        default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize, target_bytes=block_bytes)
         row_chunks = _row_chunks(X.shape[0], chunks, default)
         name = f"dnmf-V-{uuid.uuid4().hex}"
         data = da.from_array(X, chunks=(row_chunks, (X.shape[1],)), name=name)
@@ -195,10 +202,10 @@ def open_matrix(X, chunks: int | tuple | None = None) -> Matrix:
     )
 
 
-def _matrix_from_zarr(arr, chunks, source: str) -> Matrix:
+def _matrix_from_zarr(arr, chunks, source: str, block_bytes: int | None = None) -> Matrix:
     _check_2d(arr.shape)
     dtype = factor_dtype(arr.dtype)
-    default = auto_row_block(arr.shape[0], arr.shape[1], arr.dtype.itemsize)
+    default = auto_row_block(arr.shape[0], arr.shape[1], arr.dtype.itemsize, target_bytes=block_bytes)
     data = da.from_zarr(arr)
     aligned = _rechunk_rows(data, chunks, default, align=arr.chunks[0])
     return Matrix(aligned, dtype, False, False, source)

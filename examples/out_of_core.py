@@ -18,7 +18,7 @@ from pathlib import Path
 from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
-from dnmf.cluster import dashboard_link, get_client
+from dnmf.cluster import connect, dashboard_link
 from dnmf.convert import human_bytes, size_on_disk
 from dnmf.demo import best_matches, planted_parts_h, write_planted_matrix
 from dnmf.progress import ProgressBar
@@ -49,9 +49,8 @@ def main(argv=None) -> None:
         print(f"wrote V {args.n_samples} x {args.n_features} float32 to {V_path} "
               f"({human_bytes(size_on_disk(V_path))} on disk) in {time.perf_counter() - started:.1f} s")
     V_bytes = args.n_samples * args.n_features * 4
-    client = get_client(None if args.scheduler == "threads" else args.scheduler, n_workers=args.workers,
-                        threads_per_worker=1, memory_limit=args.memory_limit)
-    try:
+    with connect(args.scheduler, n_workers=args.workers, threads_per_worker=1,
+                 memory_limit=args.memory_limit) as client:
         if client is not None:
             print(f"{args.workers} workers x {args.memory_limit} for V of {human_bytes(V_bytes)} in memory; "
                   f"dashboard {dashboard_link(client)}")
@@ -63,9 +62,6 @@ def main(argv=None) -> None:
         bar.close()
         seconds = time.perf_counter() - started
         out = save_result(args.dir / "result.zarr", model, W, input_path=str(V_path), overwrite=True)
-    finally:
-        if client is not None:
-            client.close()
     _, cosine = best_matches(model.components_, planted_parts_h(args.rank, args.n_features))
     print(f"{model.n_iter_} iterations ({model.stop_reason_}) in {seconds:.1f} s, "
           f"relative error {model.reconstruction_err_ / model.data_norm_:.4f}, "

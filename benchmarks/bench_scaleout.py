@@ -1,0 +1,149 @@
+"""Scale-out benchmark: worker memory as V grows, out-of-core speed, cached against streamed.
+
+    python benchmarks/bench_scaleout.py [--p 2048] [--base-rows 16384] [--workers 2] [--dir /tmp]
+
+Prints, in one run:
+
+1. the peak memory (RSS) of the workers of a LocalCluster (``--workers`` single-threaded
+   workers of ``--memory-limit``) factoring a streamed Zarr V of n = 1x, 2x, 4x, 8x
+   ``--base-rows`` rows (goal: flat within 20%);
+2. for each size, the time of one iteration out of core against the time to read V once from
+   the same Zarr store on the same cluster (goal: <= 1.3x: an iteration reads V once);
+3. the time per iteration with V cached in the workers' memory against streamed from Zarr.
+
+Timings on a shared machine are noisy: run it on an idle one for numbers you compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MiB = 2**20
+
+
+def write_zarr(path: str, n: int, p: int, rows_per_chunk: int) -> None:
+    """A non-negative float32 Zarr of rank ~8 plus noise, written chunk by chunk, uncompressed."""
+    arr = zarr.create_array(store=path, shape=(n, p), chunks=(rows_per_chunk, p), dtype="float32", compressors=None)
+    rng = np.random.default_rng(0)
+    basis = rng.random((8, p), dtype=np.float32)
+    for start in range(0, n, rows_per_chunk):
+        stop = min(n, start + rows_per_chunk)
+        block = rng.random((stop - start, 8), dtype=np.float32) @ basis
+        block += rng.random(block.shape, dtype=np.float32) * np.float32(0.1)
+        arr[start:stop] = block
+
+
+def start_cluster(n_workers: int, memory_limit: str):
+    from dnmf.cluster import get_client
+
+    client, _ = get_client("local", n_workers=n_workers, threads_per_worker=1, memory_limit=memory_limit)
+    client.run(lambda: __import__("dnmf.kernels") and __import__("dnmf.store") and None)
+    return client
+
+
+def peak_worker_memory(client) -> float:
+    return max(client.run(lambda dask_worker: max(dask_worker.monitor.quantities["memory"])).values())
+
+
+def read_once_seconds(V: da.Array) -> float:
+    """Seconds to read every block of V once (summing it, so nothing is kept)."""
+    sums = V.map_blocks(lambda b: np.array([[float(b.sum(dtype=np.float64))]]), chunks=(1, 1), dtype=float)
+    tick = time.perf_counter()
+    dask.compute(sums.sum())
+    return time.perf_counter() - tick
+
+
+def fit_seconds_per_iteration(V, rank: int, max_iter: int, cache) -> tuple[float, object]:
+    from dnmf import NMF
+
+    model = NMF(rank, init="random", random_state=0, max_iter=max_iter, tol=0, tol_x=0, cache=cache)
+    model.fit(V)
+    seconds = [record["seconds"] for record in model.history_[1:]]
+    return statistics.median(seconds), model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--p", type=int, default=2048, help="columns of V")
+    parser.add_argument("--base-rows", type=int, default=16384, help="rows of the 1x V")
+    parser.add_argument("--rows-per-chunk", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=10)
+    parser.add_argument("--max-iter", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-limit", default="512MiB", help="per worker, for the streamed runs")
+    parser.add_argument("--dir", default=None, help="where to write the Zarr (default: a temp dir)")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    import warnings
+
+    warnings.simplefilter("ignore")
+
+    workdir = tempfile.mkdtemp(prefix="dnmf-bench-", dir=args.dir)
+    try:
+        scales = (1, 2, 4, 8)
+        n_max = args.base_rows * scales[-1]
+        path = os.path.join(workdir, "V.zarr")
+        tick = time.perf_counter()
+        write_zarr(path, n_max, args.p, args.rows_per_chunk)
+        print(f"wrote V {n_max} x {args.p} float32 ({n_max * args.p * 4 / MiB:.0f} MiB, uncompressed, "
+              f"{args.rows_per_chunk}-row chunks) in {time.perf_counter() - tick:.1f} s")
+        print(f"cluster: {args.workers} workers x 1 thread, memory limit {args.memory_limit} each; "
+              f"rank {args.rank}, MU, {args.max_iter} iterations (median of iterations 2..)")
+        print()
+        print(f"{'n':>8} {'V MiB':>7} {'peak worker MiB':>16} {'s/iter':>8} {'read V s':>9} {'iter/read':>10}")
+        peaks = []
+        for scale in scales:
+            n = args.base_rows * scale
+            client = start_cluster(args.workers, args.memory_limit)
+            try:
+                with client.as_current():
+                    V = da.from_zarr(path)[:n]
+                    read_once_seconds(V)  # warm the page cache, as every later pass finds it
+                    read = min(read_once_seconds(V) for _ in range(2))
+                    per_iter, model = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=False)
+                    assert model.fit_info_["v_storage"] == "streamed"
+                    peak = peak_worker_memory(client)
+            finally:
+                client.close()
+                client.cluster.close()
+            peaks.append(peak)
+            print(f"{n:>8} {n * args.p * 4 / MiB:>7.0f} {peak / MiB:>16.0f} {per_iter:>8.3f} {read:>9.3f} {per_iter / read:>10.2f}")
+        spread = (max(peaks) - min(peaks)) / min(peaks)
+        print(f"peak worker memory from 1x to 8x: spread {spread:.0%} (goal <= 20%)")
+        print()
+
+        n = args.base_rows * 4
+        client = start_cluster(args.workers, "2GiB")
+        try:
+            with client.as_current():
+                V = da.from_zarr(path)[:n]
+                streamed, _ = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=False)
+                cached, model = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=True)
+                assert model.fit_info_["v_storage"] == "cached"
+        finally:
+            client.close()
+            client.cluster.close()
+        print(f"V {n} x {args.p} ({n * args.p * 4 / MiB:.0f} MiB) on {args.workers} x 2 GiB workers: "
+              f"cached {cached:.3f} s/iter, streamed {streamed:.3f} s/iter ({streamed / cached:.2f}x)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Factor a Zarr matrix with dnmf on whatever cluster the job provides; write W and H to Zarr.
+
+Used by every recipe in deploy/ (Slurm, PBS, Docker, Kubernetes):
+
+    python deploy/fit_zarr.py INPUT OUTPUT --rank 20 --scheduler local|mpi|slurm|pbs|ADDRESS|FILE.json
+
+INPUT is the path or fsspec URL of a 2-D Zarr array (``/scratch/me/V.zarr``,
+``s3://bucket/V.zarr``, ``gs://...``): every worker reads it, so it must be on a shared file
+system or an object store. OUTPUT is a directory (or URL) that receives a Zarr group with the
+arrays ``W`` (written by the workers, row block by row block) and ``H``, and attributes with
+the settings and the history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="path or URL of the Zarr array V (n_samples x n_features)")
+    parser.add_argument("output", help="path or URL of the Zarr group to write W and H into")
+    parser.add_argument("--rank", type=int, required=True, help="number of components r")
+    parser.add_argument("--scheduler", default="local", help="local, mpi, slurm, pbs, a scheduler address or file")
+    parser.add_argument("--n-workers", type=int, default=None, help="workers (local) or jobs (slurm/pbs)")
+    parser.add_argument("--memory-limit", default=None, help="memory limit per local worker, e.g. 4GiB")
+    parser.add_argument("--job-options", default="{}", help="JSON of SLURMCluster/PBSCluster arguments")
+    parser.add_argument("--solver", default="mu", choices=("mu", "hals"))
+    parser.add_argument("--init", default="random")
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="auto", choices=("auto", "true", "false"))
+    parser.add_argument("--spill-dir", default=None, help="shared directory for re-rooting W")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import dask.array as da
+    import zarr
+
+    from dnmf import NMF
+    from dnmf.cluster import connect
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cache = {"auto": "auto", "true": True, "false": False}[args.cache]
+    with connect(
+        args.scheduler, n_workers=args.n_workers, memory_limit=args.memory_limit,
+        job_options=json.loads(args.job_options),
+    ) as client:
+        if client is not None:
+            client.wait_for_workers(1)
+        model = NMF(
+            args.rank, solver=args.solver, init=args.init, max_iter=args.max_iter, tol=0, tol_x=0,
+            random_state=args.seed, cache=cache, spill_dir=args.spill_dir,
+        )
+        W = model.fit_transform(args.input)
+        group = zarr.open_group(args.output, mode="w")
+        group.attrs.update(
+            {
+                "rank": args.rank, "input": args.input, "n_iter": model.n_iter_,
+                "stop_reason": model.stop_reason_, "fit_info": model.fit_info_,
+                "history": model.history_,
+            }
+        )
+        group.create_array("H", data=model.components_)
+        w_array = group.create_array("W", shape=W.shape, chunks=(W.chunks[0][0], W.shape[1]), dtype=W.dtype)
+        da.store(W, w_array, lock=False)
+        logging.getLogger("dnmf.deploy").info(
+            "wrote W %s and H %s to %s after %d iterations", W.shape, model.components_.shape, args.output, model.n_iter_
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
