@@ -33,7 +33,13 @@ __all__ = [
 ]
 
 
+# Submodules reachable as attributes (``dnmf.checkpoint.resume(...)``) without an import.
+_SUBMODULES = {"checkpoint", "cluster", "convert", "plots", "rank", "results"}
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
