@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
+from .nnls import nnls_bpp
+
 FROBENIUS = 2.0
 KULLBACK_LEIBLER = 1.0
 ITAKURA_SAITO = 0.0
@@ -34,11 +36,17 @@ RANDOM_TILE_ROWS = 4096
 
 @dataclass(frozen=True)
 class Rule:
-    """Which update to apply: ``solver`` "mu" or "hals", β of the divergence, ε."""
+    """Which update to apply: ``solver`` "mu", "hals" or "bpp", β of the divergence, ε.
+
+    ``w_sweeps`` / ``h_sweeps``: the most HALS sweeps per half-step from the same products
+    (accelerated HALS, Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+    """
 
     solver: str
     beta: float
     eps: float
+    w_sweeps: int = 1
+    h_sweeps: int = 1
 
     @property
     def gamma(self) -> float:
@@ -133,22 +141,53 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
         ratio.data = V_b.data / (wh + eps)
         numer = _dot_t(W_b, ratio)
         col_w = W_b.sum(axis=0)
+        np.log(wh, out=wh)
         loss = (
-            float(np.sum(xlogy(V_b.data, V_b.data / wh), dtype=np.float64))
+            -float(np.dot(V_b.data.astype(np.float64), wh))
             - float(V_b.data.sum(dtype=np.float64))
             + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
         )
         return Partials(numer, col_w, loss, 0.0, 0.0)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     wh = W_b @ H
+    if beta == KULLBACK_LEIBLER:
+        return _kl_partials_dense(V_d, W_b, H, wh, eps)
     loss = beta_divergence_dense(V_d, wh, beta)
     wh += eps
-    if beta == KULLBACK_LEIBLER:
-        np.divide(V_d, wh, out=wh)
-        return Partials(W_b.T @ wh, W_b.sum(axis=0), loss, 0.0, 0.0)
     denom = W_b.T @ (wh ** (beta - 1.0))
     numer = W_b.T @ (V_d * wh ** (beta - 2.0))
     return Partials(numer, denom, loss, 0.0, 0.0)
+
+
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, wh: np.ndarray, eps: float) -> Partials:
+    """KL partials of a dense block, reusing ``wh`` = W_b H and one more block-sized buffer.
+
+    The loss left out the constant Σ V log V (see :func:`kl_constant`):
+    −Σ V log(WH) − ΣV + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+    """
+    log_wh = np.log(wh)
+    log_wh *= V
+    # Row sums in V's dtype (pairwise, accurate), then a float64 total.
+    cross = float(log_wh.sum(axis=1).sum(dtype=np.float64))
+    del log_wh
+    if np.isnan(cross):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+        cross = float(np.sum(xlogy(V, wh), dtype=np.float64))
+    col_w = W_b.sum(axis=0)
+    total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+    v_sum = float(V.sum(axis=1).sum(dtype=np.float64))
+    wh += eps
+    np.divide(V, wh, out=wh)
+    return Partials(W_b.T @ wh, col_w, -cross - v_sum + total_wh, 0.0, 0.0)
+
+
+def kl_constant(V_b) -> float:
+    """Σ V log V over a block (0 log 0 = 0): the constant part of the KL divergence."""
+    values = V_b.data if sp.issparse(V_b) else np.asarray(V_b)
+    if values.size == 0:
+        return 0.0
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    return float(np.sum(xlogy(values, values), dtype=np.float64))
 
 
 def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
@@ -168,8 +207,16 @@ def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
     )
 
 
-def objective(partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float) -> float:
-    """D_β(V | WH) from reduced partials; ``v_sq`` is ‖V‖² (used for β = 2 only)."""
+def objective(
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, v_xlogx: float = 0.0
+) -> float:
+    """D_β(V | WH) from reduced partials.
+
+    ``v_sq`` is ‖V‖² (used for β = 2 only); ``v_xlogx`` is Σ V log V, the constant the KL
+    partials leave out (used for β = 1 only).
+    """
+    if beta == KULLBACK_LEIBLER:
+        return max(float(partials.loss) + v_xlogx, 0.0)
     if beta != FROBENIUS:
         return max(float(partials.loss), 0.0)
     cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
@@ -253,29 +300,80 @@ def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray
     return X
 
 
-def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
+def hals_sweep_change(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
+    """:func:`hals_sweep` (same arithmetic) that also returns ‖X_new − X_old‖²."""
+    change = 0.0
+    for k in range(X.shape[0]):
+        if gram[k, k] == 0:
+            continue
+        step = cross[k] - gram[k] @ X
+        step /= gram[k, k]
+        step += X[k]
+        np.maximum(step, 0, out=step)
+        delta = step - X[k]
+        change += float(np.dot(delta, delta))
+        X[k] = step
+    return change
+
+
+# Accelerated HALS stops its inner sweeps once a sweep changes X by less than
+# δ times the first sweep's change (δ = 0.1, Gillis & Glineur 2012): squared, 0.01.
+HALS_INNER_STOP = 0.01
+
+
+def hals_sweeps(X: np.ndarray, gram: np.ndarray, cross: np.ndarray, max_sweeps: int = 1) -> np.ndarray:
+    """Up to ``max_sweeps`` HALS sweeps over X (r, m) in place from the same gram and cross.
+
+    One sweep is plain HALS. More sweeps stop early once a sweep's change ‖ΔX‖² falls
+    below ``HALS_INNER_STOP`` times the first one's.
+    """
+    if max_sweeps <= 1:
+        return hals_sweep(X, gram, cross)
+    first = hals_sweep_change(X, gram, cross)
+    for _ in range(max_sweeps - 1):
+        if hals_sweep_change(X, gram, cross) <= HALS_INNER_STOP * first:
+            break
+    return X
+
+
+def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, sweeps: int = 1) -> np.ndarray:
     """HALS update of one row block of W (a new array): the columns of W in turn."""
     Wt = np.ascontiguousarray(W_b.T)
-    hals_sweep(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T))
+    hals_sweeps(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T), sweeps)
     return np.ascontiguousarray(Wt.T)
 
 
-def hals_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
+def hals_update_h(H: np.ndarray, partials: Partials, sweeps: int = 1) -> np.ndarray:
     """HALS update of H from WᵀV and WᵀW (a new array): the rows of H in turn."""
-    return hals_sweep(H.copy(), partials.denom, partials.numer)
+    return hals_sweeps(H.copy(), partials.denom, partials.numer, sweeps)
+
+
+def bpp_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
+    """ANLS update of one row block of W: each row the exact NNLS solution given H."""
+    cross = _dot_ht(V_b, H).T
+    return np.ascontiguousarray(nnls_bpp(HHt, cross, W_b.T > 0).T.astype(W_b.dtype, copy=False))
+
+
+def bpp_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
+    """ANLS update of H: each column the exact NNLS solution given W (from WᵀW and WᵀV)."""
+    return nnls_bpp(partials.denom, partials.numer, H > 0).astype(H.dtype, copy=False)
 
 
 def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
     """The H half-step of ``rule``."""
     if rule.solver == "hals":
-        return hals_update_h(H, partials)
+        return hals_update_h(H, partials, rule.h_sweeps)
+    if rule.solver == "bpp":
+        return bpp_update_h(H, partials)
     return mu_update_h(H, partials, rule)
 
 
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
     """The W half-step of ``rule`` for one row block."""
     if rule.solver == "hals":
-        return hals_update_w(V_b, W_b, H, HHt)
+        return hals_update_w(V_b, W_b, H, HHt, rule.w_sweeps)
+    if rule.solver == "bpp":
+        return bpp_update_w(V_b, W_b, H, HHt)
     return mu_update_w(V_b, W_b, H, HHt, rule)
 
 
@@ -315,6 +413,7 @@ class BlockStats(NamedTuple):
     n_nonfinite: int
     first_negative: tuple[int, int] | None
     first_nonfinite: tuple[int, int] | None
+    v_xlogx: float = 0.0
 
 
 def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int):
@@ -323,8 +422,11 @@ def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: in
     return (int(mask_rows[0]) + row_offset, int(mask_cols[0]))
 
 
-def block_stats(V_b, row_offset: int) -> BlockStats:
-    """Sums and the bad entries of one row block starting at global row ``row_offset``."""
+def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
+    """Sums and the bad entries of one row block starting at global row ``row_offset``.
+
+    ``with_xlogx`` also sums V log V (the KL objective's constant; finite V only).
+    """
     if sp.issparse(V_b):
         coo = sp.coo_matrix(V_b)
         rows, cols, values = coo.row, coo.col, coo.data
@@ -351,6 +453,7 @@ def block_stats(V_b, row_offset: int) -> BlockStats:
         n_nonfinite=n_nonfinite,
         first_negative=first(negative) if n_negative else None,
         first_nonfinite=first(nonfinite) if n_nonfinite else None,
+        v_xlogx=kl_constant(V_b) if with_xlogx and not (n_nonfinite or n_negative) else 0.0,
     )
 
 
@@ -364,6 +467,7 @@ def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:
         a.n_nonfinite + b.n_nonfinite,
         a.first_negative or b.first_negative,
         a.first_nonfinite or b.first_nonfinite,
+        a.v_xlogx + b.v_xlogx,
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
@@ -26,9 +26,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import kernels
 from .kernels import Partials, Rule
-from .store import Matrix, tree_reduce
+from .store import Matrix, tree_fold, tree_reduce
 
-SOLVERS = ("mu", "hals")
+SOLVERS = ("mu", "hals", "bpp")
 
 
 @dataclass(frozen=True)
@@ -68,17 +68,27 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
+    v_xlogx : Σ V log V, the constant of the KL objective (β = 1 only).
+    local : run the same per-block kernels in this thread, block by block, instead of as a
+        Dask graph (for small in-memory V, where the graph's overhead would dominate). The
+        blocks, their order and the reduction tree are the graph's, so the results are the
+        same bit for bit.
     """
 
     matrix: Matrix
     rule: Rule
     v_sq: float
     update_h: bool = True
+    v_xlogx: float = 0.0
+    local: bool = False
+    _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def start(self, W: da.Array, H: np.ndarray) -> SolverState:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
         W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
+        if self.local:
+            return self._start_local(W, H)
         name = f"dnmf-start-{uuid.uuid4().hex}"
         dsk = {(name, "H"): H}
         leaves = []
@@ -97,7 +107,7 @@ class Solver:
         H_old = state.H
         H = kernels.update_h(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = H @ H.T
-        W, partials = self._w_pass(state.W, H, HHt)
+        W, partials = (self._w_pass_local if self.local else self._w_pass)(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
         new_state = SolverState(W, H, partials, self._objective(partials, H, HHt))
@@ -121,4 +131,40 @@ class Solver:
         return W_new, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
-        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta)
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self.v_xlogx)
+
+    # The local path: the graph's tasks, run here in the same order.
+
+    def _v_blocks(self) -> list:
+        if "V" not in self._blocks:
+            keys = self.matrix.block_keys()
+            self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in range(len(keys))]))
+        return self._blocks["V"]
+
+    def _start_local(self, W: da.Array, H: np.ndarray) -> SolverState:
+        W_blocks = _w_blocks(W)
+        parts = [kernels.initial_partials_block(v, w, H, self.rule) for v, w in zip(self._v_blocks(), W_blocks)]
+        partials = tree_fold(parts, kernels.add_partials)
+        return SolverState(_blocks_array(W_blocks, W), H, partials, self._objective(partials, H, H @ H.T))
+
+    def _w_pass_local(self, W: da.Array, H: np.ndarray, HHt: np.ndarray) -> tuple[da.Array, Partials]:
+        results = [kernels.step_block(v, w, H, HHt, self.rule) for v, w in zip(self._v_blocks(), _w_blocks(W))]
+        partials = tree_fold([part for _, part in results], kernels.add_partials)
+        return _blocks_array([w for w, _ in results], W), partials
+
+
+def _w_blocks(W: da.Array) -> list[np.ndarray]:
+    """W's row blocks as numpy arrays, taken straight from the graph when they are there."""
+    keys = _keys(W)
+    graph = W.__dask_graph__()
+    values = [graph.get(key) for key in keys]
+    if all(isinstance(v, np.ndarray) for v in values):
+        return values
+    return list(dask.compute(*[W.blocks[i, 0] for i in range(len(keys))]))
+
+
+def _blocks_array(blocks: list[np.ndarray], like: da.Array) -> da.Array:
+    """A dask array holding ``blocks`` (already computed) with ``like``'s chunks."""
+    name = f"dnmf-W-local-{uuid.uuid4().hex}"
+    dsk = {(name, i, 0): block for i, block in enumerate(blocks)}
+    return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=like.chunks, dtype=like.dtype)
