@@ -208,7 +208,7 @@ def fit_factors(
         start = make_start(matrix, stats, config.n_components, config.init, config.seed, W, H)
         solver = Solver(
             matrix, config.rule_for(matrix.shape, stats.nnz), stats.v_sq, update_h=update_h,
-            v_xlogx=stats.v_xlogx, local=runs_locally(matrix, params.get("local", "auto")),
+            kl_offset=stats.v_xlogx - stats.v_sum, local=runs_locally(matrix, params.get("local", "auto")),
         )
         state = solver.start(start.W, start.H)
         result = driver.run(solver, state, config.rules, callbacks=tuple(callbacks))

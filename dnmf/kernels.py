@@ -144,14 +144,13 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
         np.log(wh, out=wh)
         loss = (
             -float(np.dot(V_b.data.astype(np.float64), wh))
-            - float(V_b.data.sum(dtype=np.float64))
             + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
         )
         return Partials(numer, col_w, loss, 0.0, 0.0)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
-    wh = W_b @ H
     if beta == KULLBACK_LEIBLER:
-        return _kl_partials_dense(V_d, W_b, H, wh, eps)
+        return _kl_partials_dense(V_d, W_b, H, eps)
+    wh = W_b @ H
     loss = beta_divergence_dense(V_d, wh, beta)
     wh += eps
     denom = W_b.T @ (wh ** (beta - 1.0))
@@ -159,29 +158,54 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
     return Partials(numer, denom, loss, 0.0, 0.0)
 
 
-def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, wh: np.ndarray, eps: float) -> Partials:
-    """KL partials of a dense block, reusing ``wh`` = W_b H and one more block-sized buffer.
+# The dense KL kernels work on row tiles of about this many entries, so the elementwise
+# work on WH stays in cache and no block-sized temporary is made.
+KL_TILE_ENTRIES = 2**18
 
-    The loss left out the constant Σ V log V (see :func:`kl_constant`):
-    −Σ V log(WH) − ΣV + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+
+def _row_tiles(n_rows: int, p: int):
+    step = max(1, KL_TILE_ENTRIES // max(1, p))
+    return [(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+
+
+def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
+    """(V / (W_b H + ε)) Hᵀ of a dense block, tile by tile: shape (n_b, r)."""
+    out = np.empty((V.shape[0], H.shape[0]), dtype=np.result_type(W_b, H))
+    Ht = H.T
+    for start, stop in _row_tiles(V.shape[0], V.shape[1]):
+        wh = W_b[start:stop] @ H
+        wh += eps
+        np.divide(V[start:stop], wh, out=wh)
+        np.matmul(wh, Ht, out=out[start:stop])
+    return out
+
+
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> Partials:
+    """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
+
+    The loss leaves out the constant Σ V log V − Σ V (added by :func:`objective`):
+    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
     """
-    log_wh = np.log(wh)
-    log_wh *= V
-    # Row sums in V's dtype (pairwise, accurate), then a float64 total.
-    cross = float(log_wh.sum(axis=1).sum(dtype=np.float64))
-    del log_wh
-    if np.isnan(cross):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
-        cross = float(np.sum(xlogy(V, wh), dtype=np.float64))
+    numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
+    cross = 0.0
+    for start, stop in _row_tiles(V.shape[0], V.shape[1]):
+        V_t, W_t = V[start:stop], W_b[start:stop]
+        wh = W_t @ H
+        with np.errstate(divide="ignore"):
+            tile_cross = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
+        if np.isnan(tile_cross):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+            tile_cross = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
+        cross += tile_cross
+        wh += eps
+        np.divide(V_t, wh, out=wh)
+        numer += W_t.T @ wh
     col_w = W_b.sum(axis=0)
     total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
-    v_sum = float(V.sum(axis=1).sum(dtype=np.float64))
-    wh += eps
-    np.divide(V, wh, out=wh)
-    return Partials(W_b.T @ wh, col_w, -cross - v_sum + total_wh, 0.0, 0.0)
+    return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
 
 
 def kl_constant(V_b) -> float:
-    """Σ V log V over a block (0 log 0 = 0): the constant part of the KL divergence."""
+    """Σ V log V over a block (0 log 0 = 0); the KL divergence's constant is this minus ΣV."""
     values = V_b.data if sp.issparse(V_b) else np.asarray(V_b)
     if values.size == 0:
         return 0.0
@@ -208,15 +232,15 @@ def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
 
 
 def objective(
-    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, v_xlogx: float = 0.0
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
 ) -> float:
     """D_β(V | WH) from reduced partials.
 
-    ``v_sq`` is ‖V‖² (used for β = 2 only); ``v_xlogx`` is Σ V log V, the constant the KL
-    partials leave out (used for β = 1 only).
+    ``v_sq`` is ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the KL partials
+    leave out, Σ V log V − Σ V (used for β = 1 only).
     """
     if beta == KULLBACK_LEIBLER:
-        return max(float(partials.loss) + v_xlogx, 0.0)
+        return max(float(partials.loss) + kl_offset, 0.0)
     if beta != FROBENIUS:
         return max(float(partials.loss), 0.0)
     cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
@@ -243,11 +267,9 @@ def mu_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule
         if sp.issparse(V_b):
             ratio = V_b.copy()
             ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
+            numer = _dot_ht(ratio, H)
         else:
-            ratio = W_b @ H
-            ratio += eps
-            np.divide(V_b, ratio, out=ratio)
-        numer = _dot_ht(ratio, H)
+            numer = _kl_ratio_times_ht(V_b, W_b, H, eps)
         denom = H.sum(axis=1) + eps
     else:
         V_d = V_b.toarray() if sp.issparse(V_b) else V_b
@@ -427,6 +449,10 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
 
     ``with_xlogx`` also sums V log V (the KL objective's constant; finite V only).
     """
+    if not sp.issparse(V_b):
+        clean = _clean_dense_stats(np.asarray(V_b), with_xlogx)
+        if clean is not None:
+            return clean
     if sp.issparse(V_b):
         coo = sp.coo_matrix(V_b)
         rows, cols, values = coo.row, coo.col, coo.data
@@ -455,6 +481,25 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
         first_nonfinite=first(nonfinite) if n_nonfinite else None,
         v_xlogx=kl_constant(V_b) if with_xlogx and not (n_nonfinite or n_negative) else 0.0,
     )
+
+
+def _clean_dense_stats(values: np.ndarray, with_xlogx: bool) -> BlockStats | None:
+    """The stats of a dense block with no bad entries, tile by tile in float64 (no
+    block-sized temporary); None as soon as a tile has a negative or non-finite entry."""
+    v_sq = v_sum = xlogx = 0.0
+    nnz = 0
+    flat = values.reshape(values.shape[0], -1)
+    for start, stop in _row_tiles(flat.shape[0], flat.shape[1]):
+        tile = flat[start:stop].astype(np.float64).ravel()
+        total = float(tile.sum())
+        if not np.isfinite(total) or not tile.min(initial=0.0) >= 0:
+            return None
+        v_sum += total
+        v_sq += float(np.dot(tile, tile))
+        nnz += int(np.count_nonzero(tile))
+        if with_xlogx:
+            xlogx += float(np.sum(xlogy(tile, tile)))
+    return BlockStats(v_sq, v_sum, nnz, 0, 0, None, None, xlogx)
 
 
 def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:

@@ -25,7 +25,9 @@ import numpy as np
 
 # Full exchanges allowed without progress before the backup rule (Kim & Park use 3).
 FULL_EXCHANGE_TRIES = 3
-# Above this many distinct passive sets, one batched solve beats solving set by set.
+# Passive sets shared by at least MIN_GROUP columns are solved together (at most MAX_GROUPS
+# such sets); the other columns go through one batched solve.
+MIN_GROUP = 8
 MAX_GROUPS = 32
 # Columns per batched solve, to bound the (columns, r, r) temporary.
 BATCH_COLUMNS = 2048
@@ -84,21 +86,39 @@ def nnls_bpp(gram: np.ndarray, cross: np.ndarray, passive: np.ndarray | None = N
 
 
 def _solve_passive(G: np.ndarray, F: np.ndarray, P: np.ndarray, X: np.ndarray, Y: np.ndarray, cols: np.ndarray) -> None:
-    """For the columns ``cols``: X_P = G_PP⁻¹ F_P, X elsewhere 0, Y = G X − F (0 on P)."""
-    patterns, inverse = np.unique(P[:, cols].T, axis=0, return_inverse=True)
+    """For the columns ``cols``: X_P = G_PP⁻¹ F_P, X elsewhere 0, Y = G X − F (0 on P).
+
+    Columns sharing a passive set are solved together; the columns of rare passive sets
+    go through one batched solve.
+    """
+    keys = _pattern_keys(P[:, cols])
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     inverse = np.ravel(inverse)
-    if len(patterns) > MAX_GROUPS:
-        for start in range(0, cols.size, BATCH_COLUMNS):
-            _solve_batched(G, F, P, X, cols[start : start + BATCH_COLUMNS])
-    else:
-        for group, pattern in enumerate(patterns):
-            idx = cols[inverse == group]
-            p = np.flatnonzero(pattern)
-            X[:, idx] = 0
-            if p.size:
-                X[np.ix_(p, idx)] = _solve(G[np.ix_(p, p)], F[np.ix_(p, idx)])
+    common = np.flatnonzero(counts >= MIN_GROUP)
+    if len(common) > MAX_GROUPS:
+        common = common[np.argsort(counts[common])[::-1][:MAX_GROUPS]]
+    grouped = np.zeros(len(uniq), dtype=bool)
+    grouped[common] = True
+    for group in common:
+        idx = cols[inverse == group]
+        p = np.flatnonzero(P[:, idx[0]])
+        X[:, idx] = 0
+        if p.size:
+            X[np.ix_(p, idx)] = _solve(G[np.ix_(p, p)], F[np.ix_(p, idx)])
+    rest = cols[~grouped[inverse]]
+    for start in range(0, rest.size, BATCH_COLUMNS):
+        _solve_batched(G, F, P, X, rest[start : start + BATCH_COLUMNS])
     Y[:, cols] = G @ X[:, cols] - F[:, cols]
     Y[:, cols] *= ~P[:, cols]
+
+
+def _pattern_keys(P: np.ndarray) -> np.ndarray:
+    """One hashable key per column of the bool matrix P (r, m)."""
+    r = P.shape[0]
+    if r <= 63:
+        return (np.left_shift(np.uint64(1), np.arange(r, dtype=np.uint64)) @ P.astype(np.uint64)) if r else np.zeros(P.shape[1], np.uint64)
+    packed = np.ascontiguousarray(np.packbits(P, axis=0).T)
+    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
 
 
 def _solve_batched(G: np.ndarray, F: np.ndarray, P: np.ndarray, X: np.ndarray, cols: np.ndarray) -> None:

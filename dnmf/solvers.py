@@ -68,7 +68,7 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
-    v_xlogx : Σ V log V, the constant of the KL objective (β = 1 only).
+    kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only).
     local : run the same per-block kernels in this thread, block by block, instead of as a
         Dask graph (for small in-memory V, where the graph's overhead would dominate). The
         blocks, their order and the reduction tree are the graph's, so the results are the
@@ -79,7 +79,7 @@ class Solver:
     rule: Rule
     v_sq: float
     update_h: bool = True
-    v_xlogx: float = 0.0
+    kl_offset: float = 0.0
     local: bool = False
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -131,7 +131,7 @@ class Solver:
         return W_new, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
-        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self.v_xlogx)
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self.kl_offset)
 
     # The local path: the graph's tasks, run here in the same order.
 
