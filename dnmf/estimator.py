@@ -170,7 +170,9 @@ def blas_threads_for_scheduler():
     Dask's threads already use every core; BLAS threads on top oversubscribe them and make
     the results depend on the thread count.
     """
-    if dask.base.get_scheduler() is dask.threaded.get:
+    scheduler = dask.base.get_scheduler()
+    # None: no scheduler configured and no distributed client, so arrays use the threaded one.
+    if scheduler is None or scheduler is dask.threaded.get:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     else:
