@@ -26,7 +26,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import kernels
 from .kernels import Partials, Rule
-from .store import Matrix, tree_fold, tree_reduce
+from .store import Matrix, scan_matrix, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -68,7 +68,8 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
-    kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only).
+    kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only); None to have
+        it computed here by one extra scan of V when needed.
     local : run the same per-block kernels in this thread, block by block, instead of as a
         Dask graph (for small in-memory V, where the graph's overhead would dominate). The
         blocks, their order and the reduction tree are the graph's, so the results are the
@@ -79,7 +80,7 @@ class Solver:
     rule: Rule
     v_sq: float
     update_h: bool = True
-    kl_offset: float = 0.0
+    kl_offset: float | None = None
     local: bool = False
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -131,7 +132,17 @@ class Solver:
         return W_new, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
-        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self.kl_offset)
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset())
+
+    def _kl_offset(self) -> float:
+        if self.rule.beta != kernels.KULLBACK_LEIBLER:
+            return 0.0
+        if self.kl_offset is not None:
+            return self.kl_offset
+        if "kl_offset" not in self._blocks:
+            stats = scan_matrix(self.matrix, with_xlogx=True)
+            self._blocks["kl_offset"] = stats.v_xlogx - stats.v_sum
+        return self._blocks["kl_offset"]
 
     # The local path: the graph's tasks, run here in the same order.
 

@@ -163,3 +163,21 @@ def test_bad_inner_sweeps_is_one_clear_error():
         dnmf.NMF(3, solver="hals", inner_sweeps=0).fit(lowrank_noisy())
     with pytest.raises(dnmf.DnmfError, match="Frobenius"):
         dnmf.NMF(3, solver="bpp", beta_loss="kullback-leibler").fit(lowrank_noisy())
+
+
+def test_solver_computes_kl_constant_when_not_given():
+    from dnmf.kernels import Rule
+    from dnmf.solvers import Solver
+    from dnmf.store import open_matrix, scan_matrix
+
+    V = lowrank_noisy()
+    matrix = open_matrix(V, chunks=50)
+    stats = scan_matrix(matrix, with_xlogx=True)
+    W0, H0 = custom_start(V.shape, 3)
+    W0 = dnmf.store.da.from_array(W0, chunks=(50, 3))
+    rule = Rule("mu", 1.0, 1e-10)
+    given = Solver(matrix, rule, stats.v_sq, kl_offset=stats.v_xlogx - stats.v_sum).start(W0, H0)
+    computed = Solver(matrix, rule, stats.v_sq).start(W0, H0)
+    assert computed.objective == pytest.approx(given.objective, rel=1e-12)
+    WH = W0.compute() @ H0
+    assert given.objective == pytest.approx(np.sum(V * np.log(V / WH) - V + WH), rel=1e-9)
