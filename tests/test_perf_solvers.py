@@ -181,3 +181,14 @@ def test_solver_computes_kl_constant_when_not_given():
     assert computed.objective == pytest.approx(given.objective, rel=1e-12)
     WH = W0.compute() @ H0
     assert given.objective == pytest.approx(np.sum(V * np.log(V / WH) - V + WH), rel=1e-9)
+
+
+def test_blas_single_threaded_under_default_scheduler():
+    # dask's default for arrays is the threaded scheduler, though get_scheduler() is None.
+    from threadpoolctl import threadpool_info
+
+    from dnmf.estimator import blas_threads_for_scheduler
+
+    with blas_threads_for_scheduler():
+        blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
+        assert blas and all(info["num_threads"] == 1 for info in blas)
