@@ -224,12 +224,19 @@ def open_matrix(X, chunks: int | tuple | None = None) -> Matrix:
         dtype = factor_dtype(X.dtype)
         default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize)
         row_chunks = _row_chunks(X.shape[0], chunks, default)
-        name = f"dnmf-V-{uuid.uuid4().hex}"
-        data = da.from_array(X, chunks=(row_chunks, (X.shape[1],)), name=name)
-        return Matrix(data, dtype, True, False, "numpy")
+        return Matrix(_row_block_views(X, row_chunks), dtype, True, False, "numpy")
     raise InvalidMatrixError(
         expected("a numpy array, scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
     )
+
+
+def _row_block_views(X: np.ndarray, row_chunks: tuple[int, ...]) -> da.Array:
+    """A dask array whose row blocks are views of X (``da.from_array`` copies them: +V)."""
+    name = f"dnmf-V-{uuid.uuid4().hex}"
+    offsets = np.cumsum((0, *row_chunks)).tolist()
+    dsk = {(name, i, 0): X[offsets[i] : offsets[i + 1]] for i in range(len(row_chunks))}
+    graph = HighLevelGraph.from_collections(name, dsk)
+    return da.Array(graph, name, chunks=(row_chunks, (X.shape[1],)), dtype=X.dtype)
 
 
 def _matrix_from_zarr(arr, chunks, source: str) -> Matrix:
