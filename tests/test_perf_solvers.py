@@ -192,3 +192,20 @@ def test_blas_single_threaded_under_default_scheduler():
     with blas_threads_for_scheduler():
         blas = [info for info in threadpool_info() if info["user_api"] == "blas"]
         assert blas and all(info["num_threads"] == 1 for info in blas)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_tiled_frobenius_step_equals_whole_block(monkeypatch, solver):
+    from dnmf import kernels
+    from dnmf.kernels import Rule
+
+    rng = np.random.default_rng(5)
+    V, W, H = rng.random((97, 30)), rng.random((97, 4)), rng.random((4, 30))
+    rule = Rule(solver, 2.0, 1e-10)
+    whole_W, whole = kernels.step_block(V, W, H, H @ H.T, rule)
+    monkeypatch.setattr(kernels, "FUSED_TILE_ENTRIES", 300)  # tiles of 10 rows
+    assert kernels._fuses_in_tiles(V, rule)
+    tiled_W, tiled = kernels.step_block(V, W, H, H @ H.T, rule)
+    np.testing.assert_allclose(tiled_W, whole_W, rtol=1e-13)
+    np.testing.assert_allclose(tiled.numer, whole.numer, rtol=1e-12)
+    np.testing.assert_allclose(tiled.denom, whole.denom, rtol=1e-12)
