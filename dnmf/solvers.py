@@ -123,9 +123,13 @@ class Solver:
         for i, (vk, wk) in enumerate(zip(self.matrix.block_keys(), _keys(W))):
             dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
             dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
-            dsk[(p_name, i)] = (operator.getitem, (name, i), 1)
-            leaves.append((p_name, i))
-        root = tree_reduce(dsk, p_name, leaves, kernels.add_partials)
+            leaves.append((name, i))
+        if len(leaves) == 1:
+            dsk[(p_name, 0)] = (operator.getitem, leaves[0], 1)
+            leaves = [(p_name, 0)]
+        # The tree's first level takes the step results, (W_i, partials_i), as they are:
+        # one task fewer per block than a getitem for each partials_i.
+        root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W])
         W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
         W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name))
@@ -162,6 +166,11 @@ class Solver:
         results = [kernels.step_block(v, w, H, HHt, self.rule) for v, w in zip(self._v_blocks(), _w_blocks(W))]
         partials = tree_fold([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
+
+
+def _add_step_partials(a, b) -> Partials:
+    """:func:`kernels.add_partials` of two partials or ``step_block`` results."""
+    return kernels.add_partials(a if isinstance(a, Partials) else a[1], b if isinstance(b, Partials) else b[1])
 
 
 def _w_blocks(W: da.Array) -> list[np.ndarray]:
