@@ -40,13 +40,13 @@ FULL = {
 }
 
 QUICK = {
-    "dense_f32": ("dense", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
-    "dense_f64": ("dense", dict(n=6000, p=2000, r=20, dtype="float64", lo=5, hi=15, repeats=1)),
+    "dense_f32": ("dense", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=25, repeats=3)),
+    "dense_f64": ("dense", dict(n=6000, p=2000, r=20, dtype="float64", lo=5, hi=25, repeats=2)),
     "convergence": ("convergence", dict(n=6000, p=2000, r=20, dtype="float32", sk_iters=100, max_iter=100)),
-    "kl": ("kl", dict(n=6000, p=2000, r=20, dtype="float32", lo=3, hi=8, repeats=1)),
-    "cluster": ("cluster", dict(n=6000, p=2000, r=20, dtype="float32", lo=3, hi=8, repeats=1)),
-    "out_of_core": ("out_of_core", dict(n=6000, p=2000, r=20, dtype="float32", lo=3, hi=8, repeats=1)),
-    "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=3, hi=13, repeats=2)),
+    "kl": ("kl", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
+    "cluster": ("cluster", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "out_of_core": ("out_of_core", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
 }
