@@ -416,7 +416,7 @@ def scan_source(path, dataset: str | None = None, rows: int | None = None):
         finally:
             if source.close is not None:
                 source.close()
-    return MatrixStats(*total, shape=shape), shape, dtype, fmt
+    return MatrixStats.from_blocks(total, shape), shape, dtype, fmt
 
 
 def size_on_disk(path) -> int:

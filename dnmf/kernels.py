@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
+from .nnls import nnls_bpp
+
 FROBENIUS = 2.0
 KULLBACK_LEIBLER = 1.0
 ITAKURA_SAITO = 0.0
@@ -34,11 +36,17 @@ RANDOM_TILE_ROWS = 4096
 
 @dataclass(frozen=True)
 class Rule:
-    """Which update to apply: ``solver`` "mu" or "hals", β of the divergence, ε."""
+    """Which update to apply: ``solver`` "mu", "hals" or "bpp", β of the divergence, ε.
+
+    ``w_sweeps`` / ``h_sweeps``: the most HALS sweeps per half-step from the same products
+    (accelerated HALS, Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+    """
 
     solver: str
     beta: float
     eps: float
+    w_sweeps: int = 1
+    h_sweeps: int = 1
 
     @property
     def gamma(self) -> float:
@@ -142,22 +150,77 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
         ratio.data = V_b.data / (wh + eps)
         numer = _dot_t(W_b, ratio)
         col_w = W_b.sum(axis=0)
+        np.log(wh, out=wh)
         loss = (
-            float(np.sum(xlogy(V_b.data, V_b.data / wh), dtype=np.float64))
-            - float(V_b.data.sum(dtype=np.float64))
+            -float(np.dot(V_b.data.astype(np.float64), wh))
             + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
         )
         return Partials(numer, col_w, loss, 0.0, 0.0)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    if beta == KULLBACK_LEIBLER:
+        return _kl_partials_dense(V_d, W_b, H, eps)
     wh = W_b @ H
     loss = beta_divergence_dense(V_d, wh, beta)
     wh += eps
-    if beta == KULLBACK_LEIBLER:
-        np.divide(V_d, wh, out=wh)
-        return Partials(W_b.T @ wh, W_b.sum(axis=0), loss, 0.0, 0.0)
     denom = W_b.T @ (wh ** (beta - 1.0))
     numer = W_b.T @ (V_d * wh ** (beta - 2.0))
     return Partials(numer, denom, loss, 0.0, 0.0)
+
+
+# The dense KL kernels work on row tiles of about this many entries, so the elementwise
+# work on WH stays in cache and no block-sized temporary is made.
+KL_TILE_ENTRIES = 2**18
+
+
+def _row_tiles(n_rows: int, p: int):
+    step = max(1, KL_TILE_ENTRIES // max(1, p))
+    return [(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+
+
+def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
+    """(V / (W_b H + ε)) Hᵀ of a dense block, tile by tile: shape (n_b, r)."""
+    out = np.empty((V.shape[0], H.shape[0]), dtype=np.result_type(W_b, H))
+    Ht = H.T
+    for start, stop in _row_tiles(V.shape[0], V.shape[1]):
+        wh = W_b[start:stop] @ H
+        wh += eps
+        np.divide(V[start:stop], wh, out=wh)
+        np.matmul(wh, Ht, out=out[start:stop])
+    return out
+
+
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> Partials:
+    """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
+
+    The loss leaves out the constant Σ V log V − Σ V (added by :func:`objective`):
+    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+    """
+    numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
+    cross = 0.0
+    for start, stop in _row_tiles(V.shape[0], V.shape[1]):
+        V_t, W_t = V[start:stop], W_b[start:stop]
+        wh = W_t @ H
+        with np.errstate(divide="ignore"):
+            tile_cross = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
+        if np.isnan(tile_cross):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+            tile_cross = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
+        cross += tile_cross
+        wh += eps
+        np.divide(V_t, wh, out=wh)
+        numer += W_t.T @ wh
+    col_w = W_b.sum(axis=0)
+    total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+    return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
+
+
+def kl_constant(V_b) -> float:
+    """Σ V log V over a block (0 log 0 = 0); the KL divergence's constant is this minus ΣV."""
+    values = V_b.data if sp.issparse(V_b) else np.asarray(V_b)
+    if values.size == 0:
+        return 0.0
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    return float(np.sum(xlogy(values, values), dtype=np.float64))
 
 
 def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
@@ -177,8 +240,16 @@ def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
     )
 
 
-def objective(partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float) -> float:
-    """D_β(V | WH) from reduced partials; ``v_sq`` is ‖V‖² (used for β = 2 only)."""
+def objective(
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
+) -> float:
+    """D_β(V | WH) from reduced partials.
+
+    ``v_sq`` is ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the KL partials
+    leave out, Σ V log V − Σ V (used for β = 1 only).
+    """
+    if beta == KULLBACK_LEIBLER:
+        return max(float(partials.loss) + kl_offset, 0.0)
     if beta != FROBENIUS:
         return max(float(partials.loss), 0.0)
     cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
@@ -205,11 +276,9 @@ def mu_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule
         if sp.issparse(V_b):
             ratio = V_b.copy()
             ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
+            numer = _dot_ht(ratio, H)
         else:
-            ratio = W_b @ H
-            ratio += eps
-            np.divide(V_b, ratio, out=ratio)
-        numer = _dot_ht(ratio, H)
+            numer = _kl_ratio_times_ht(V_b, W_b, H, eps)
         denom = H.sum(axis=1) + eps
     else:
         V_d = V_b.toarray() if sp.issparse(V_b) else V_b
@@ -262,29 +331,80 @@ def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray
     return X
 
 
-def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
+def hals_sweep_change(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
+    """:func:`hals_sweep` (same arithmetic) that also returns ‖X_new − X_old‖²."""
+    change = 0.0
+    for k in range(X.shape[0]):
+        if gram[k, k] == 0:
+            continue
+        step = cross[k] - gram[k] @ X
+        step /= gram[k, k]
+        step += X[k]
+        np.maximum(step, 0, out=step)
+        delta = step - X[k]
+        change += float(np.dot(delta, delta))
+        X[k] = step
+    return change
+
+
+# Accelerated HALS stops its inner sweeps once a sweep changes X by less than
+# δ times the first sweep's change (δ = 0.1, Gillis & Glineur 2012): squared, 0.01.
+HALS_INNER_STOP = 0.01
+
+
+def hals_sweeps(X: np.ndarray, gram: np.ndarray, cross: np.ndarray, max_sweeps: int = 1) -> np.ndarray:
+    """Up to ``max_sweeps`` HALS sweeps over X (r, m) in place from the same gram and cross.
+
+    One sweep is plain HALS. More sweeps stop early once a sweep's change ‖ΔX‖² falls
+    below ``HALS_INNER_STOP`` times the first one's.
+    """
+    if max_sweeps <= 1:
+        return hals_sweep(X, gram, cross)
+    first = hals_sweep_change(X, gram, cross)
+    for _ in range(max_sweeps - 1):
+        if hals_sweep_change(X, gram, cross) <= HALS_INNER_STOP * first:
+            break
+    return X
+
+
+def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, sweeps: int = 1) -> np.ndarray:
     """HALS update of one row block of W (a new array): the columns of W in turn."""
     Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
-    hals_sweep(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T))
+    hals_sweeps(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T), sweeps)
     return np.ascontiguousarray(Wt.T)
 
 
-def hals_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
+def hals_update_h(H: np.ndarray, partials: Partials, sweeps: int = 1) -> np.ndarray:
     """HALS update of H from WᵀV and WᵀW (a new array): the rows of H in turn."""
-    return hals_sweep(H.copy(), partials.denom, partials.numer)
+    return hals_sweeps(H.copy(), partials.denom, partials.numer, sweeps)
+
+
+def bpp_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
+    """ANLS update of one row block of W: each row the exact NNLS solution given H."""
+    cross = _dot_ht(V_b, H).T
+    return np.ascontiguousarray(nnls_bpp(HHt, cross, W_b.T > 0).T.astype(W_b.dtype, copy=False))
+
+
+def bpp_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
+    """ANLS update of H: each column the exact NNLS solution given W (from WᵀW and WᵀV)."""
+    return nnls_bpp(partials.denom, partials.numer, H > 0).astype(H.dtype, copy=False)
 
 
 def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
     """The H half-step of ``rule``."""
     if rule.solver == "hals":
-        return hals_update_h(H, partials)
+        return hals_update_h(H, partials, rule.h_sweeps)
+    if rule.solver == "bpp":
+        return bpp_update_h(H, partials)
     return mu_update_h(H, partials, rule)
 
 
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
     """The W half-step of ``rule`` for one row block."""
     if rule.solver == "hals":
-        return hals_update_w(V_b, W_b, H, HHt)
+        return hals_update_w(V_b, W_b, H, HHt, rule.w_sweeps)
+    if rule.solver == "bpp":
+        return bpp_update_w(V_b, W_b, H, HHt)
     return mu_update_w(V_b, W_b, H, HHt, rule)
 
 
@@ -295,12 +415,42 @@ def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule)
     ‖W_b_new‖² and ‖W_b_new − W_b‖².
     """
     V_b = as_float_block(V_b, W_b.dtype)
-    W_new = update_w(V_b, W_b, H, HHt, rule)
-    partials = block_partials(V_b, W_new, H, rule)
+    if _fuses_in_tiles(V_b, rule):
+        W_new, partials = _frobenius_step_tiled(V_b, W_b, H, HHt, rule)
+    else:
+        W_new = update_w(V_b, W_b, H, HHt, rule)
+        partials = block_partials(V_b, W_new, H, rule)
     delta = W_new - W_b
     return W_new, partials._replace(
         w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta))
     )
+
+
+# Dense Frobenius steps of MU (and one-sweep HALS) run in row tiles of about this many
+# entries: each tile of V is read from memory once, for V_t Hᵀ and then W_tᵀ V_t, while it
+# is still in cache. (Multi-sweep HALS and BPP would pay their per-call overhead per tile.)
+FUSED_TILE_ENTRIES = 2**20
+
+
+def _fuses_in_tiles(V_b, rule: Rule) -> bool:
+    if rule.beta != FROBENIUS or sp.issparse(V_b):
+        return False
+    cheap_update = rule.solver == "mu" or (rule.solver == "hals" and rule.w_sweeps == 1)
+    return cheap_update and V_b.shape[0] * V_b.shape[1] > 2 * FUSED_TILE_ENTRIES
+
+
+def _frobenius_step_tiled(V_b: np.ndarray, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule):
+    """The W update and the Frobenius partials of a dense block, tile by tile (W's rows
+    update independently, so this is the block's update)."""
+    W_new = np.empty_like(W_b)
+    numer = np.zeros(H.shape, dtype=W_b.dtype)
+    step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]))
+    for start in range(0, V_b.shape[0], step):
+        V_t = V_b[start : start + step]
+        W_t = update_w(V_t, W_b[start : start + step], H, HHt, rule)
+        W_new[start : start + step] = W_t
+        numer += W_t.T @ V_t
+    return W_new, Partials(numer, W_new.T @ W_new, 0.0, 0.0, 0.0)
 
 
 def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
@@ -324,6 +474,7 @@ class BlockStats(NamedTuple):
     n_nonfinite: int
     first_negative: tuple[int, int] | None
     first_nonfinite: tuple[int, int] | None
+    v_xlogx: float = 0.0
 
 
 def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int):
@@ -332,8 +483,15 @@ def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: in
     return (int(mask_rows[0]) + row_offset, int(mask_cols[0]))
 
 
-def block_stats(V_b, row_offset: int) -> BlockStats:
-    """Sums and the bad entries of one row block starting at global row ``row_offset``."""
+def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
+    """Sums and the bad entries of one row block starting at global row ``row_offset``.
+
+    ``with_xlogx`` also sums V log V (the KL objective's constant; finite V only).
+    """
+    if not sp.issparse(V_b):
+        clean = _clean_dense_stats(np.asarray(V_b), with_xlogx)
+        if clean is not None:
+            return clean
     if sp.issparse(V_b):
         coo = sp.coo_matrix(V_b)
         rows, cols, values = coo.row, coo.col, coo.data
@@ -360,7 +518,27 @@ def block_stats(V_b, row_offset: int) -> BlockStats:
         n_nonfinite=n_nonfinite,
         first_negative=first(negative) if n_negative else None,
         first_nonfinite=first(nonfinite) if n_nonfinite else None,
+        v_xlogx=kl_constant(V_b) if with_xlogx and not (n_nonfinite or n_negative) else 0.0,
     )
+
+
+def _clean_dense_stats(values: np.ndarray, with_xlogx: bool) -> BlockStats | None:
+    """The stats of a dense block with no bad entries, tile by tile in float64 (no
+    block-sized temporary); None as soon as a tile has a negative or non-finite entry."""
+    v_sq = v_sum = xlogx = 0.0
+    nnz = 0
+    flat = values.reshape(values.shape[0], -1)
+    for start, stop in _row_tiles(flat.shape[0], flat.shape[1]):
+        tile = flat[start:stop].astype(np.float64).ravel()
+        total = float(tile.sum())
+        if not np.isfinite(total) or not tile.min(initial=0.0) >= 0:
+            return None
+        v_sum += total
+        v_sq += float(np.dot(tile, tile))
+        nnz += int(np.count_nonzero(tile))
+        if with_xlogx:
+            xlogx += float(np.sum(xlogy(tile, tile)))
+    return BlockStats(v_sq, v_sum, nnz, 0, 0, None, None, xlogx)
 
 
 def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:
@@ -373,6 +551,7 @@ def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:
         a.n_nonfinite + b.n_nonfinite,
         a.first_negative or b.first_negative,
         a.first_nonfinite or b.first_nonfinite,
+        a.v_xlogx + b.v_xlogx,
     )
 
 

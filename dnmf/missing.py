@@ -112,7 +112,7 @@ def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> 
     stats, n_observed = result
     if n_observed == 0:
         raise InvalidMatrixError("Every entry of the matrix is missing: there is nothing to factor.")
-    return MaskedStats(MatrixStats(*stats, shape=matrix.shape), n_observed)
+    return MaskedStats(MatrixStats.from_blocks(stats, matrix.shape), n_observed)
 
 
 def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask
 import dask.array as da
@@ -26,9 +26,9 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import kernels, masked
 from .kernels import Partials, Rule
-from .store import Matrix, tree_reduce
+from .store import Matrix, scan_matrix, tree_fold, tree_reduce
 
-SOLVERS = ("mu", "hals")
+SOLVERS = ("mu", "hals", "bpp")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,12 @@ class Solver:
     masked : minimize the divergence over observed entries only (:mod:`dnmf.masked`): NaN
         entries of V are missing, and so are the False entries of ``mask``.
     mask : optional boolean dask array shaped and row-chunked like V (True = observed).
+    kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only); None to have
+        it computed here by one extra scan of V when needed.
+    local : run the same per-block kernels in this thread, block by block, instead of as a
+        Dask graph (for small in-memory V, where the graph's overhead would dominate). The
+        blocks, their order and the reduction tree are the graph's, so the results are the
+        same bit for bit.
     """
 
     matrix: Matrix
@@ -79,6 +85,9 @@ class Solver:
     update_h: bool = True
     masked: bool = False
     mask: da.Array | None = None
+    kl_offset: float | None = None
+    local: bool = False
+    _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def _mask_keys(self) -> list:
         """The mask's block keys (None per block when NaN alone marks the missing entries)."""
@@ -93,6 +102,8 @@ class Solver:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
         W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
+        if self.local and not self.masked:
+            return self._start_local(W, H)
         name = f"dnmf-start-{uuid.uuid4().hex}"
         dsk = {(name, "H"): H}
         leaves = []
@@ -115,7 +126,7 @@ class Solver:
         update = masked.masked_update_h if self.masked else kernels.update_h
         H = update(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = kernels.gram(H.T)
-        W, partials = self._w_pass(state.W, H, HHt)
+        W, partials = (self._w_pass_local if self.local and not self.masked else self._w_pass)(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
         new_state = SolverState(W, H, partials, self._objective(partials, H, HHt))
@@ -133,9 +144,13 @@ class Solver:
             else:
                 dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
             dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
-            dsk[(p_name, i)] = (operator.getitem, (name, i), 1)
-            leaves.append((p_name, i))
-        root = tree_reduce(dsk, p_name, leaves, kernels.add_partials)
+            leaves.append((name, i))
+        if len(leaves) == 1:
+            dsk[(p_name, 0)] = (operator.getitem, leaves[0], 1)
+            leaves = [(p_name, 0)]
+        # The tree's first level takes the step results, (W_i, partials_i), as they are:
+        # one task fewer per block than a getitem for each partials_i.
+        root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
         W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
         W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name))
@@ -144,4 +159,55 @@ class Solver:
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
         if self.masked:
             return max(float(partials.loss), 0.0)
-        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta)
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset())
+
+    def _kl_offset(self) -> float:
+        if self.rule.beta != kernels.KULLBACK_LEIBLER:
+            return 0.0
+        if self.kl_offset is not None:
+            return self.kl_offset
+        if "kl_offset" not in self._blocks:
+            stats = scan_matrix(self.matrix, with_xlogx=True)
+            self._blocks["kl_offset"] = stats.v_xlogx - stats.v_sum
+        return self._blocks["kl_offset"]
+
+    # The local path: the graph's tasks, run here in the same order.
+
+    def _v_blocks(self) -> list:
+        if "V" not in self._blocks:
+            keys = self.matrix.block_keys()
+            self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in range(len(keys))]))
+        return self._blocks["V"]
+
+    def _start_local(self, W: da.Array, H: np.ndarray) -> SolverState:
+        W_blocks = _w_blocks(W)
+        parts = [kernels.initial_partials_block(v, w, H, self.rule) for v, w in zip(self._v_blocks(), W_blocks)]
+        partials = tree_fold(parts, kernels.add_partials)
+        return SolverState(_blocks_array(W_blocks, W), H, partials, self._objective(partials, H, kernels.gram(H.T)))
+
+    def _w_pass_local(self, W: da.Array, H: np.ndarray, HHt: np.ndarray) -> tuple[da.Array, Partials]:
+        results = [kernels.step_block(v, w, H, HHt, self.rule) for v, w in zip(self._v_blocks(), _w_blocks(W))]
+        partials = tree_fold([part for _, part in results], kernels.add_partials)
+        return _blocks_array([w for w, _ in results], W), partials
+
+
+def _add_step_partials(a, b) -> Partials:
+    """:func:`kernels.add_partials` of two partials or ``step_block`` results."""
+    return kernels.add_partials(a if isinstance(a, Partials) else a[1], b if isinstance(b, Partials) else b[1])
+
+
+def _w_blocks(W: da.Array) -> list[np.ndarray]:
+    """W's row blocks as numpy arrays, taken straight from the graph when they are there."""
+    keys = _keys(W)
+    graph = W.__dask_graph__()
+    values = [graph.get(key) for key in keys]
+    if all(isinstance(v, np.ndarray) for v in values):
+        return values
+    return list(dask.compute(*[W.blocks[i, 0] for i in range(len(keys))]))
+
+
+def _blocks_array(blocks: list[np.ndarray], like: da.Array) -> da.Array:
+    """A dask array holding ``blocks`` (already computed) with ``like``'s chunks."""
+    name = f"dnmf-W-local-{uuid.uuid4().hex}"
+    dsk = {(name, i, 0): block for i, block in enumerate(blocks)}
+    return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=like.chunks, dtype=like.dtype)

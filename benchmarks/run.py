@@ -1,0 +1,235 @@
+"""dnmf's performance benchmark: one table of ratios against the floor and scikit-learn.
+
+    python benchmarks/run.py            # the issue's sizes (20000 x 5000, ...), ≲ 10 minutes
+    python benchmarks/run.py --quick    # smaller matrices, ~1-2 minutes
+    python benchmarks/run.py --only dense,kl --json out.json
+
+Every case runs in its own child process (``benchmarks/cases.py``) with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` (fresh pages are slow to touch on
+these machines), times its competitors side by side, and reports medians of interleaved
+repeats. Per-iteration figures are steady state: (t(hi iterations) - t(lo)) / (hi - lo) from
+the same start. The floor is one V @ Hᵀ plus one Wᵀ @ V with numpy's default BLAS threads,
+measured in the same process. Each line is printed against its goal from issue 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GB = 1e9
+
+FULL = {
+    "dense_f32": ("dense", dict(n=20000, p=5000, r=20, dtype="float32", lo=10, hi=30, repeats=3)),
+    "dense_f64": ("dense", dict(n=20000, p=5000, r=20, dtype="float64", lo=10, hi=30, repeats=2)),
+    "convergence": ("convergence", dict(n=20000, p=5000, r=20, dtype="float32", sk_iters=200, max_iter=200)),
+    "kl": ("kl", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "cluster": ("cluster", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "out_of_core": ("out_of_core", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "sparse": ("sparse", dict(n=200000, p=20000, density=0.005, r=20, dtype="float32", lo=2, hi=6, repeats=2)),
+    "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
+    "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
+}
+
+QUICK = {
+    "dense_f32": ("dense", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=25, repeats=3)),
+    "dense_f64": ("dense", dict(n=6000, p=2000, r=20, dtype="float64", lo=5, hi=25, repeats=2)),
+    "convergence": ("convergence", dict(n=6000, p=2000, r=20, dtype="float32", sk_iters=100, max_iter=100)),
+    "kl": ("kl", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
+    "cluster": ("cluster", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "out_of_core": ("out_of_core", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
+    "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
+    "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
+    "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
+}
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["MALLOC_MMAP_MAX_"] = "0"
+    env["MALLOC_TRIM_THRESHOLD_"] = "100000000000"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_case(case: str, params: dict, timeout: float) -> dict:
+    """Run one case in a child process and return its RESULT dict (or an error)."""
+    cmd = [sys.executable, str(HERE / "cases.py"), case, json.dumps(params)]
+    tick = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_seconds"] = time.perf_counter() - tick
+            return result
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+# ---------------------------------------------------------------------------
+# Lines of the table
+
+
+def line(what: str, value, goal: str | None = None, passed: bool | None = None, detail: str = "") -> dict:
+    return {"what": what, "value": value, "goal": goal or "", "status": "info" if passed is None else ("PASS" if passed else "FAIL"), "detail": detail}
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.0f} ms"
+
+
+def lines_dense(res: dict, label: str) -> list[dict]:
+    floor = res["floor"]
+    out = [line(f"{label}: floor (V@Hᵀ + Wᵀ@V, numpy threads)", ms(floor))]
+    for solver, goal in (("mu", 1.15), ("hals", 1.15), ("hals_plain", None), ("bpp", None)):
+        t = res[f"dnmf_{solver}"]
+        name = {"hals": "HALS (accelerated, auto)", "hals_plain": "HALS (1 sweep)", "mu": "MU", "bpp": "BPP"}[solver]
+        ratio = t / floor
+        out.append(line(f"{label}: dnmf {name} / floor", f"{ratio:.2f}", f"≤ {goal}" if goal else None,
+                        None if goal is None else ratio <= goal, ms(t) + "/iter"))
+    out.append(line(f"{label}: dnmf MU / scikit-learn MU", f"{res['dnmf_mu'] / res['sklearn_mu']:.2f}", None, None,
+                    f"{ms(res['dnmf_mu'])} vs {ms(res['sklearn_mu'])}"))
+    out.append(line(f"{label}: dnmf HALS (1 sweep) / scikit-learn CD", f"{res['dnmf_hals_plain'] / res['sklearn_cd']:.2f}", None, None,
+                    f"{ms(res['dnmf_hals_plain'])} vs {ms(res['sklearn_cd'])}"))
+    out.append(line(f"{label}: scikit-learn MU / floor", f"{res['sklearn_mu'] / floor:.2f}"))
+    return out
+
+
+def lines_convergence(res: dict) -> list[dict]:
+    sk_t, sk_p = res["sklearn_cd_seconds"], res["sklearn_cd_passes"]
+    solvers = [k[len("dnmf_"):-len("_seconds")] for k in res if k.startswith("dnmf_") and k.endswith("_seconds")]
+    out = [line("to CD's loss: scikit-learn CD, 200 iterations", f"{sk_t:.1f} s", detail=f"{sk_p} passes, rel. error {res['relative_target']:.4f}")]
+    for s in solvers:
+        out.append(line(f"to CD's loss: dnmf {s} time / CD's", f"{res[f'dnmf_{s}_seconds'] / sk_t:.2f}", detail=f"{res[f'dnmf_{s}_iterations']} iterations"))
+    best = min(solvers, key=lambda s: res[f"dnmf_{s}_seconds"])
+    t_ratio = res[f"dnmf_{best}_seconds"] / sk_t
+    p_ratio = res[f"dnmf_{best}_passes"] / sk_p
+    out.append(line(f"to CD's loss: best dnmf ({best}) time / CD's", f"{t_ratio:.2f}", "≤ 0.5", t_ratio <= 0.5))
+    out.append(line(f"to CD's loss: best dnmf ({best}) passes over V / CD's", f"{p_ratio:.3f}", "≤ 0.3", p_ratio <= 0.3,
+                    f"{res[f'dnmf_{best}_passes']} vs {sk_p}"))
+    return out
+
+
+def lines_kl(res: dict) -> list[dict]:
+    ratio = res["dnmf_kl"] / res["sklearn_kl"]
+    return [line("KL MU: dnmf / scikit-learn per iteration", f"{ratio:.2f}", "≤ 0.75", ratio <= 0.75,
+                 f"{ms(res['dnmf_kl'])} vs {ms(res['sklearn_kl'])}; floor {ms(res['floor'])}")]
+
+
+def lines_cluster(res: dict) -> list[dict]:
+    out = []
+    for s in ("mu", "hals"):
+        ratio = res[f"cluster_{s}"] / res["floor"]
+        out.append(line(f"LocalCluster 2×1 thread: dnmf {s.upper()} / floor", f"{ratio:.2f}", "≤ 1.5", ratio <= 1.5,
+                        f"{ms(res[f'cluster_{s}'])}/iter"))
+        out.append(line(f"LocalCluster / threaded scheduler, {s.upper()}", f"{res[f'cluster_{s}'] / res[f'threaded_{s}']:.2f}",
+                        detail=f"threaded {ms(res[f'threaded_{s}'])}/iter"))
+    return out
+
+
+def lines_out_of_core(res: dict) -> list[dict]:
+    out = [line("out-of-core: read V once from Zarr (Blosc-lz4)", ms(res["read_once"]))]
+    for s in ("mu", "hals"):
+        ratio = res[f"zarr_{s}"] / res["read_once"]
+        out.append(line(f"out-of-core: dnmf {s.upper()} per iteration / read once", f"{ratio:.2f}", "≤ 1.3", ratio <= 1.3,
+                        f"{ms(res[f'zarr_{s}'])}/iter"))
+    return out
+
+
+def lines_sparse(res: dict, params: dict) -> list[dict]:
+    label = f"sparse {params['n']}×{params['p']} CSR, {100 * params['density']:.1f}%"
+    ratio = res["dnmf_mu"] / res["sklearn_mu"]
+    return [
+        line(f"{label}: dnmf MU / scikit-learn MU", f"{ratio:.2f}", "≤ 1.0", ratio <= 1.0,
+             f"{ms(res['dnmf_mu'])} vs {ms(res['sklearn_mu'])}/iter, {res['nnz'] / 1e6:.1f}M nnz"),
+        line(f"{label}: dnmf HALS / scikit-learn MU", f"{res['dnmf_hals'] / res['sklearn_mu']:.2f}", detail=f"{ms(res['dnmf_hals'])}/iter"),
+        line(f"{label}: dnmf MU / floor", f"{res['dnmf_mu'] / res['floor']:.2f}", detail=f"floor {ms(res['floor'])}"),
+    ]
+
+
+def lines_memory(mem: dict) -> list[dict]:
+    base = mem["baseline"]["peak_rss"]
+    v_gb = mem["baseline"]["v_bytes"] / GB
+    out = []
+    for who, goal in (("dnmf", 0.3), ("dnmf_hals", None), ("sklearn", None)):
+        extra = (mem[who]["peak_rss"] - base) / GB
+        name = {"dnmf": "dnmf MU", "dnmf_hals": "dnmf HALS", "sklearn": "scikit-learn MU"}[who]
+        out.append(line(f"peak memory: {name}, above V (V = {v_gb:.2f} GB)", f"{extra:+.2f} GB",
+                        f"≤ +{goal} GB" if goal else None, None if goal is None else extra <= goal))
+    return out
+
+
+def lines_small(res: dict) -> list[dict]:
+    ratio = res["dnmf_mu"] / res["sklearn_mu"]
+    return [
+        line("small 2000×500: whole fit, dnmf MU / scikit-learn MU", f"{ratio:.2f}", "≤ 2.0", ratio <= 2.0,
+             f"{ms(res['dnmf_mu'])} vs {ms(res['sklearn_mu'])}"),
+        line("small 2000×500: whole fit, dnmf HALS / scikit-learn CD", f"{res['dnmf_hals'] / res['sklearn_cd']:.2f}", "≤ 2.0",
+             res["dnmf_hals"] / res["sklearn_cd"] <= 2.0, f"{ms(res['dnmf_hals'])} vs {ms(res['sklearn_cd'])}"),
+        line("small 2000×500: whole fit, dnmf MU through Dask graphs / scikit-learn", f"{res['dnmf_mu_graph'] / res['sklearn_mu']:.2f}"),
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| what | measured | goal | status | detail |\n|---|---|---|---|---|"
+    body = [f"| {r['what']} | {r['value']} | {r['goal']} | {r['status']} | {r['detail']} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller matrices, ~1-2 minutes")
+    parser.add_argument("--only", default="", help="comma-separated cases: " + ",".join(FULL))
+    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="where to write the results")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else FULL
+    chosen = [c for c in args.only.split(",") if c] or list(plan)
+    raw, rows = {}, []
+    started = time.perf_counter()
+    for key in chosen:
+        case, params = plan[key]
+        if case == "memory":
+            raw[key] = {who: run_case(case, {**params, "who": who}, args.timeout) for who in ("baseline", "dnmf", "dnmf_hals", "sklearn")}
+            errors = [v["error"] for v in raw[key].values() if "error" in v]
+        else:
+            raw[key] = run_case(case, params, args.timeout)
+            errors = [raw[key]["error"]] if "error" in raw[key] else []
+        if errors:
+            rows.append(line(f"{key}: ERROR", "", detail=errors[0].strip().splitlines()[-1][:200]))
+            print(f"[{key}] error:\n{errors[0]}", file=sys.stderr)
+            continue
+        res = raw[key]
+        if key.startswith("dense"):
+            rows += lines_dense(res, f"dense {params['n']}×{params['p']} {params['dtype']}")
+        else:
+            rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
+                     "memory": lines_memory, "small": lines_small}.get(key, lambda r: lines_sparse(r, params))(res)
+        print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+    machine = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+    table = format_table(rows)
+    print(f"\ndnmf benchmark ({'quick' if args.quick else 'full'}), {machine}, r = 20 unless noted\n")
+    print(table)
+    n_fail = sum(r["status"] == "FAIL" for r in rows)
+    print(f"\n{sum(r['status'] == 'PASS' for r in rows)} PASS, {n_fail} FAIL, {time.perf_counter() - started:.0f} s")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mode": "quick" if args.quick else "full", "machine": machine, "plan": {k: plan[k] for k in chosen},
+                               "raw": raw, "rows": rows, "table": table}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
