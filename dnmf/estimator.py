@@ -253,13 +253,18 @@ def fit_factors(
     outofcore.check_cache(cache)
     reroot_every = outofcore.resolve_reroot_every(params.get("reroot_every"), client)
     block_bytes = outofcore.block_bytes_for_workers(client)
-    matrix = open_matrix(X, params.get("chunks"), block_bytes=block_bytes)
+    if resume is not None and (W is not None or H is not None):
+        raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
+    snapshot = checkpoint.load(resume) if resume is not None else None
+    chunks = params.get("chunks")
+    if snapshot is not None and chunks is None:
+        # Default row blocks depend on the workers; a resume keeps the checkpoint's blocks.
+        chunks = tuple(snapshot.record["fingerprint"]["row_chunks"])
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes)
     outofcore.warn_if_blocks_too_big(matrix, block_bytes)
     config = make_config(params, matrix.shape)
     if not update_h:
         config = replace(config, init="custom")
-    if resume is not None and (W is not None or H is not None):
-        raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     target = params.get("checkpoint") or resume
     schedule = checkpoint.schedule_from_params(params) if target is not None else None
     if target is not None:
@@ -276,9 +281,8 @@ def fit_factors(
             problem = problem.on(matrix)
         stats, solver = problem.stats, problem.solver
         fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
-        history, snapshot = None, None
-        if resume is not None:
-            snapshot = checkpoint.load(resume)
+        history = None
+        if snapshot is not None:
             if params.get("random_state") is None:  # an unseeded fit adopts the saved seed
                 config = replace(config, seed=int(snapshot.record["settings"]["seed"]))
             checkpoint.check_compatible(snapshot, checkpoint.resolved_settings(config), fingerprint, resume)

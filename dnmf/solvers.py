@@ -115,7 +115,7 @@ class Solver:
             leaves.append((name, i))
         root = tree_reduce(dsk, name, leaves, kernels.add_partials)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
-        W, partials = dask.persist(W, Delayed(root, graph, layer=name))
+        W, partials = dask.persist(W, Delayed(root, graph, layer=name), optimize_graph=False)
         partials = dask.compute(partials)[0]
         HHt = kernels.gram(H.T)
         return SolverState(W, H, partials, self._objective(partials, H, HHt))
@@ -153,7 +153,9 @@ class Solver:
         root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
         W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
-        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name))
+        # No graph optimization: it treats W and the partials as separate collections, fuses
+        # each step task into W's getitem, and would run every step (a pass over V) twice.
+        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name), optimize_graph=False)
         return W_new, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:

@@ -166,6 +166,23 @@ def test_resume_continues_history_bitwise(tmp_path, V, layout, settings):
         assert checkpoint.read_pointer(elsewhere) == {"version": "v000002", "iteration": 12, "stop_reason": "max_iter"}
 
 
+def test_resume_on_more_threads_keeps_the_checkpoint_blocks(tmp_path, V):
+    # Default row blocks follow the thread count; a resume elsewhere keeps the saved blocks.
+    import dask
+
+    ckpt = str(tmp_path / "ck")
+    settings = kwargs(chunks=None, solver="hals")
+    with dask.config.set(num_workers=2):
+        ref = dnmf.NMF(RANK, max_iter=8, **settings)
+        W_ref = quiet_fit(ref, V)
+        quiet_fit(dnmf.NMF(RANK, max_iter=3, checkpoint=ckpt, **settings), V)
+    with dask.config.set(num_workers=3):
+        assert dnmf.open_matrix(V).row_chunks != checkpoint.load(ckpt).W.chunks[0]
+        resumed = dnmf.NMF(RANK, max_iter=8, **settings)
+        W = quiet_fit(resumed, V, resume=ckpt)
+    assert same_bits(W, W_ref) and same_bits(resumed.components_, ref.components_)
+
+
 def test_resume_function_with_in_memory_matrix(tmp_path, V):
     ckpt = str(tmp_path / "ck")
     quiet_fit(dnmf.NMF(RANK, max_iter=4, checkpoint=ckpt, **kwargs(solver="hals")), V)

@@ -215,3 +215,19 @@ def test_distributed_equals_threaded(lowrank):
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster, Client(cluster):
             got = dnmf.NMF(3, **kw).fit_transform(lowrank)
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_one_pass_over_v_per_iteration(lowrank, monkeypatch, solver):
+    # Each row block's step (the one read of V_b) runs once per iteration, not once per
+    # collection that needs it.
+    from dnmf import kernels
+
+    calls = []
+    original = kernels.step_block
+    monkeypatch.setattr(kernels, "step_block", lambda *args: calls.append(1) or original(*args))
+    model = dnmf.NMF(3, solver=solver, init="random", random_state=0, max_iter=7, tol=0, tol_x=0, chunks=30, local=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(lowrank)
+    assert len(calls) == 7 * 4
