@@ -315,24 +315,13 @@ def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
     return ratio.astype(H.dtype, copy=False)
 
 
-def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
     """One HALS sweep over the rows of X (r, m), in place, Gauss-Seidel in component order.
 
     Minimizes ½⟨X, gram X⟩ − ⟨cross, X⟩ over X ≥ 0 one row at a time:
     X_k ← max(0, X_k + (cross_k − gram_k X) / gram_kk). Rows with gram_kk = 0 are left as is.
+    Returns ‖X_new − X_old‖², which accelerated HALS uses to stop its inner sweeps.
     """
-    for k in range(X.shape[0]):
-        if gram[k, k] == 0:
-            continue
-        step = cross[k] - gram[k] @ X
-        step /= gram[k, k]
-        step += X[k]
-        np.maximum(step, 0, out=X[k])
-    return X
-
-
-def hals_sweep_change(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
-    """:func:`hals_sweep` (same arithmetic) that also returns ‖X_new − X_old‖²."""
     change = 0.0
     for k in range(X.shape[0]):
         if gram[k, k] == 0:
@@ -358,11 +347,9 @@ def hals_sweeps(X: np.ndarray, gram: np.ndarray, cross: np.ndarray, max_sweeps: 
     One sweep is plain HALS. More sweeps stop early once a sweep's change ‖ΔX‖² falls
     below ``HALS_INNER_STOP`` times the first one's.
     """
-    if max_sweeps <= 1:
-        return hals_sweep(X, gram, cross)
-    first = hals_sweep_change(X, gram, cross)
+    first = hals_sweep(X, gram, cross)
     for _ in range(max_sweeps - 1):
-        if hals_sweep_change(X, gram, cross) <= HALS_INNER_STOP * first:
+        if hals_sweep(X, gram, cross) <= HALS_INNER_STOP * first:
             break
     return X
 
