@@ -203,15 +203,14 @@ def case_convergence(n, p, r, dtype, sk_iters, max_iter, solvers=("hals", "bpp")
 
 def case_cluster(n, p, r, dtype, lo, hi, repeats):
     """Threaded scheduler (V in this process) vs a 2-worker LocalCluster (V in the workers)."""
-    from distributed import Client, LocalCluster
+    from dnmf.cluster import connect
 
     V = dense_uniform(n, p, dtype)
     W0, H0 = start(V.shape, r, mean_of(V), dtype)
     out = {"floor": floor_seconds(V, W0, H0)}
     out.update(steady_state({"threaded_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k),
                              "threaded_hals": lambda k: dnmf_fit(V, W0, H0, "hals", k)}, lo, hi, repeats))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+    with connect("local", n_workers=2, threads_per_worker=1) as client:  # dnmf's own LocalCluster
         rows = auto_row_block(n, p, np.dtype(dtype).itemsize, parallelism=2)
         X = da.random.default_rng(0).random((n, p), chunks=(rows, p), dtype=dtype)
         X = client.persist(X)
