@@ -19,18 +19,24 @@ import logging
 import sys
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every recipe's driver takes: input, output, rank, max iterations."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("input", help="path or URL of the Zarr array V (n_samples x n_features)")
     parser.add_argument("output", help="path or URL of the Zarr group to write W and H into")
     parser.add_argument("--rank", type=int, required=True, help="number of components r")
+    parser.add_argument("--max-iter", type=int, default=200)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = job_parser(__doc__.splitlines()[0])
     parser.add_argument("--scheduler", default="local", help="local, mpi, slurm, pbs, a scheduler address or file")
     parser.add_argument("--n-workers", type=int, default=None, help="workers (local) or jobs (slurm/pbs)")
     parser.add_argument("--memory-limit", default=None, help="memory limit per local worker, e.g. 4GiB")
     parser.add_argument("--job-options", default="{}", help="JSON of SLURMCluster/PBSCluster arguments")
     parser.add_argument("--solver", default="mu", choices=("mu", "hals"))
     parser.add_argument("--init", default="random")
-    parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="auto", choices=("auto", "true", "false"))
     parser.add_argument("--spill-dir", default=None, help="shared directory for re-rooting W")

@@ -13,7 +13,6 @@ URLs (``s3://...``); ``--spill-dir`` (default: OUTPUT + ".spill") must be shared
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,11 +24,7 @@ import fit_zarr  # noqa: E402  (deploy/fit_zarr.py)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input")
-    parser.add_argument("output")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--max-iter", type=int, default=200)
+    parser = fit_zarr.job_parser(__doc__.splitlines()[0])
     parser.add_argument("--system", choices=("slurm", "pbs"), default="slurm", help="the batch system")
     parser.add_argument("--jobs", type=int, default=1, help="worker jobs to submit")
     parser.add_argument("--cores", type=int, default=1, help="cores (= single-threaded workers) per job")

@@ -10,7 +10,6 @@ object-store URLs (or a ReadWriteMany volume added to the worker spec).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,11 +19,7 @@ import fit_zarr  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input")
-    parser.add_argument("output")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--max-iter", type=int, default=200)
+    parser = fit_zarr.job_parser(__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--image", default="registry.example.org/dnmf:0.1.0")
     parser.add_argument("--memory-gib", type=int, default=4, help="memory per worker pod, GiB")
