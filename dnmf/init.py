@@ -23,7 +23,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import kernels
 from .errors import InvalidMatrixError, ParameterError, expected
-from .store import Matrix, MatrixStats, tree_reduce
+from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 NNDSVD_THRESHOLD = 1e-6
@@ -113,7 +113,7 @@ def _map_rows(matrix: Matrix, func, k: int, *args) -> da.Array:
 def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
     """Qᵀ V (k x p) as a fixed-order sum of per-block products, on the client (k x p is small)."""
     name = f"dnmf-qtv-{uuid.uuid4().hex}"
-    q_keys = [row[0] for row in Q.__dask_keys__()]
+    q_keys = row_block_keys(Q)
     dsk = {
         (name, i): (kernels.block_transpose_times, qk, vk)
         for i, (qk, vk) in enumerate(zip(q_keys, matrix.block_keys()))
@@ -184,7 +184,7 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
         H[zeros] = mean / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
 
     name = f"dnmf-init-nndsvd-{uuid.uuid4().hex}"
-    u_keys = [row[0] for row in U.__dask_keys__()]
+    u_keys = row_block_keys(U)
     offsets = matrix.row_offsets
     signs_t, scales_t = signs.astype(matrix.dtype), w_scale.astype(matrix.dtype)
     dsk = {

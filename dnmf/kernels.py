@@ -80,14 +80,6 @@ def add_partials(a: Partials, b: Partials) -> Partials:
     return Partials(*(x + y for x, y in zip(a, b)))
 
 
-def sum_partials(parts: list[Partials]) -> Partials:
-    """Left-to-right sum of a list of partials (a fixed order, so results are reproducible)."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = add_partials(total, part)
-    return total
-
-
 # ---------------------------------------------------------------------------
 # Input blocks
 

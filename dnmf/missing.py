@@ -19,7 +19,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import masked
 from .errors import InvalidMatrixError, ParameterError, expected
-from .store import Matrix, MatrixStats, tree_reduce
+from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
 
 MISSING_VALUES = (None, "nan")
 
@@ -29,10 +29,6 @@ def check_missing(missing) -> bool:
     if missing not in MISSING_VALUES:
         raise ParameterError(expected(f"missing in {MISSING_VALUES}", missing))
     return missing == "nan"
-
-
-def _keys(arr: da.Array) -> list:
-    return [row[0] for row in arr.__dask_keys__()]
 
 
 def open_mask(mask, matrix: Matrix) -> da.Array:
@@ -66,8 +62,9 @@ def open_mask(mask, matrix: Matrix) -> da.Array:
     return arr.rechunk((matrix.row_chunks, (matrix.shape[1],)))
 
 
-def _mask_keys(mask: da.Array | None, matrix: Matrix) -> list:
-    return [None] * len(matrix.row_chunks) if mask is None else _keys(mask)
+def mask_block_keys(mask: da.Array | None, matrix: Matrix) -> list:
+    """The mask's row-block keys, or None per block when NaN alone marks the missing entries."""
+    return [None] * len(matrix.row_chunks) if mask is None else row_block_keys(mask)
 
 
 def _graph(name: str, dsk: dict, matrix: Matrix, *arrays) -> HighLevelGraph:
@@ -105,7 +102,7 @@ def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> 
     name = f"dnmf-mscan-{uuid.uuid4().hex}"
     dsk = {
         (name, i): (masked.masked_block_stats, vk, mk, offset, nan_is_missing)
-        for i, (vk, mk, offset) in enumerate(zip(matrix.block_keys(), _mask_keys(mask, matrix), matrix.row_offsets))
+        for i, (vk, mk, offset) in enumerate(zip(matrix.block_keys(), mask_block_keys(mask, matrix), matrix.row_offsets))
     }
     root = tree_reduce(dsk, name, list(dsk), masked.add_masked_stats)
     (result,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask), layer=name))
@@ -120,7 +117,7 @@ def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix
     name = f"dnmf-filled-{uuid.uuid4().hex}"
     dsk = {
         (name, i, 0): (masked.fill_missing, vk, mk, value, matrix.dtype)
-        for i, (vk, mk) in enumerate(zip(matrix.block_keys(), _mask_keys(mask, matrix)))
+        for i, (vk, mk) in enumerate(zip(matrix.block_keys(), mask_block_keys(mask, matrix)))
     }
     data = da.Array(_graph(name, dsk, matrix, mask), name, chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype)
     return Matrix(data, matrix.dtype, matrix.in_memory, False, matrix.source)
@@ -168,7 +165,7 @@ def score_holdout(matrix: Matrix, mask: da.Array | None, train: da.Array, W: da.
     name = f"dnmf-score-{uuid.uuid4().hex}"
     h_key = (name, "H")
     dsk = {h_key: H}
-    train_keys, w_keys, mask_keys = _keys(train), _keys(W), _mask_keys(mask, matrix)
+    train_keys, w_keys, mask_keys = row_block_keys(train), row_block_keys(W), mask_block_keys(mask, matrix)
     for i, vk in enumerate(matrix.block_keys()):
         dsk[(name, i)] = (masked.holdout_score_block, vk, mask_keys[i], train_keys[i], w_keys[i], h_key, beta)
     leaves = [(name, i) for i in range(len(train_keys))]

@@ -25,8 +25,10 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from . import kernels, masked
+from .errors import ParameterError
+from .missing import mask_block_keys
 from .kernels import Partials, Rule
-from .store import Matrix, scan_matrix, tree_fold, tree_reduce
+from .store import Matrix, row_block_keys, scan_matrix, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -54,10 +56,6 @@ class Step:
     state: SolverState
     w_change: float
     h_change: float
-
-
-def _keys(arr: da.Array) -> list:
-    return [row[0] for row in arr.__dask_keys__()]
 
 
 @dataclass(frozen=True)
@@ -89,11 +87,9 @@ class Solver:
     local: bool = False
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def _mask_keys(self) -> list:
-        """The mask's block keys (None per block when NaN alone marks the missing entries)."""
-        if self.mask is None:
-            return [None] * len(self.matrix.row_chunks)
-        return _keys(self.mask)
+    def __post_init__(self):
+        if self.local and self.masked:
+            raise ParameterError("The local path runs the unmasked kernels only; use local=False with a mask.")
 
     def _dependencies(self, W: da.Array) -> list:
         return [self.matrix.data, W] + ([self.mask] if self.mask is not None else [])
@@ -102,12 +98,13 @@ class Solver:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
         W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
-        if self.local and not self.masked:
+        if self.local:
             return self._start_local(W, H)
         name = f"dnmf-start-{uuid.uuid4().hex}"
         dsk = {(name, "H"): H}
         leaves = []
-        for i, (vk, wk, mk) in enumerate(zip(self.matrix.block_keys(), _keys(W), self._mask_keys())):
+        blocks = zip(self.matrix.block_keys(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
+        for i, (vk, wk, mk) in enumerate(blocks):
             if self.masked:
                 dsk[(name, i)] = (masked.masked_initial_partials, vk, mk, wk, (name, "H"), self.rule)
             else:
@@ -126,7 +123,7 @@ class Solver:
         update = masked.masked_update_h if self.masked else kernels.update_h
         H = update(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = kernels.gram(H.T)
-        W, partials = (self._w_pass_local if self.local and not self.masked else self._w_pass)(state.W, H, HHt)
+        W, partials = (self._w_pass_local if self.local else self._w_pass)(state.W, H, HHt)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
         new_state = SolverState(W, H, partials, self._objective(partials, H, HHt))
@@ -138,7 +135,8 @@ class Solver:
         h_key, hht_key = (name, "H"), (name, "HHt")
         dsk = {h_key: H, hht_key: HHt}
         leaves = []
-        for i, (vk, wk, mk) in enumerate(zip(self.matrix.block_keys(), _keys(W), self._mask_keys())):
+        blocks = zip(self.matrix.block_keys(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
+        for i, (vk, wk, mk) in enumerate(blocks):
             if self.masked:
                 dsk[(name, i)] = (masked.masked_step_block, vk, mk, wk, h_key, self.rule)
             else:
@@ -200,7 +198,7 @@ def _add_step_partials(a, b) -> Partials:
 
 def _w_blocks(W: da.Array) -> list[np.ndarray]:
     """W's row blocks as numpy arrays, taken straight from the graph when they are there."""
-    keys = _keys(W)
+    keys = row_block_keys(W)
     graph = W.__dask_graph__()
     values = [graph.get(key) for key in keys]
     if all(isinstance(v, np.ndarray) for v in values):

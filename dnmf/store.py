@@ -59,7 +59,12 @@ class Matrix:
 
     def block_keys(self) -> list:
         """Dask keys of the row blocks, top to bottom."""
-        return [row[0] for row in self.data.__dask_keys__()]
+        return row_block_keys(self.data)
+
+
+def row_block_keys(arr: da.Array) -> list:
+    """Dask keys of the row blocks of a 2-D array with one chunk of columns, top to bottom."""
+    return [row[0] for row in arr.__dask_keys__()]
 
 
 @dataclass(frozen=True)
