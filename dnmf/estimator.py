@@ -512,6 +512,11 @@ class NMF(TransformerMixin, BaseEstimator):
 
             if W is not None or H is not None or resume is not None:
                 raise ParameterError("n_runs > 1 restarts from random starts; do not pass W, H or resume.")
+            if self.checkpoint is not None:
+                raise ParameterError(
+                    "n_runs > 1 would write every run into one checkpoint directory; checkpoint a single "
+                    "run (n_runs=1, random_state=model.run_seeds_[k]) instead."
+                )
             runs = fit_runs(X, self.get_params(), self.n_runs, mask=mask, callbacks=callbacks)
             fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)

@@ -218,3 +218,13 @@ def test_rank_command(tmp_path):
     assert bad.exit_code == 1 and "Expected ranks like" in bad.output
     missing = CliRunner().invoke(rank_command, [str(tmp_path / "nope.zarr")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_restarts_refuse_a_shared_checkpoint(tmp_path):
+    import dnmf
+    from dnmf.errors import ParameterError
+
+    V = np.random.default_rng(0).random((30, 12))
+    with pytest.raises(ParameterError, match="one checkpoint directory"):
+        dnmf.NMF(2, init="random", n_runs=3, checkpoint=str(tmp_path / "ck")).fit(V)
+    assert not (tmp_path / "ck").exists()
