@@ -149,6 +149,7 @@ def fingerprint(matrix: Matrix, stats: MatrixStats) -> dict:
         "factor_dtype": str(matrix.dtype),
         "sparse": bool(matrix.sparse),
         "row_chunks": [int(c) for c in matrix.row_chunks],
+        "col_chunks": [int(c) for c in matrix.col_chunks],
         "v_sq": float(stats.v_sq),
         "v_sum": float(stats.v_sum),
         "nnz": int(stats.nnz),
@@ -531,9 +532,11 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
     """Refuse a resume whose matrix or iterate-altering settings differ from the checkpoint's."""
     saved_print, saved_settings = snapshot.record["fingerprint"], snapshot.record["settings"]
     differences = []
-    for key in ("shape", "dtype", "sparse", "row_chunks"):
+    saved_print = {"col_chunks": [saved_print["shape"][1]], **saved_print}  # before column chunks
+    labels = {"row_chunks": "row chunks (chunks=)", "col_chunks": "column chunks (column_chunks=)"}
+    for key in ("shape", "dtype", "sparse", "row_chunks", "col_chunks"):
         if saved_print[key] != matrix_print[key]:
-            label = "row chunks (chunks=)" if key == "row_chunks" else f"matrix {key}"
+            label = labels.get(key, f"matrix {key}")
             differences.append(f"{label}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r}")
     if not differences:
         for key in ("v_sq", "v_sum", "nnz"):

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint, driver, kernels, missing, outofcore
 from .cluster import current_client
 from .errors import ParameterError, expected
+from .grid import GridSolver
 from .init import make_start, resolve_init
 from .kernels import Rule
 from .solvers import SOLVERS, Solver
@@ -154,9 +155,23 @@ def inner_sweep_counts(inner_sweeps, shape: tuple[int, int], nnz: int, r: int) -
 LOCAL_MAX_BYTES = 16 * 2**20
 
 
+def resolve_column_chunks(column_chunks, mask, missing_values):
+    """``column_chunks`` for :func:`~dnmf.store.open_matrix`: None (row blocks) when entries
+    are missing, which the grid does not handle; an explicit grid then is an error later."""
+    if column_chunks is None or isinstance(column_chunks, str):
+        if mask is not None or missing_values is not None:
+            return None
+        return column_chunks
+    if isinstance(column_chunks, bool) or not isinstance(column_chunks, (int, np.integer, tuple)):
+        raise ParameterError(expected('column_chunks "auto", None, an int or a tuple of ints', column_chunks))
+    return column_chunks
+
+
 def runs_locally(matrix: Matrix, local) -> bool:
     """Whether to run the kernels block by block in this thread (``local`` True / False /
     "auto": small in-memory V under dask's default threaded or synchronous scheduler)."""
+    if matrix.is_grid:
+        return False
     if local != "auto":
         return bool(local)
     scheduler = dask.base.get_scheduler()
@@ -215,6 +230,10 @@ def _prepare(matrix: Matrix, config: FitConfig, params: dict, mask, update_h: bo
     if not nan_is_missing and mask is None:
         stats = scan_matrix(matrix, with_xlogx=config.beta == kernels.KULLBACK_LEIBLER)
         validate_stats(stats, config.beta)
+        if matrix.is_grid:
+            rule = config.rule_for(matrix.shape, stats.nnz)
+            solver = GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=stats.v_xlogx - stats.v_sum)
+            return Problem(stats, matrix, solver)
         solver = Solver(
             matrix, config.rule_for(matrix.shape, stats.nnz), stats.v_sq, update_h=update_h,
             kl_offset=stats.v_xlogx - stats.v_sum, local=runs_locally(matrix, params.get("local", "auto")),
@@ -223,6 +242,11 @@ def _prepare(matrix: Matrix, config: FitConfig, params: dict, mask, update_h: bo
     if config.solver == "bpp":
         raise ParameterError(
             "solver='bpp' does not handle missing entries (a mask or NaN values); use solver='mu' or 'hals'."
+        )
+    if matrix.is_grid:
+        raise ParameterError(
+            "Missing entries (a mask or missing='nan') need V in row blocks holding all columns; "
+            "use column_chunks=None."
         )
     mask_da = None if mask is None else missing.open_mask(mask, matrix)
     scanned = missing.scan_masked(matrix, mask_da, nan_is_missing)
@@ -257,10 +281,15 @@ def fit_factors(
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     snapshot = checkpoint.load(resume) if resume is not None else None
     chunks = params.get("chunks")
-    if snapshot is not None and chunks is None:
-        # Default row blocks depend on the workers; a resume keeps the checkpoint's blocks.
-        chunks = tuple(snapshot.record["fingerprint"]["row_chunks"])
-    matrix = open_matrix(X, chunks, block_bytes=block_bytes)
+    column_chunks = resolve_column_chunks(params.get("column_chunks", "auto"), mask, params.get("missing"))
+    if snapshot is not None:
+        # Default blocks depend on the workers; a resume keeps the checkpoint's blocks.
+        saved = snapshot.record["fingerprint"]
+        if chunks is None:
+            chunks = tuple(saved["row_chunks"])
+        if column_chunks == "auto" and "col_chunks" in saved:
+            column_chunks = tuple(saved["col_chunks"])
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks)
     outofcore.warn_if_blocks_too_big(matrix, block_bytes)
     config = make_config(params, matrix.shape)
     if not update_h:
@@ -310,8 +339,10 @@ def fit_factors(
         "cache_budget_bytes": plan.budget_bytes,
         "scheduler": "threads" if client is None else "distributed",
         "n_workers": None if client is None else len(client.scheduler_info(n_workers=-1)["workers"]),
+        "layout": "grid" if matrix.is_grid else "rows",
         "row_blocks": len(matrix.row_chunks),
         "max_block_rows": max(matrix.row_chunks),
+        "column_blocks": len(matrix.col_chunks),
         "reroot_every": reroot_every,
         "n_reroots": 0 if spill is None else spill.n_reroots,
     }
@@ -322,7 +353,10 @@ def fit_factors(
             ConvergenceWarning,
             stacklevel=3,
         )
-    return Factorization(result.state.W, result.state.H, result, config, matrix, stats, info, spill)
+    H_out = result.state.H
+    if isinstance(H_out, da.Array):  # the grid's H, gathered once at the end
+        H_out = H_out.compute()
+    return Factorization(result.state.W, H_out, result, config, matrix, stats, info, spill)
 
 
 class NMF(TransformerMixin, BaseEstimator):
@@ -364,6 +398,12 @@ class NMF(TransformerMixin, BaseEstimator):
         Added to every denominator of the updates (default 1e-10).
     chunks : int or None
         Rows per block of X (default: about 64 MiB per block).
+    column_chunks : "auto", None, int or tuple of int, default="auto"
+        Columns per chunk. None: row blocks holding all columns (X is read once per
+        iteration, H is kept on the client). An int below n_features: a 2-D grid of chunks,
+        with W distributed by row blocks and H by column blocks (:mod:`dnmf.grid`; X is read
+        twice per iteration). "auto": the grid only when X is too wide for row blocks of 256
+        rows within the block size. Missing entries need row blocks.
     callbacks : sequence of callables or None
         Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
     missing : {None, "nan"}, default=None
@@ -467,6 +507,7 @@ class NMF(TransformerMixin, BaseEstimator):
         spill_dir=None,
         inner_sweeps="auto",
         local="auto",
+        column_chunks="auto",
     ):
         self.n_components = n_components
         self.solver = solver
@@ -490,6 +531,7 @@ class NMF(TransformerMixin, BaseEstimator):
         self.spill_dir = spill_dir
         self.inner_sweeps = inner_sweeps
         self.local = local
+        self.column_chunks = column_chunks
 
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
@@ -554,7 +596,9 @@ class NMF(TransformerMixin, BaseEstimator):
     def transform(self, X):
         """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
         check_is_fitted(self, "components_")
-        matrix = open_matrix(X, self.chunks, block_bytes=outofcore.block_bytes_for_workers(current_client()))
+        column_chunks = resolve_column_chunks(self.column_chunks, None, self.missing)
+        block_bytes = outofcore.block_bytes_for_workers(current_client())
+        matrix = open_matrix(X, self.chunks, block_bytes=block_bytes, column_chunks=column_chunks)
         if matrix.shape[1] != self.components_.shape[1]:
             raise ParameterError(
                 expected(f"X with {self.components_.shape[1]} features, as in fit", f"{matrix.shape[1]} features")

@@ -1,7 +1,8 @@
 """Starting points: seeded random, NNDSVD / NNDSVDa / NNDSVDar, and custom (W, H).
 
 W is always a dask array chunked like V's row blocks and built on the workers (never on the
-client); H (r x p) is a numpy array.
+client); H (r x p) is a numpy array, or for V on a 2-D grid (:mod:`dnmf.grid`) a random H is
+a dask array in V's column blocks.
 
 References
 ----------
@@ -62,8 +63,17 @@ def random_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int) -> Start
         for i in range(len(matrix.row_chunks))
     }
     W = _blocks_array(name, dsk, matrix, r, matrix.dtype)
-    H = np.random.default_rng([seed, 1]).random((r, matrix.shape[1]))
-    H = ((H + 0.5) * scale).astype(matrix.dtype)
+    if not matrix.is_grid:
+        p = matrix.shape[1]
+        return Start(W, kernels.random_cols(seed, 0, p, r, p, scale, matrix.dtype), "random")
+    h_name = f"dnmf-init-random-H-{uuid.uuid4().hex}"
+    cols = matrix.col_offsets
+    h_dsk = {
+        (h_name, 0, j): (kernels.random_cols, seed, cols[j], cols[j + 1], r, matrix.shape[1], scale, matrix.dtype)
+        for j in range(len(matrix.col_chunks))
+    }
+    graph = HighLevelGraph.from_collections(h_name, h_dsk)
+    H = da.Array(graph, h_name, chunks=((r,), matrix.col_chunks), dtype=matrix.dtype)
     return Start(W, H, "random")
 
 
@@ -102,25 +112,39 @@ def _nonnegative(label: str, X: np.ndarray) -> np.ndarray:
 # NNDSVD from a randomized SVD that streams V
 
 
-def _map_rows(matrix: Matrix, func, k: int, *args) -> da.Array:
-    """Row blocks of ``func(V_b, *args)``, each of shape (n_b, k)."""
-    return da.map_blocks(
-        func, matrix.data, *args, chunks=(matrix.row_chunks, (k,)), dtype=matrix.dtype,
-        meta=np.empty((0, 0), dtype=matrix.dtype),
-    )
+def _times(matrix: Matrix, M: np.ndarray) -> da.Array:
+    """V M (n x k) in V's row blocks: each a fixed-order sum over the column blocks."""
+    name = f"dnmf-vm-{uuid.uuid4().hex}"
+    cols = matrix.col_offsets
+    dsk: dict = {(name, "M", j): M[cols[j] : cols[j + 1]] for j in range(len(cols) - 1)}
+    for i, row in enumerate(matrix.grid_keys()):
+        leaves = []
+        for j, vk in enumerate(row):
+            dsk[(name, "part", i, j)] = (kernels.block_times, vk, (name, "M", j))
+            leaves.append((name, "part", i, j))
+        dsk[(name, i, 0)] = (_identity, tree_reduce(dsk, f"{name}-row{i}", leaves, _add))
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[matrix.data])
+    return da.Array(graph, name, chunks=(matrix.row_chunks, (M.shape[1],)), dtype=matrix.dtype)
 
 
 def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
-    """Qᵀ V (k x p) as a fixed-order sum of per-block products, on the client (k x p is small)."""
+    """Qᵀ V (k x p) as fixed-order sums of per-chunk products, on the client (k x p is small)."""
     name = f"dnmf-qtv-{uuid.uuid4().hex}"
     q_keys = row_block_keys(Q)
-    dsk = {
-        (name, i): (kernels.block_transpose_times, qk, vk)
-        for i, (qk, vk) in enumerate(zip(q_keys, matrix.block_keys()))
-    }
-    root = tree_reduce(dsk, name, list(dsk), _add)
+    grid = matrix.grid_keys()
+    dsk: dict = {}
+    columns = []
+    for j in range(len(matrix.col_chunks)):
+        for i, qk in enumerate(q_keys):
+            dsk[(name, i, j)] = (kernels.block_transpose_times, qk, grid[i][j])
+        columns.append(tree_reduce(dsk, f"{name}-col{j}", [(name, i, j) for i in range(len(q_keys))], _add))
+    dsk[(name, "all")] = (np.hstack, columns)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[Q, matrix.data])
-    return dask.compute(Delayed(root, graph, layer=name))[0]
+    return dask.compute(Delayed((name, "all"), graph, layer=name))[0]
+
+
+def _identity(x):
+    return x
 
 
 def _add(a, b):
@@ -146,11 +170,11 @@ def randomized_svd(matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n
     n, p = matrix.shape
     k = min(r + n_oversamples, n, p)
     omega = np.random.default_rng([seed, 2]).standard_normal((p, k)).astype(matrix.dtype)
-    Q = _orthonormalize(_map_rows(matrix, kernels.block_times, k, omega).persist())
+    Q = _orthonormalize(_times(matrix, omega).persist())
     for _ in range(n_power_iter):
         Z = _transpose_times(Q, matrix)  # (k, p)
         Zq, _ = np.linalg.qr(Z.T.astype(np.float64))
-        Q = _orthonormalize(_map_rows(matrix, kernels.block_times, Zq.shape[1], Zq.astype(matrix.dtype)).persist())
+        Q = _orthonormalize(_times(matrix, Zq.astype(matrix.dtype)).persist())
     B = _transpose_times(Q, matrix).astype(np.float64)
     Ub, s, Vt = np.linalg.svd(B, full_matrices=False)
     U = (Q @ Ub[:, :r].astype(matrix.dtype)).persist()

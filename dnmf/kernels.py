@@ -253,37 +253,59 @@ def objective(
 # Update rules
 
 
-def mu_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
-    """Multiplicative update of one row block of W (a new array).
+def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
+    """The products of V_b that a W half-step needs: ``(numer, denom)``, each (n_b, r).
 
-    β = 2: W ← W ∘ (V Hᵀ) / (W HHᵀ + ε); β = 1: W ← W ∘ ((V / (WH + ε)) Hᵀ) / (1 Hᵀ + ε);
-    otherwise W ← W ∘ [((WH+ε)^(β-2) ∘ V) Hᵀ / ((WH+ε)^(β-1) Hᵀ + ε)]^γ.
+    β = 2 (and HALS, BPP): numer = V Hᵀ, denom None (it is W HHᵀ, from HHᵀ alone);
+    β = 1: numer = (V / (WH + ε)) Hᵀ, denom None (it is 1 Hᵀ, H's row sums);
+    otherwise numer = (V ∘ (WH+ε)^(β-2)) Hᵀ and denom = (WH+ε)^(β-1) Hᵀ.
+    Both are sums over V's columns, so on a grid of V the column blocks' products add up.
     """
     beta, eps = rule.beta, rule.eps
-    if beta == FROBENIUS:
-        numer = _dot_ht(V_b, H)
-        denom = W_b @ HHt
-        denom += eps
-    elif beta == KULLBACK_LEIBLER:
+    if beta == FROBENIUS or rule.solver != "mu":
+        return _dot_ht(V_b, H), None
+    if beta == KULLBACK_LEIBLER:
         if sp.issparse(V_b):
             ratio = V_b.copy()
             ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
-            numer = _dot_ht(ratio, H)
-        else:
-            numer = _kl_ratio_times_ht(V_b, W_b, H, eps)
-        denom = H.sum(axis=1) + eps
-    else:
-        V_d = V_b.toarray() if sp.issparse(V_b) else V_b
-        wh = W_b @ H
-        wh += eps
-        numer = (V_d * wh ** (beta - 2.0)) @ H.T
-        denom = (wh ** (beta - 1.0)) @ H.T
+            return _dot_ht(ratio, H), None
+        return _kl_ratio_times_ht(V_b, W_b, H, eps), None
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    wh = W_b @ H
+    wh += eps
+    return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
+
+
+def apply_w_update(
+    W_b: np.ndarray, numer: np.ndarray, denom, HHt: np.ndarray, h_rowsum, rule: Rule
+) -> np.ndarray:
+    """The W half-step of ``rule`` for one row block from :func:`w_products` (a new array;
+    the inputs are left as they are).
+
+    ``HHt`` is HHᵀ (β = 2), ``h_rowsum`` H's row sums (β = 1). MU: W ← W ∘ [numer / denom]^γ
+    with denom = W HHᵀ + ε (β = 2), 1 Hᵀ + ε (β = 1), or the given one + ε; HALS sweeps the
+    columns of W; BPP solves each row's NNLS exactly.
+    """
+    if rule.solver == "hals":
+        Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
+        hals_sweeps(Wt, HHt, np.ascontiguousarray(numer.T), rule.w_sweeps)
+        return np.ascontiguousarray(Wt.T)
+    if rule.solver == "bpp":
+        solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
+        return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
+    eps = rule.eps
+    if rule.beta == FROBENIUS:
+        denom = W_b @ HHt
         denom += eps
-    np.divide(numer, denom, out=numer)
+    elif rule.beta == KULLBACK_LEIBLER:
+        denom = h_rowsum + eps
+    else:
+        denom = denom + eps
+    ratio = numer / denom
     if rule.gamma != 1.0:
-        numer **= rule.gamma
-    numer *= W_b
-    return numer
+        ratio **= rule.gamma
+    ratio *= W_b
+    return ratio.astype(W_b.dtype, copy=False)
 
 
 def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
@@ -346,22 +368,9 @@ def hals_sweeps(X: np.ndarray, gram: np.ndarray, cross: np.ndarray, max_sweeps: 
     return X
 
 
-def hals_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, sweeps: int = 1) -> np.ndarray:
-    """HALS update of one row block of W (a new array): the columns of W in turn."""
-    Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
-    hals_sweeps(Wt, HHt, np.ascontiguousarray(_dot_ht(V_b, H).T), sweeps)
-    return np.ascontiguousarray(Wt.T)
-
-
 def hals_update_h(H: np.ndarray, partials: Partials, sweeps: int = 1) -> np.ndarray:
     """HALS update of H from WᵀV and WᵀW (a new array): the rows of H in turn."""
     return hals_sweeps(H.copy(), partials.denom, partials.numer, sweeps)
-
-
-def bpp_update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray) -> np.ndarray:
-    """ANLS update of one row block of W: each row the exact NNLS solution given H."""
-    cross = _dot_ht(V_b, H).T
-    return np.ascontiguousarray(nnls_bpp(HHt, cross, W_b.T > 0).T.astype(W_b.dtype, copy=False))
 
 
 def bpp_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
@@ -379,12 +388,10 @@ def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
 
 
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
-    """The W half-step of ``rule`` for one row block."""
-    if rule.solver == "hals":
-        return hals_update_w(V_b, W_b, H, HHt, rule.w_sweeps)
-    if rule.solver == "bpp":
-        return bpp_update_w(V_b, W_b, H, HHt)
-    return mu_update_w(V_b, W_b, H, HHt, rule)
+    """The W half-step of ``rule`` for one row block (a new array)."""
+    numer, denom = w_products(V_b, W_b, H, rule)
+    h_rowsum = H.sum(axis=1) if rule.beta == KULLBACK_LEIBLER and rule.solver == "mu" else None
+    return apply_w_update(W_b, numer, denom, HHt, h_rowsum, rule)
 
 
 def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule):
@@ -440,6 +447,92 @@ def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> P
 
 
 # ---------------------------------------------------------------------------
+# 2-D grid: V in chunks V_ij that meet only W's row block i and H's column block j.
+#
+# An iteration makes two passes over the chunks. Pass B sums the W products of
+# :func:`w_products` over j and updates W_i; pass A sums the partials of :func:`block_partials`
+# over i at the new W, for the next H update of each column block and the objective.
+
+
+class WProducts(NamedTuple):
+    """:func:`w_products` of a chunk, (n_i, r) each; summed over the column blocks."""
+
+    numer: np.ndarray
+    denom: np.ndarray | None
+
+
+def add_w_products(a: WProducts, b: WProducts) -> WProducts:
+    return WProducts(a.numer + b.numer, None if a.denom is None else a.denom + b.denom)
+
+
+def chunk_w_products(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule) -> WProducts:
+    """Pass B on chunk (i, j): the products of V_ij with H_j that W_i's update needs."""
+    return WProducts(*w_products(as_float_block(V_b, W_b.dtype), W_b, H_b, rule))
+
+
+def chunk_h_partials(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule) -> Partials:
+    """Pass A on chunk (i, j): the partials of column block j from row block i.
+
+    For β = 2 the denominator WᵀW depends on W alone, so it is left at 0 here and summed once
+    over the row blocks by :func:`grid_update_w` instead of once per chunk.
+    """
+    V_b = as_float_block(V_b, W_b.dtype)
+    if rule.beta == FROBENIUS:
+        return Partials(_dot_t(W_b, V_b), 0.0, 0.0, 0.0, 0.0)
+    return block_partials(V_b, W_b, H_b, rule)
+
+
+class FactorSums(NamedTuple):
+    """Sums over one factor's blocks after its update.
+
+    gram : WᵀW (W's row blocks, β = 2 only, else 0) or HHᵀ (H's column blocks).
+    rowsum : H's row sums (H only: the KL W update's denominator), else 0.
+    sq, d_sq : ‖X_new‖² and ‖X_new − X_old‖², for the relative change.
+    """
+
+    gram: np.ndarray | float
+    rowsum: np.ndarray | float
+    sq: float
+    d_sq: float
+
+
+def add_factor_sums(a: FactorSums, b: FactorSums) -> FactorSums:
+    return FactorSums(*(x + y for x, y in zip(a, b)))
+
+
+def _change(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+    delta = new - old
+    return float(np.vdot(new, new)), float(np.vdot(delta, delta))
+
+
+def grid_update_w(W_b: np.ndarray, products: WProducts, h_sums: FactorSums, rule: Rule):
+    """W_i's update from its products summed over the column blocks, and its :class:`FactorSums`."""
+    W_new = apply_w_update(W_b, products.numer, products.denom, h_sums.gram, h_sums.rowsum, rule)
+    gram_w = gram(W_new) if rule.beta == FROBENIUS else 0.0
+    return W_new, FactorSums(gram_w, 0.0, *_change(W_new, W_b))
+
+
+def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, update: bool = True):
+    """H_j's update from its partials summed over the row blocks (``w_gram`` is WᵀW for β = 2),
+    and its :class:`FactorSums`; ``update=False`` keeps H_j (a fixed H)."""
+    if update:
+        if rule.beta == FROBENIUS:
+            partials = partials._replace(denom=w_gram)
+        H_new = update_h(H_b, partials, rule)
+    else:
+        H_new = H_b
+    return H_new, FactorSums(gram(H_new.T), H_new.sum(axis=1), *_change(H_new, H_b))
+
+
+def column_objective_term(partials: Partials, H_b: np.ndarray, beta: float) -> float:
+    """Column block j's share of the objective: ⟨(WᵀV)_j, H_j⟩ for β = 2 (the cross term of
+    the Gram identity), else the divergence summed over the column block."""
+    if beta == FROBENIUS:
+        return float(np.vdot(partials.numer.astype(np.float64), H_b.astype(np.float64)))
+    return float(partials.loss)
+
+
+# ---------------------------------------------------------------------------
 # Scan: validation and the sums the objective and the inits need
 
 
@@ -456,14 +549,15 @@ class BlockStats(NamedTuple):
     v_xlogx: float = 0.0
 
 
-def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int):
+def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int, col_offset: int = 0):
     if mask_rows.size == 0:
         return None
-    return (int(mask_rows[0]) + row_offset, int(mask_cols[0]))
+    first = np.lexsort((mask_cols, mask_rows))[0]
+    return (int(mask_rows[first]) + row_offset, int(mask_cols[first]) + col_offset)
 
 
-def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
-    """Sums and the bad entries of one row block starting at global row ``row_offset``.
+def block_stats(V_b, row_offset: int, with_xlogx: bool = False, col_offset: int = 0) -> BlockStats:
+    """Sums and the bad entries of one block whose first entry is V[row_offset, col_offset].
 
     ``with_xlogx`` also sums V log V (the KL objective's constant; finite V only).
     """
@@ -486,7 +580,7 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False) -> BlockStats:
             r, c = np.nonzero(mask)
         else:
             r, c = rows[mask], cols[mask]
-        return _first_position(r, c, row_offset)
+        return _first_position(r, c, row_offset, col_offset)
 
     finite = np.where(nonfinite, 0, values) if n_nonfinite else values
     return BlockStats(
@@ -520,16 +614,20 @@ def _clean_dense_stats(values: np.ndarray, with_xlogx: bool) -> BlockStats | Non
     return BlockStats(v_sq, v_sum, nnz, 0, 0, None, None, xlogx)
 
 
+def _earliest(a, b):
+    return b if a is None else a if b is None else min(a, b)
+
+
 def add_stats(a: BlockStats, b: BlockStats) -> BlockStats:
-    """Combine the stats of two blocks (``a`` comes first in row order)."""
+    """Combine the stats of two blocks (first positions: the earliest in row-major order)."""
     return BlockStats(
         a.v_sq + b.v_sq,
         a.v_sum + b.v_sum,
         a.nnz + b.nnz,
         a.n_negative + b.n_negative,
         a.n_nonfinite + b.n_nonfinite,
-        a.first_negative or b.first_negative,
-        a.first_nonfinite or b.first_nonfinite,
+        _earliest(a.first_negative, b.first_negative),
+        _earliest(a.first_nonfinite, b.first_nonfinite),
         a.v_xlogx + b.v_xlogx,
     )
 
@@ -553,6 +651,23 @@ def random_rows(seed: int, start: int, stop: int, r: int, scale: float, dtype) -
     out += 0.5
     out *= scale
     return out
+
+
+def random_cols(seed: int, start: int, stop: int, r: int, p: int, scale: float, dtype) -> np.ndarray:
+    """Columns ``start:stop`` of the strictly positive random H (r, p) of ``seed``:
+    ``scale * U[0.5, 1.5)``, the same values whatever the column chunking.
+
+    H is ``default_rng([seed, 1]).random((r, p))`` shifted and scaled; each row's slice is
+    drawn by advancing the generator to it (one 64-bit draw per entry).
+    """
+    out = np.empty((r, stop - start))
+    for k in range(r):
+        bits = np.random.PCG64(np.random.SeedSequence([seed, 1]))
+        bits.advance(k * p + start)
+        out[k] = np.random.Generator(bits).random(stop - start)
+    out += 0.5
+    out *= scale
+    return out.astype(dtype)
 
 
 def block_times(V_b, M: np.ndarray) -> np.ndarray:
@@ -592,3 +707,4 @@ def fill_zeros(X: np.ndarray, fill, start: int, threshold: float) -> np.ndarray:
     else:
         X[zeros] = fill
     return X
+

@@ -25,6 +25,8 @@ Sparse blocks are made dense one block at a time (a mask is dense anyway).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -38,7 +40,7 @@ from .kernels import (
     beta_divergence_dense,
     block_stats,
     hals_update_h,
-    hals_update_w,
+    update_w,
 )
 
 
@@ -148,7 +150,7 @@ def masked_step_block(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
     V_d, observed = observed_block(V_b, M_b, W_b.dtype)
     if rule.solver == "hals":
         V_hat = filled_block(V_d, observed, W_b @ H)
-        W_new = hals_update_w(V_hat, W_b, H, H @ H.T)
+        W_new = update_w(V_hat, W_b, H, H @ H.T, replace(rule, w_sweeps=1))
     else:
         W_new = masked_update_w(V_d, observed, W_b, H, rule)
     partials = _partials(V_d, observed, W_new, H, rule)

@@ -192,37 +192,43 @@ def resolve_reroot_every(reroot_every, client) -> int:
     return DEFAULT_REROOT_EVERY if reroot_every is None else int(reroot_every)
 
 
-def reroot(W: da.Array, url: str) -> da.Array:
-    """W written to a new Zarr array at ``url`` by the workers and read back, persisted.
+def reroot(X: da.Array, url: str) -> da.Array:
+    """X (W in row blocks, or the grid's H in column blocks) written to a new Zarr array at
+    ``url`` by the workers and read back, persisted.
 
-    The result has W's values bit for bit and W's chunks, and depends on nothing but the
+    The result has X's values bit for bit and X's chunks, and depends on nothing but the
     Zarr array.
     """
     import zarr
 
-    rows = W.chunks[0]
-    regular = all(size == rows[0] for size in rows[:-1]) and rows[-1] <= rows[0]
-    source = W if regular else W.rechunk((max(rows), W.shape[1]))
+    regular = all(_regular(sizes) for sizes in X.chunks)
+    source = X if regular else X.rechunk(tuple(max(sizes) for sizes in X.chunks))
     target = zarr.create_array(
-        store=url, shape=W.shape, chunks=(source.chunks[0][0], W.shape[1]), dtype=W.dtype,
+        store=url, shape=X.shape, chunks=tuple(sizes[0] for sizes in source.chunks), dtype=X.dtype,
         compressors=None, overwrite=False,
     )
     da.store(source, target, lock=False, compute=True)
-    loaded = da.from_zarr(url, name=f"dnmf-W-rerooted-{uuid.uuid4().hex}")
+    loaded = da.from_zarr(url, name=f"dnmf-rerooted-{uuid.uuid4().hex}")
     if not regular:
-        loaded = loaded.rechunk(W.chunks)
+        loaded = loaded.rechunk(X.chunks)
     (loaded,) = dask.persist(loaded)
     _wait(loaded)
     return loaded
 
 
+def _regular(sizes: tuple[int, ...]) -> bool:
+    return all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]
+
+
 class Rerooting:
     """A solver that re-roots W every ``every`` iterations (see the module docstring).
 
-    Wraps a :class:`~dnmf.solvers.Solver`: ``start`` and ``step`` behave the same, except that
-    after every ``every``-th step W comes from a fresh Zarr array in ``directory``. The two
-    latest arrays are kept (a lost worker's W blocks are re-read from the latest); older ones
-    are deleted; :meth:`close` deletes the directory if this object created it.
+    Wraps a :class:`~dnmf.solvers.Solver` or a :class:`~dnmf.grid.GridSolver`: ``start`` and
+    ``step`` behave the same, except that after every ``every``-th step W (and the grid's H,
+    whose partials are then recomputed from the reloaded W and H) comes from a fresh Zarr
+    array in ``directory``. The two latest are kept (a lost worker's blocks are re-read from
+    the latest); older ones are deleted; :meth:`close` deletes the directory if this object
+    created it.
 
     solver : the solver to wrap.
     every : iterations between re-rootings (positive).
@@ -261,23 +267,32 @@ class Rerooting:
         self.n_steps += 1
         if self.n_steps % self.every:
             return step
-        W = self.reroot(step.state.W)
-        new_state = dataclasses.replace(step.state, W=W)
+        generation = self.n_reroots
+        self._spills.append(generation)
+
+        def spill(X: da.Array, label: str) -> da.Array:
+            return reroot(X, self._spill_url(label, generation))
+
+        if hasattr(self.solver, "rerooted"):  # the grid: H and the partials are on the workers too
+            new_state = self.solver.rerooted(step.state, spill)
+        else:
+            new_state = dataclasses.replace(step.state, W=spill(step.state.W, "W"))
+        self.n_reroots += 1
+        while len(self._spills) > 2:
+            self._remove(self._spills.pop(0))
         return dataclasses.replace(step, state=new_state)
 
-    def reroot(self, W: da.Array) -> da.Array:
-        url = f"{self.directory.rstrip('/')}/W-{self.n_reroots:06d}.zarr"
-        W = reroot(W, url)
-        self.n_reroots += 1
-        self._spills.append(url)
-        while len(self._spills) > 2:
-            _remove_tree(self._spills.pop(0))
-        return W
+    def _spill_url(self, label: str, generation: int) -> str:
+        return f"{self.directory.rstrip('/')}/{label}-{generation:06d}.zarr"
+
+    def _remove(self, generation: int) -> None:
+        for label in ("W", "H"):
+            _remove_tree(self._spill_url(label, generation))
 
     def close(self) -> None:
         """Delete the spills (and the directory if this object created it); W must not need them."""
-        for url in self._spills:
-            _remove_tree(url)
+        for generation in self._spills:
+            self._remove(generation)
         self._spills = []
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)

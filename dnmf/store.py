@@ -32,7 +32,8 @@ MIN_BLOCKS = 4
 class Matrix:
     """V as a dask array of row blocks, with what dnmf needs to know about it.
 
-    data : dask array of shape (n, p), one chunk along the columns.
+    data : dask array of shape (n, p): row blocks holding all columns, or (a wide V, see
+        :func:`open_matrix`) a 2-D grid of chunks.
     dtype : the float dtype the factors use (V's own when it is float32/float64).
     in_memory : V was given in memory (numpy / scipy), so results are returned as numpy.
     sparse : the blocks are scipy.sparse CSR matrices.
@@ -54,12 +55,31 @@ class Matrix:
         return self.data.chunks[0]
 
     @property
+    def col_chunks(self) -> tuple[int, ...]:
+        return self.data.chunks[1]
+
+    @property
+    def is_grid(self) -> bool:
+        """V is chunked along its columns too (the 2-D grid layout of :mod:`dnmf.grid`)."""
+        return len(self.col_chunks) > 1
+
+    @property
     def row_offsets(self) -> list[int]:
         return [0, *np.cumsum(self.row_chunks).tolist()]
 
+    @property
+    def col_offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.col_chunks).tolist()]
+
     def block_keys(self) -> list:
-        """Dask keys of the row blocks, top to bottom."""
+        """Dask keys of the row blocks, top to bottom (the row layout only)."""
+        if self.is_grid:
+            raise NotImplementedError("V is laid out as a 2-D grid; use grid_keys()")
         return row_block_keys(self.data)
+
+    def grid_keys(self) -> list[list]:
+        """Dask keys of the chunks: ``grid_keys()[i][j]`` is row block i, column block j."""
+        return [list(row) for row in self.data.__dask_keys__()]
 
 
 def row_block_keys(arr: da.Array) -> list:
@@ -159,11 +179,16 @@ def _row_chunks(n: int, rows: int | tuple[int, ...] | None, default: int) -> tup
     return (size,) * full + ((rest,) if rest else ())
 
 
-def _from_sparse(X, rows_per_block: int | None, block_bytes: int | None = None) -> da.Array:
+def _from_sparse(X, layout: _Layout) -> da.Array:
     X = sp.csr_matrix(X)
     density = X.nnz / max(1, X.shape[0] * X.shape[1])
-    default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density, target_bytes=block_bytes)
-    chunks = (_row_chunks(X.shape[0], rows_per_block, default), (X.shape[1],))
+    entry_bytes = X.dtype.itemsize * 2 * min(1.0, density)
+    cols = layout.columns(X.shape, entry_bytes)
+    if cols is None:
+        default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density, target_bytes=layout.block_bytes)
+        chunks = (_row_chunks(X.shape[0], layout.chunks, default), (X.shape[1],))
+    else:
+        chunks = (layout.rows(X.shape, entry_bytes, cols), cols)
     name = f"dnmf-V-{uuid.uuid4().hex}"
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
 
@@ -198,8 +223,10 @@ def _rechunk_rows(arr: da.Array, rows_per_block, default: int, align: int = 1) -
     return arr.rechunk((_row_chunks(n, rows, default), (arr.shape[1],)))
 
 
-def open_matrix(X, chunks: int | tuple | None = None, block_bytes: int | None = None) -> Matrix:
-    """Lay out any supported input as row blocks of V, lazily.
+def open_matrix(
+    X, chunks: int | tuple | None = None, block_bytes: int | None = None, column_chunks=None
+) -> Matrix:
+    """Lay out any supported input as row blocks of V (or a 2-D grid), lazily.
 
     Parameters
     ----------
@@ -210,56 +237,136 @@ def open_matrix(X, chunks: int | tuple | None = None, block_bytes: int | None = 
         Rows per block (or the row chunk sizes). By default about 64 MiB per block, at least
         four blocks, aligned with the Zarr chunks.
     block_bytes : int, optional
-        The size the default row blocks aim at instead of 64 MiB (smaller for workers with
+        The size the default blocks aim at instead of 64 MiB (smaller for workers with
         little memory: see :func:`dnmf.outofcore.block_bytes_for_workers`).
+    column_chunks : None, "auto", int or tuple of int
+        None: row blocks holding all columns. An int below p (columns per chunk) or a tuple
+        (the column chunk sizes): a 2-D grid of chunks. "auto": the grid only when
+        ``MIN_BLOCK_ROWS`` rows of V would not fit in a block (:func:`auto_column_chunk`).
     """
     if isinstance(X, Matrix):
         return X
     if isinstance(X, (str, os.PathLike)):
-        return _matrix_from_zarr(_open_zarr(os.fspath(X)), chunks, source=os.fspath(X), block_bytes=block_bytes)
+        X_open, source = _open_zarr(os.fspath(X)), os.fspath(X)
+    else:
+        X_open, source = X, None
+    layout = _Layout(chunks, block_bytes, column_chunks)
     try:
         import zarr
 
-        if isinstance(X, zarr.Array):
-            return _matrix_from_zarr(X, chunks, source=str(X.store_path), block_bytes=block_bytes)
+        if isinstance(X_open, zarr.Array):
+            return _matrix_from_zarr(X_open, layout, source=source or str(X_open.store_path))
     except ImportError:  # pragma: no cover - zarr is a dependency
         pass
     if isinstance(X, da.Array):
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
-        default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize, target_bytes=block_bytes)
         sparse = sp.issparse(X._meta)
-        return Matrix(_rechunk_rows(X, chunks, default), dtype, False, sparse, "dask")
+        cols = layout.columns(X.shape, dtype.itemsize)
+        if cols is None:
+            default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize, target_bytes=block_bytes)
+            return Matrix(_rechunk_rows(X, chunks, default), dtype, False, sparse, "dask")
+        return Matrix(X.rechunk((layout.rows(X.shape, dtype.itemsize, cols), cols)), dtype, False, sparse, "dask")
     if sp.issparse(X):
         _check_2d(X.shape)
-        return Matrix(_from_sparse(X, chunks, block_bytes), factor_dtype(X.dtype), True, True, "scipy.sparse")
+        return Matrix(_from_sparse(X, layout), factor_dtype(X.dtype), True, True, "scipy.sparse")
     if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
         X = np.asarray(X)
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
-        default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize, target_bytes=block_bytes)
-        row_chunks = _row_chunks(X.shape[0], chunks, default)
-        return Matrix(_row_block_views(X, row_chunks), dtype, True, False, "numpy")
+        cols = layout.columns(X.shape, X.dtype.itemsize)
+        if cols is None:
+            default = auto_row_block(X.shape[0], X.shape[1], X.dtype.itemsize, target_bytes=block_bytes)
+            cols = (X.shape[1],)
+            rows = _row_chunks(X.shape[0], chunks, default)
+        else:
+            rows = layout.rows(X.shape, X.dtype.itemsize, cols)
+        return Matrix(_block_views(X, rows, cols), dtype, True, False, "numpy")
     raise InvalidMatrixError(
         expected("a numpy array, scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
     )
 
 
-def _row_block_views(X: np.ndarray, row_chunks: tuple[int, ...]) -> da.Array:
-    """A dask array whose row blocks are views of X (``da.from_array`` copies them: +V)."""
+# The row layout wants row blocks of at least this many rows holding all columns; a V too
+# wide for that within the block budget is laid out as a 2-D grid by column_chunks="auto".
+MIN_BLOCK_ROWS = 256
+
+
+def auto_column_chunk(n: int, p: int, itemsize: float, target_bytes: int | None = None) -> int:
+    """Columns per chunk for ``column_chunks="auto"``: p (row blocks) when ``MIN_BLOCK_ROWS``
+    rows of V fit in ``target_bytes``; else about square chunks of that size.
+
+    ``itemsize`` is the bytes per entry (times the density for sparse V).
+    """
+    target = target_bytes or TARGET_BLOCK_BYTES
+    if min(n, MIN_BLOCK_ROWS) * p * itemsize <= target:
+        return p
+    side = max(MIN_BLOCK_ROWS, int(math.sqrt(target / itemsize)))
+    return int(max(1, min(p, target // (min(n, side) * itemsize))))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The chunking asked for: rows (``chunks``), columns (``column_chunks``), block budget."""
+
+    chunks: int | tuple | None
+    block_bytes: int | None
+    column_chunks: object
+
+    def columns(self, shape, itemsize: float, align: int = 1) -> tuple[int, ...] | None:
+        """The column chunks of a grid, or None for row blocks holding all columns."""
+        n, p = shape
+        cols = self.column_chunks
+        if cols is None:
+            return None
+        if isinstance(cols, str):
+            if cols != "auto":
+                raise InvalidMatrixError(expected('column_chunks None, "auto", an int or a tuple', cols))
+            cols = auto_column_chunk(n, p, itemsize, self.block_bytes)
+            if cols < p:
+                cols = max(align, (cols // align) * align)
+        if isinstance(cols, tuple):
+            if sum(cols) != p or min(cols) < 1:
+                raise InvalidMatrixError(expected(f"column chunks summing to {p}", cols))
+            return cols if len(cols) > 1 else None
+        chunks = _row_chunks(p, int(cols), p)
+        return chunks if len(chunks) > 1 else None
+
+    def rows(self, shape, itemsize: float, cols: tuple[int, ...], align: int = 1) -> tuple[int, ...]:
+        """Row chunks of a grid: ``chunks``, else blocks of about the budget with ``cols`` columns."""
+        n = shape[0]
+        if self.chunks is not None:
+            return _row_chunks(n, self.chunks, n)
+        target = self.block_bytes or TARGET_BLOCK_BYTES
+        rows = max(1, int(target // (max(cols) * itemsize)))
+        rows = min(n, max(align, (rows // align) * align))
+        return _row_chunks(n, rows, n)
+
+
+def _block_views(X: np.ndarray, row_chunks: tuple[int, ...], col_chunks: tuple[int, ...]) -> da.Array:
+    """A dask array whose blocks are views of X (``da.from_array`` copies them: +V)."""
     name = f"dnmf-V-{uuid.uuid4().hex}"
-    offsets = np.cumsum((0, *row_chunks)).tolist()
-    dsk = {(name, i, 0): X[offsets[i] : offsets[i + 1]] for i in range(len(row_chunks))}
+    rows, cols = np.cumsum((0, *row_chunks)).tolist(), np.cumsum((0, *col_chunks)).tolist()
+    dsk = {
+        (name, i, j): X[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
+        for i in range(len(row_chunks))
+        for j in range(len(col_chunks))
+    }
     graph = HighLevelGraph.from_collections(name, dsk)
-    return da.Array(graph, name, chunks=(row_chunks, (X.shape[1],)), dtype=X.dtype)
+    return da.Array(graph, name, chunks=(row_chunks, col_chunks), dtype=X.dtype)
 
 
-def _matrix_from_zarr(arr, chunks, source: str, block_bytes: int | None = None) -> Matrix:
+def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     _check_2d(arr.shape)
     dtype = factor_dtype(arr.dtype)
-    default = auto_row_block(arr.shape[0], arr.shape[1], arr.dtype.itemsize, target_bytes=block_bytes)
     data = da.from_zarr(arr)
-    aligned = _rechunk_rows(data, chunks, default, align=arr.chunks[0])
+    itemsize = arr.dtype.itemsize
+    cols = layout.columns(arr.shape, itemsize, align=arr.chunks[1])
+    if cols is None:
+        default = auto_row_block(arr.shape[0], arr.shape[1], itemsize, target_bytes=layout.block_bytes)
+        aligned = _rechunk_rows(data, layout.chunks, default, align=arr.chunks[0])
+    else:
+        aligned = data.rechunk((layout.rows(arr.shape, itemsize, cols, align=arr.chunks[0]), cols))
     return Matrix(aligned, dtype, False, False, source)
 
 
@@ -279,13 +386,14 @@ def scan_matrix(matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
 
     ``with_xlogx`` also sums V log V, the constant of the KL objective.
     """
-    keys = matrix.block_keys()
     name = f"dnmf-scan-{uuid.uuid4().hex}"
+    rows, cols = matrix.row_offsets, matrix.col_offsets
     dsk = {
-        (name, i): (kernels.block_stats, key, offset, with_xlogx)
-        for i, (key, offset) in enumerate(zip(keys, matrix.row_offsets))
+        (name, i, j): (kernels.block_stats, key, rows[i], with_xlogx, cols[j])
+        for i, row in enumerate(matrix.grid_keys())
+        for j, key in enumerate(row)
     }
-    root = tree_reduce(dsk, name, [(name, i) for i in range(len(keys))], kernels.add_stats)
+    root = tree_reduce(dsk, name, list(dsk), kernels.add_stats)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[matrix.data])
     (stats,) = dask.compute(Delayed(root, graph, layer=name))
     return MatrixStats.from_blocks(stats, matrix.shape)

@@ -1,0 +1,235 @@
+"""One NMF iteration on a 2-D grid of V's chunks, for V too wide for row blocks.
+
+When p is so large that a row block holding all columns would have only a few rows (or H,
+r x p, is too big to keep on the client), V is chunked in both dimensions: chunk (i, j) meets
+only W's row block i and H's column block j. W stays distributed by row blocks and H by
+column blocks; only r x r matrices and scalars reach the client.
+
+An iteration (H first, then W, as in :mod:`dnmf.solvers`), as one graph:
+
+1. one task per column block updates H_j from its partials (summed over the row blocks in the
+   previous iteration) and WᵀW; HHᵀ and H's row sums are summed over the column blocks;
+2. pass B: each chunk computes the products of V_ij and H_j that W_i's update needs
+   (V_ij H_jᵀ for β = 2); one task per row block sums them over j and updates W_i;
+3. pass A: each chunk computes the partials of V_ij at the new (W_i, H_j) (W_iᵀ V_ij for β = 2,
+   and the divergence of the chunk otherwise); they are summed over i per column block, for
+   the next H update and the objective at the new (W, H).
+
+Every sum is a fixed-order tree, so results are bitwise reproducible on any scheduler. V is
+read twice per iteration (the row layout reads it once: its row blocks hold all columns).
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from . import kernels
+from .errors import ParameterError
+from .kernels import FactorSums, Rule
+from .store import Matrix, scan_matrix, tree_reduce
+
+TINY = np.finfo(float).tiny
+
+
+@dataclass(frozen=True)
+class GridState:
+    """An iterate on the grid and what the next step needs from it.
+
+    W : dask array (n, r) in V's row blocks, persisted.
+    H : dask array (r, p) in V's column blocks, persisted.
+    partials : persisted Delayed objects, one per column block: the
+        :class:`~dnmf.kernels.Partials` of column block j at (W, H), summed over row blocks.
+    w_gram : WᵀW (r, r) (β = 2; else 0).
+    objective : D_β(V | WH) at (W, H).
+    """
+
+    W: da.Array
+    H: da.Array
+    partials: tuple
+    w_gram: np.ndarray | float
+    objective: float
+
+
+@dataclass(frozen=True)
+class GridStep:
+    """The result of one iteration: the new state and the relative changes of W and H."""
+
+    state: GridState
+    w_change: float
+    h_change: float
+
+
+@dataclass(frozen=True)
+class GridSolver:
+    """Builds and runs the per-iteration graphs on V's 2-D grid of chunks.
+
+    The same interface as :class:`dnmf.solvers.Solver` (``start``, ``step``), for MU (any β),
+    HALS and BPP, without missing entries. With several HALS sweeps per half-step, each column
+    block of H stops its inner sweeps on its own.
+
+    matrix : V chunked as a grid (``matrix.is_grid``).
+    rule : the update rule.
+    v_sq : ‖V‖², for the Frobenius objective.
+    update_h : False to keep H fixed.
+    kl_offset : Σ V log V − Σ V (β = 1); None to compute it with one extra scan when needed.
+    """
+
+    matrix: Matrix
+    rule: Rule
+    v_sq: float
+    update_h: bool = True
+    kl_offset: float | None = None
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # What dnmf.solvers.Solver has and callers may look at.
+    masked = False
+    local = False
+
+    def __post_init__(self):
+        if not self.matrix.is_grid:
+            raise ParameterError("GridSolver needs V chunked along its columns too (a 2-D grid).")
+
+    def start(self, W, H) -> GridState:
+        """The state at a starting point: one pass over V for the partials at (W, H)."""
+        W = W.rechunk((self.matrix.row_chunks, (W.shape[1],)))
+        H = self._column_blocks(H)
+        name = f"dnmf-grid-start-{uuid.uuid4().hex}"
+        dsk: dict = {}
+        w_keys, h_keys = _row_keys(W), _col_keys(H)
+        for i, wk in enumerate(w_keys):
+            dsk[(name, "wsum", i)] = (_w_sums_at_start, wk, self.rule.beta)
+        w_sums = tree_reduce(dsk, f"{name}-w", [(name, "wsum", i) for i in range(len(w_keys))], kernels.add_factor_sums)
+        p_keys, terms = self._pass_a(dsk, name, w_keys, h_keys)
+        summary = (name, "summary")
+        dsk[summary] = (tuple, [w_sums, terms, self._h_gram(dsk, name, h_keys)])
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W, H])
+        partials = [Delayed(key, graph, layer=name) for key in p_keys]
+        W, H, partials, summary = dask.persist(W, H, partials, Delayed(summary, graph, layer=name), optimize_graph=False)
+        w_sums, terms, h_gram = dask.compute(summary)[0]
+        return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
+
+    def step(self, state: GridState) -> GridStep:
+        """One iteration: H_j from the partials, pass B updating W, pass A for the next partials."""
+        name = f"dnmf-grid-step-{uuid.uuid4().hex}"
+        h_name, w_name = f"{name}-H", f"{name}-W"
+        dsk: dict = {}
+        W, H = state.W, state.H
+        r = W.shape[1]
+        old_w, old_h = _row_keys(W), _col_keys(H)
+        # 1. H's column blocks.
+        h_sums = []
+        for j, (hk, part) in enumerate(zip(old_h, state.partials)):
+            dsk[(name, "hupd", j)] = (kernels.grid_update_h, hk, part.key, state.w_gram, self.rule, self.update_h)
+            dsk[(h_name, 0, j)] = (operator.getitem, (name, "hupd", j), 0)
+            h_sums.append((name, "hsum", j))
+            dsk[(name, "hsum", j)] = (operator.getitem, (name, "hupd", j), 1)
+        h_total = tree_reduce(dsk, f"{name}-hsums", h_sums, kernels.add_factor_sums)
+        new_h = [(h_name, 0, j) for j in range(len(old_h))]
+        # 2. Pass B: W's row blocks.
+        w_sums = []
+        for i, (row, wk) in enumerate(zip(self.matrix.grid_keys(), old_w)):
+            leaves = []
+            for j, (vk, hk) in enumerate(zip(row, new_h)):
+                dsk[(name, "wprod", i, j)] = (kernels.chunk_w_products, vk, wk, hk, self.rule)
+                leaves.append((name, "wprod", i, j))
+            products = tree_reduce(dsk, f"{name}-wprod{i}", leaves, kernels.add_w_products)
+            dsk[(name, "wupd", i)] = (kernels.grid_update_w, wk, products, h_total, self.rule)
+            dsk[(w_name, i, 0)] = (operator.getitem, (name, "wupd", i), 0)
+            dsk[(name, "wsum", i)] = (operator.getitem, (name, "wupd", i), 1)
+            w_sums.append((name, "wsum", i))
+        w_total = tree_reduce(dsk, f"{name}-wsums", w_sums, kernels.add_factor_sums)
+        new_w = [(w_name, i, 0) for i in range(len(old_w))]
+        # 3. Pass A at the new (W, H).
+        p_keys, terms = self._pass_a(dsk, name, new_w, new_h)
+        summary = (name, "summary")
+        dsk[summary] = (tuple, [w_total, terms, h_total])
+        graph = HighLevelGraph.from_collections(
+            name, dsk, dependencies=[self.matrix.data, W, H, *state.partials]
+        )
+        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
+        H_new = da.Array(graph, h_name, chunks=((r,), H.chunks[1]), dtype=H.dtype)
+        partials = [Delayed(key, graph, layer=name) for key in p_keys]
+        W_new, H_new, partials, summary = dask.persist(
+            W_new, H_new, partials, Delayed(summary, graph, layer=name), optimize_graph=False
+        )
+        w_sums, terms, h_sums = dask.compute(summary)[0]
+        objective = self._objective(terms, w_sums.gram, h_sums.gram)
+        new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective)
+        w_change = float(np.sqrt(w_sums.d_sq / max(w_sums.sq, TINY)))
+        h_change = float(np.sqrt(h_sums.d_sq / max(h_sums.sq, TINY)))
+        return GridStep(new_state, w_change, h_change)
+
+    def rerooted(self, state: GridState, reroot) -> GridState:
+        """The state with W and H replaced by ``reroot(W, "W")`` and ``reroot(H, "H")`` (the same
+        values, from a store) and the partials recomputed from them, so nothing depends on
+        earlier iterations: bitwise the same state, for one extra pass over V."""
+        return self.start(reroot(state.W, "W"), reroot(state.H, "H"))
+
+    def _pass_a(self, dsk: dict, name: str, w_keys: list, h_keys: list):
+        """Add pass A to ``dsk``: the partials per column block and the objective's terms."""
+        grid = self.matrix.grid_keys()
+        p_keys, term_keys = [], []
+        for j, hk in enumerate(h_keys):
+            leaves = []
+            for i, wk in enumerate(w_keys):
+                dsk[(name, "hpart", i, j)] = (kernels.chunk_h_partials, grid[i][j], wk, hk, self.rule)
+                leaves.append((name, "hpart", i, j))
+            p_keys.append(tree_reduce(dsk, f"{name}-hpart{j}", leaves, kernels.add_partials))
+            dsk[(name, "term", j)] = (kernels.column_objective_term, p_keys[-1], hk, self.rule.beta)
+            term_keys.append((name, "term", j))
+        return p_keys, tree_reduce(dsk, f"{name}-terms", term_keys, operator.add)
+
+    def _h_gram(self, dsk: dict, name: str, h_keys: list):
+        for j, hk in enumerate(h_keys):
+            dsk[(name, "hgram", j)] = (_h_gram, hk)
+        return tree_reduce(dsk, f"{name}-hgram", [(name, "hgram", j) for j in range(len(h_keys))], operator.add)
+
+    def _column_blocks(self, H) -> da.Array:
+        """H as a dask array in V's column blocks (from numpy without holding a second copy)."""
+        chunks = ((H.shape[0],), self.matrix.col_chunks)
+        if isinstance(H, da.Array):
+            return H.astype(self.matrix.dtype).rechunk(chunks)
+        H = np.asarray(H, dtype=self.matrix.dtype)
+        return da.from_array(H, chunks=chunks, name=f"dnmf-H0-{uuid.uuid4().hex}")
+
+    def _objective(self, terms: float, w_gram, h_gram) -> float:
+        beta = self.rule.beta
+        if beta == kernels.FROBENIUS:
+            gram = float(np.vdot(np.asarray(w_gram, dtype=np.float64), np.asarray(h_gram, dtype=np.float64)))
+            return max(0.5 * (self.v_sq - 2.0 * terms + gram), 0.0)
+        if beta == kernels.KULLBACK_LEIBLER:
+            return max(terms + self._kl_offset(), 0.0)
+        return max(terms, 0.0)
+
+    def _kl_offset(self) -> float:
+        if self.kl_offset is not None:
+            return self.kl_offset
+        if "kl_offset" not in self._cache:
+            stats = scan_matrix(self.matrix, with_xlogx=True)
+            self._cache["kl_offset"] = stats.v_xlogx - stats.v_sum
+        return self._cache["kl_offset"]
+
+
+def _row_keys(W: da.Array) -> list:
+    return [row[0] for row in W.__dask_keys__()]
+
+
+def _col_keys(H: da.Array) -> list:
+    return list(H.__dask_keys__()[0])
+
+
+def _w_sums_at_start(W_b: np.ndarray, beta: float) -> FactorSums:
+    gram = kernels.gram(W_b) if beta == kernels.FROBENIUS else 0.0
+    return FactorSums(gram, 0.0, float(np.vdot(W_b, W_b)), 0.0)
+
+
+def _h_gram(H_b: np.ndarray) -> np.ndarray:
+    return kernels.gram(H_b.T)
