@@ -583,8 +583,9 @@ def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None):
 
     snapshot = load(path)
     params = dict(snapshot.record["params"])
-    if isinstance(params.get("chunks"), list):
-        params["chunks"] = tuple(params["chunks"])
+    for key in ("chunks", "column_chunks"):  # tuples come back from JSON as lists
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
     if max_iter is not None:
         params["max_iter"] = max_iter
     if max_time is not None:

@@ -177,6 +177,11 @@ def randomized_svd(matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n
         Q = _orthonormalize(_times(matrix, Zq.astype(matrix.dtype)).persist())
     B = _transpose_times(Q, matrix).astype(np.float64)
     Ub, s, Vt = np.linalg.svd(B, full_matrices=False)
+    missing = r - len(s)
+    if missing > 0:  # V has rank below r: the basis dropped null directions; pad with zeros
+        Ub = np.hstack([Ub, np.zeros((Ub.shape[0], missing))])
+        s = np.concatenate([s, np.zeros(missing)])
+        Vt = np.vstack([Vt, np.zeros((missing, Vt.shape[1]))])
     U = (Q @ Ub[:, :r].astype(matrix.dtype)).persist()
     return U, s[:r], Vt[:r]
 

@@ -79,10 +79,10 @@ def warn_if_blocks_too_big(matrix: Matrix, block_bytes: int | None) -> None:
     """
     if block_bytes is None:
         return
-    largest = max(matrix.row_chunks) * matrix.shape[1] * matrix.data.dtype.itemsize
+    largest = max(matrix.row_chunks) * max(matrix.col_chunks) * matrix.data.dtype.itemsize
     if not matrix.sparse and largest > 4 * block_bytes:
         logger.warning(
-            "row blocks of V take up to %.0f MiB, more than 4 x the %.0f MiB the workers' memory "
+            "blocks of V take up to %.0f MiB, more than 4 x the %.0f MiB the workers' memory "
             "limit suggests; rechunk the store to fewer rows per chunk or pass a smaller `chunks`",
             largest / 2**20, block_bytes / 2**20,
         )
