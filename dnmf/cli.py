@@ -181,13 +181,16 @@ def summary(model, seconds: float, out) -> str:
 @click.option("--max-time", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--seed", type=int, default=0, help="Random seed (same seed and chunks: same result, bit for bit).")
 @click.option("--chunks", type=int, default=None, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks).")
+@click.option("--column-chunks", default="auto", callback=lambda ctx, param, value: _column_chunks(value),
+              help="Columns per chunk: a number for a 2-D grid of chunks (W by row blocks, H by column "
+                   "blocks), 'none' for row blocks holding all columns, 'auto' (default): the grid only for a very wide V.")
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint folder, so `dnmf resume` can continue a killed fit.")
 @click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints.")
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new result is complete).")
-def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, seed, chunks, dataset,
+def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, seed, chunks, column_chunks, dataset,
         checkpoint, checkpoint_every, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite):
     """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
     those are converted to a temporary Zarr array under $TMPDIR first).
@@ -217,7 +220,7 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
             model = NMF(
                 rank, solver=solver, beta_loss=parse_beta_loss(beta_loss), init=None if init == "auto" else init,
                 max_iter=max_iter, tol=tol, tol_x=tol_x, max_time=max_time, random_state=seed, chunks=chunks,
-                callbacks=callbacks, **extra,
+                column_chunks=column_chunks, callbacks=callbacks, **extra,
             )
             W = model.fit_transform(path)
             close_callbacks(callbacks)
@@ -225,6 +228,15 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
     finally:
         close_callbacks(callbacks)
     click.echo(summary(model, time.perf_counter() - started, out))
+
+
+def _column_chunks(value: str):
+    """--column-chunks: "auto", "none" or a positive number of columns."""
+    if value.lower() in ("auto", "none"):
+        return None if value.lower() == "none" else "auto"
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter(f"expected 'auto', 'none' or a positive number of columns; got {value!r}")
 
 
 def _absolute(path: str) -> str:

@@ -110,6 +110,21 @@ def test_fit_info_plot_transform(tmp_path, parts_zarr):
     assert rel < 1.05 * res.relative_error + 1e-3
 
 
+def test_fit_on_a_grid_of_chunks(tmp_path, parts_zarr):
+    path, V, H_true = parts_zarr
+    out = tmp_path / "res.zarr"
+    fit = run_cli("fit", path, "--rank", 3, "--out", out, "--max-iter", 30, "--column-chunks", 10, *FAST)
+    assert fit.exit_code == 0, fit.output + fit.stderr
+    res = load_result(out)
+    model = dnmf.NMF(3, max_iter=30, random_state=0, column_chunks=10)
+    with pytest.warns(ConvergenceWarning):
+        model.fit(str(path))
+    assert model.fit_info_["layout"] == "grid" and model.fit_info_["column_blocks"] == 4
+    np.testing.assert_array_equal(res.H, model.components_)
+    bad = run_cli("fit", path, "--rank", 3, "--out", tmp_path / "x.zarr", "--column-chunks", "wide", *FAST)
+    assert bad.exit_code == 2 and "positive number of columns" in bad.output
+
+
 def test_fit_reads_other_formats_through_a_temporary_zarr(tmp_path):
     V, _, _ = planted_parts(n=120, p=40)
     np.save(tmp_path / "V.npy", V)
