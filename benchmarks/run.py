@@ -121,9 +121,14 @@ def lines_convergence(res: dict) -> list[dict]:
 
 
 def lines_kl(res: dict) -> list[dict]:
-    ratio = res["dnmf_kl"] / res["sklearn_kl"]
-    return [line("KL MU: dnmf / scikit-learn per iteration", f"{ratio:.2f}", "≤ 0.75", ratio <= 0.75,
-                 f"{ms(res['dnmf_kl'])} vs {ms(res['sklearn_kl'])}; floor {ms(res['floor'])}")]
+    ratio = res["dnmf_kl_every10"] / res["sklearn_kl"]
+    every = res["dnmf_kl"] / res["sklearn_kl"]
+    return [
+        line("KL MU: dnmf (objective every 10th iteration) / scikit-learn per iteration", f"{ratio:.2f}", "≤ 0.75",
+             ratio <= 0.75, f"{ms(res['dnmf_kl_every10'])} vs {ms(res['sklearn_kl'])}; floor {ms(res['floor'])}"),
+        line("KL MU: dnmf (objective every iteration) / scikit-learn per iteration", f"{every:.2f}", None, None,
+             f"{ms(res['dnmf_kl'])}"),
+    ]
 
 
 def lines_cluster(res: dict) -> list[dict]:

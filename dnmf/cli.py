@@ -179,6 +179,8 @@ def summary(model, seconds: float, out) -> str:
 @click.option("--tol", type=float, default=1e-4, help="Stop when the objective's relative decrease is below this ...")
 @click.option("--tol-x", type=float, default=1e-3, help="... and the relative change of W and H is below this.")
 @click.option("--max-time", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--objective-every", type=click.IntRange(min=1), default=1,
+              help="Evaluate the objective (and check --tol) every this many iterations; for KL and other β it costs a log per entry.")
 @click.option("--seed", type=int, default=0, help="Random seed (same seed and chunks: same result, bit for bit).")
 @click.option("--chunks", type=int, default=None, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks).")
 @click.option("--column-chunks", default="auto", callback=lambda ctx, param, value: _column_chunks(value),
@@ -190,7 +192,8 @@ def summary(model, seconds: float, out) -> str:
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new result is complete).")
-def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, seed, chunks, column_chunks, dataset,
+def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, objective_every, seed, chunks,
+        column_chunks, dataset,
         checkpoint, checkpoint_every, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite):
     """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
     those are converted to a temporary Zarr array under $TMPDIR first).
@@ -220,7 +223,7 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
             model = NMF(
                 rank, solver=solver, beta_loss=parse_beta_loss(beta_loss), init=None if init == "auto" else init,
                 max_iter=max_iter, tol=tol, tol_x=tol_x, max_time=max_time, random_state=seed, chunks=chunks,
-                column_chunks=column_chunks, callbacks=callbacks, **extra,
+                column_chunks=column_chunks, objective_every=objective_every, callbacks=callbacks, **extra,
             )
             W = model.fit_transform(path)
             close_callbacks(callbacks)

@@ -9,11 +9,16 @@ Each iteration appends an :class:`IterationRecord`. The loop stops when
 - a callback returned True ("callback").
 
 Like scikit-learn's ``tol``, both tolerances are relative, so they do not depend on the scale
-of V; ``tol_x=0`` turns the convergence stop off. The checks run after every iteration.
+of V; ``tol_x=0`` turns the convergence stop off. The checks run after every iteration that
+evaluates the objective: every iteration by default. For β ≠ 2 the objective costs a log or a
+power per entry of V, so ``objective_every=k`` evaluates it only every k-th iteration (and at
+the last), as scikit-learn checks its ``tol`` every 10 iterations; the records in between
+have a NaN objective, and the relative decrease is then per iteration since the last one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -46,6 +51,11 @@ class StoppingRules:
     tol: float = 1e-4
     tol_x: float = 1e-3
     max_time: float | None = None
+    objective_every: int = 1
+
+    def evaluates(self, iteration: int) -> bool:
+        """Whether ``iteration`` (from 1) evaluates the objective."""
+        return iteration % self.objective_every == 0 or iteration >= self.max_iter
 
     def converged(self, record: IterationRecord) -> bool:
         return record.rel_decrease < self.tol and max(record.w_change, record.h_change) < self.tol_x
@@ -101,17 +111,22 @@ def run(
     # A resumed run whose last recorded iteration already met the tolerances stops where the
     # uninterrupted run stopped.
     already_converged = bool(history) and rules.converged(history[-1])
+    start = (history[-1].iteration if history else 0, state.objective)
     if already_converged:
         stop_reason = "converged"
     while not already_converged and (history[-1].iteration if history else 0) < rules.max_iter:
         tick = time.perf_counter()
-        step = solver.step(state)
-        previous = state.objective
+        iteration = (history[-1].iteration if history else 0) + 1
+        anchor = last_evaluated(history, start)
+        if rules.objective_every == 1:
+            step = solver.step(state)
+        else:
+            step = solver.step(state, rules.evaluates(iteration))
         state = step.state
         record = IterationRecord(
-            iteration=(history[-1].iteration if history else 0) + 1,
+            iteration=iteration,
             objective=state.objective,
-            rel_decrease=relative_decrease(previous, state.objective),
+            rel_decrease=decrease_since(anchor, iteration, state.objective),
             w_change=step.w_change,
             h_change=step.h_change,
             seconds=time.perf_counter() - tick,
@@ -129,6 +144,32 @@ def run(
         if rules.max_time is not None and time.perf_counter() - started >= rules.max_time:
             stop_reason = "max_time"
             break
+    if history and math.isnan(state.objective):
+        # Stopped (time, callback) on an iteration that skipped the objective: one more pass.
+        anchor = last_evaluated(history[:-1], start)
+        state = solver.start(state.W, state.H)
+        last = history[-1]
+        history[-1] = IterationRecord(
+            last.iteration, state.objective, decrease_since(anchor, last.iteration, state.objective),
+            last.w_change, last.h_change, last.seconds,
+        )
     if checkpointer is not None:
         checkpointer.finish(state, history, stop_reason)
     return RunResult(state, history, stop_reason)
+
+
+def last_evaluated(history: list[IterationRecord], start: tuple[int, float]) -> tuple[int, float]:
+    """(iteration, objective) of the latest record with an objective, else ``start``'s."""
+    for record in reversed(history):
+        if not math.isnan(record.objective):
+            return record.iteration, record.objective
+    return start
+
+
+def decrease_since(anchor: tuple[int, float], iteration: int, objective: float) -> float:
+    """The relative decrease per iteration from ``anchor`` to ``iteration`` (NaN when the
+    objective was not evaluated)."""
+    if math.isnan(objective):
+        return math.nan
+    since, previous = anchor
+    return relative_decrease(previous, objective) / max(1, iteration - since)

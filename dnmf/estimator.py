@@ -124,7 +124,11 @@ def make_config(params: dict, shape: tuple[int, int]) -> FitConfig:
     _check_nonnegative_real("max_time", params["max_time"], allow_none=True)
     eps = DEFAULT_EPS if params["eps"] is None else params["eps"]
     _check_nonnegative_real("eps", eps)
-    rules = driver.StoppingRules(params["max_iter"], params["tol"], params["tol_x"], params["max_time"])
+    objective_every = params.get("objective_every", 1)
+    _check_positive_int("objective_every", objective_every)
+    rules = driver.StoppingRules(
+        params["max_iter"], params["tol"], params["tol_x"], params["max_time"], int(objective_every)
+    )
     init = resolve_init(params["init"], r, shape)
     return FitConfig(int(r), solver, beta, init, float(eps), resolve_seed(params["random_state"]), rules, inner_sweeps)
 
@@ -393,6 +397,11 @@ class NMF(TransformerMixin, BaseEstimator):
         be below ``tol_x`` (together with ``tol``) to stop. ``tol_x=0`` never stops early.
     max_time : float or None
         Stop ("max_time") after this many seconds of iterating in this run.
+    objective_every : int, default=1
+        Evaluate the objective (and check ``tol``) every this many iterations and at the last.
+        The Frobenius objective is free; for other β it costs a log or a power per entry of X,
+        so e.g. 10 (scikit-learn's interval) saves that work on 9 iterations out of 10. Records
+        in between have a NaN objective.
     random_state : int, RandomState, Generator or None
     eps : float or None
         Added to every denominator of the updates (default 1e-10).
@@ -508,6 +517,7 @@ class NMF(TransformerMixin, BaseEstimator):
         inner_sweeps="auto",
         local="auto",
         column_chunks="auto",
+        objective_every=1,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -532,6 +542,7 @@ class NMF(TransformerMixin, BaseEstimator):
         self.inner_sweeps = inner_sweeps
         self.local = local
         self.column_chunks = column_chunks
+        self.objective_every = objective_every
 
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").

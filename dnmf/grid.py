@@ -116,8 +116,12 @@ class GridSolver:
         w_sums, terms, h_gram = dask.compute(summary)[0]
         return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
 
-    def step(self, state: GridState) -> GridStep:
-        """One iteration: H_j from the partials, pass B updating W, pass A for the next partials."""
+    def step(self, state: GridState, evaluate: bool = True) -> GridStep:
+        """One iteration: H_j from the partials, pass B updating W, pass A for the next partials.
+
+        ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
+        """
+        with_loss = evaluate or self.rule.beta == kernels.FROBENIUS
         name = f"dnmf-grid-step-{uuid.uuid4().hex}"
         h_name, w_name = f"{name}-H", f"{name}-W"
         dsk: dict = {}
@@ -148,7 +152,7 @@ class GridSolver:
         w_total = tree_reduce(dsk, f"{name}-wsums", w_sums, kernels.add_factor_sums)
         new_w = [(w_name, i, 0) for i in range(len(old_w))]
         # 3. Pass A at the new (W, H).
-        p_keys, terms = self._pass_a(dsk, name, new_w, new_h)
+        p_keys, terms = self._pass_a(dsk, name, new_w, new_h, with_loss)
         summary = (name, "summary")
         dsk[summary] = (tuple, [w_total, terms, h_total])
         graph = HighLevelGraph.from_collections(
@@ -161,7 +165,7 @@ class GridSolver:
             W_new, H_new, partials, Delayed(summary, graph, layer=name), optimize_graph=False
         )
         w_sums, terms, h_sums = dask.compute(summary)[0]
-        objective = self._objective(terms, w_sums.gram, h_sums.gram)
+        objective = self._objective(terms, w_sums.gram, h_sums.gram) if with_loss else float("nan")
         new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective)
         w_change = float(np.sqrt(w_sums.d_sq / max(w_sums.sq, TINY)))
         h_change = float(np.sqrt(h_sums.d_sq / max(h_sums.sq, TINY)))
@@ -173,14 +177,14 @@ class GridSolver:
         earlier iterations: bitwise the same state, for one extra pass over V."""
         return self.start(reroot(state.W, "W"), reroot(state.H, "H"))
 
-    def _pass_a(self, dsk: dict, name: str, w_keys: list, h_keys: list):
+    def _pass_a(self, dsk: dict, name: str, w_keys: list, h_keys: list, with_loss: bool = True):
         """Add pass A to ``dsk``: the partials per column block and the objective's terms."""
         grid = self.matrix.grid_keys()
         p_keys, term_keys = [], []
         for j, hk in enumerate(h_keys):
             leaves = []
             for i, wk in enumerate(w_keys):
-                dsk[(name, "hpart", i, j)] = (kernels.chunk_h_partials, grid[i][j], wk, hk, self.rule)
+                dsk[(name, "hpart", i, j)] = (kernels.chunk_h_partials, grid[i][j], wk, hk, self.rule, with_loss)
                 leaves.append((name, "hpart", i, j))
             p_keys.append(tree_reduce(dsk, f"{name}-hpart{j}", leaves, kernels.add_partials))
             dsk[(name, "term", j)] = (kernels.column_objective_term, p_keys[-1], hk, self.rule.beta)

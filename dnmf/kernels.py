@@ -131,8 +131,12 @@ def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.nd
 # Partials and objective
 
 
-def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
-    """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0."""
+def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
+    """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0.
+
+    ``with_loss=False`` skips the divergence (β ≠ 2: a log or a power per entry), leaving
+    ``loss`` at 0, for iterations that do not evaluate the objective.
+    """
     beta, eps = rule.beta, rule.eps
     if beta == FROBENIUS:
         return Partials(_dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
@@ -142,17 +146,19 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
         ratio.data = V_b.data / (wh + eps)
         numer = _dot_t(W_b, ratio)
         col_w = W_b.sum(axis=0)
-        np.log(wh, out=wh)
-        loss = (
-            -float(np.dot(V_b.data.astype(np.float64), wh))
-            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
-        )
+        loss = 0.0
+        if with_loss:
+            np.log(wh, out=wh)
+            loss = (
+                -float(np.dot(V_b.data.astype(np.float64), wh))
+                + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+            )
         return Partials(numer, col_w, loss, 0.0, 0.0)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     if beta == KULLBACK_LEIBLER:
-        return _kl_partials_dense(V_d, W_b, H, eps)
+        return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
     wh = W_b @ H
-    loss = beta_divergence_dense(V_d, wh, beta)
+    loss = beta_divergence_dense(V_d, wh, beta) if with_loss else 0.0
     wh += eps
     denom = W_b.T @ (wh ** (beta - 1.0))
     numer = W_b.T @ (V_d * wh ** (beta - 2.0))
@@ -181,7 +187,7 @@ def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float
     return out
 
 
-def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> Partials:
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True) -> Partials:
     """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
 
     The loss leaves out the constant Σ V log V − Σ V (added by :func:`objective`):
@@ -192,17 +198,23 @@ def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float
     for start, stop in _row_tiles(V.shape[0], V.shape[1]):
         V_t, W_t = V[start:stop], W_b[start:stop]
         wh = W_t @ H
-        with np.errstate(divide="ignore"):
-            tile_cross = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
-        if np.isnan(tile_cross):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
-            tile_cross = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
-        cross += tile_cross
+        if with_loss:
+            cross += _v_log_wh(V_t, wh)
         wh += eps
         np.divide(V_t, wh, out=wh)
         numer += W_t.T @ wh
     col_w = W_b.sum(axis=0)
     total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
     return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
+
+
+def _v_log_wh(V_t: np.ndarray, wh: np.ndarray) -> float:
+    """Σ V log(WH) over a tile (0 log 0 = 0)."""
+    with np.errstate(divide="ignore"):
+        total = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
+    if np.isnan(total):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+        total = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
+    return total
 
 
 def kl_constant(V_b) -> float:
@@ -394,18 +406,18 @@ def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -
     return apply_w_update(W_b, numer, denom, HHt, h_rowsum, rule)
 
 
-def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule):
+def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule, with_loss: bool = True):
     """One iteration's work on a row block, reading V_b once.
 
     Returns ``(W_b_new, partials)`` where the partials are taken at (W_b_new, H) and carry
-    ‖W_b_new‖² and ‖W_b_new − W_b‖².
+    ‖W_b_new‖² and ‖W_b_new − W_b‖² (and the divergence unless ``with_loss`` is False).
     """
     V_b = as_float_block(V_b, W_b.dtype)
     if _fuses_in_tiles(V_b, rule):
         W_new, partials = _frobenius_step_tiled(V_b, W_b, H, HHt, rule)
     else:
         W_new = update_w(V_b, W_b, H, HHt, rule)
-        partials = block_partials(V_b, W_new, H, rule)
+        partials = block_partials(V_b, W_new, H, rule, with_loss)
     delta = W_new - W_b
     return W_new, partials._replace(
         w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta))
@@ -470,7 +482,7 @@ def chunk_w_products(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule) -> WProd
     return WProducts(*w_products(as_float_block(V_b, W_b.dtype), W_b, H_b, rule))
 
 
-def chunk_h_partials(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule) -> Partials:
+def chunk_h_partials(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
     """Pass A on chunk (i, j): the partials of column block j from row block i.
 
     For β = 2 the denominator WᵀW depends on W alone, so it is left at 0 here and summed once
@@ -479,7 +491,7 @@ def chunk_h_partials(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule) -> Parti
     V_b = as_float_block(V_b, W_b.dtype)
     if rule.beta == FROBENIUS:
         return Partials(_dot_t(W_b, V_b), 0.0, 0.0, 0.0, 0.0)
-    return block_partials(V_b, W_b, H_b, rule)
+    return block_partials(V_b, W_b, H_b, rule, with_loss)
 
 
 class FactorSums(NamedTuple):

@@ -262,8 +262,8 @@ class Rerooting:
     def start(self, W, H):
         return self.solver.start(W, H)
 
-    def step(self, state):
-        step = self.solver.step(state)
+    def step(self, state, evaluate: bool = True):
+        step = self.solver.step(state, evaluate)
         self.n_steps += 1
         if self.n_steps % self.every:
             return step

@@ -117,19 +117,24 @@ class Solver:
         HHt = kernels.gram(H.T)
         return SolverState(W, H, partials, self._objective(partials, H, HHt))
 
-    def step(self, state: SolverState) -> Step:
-        """One iteration: H from the partials, then one pass over V that updates W."""
+    def step(self, state: SolverState, evaluate: bool = True) -> Step:
+        """One iteration: H from the partials, then one pass over V that updates W.
+
+        ``evaluate=False`` skips the objective where it costs work per entry of V (β ≠ 2,
+        unmasked): the new state's objective is then NaN.
+        """
         H_old = state.H
         update = masked.masked_update_h if self.masked else kernels.update_h
         H = update(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = kernels.gram(H.T)
-        W, partials = (self._w_pass_local if self.local else self._w_pass)(state.W, H, HHt)
+        with_loss = evaluate or self.masked or self.rule.beta == kernels.FROBENIUS
+        W, partials = (self._w_pass_local if self.local else self._w_pass)(state.W, H, HHt, with_loss)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
-        new_state = SolverState(W, H, partials, self._objective(partials, H, HHt))
-        return Step(new_state, w_change, h_change)
+        objective = self._objective(partials, H, HHt) if with_loss else float("nan")
+        return Step(SolverState(W, H, partials, objective), w_change, h_change)
 
-    def _w_pass(self, W: da.Array, H: np.ndarray, HHt: np.ndarray) -> tuple[da.Array, Partials]:
+    def _w_pass(self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True) -> tuple[da.Array, Partials]:
         name = f"dnmf-step-{uuid.uuid4().hex}"
         w_name, p_name = f"{name}-W", f"{name}-partials"
         h_key, hht_key = (name, "H"), (name, "HHt")
@@ -140,7 +145,7 @@ class Solver:
             if self.masked:
                 dsk[(name, i)] = (masked.masked_step_block, vk, mk, wk, h_key, self.rule)
             else:
-                dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule)
+                dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule, with_loss)
             dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
             leaves.append((name, i))
         if len(leaves) == 1:
@@ -185,8 +190,11 @@ class Solver:
         partials = tree_fold(parts, kernels.add_partials)
         return SolverState(_blocks_array(W_blocks, W), H, partials, self._objective(partials, H, kernels.gram(H.T)))
 
-    def _w_pass_local(self, W: da.Array, H: np.ndarray, HHt: np.ndarray) -> tuple[da.Array, Partials]:
-        results = [kernels.step_block(v, w, H, HHt, self.rule) for v, w in zip(self._v_blocks(), _w_blocks(W))]
+    def _w_pass_local(
+        self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True
+    ) -> tuple[da.Array, Partials]:
+        blocks = zip(self._v_blocks(), _w_blocks(W))
+        results = [kernels.step_block(v, w, H, HHt, self.rule, with_loss) for v, w in blocks]
         partials = tree_fold([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
 

@@ -231,3 +231,49 @@ def test_one_pass_over_v_per_iteration(lowrank, monkeypatch, solver):
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(lowrank)
     assert len(calls) == 7 * 4
+
+
+# ---------------------------------------------------------------------------
+# objective_every: the objective (β ≠ 2) only every k-th iteration
+
+
+@pytest.mark.parametrize("column_chunks", [None, 150])
+@pytest.mark.parametrize("beta_loss", ["kullback-leibler", 0.5])
+def test_objective_every_skips_the_divergence_but_not_the_iterates(beta_loss, column_chunks):
+    import math
+    import warnings as _warnings
+
+    from sklearn.exceptions import ConvergenceWarning as _CW
+
+    rng = np.random.default_rng(5)
+    V = rng.random((300, 5)) @ rng.random((5, 600)) + 0.01
+    common = dict(beta_loss=beta_loss, init="random", random_state=0, max_iter=25, tol=0, tol_x=0,
+                  chunks=75, column_chunks=column_chunks)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", _CW)
+        every, sparse_eval = dnmf.NMF(5, **common), dnmf.NMF(5, objective_every=10, **common)
+        W_every, W_sparse = every.fit_transform(V), sparse_eval.fit_transform(V)
+    assert np.array_equal(W_every, W_sparse) and np.array_equal(every.components_, sparse_eval.components_)
+    objectives = [r["objective"] for r in sparse_eval.history_]
+    evaluated = [i + 1 for i, f in enumerate(objectives) if not math.isnan(f)]
+    assert evaluated == [10, 20, 25]  # every 10th and the last
+    for it in evaluated:
+        assert objectives[it - 1] == every.history_[it - 1]["objective"]
+    assert sparse_eval.reconstruction_err_ == every.reconstruction_err_
+    # The relative decrease is per iteration since the last evaluation.
+    f10, f20 = objectives[9], objectives[19]
+    assert sparse_eval.history_[19]["rel_decrease"] == pytest.approx((f10 - f20) / f10 / 10)
+
+
+def test_objective_every_converges_on_evaluated_iterations_and_fills_in_a_stop_between():
+    rng = np.random.default_rng(6)
+    V = rng.random((200, 4)) @ rng.random((4, 300)) + 0.01
+    common = dict(beta_loss="kullback-leibler", init="random", random_state=0, max_iter=500)
+    model = dnmf.NMF(4, tol=1e-3, tol_x=1.0, objective_every=7, **common).fit(V)
+    assert model.stop_reason_ == "converged" and model.n_iter_ % 7 == 0
+    stopped = dnmf.NMF(4, tol=0, tol_x=0, objective_every=10, callbacks=[lambda r: r.iteration == 13], **common).fit(V)
+    assert stopped.n_iter_ == 13 and stopped.stop_reason_ == "callback"
+    assert np.isfinite(stopped.history_[-1]["objective"])  # evaluated by one more pass
+    assert np.sqrt(2 * stopped.history_[-1]["objective"]) == pytest.approx(stopped.reconstruction_err_)
+    with pytest.raises(dnmf.errors.ParameterError, match="objective_every"):
+        dnmf.NMF(4, objective_every=0).fit(V)
