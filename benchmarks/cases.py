@@ -228,6 +228,19 @@ def case_cluster(n, p, r, dtype, lo, hi, repeats):
     return out
 
 
+def case_wide(n, p, r, dtype, lo, hi, repeats, column_chunks):
+    """A wide V: the 2-D grid (W by row blocks, H by column blocks) vs row blocks holding all
+    columns, MU, threaded scheduler."""
+    V = dense_uniform(n, p, dtype)
+    W0, H0 = start(V.shape, r, mean_of(V), dtype)
+    out = {"floor": floor_seconds(V, W0, H0)}
+    out.update(steady_state({
+        "rows_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k, column_chunks=None),
+        "grid_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k, column_chunks=column_chunks),
+    }, lo, hi, repeats))
+    return out
+
+
 def _first_corner(block):
     return block[:1, :1]
 
@@ -296,6 +309,7 @@ CASES = {
     "out_of_core": case_out_of_core,
     "memory": case_memory,
     "small": case_small,
+    "wide": case_wide,
 }
 
 

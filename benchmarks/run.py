@@ -37,6 +37,7 @@ FULL = {
     "sparse": ("sparse", dict(n=200000, p=20000, density=0.005, r=20, dtype="float32", lo=2, hi=6, repeats=2)),
     "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
+    "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
 }
 
 QUICK = {
@@ -49,6 +50,7 @@ QUICK = {
     "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
+    "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
 }
 
 
@@ -185,6 +187,16 @@ def lines_small(res: dict) -> list[dict]:
     ]
 
 
+def lines_wide(res: dict, params: dict) -> list[dict]:
+    label = f"wide {params['n']}×{params['p']}"
+    grid, rows, floor = res["grid_mu"], res["rows_mu"], res["floor"]
+    return [
+        line(f"{label}: dnmf MU on a grid of {params['column_chunks']}-column chunks / row blocks", f"{grid / rows:.2f}",
+             None, None, f"{ms(grid)} vs {ms(rows)} per iteration"),
+        line(f"{label}: dnmf MU on the grid / floor", f"{grid / floor:.2f}", None, None, f"floor {ms(floor)}"),
+    ]
+
+
 def format_table(rows: list[dict]) -> str:
     head = "| what | measured | goal | status | detail |\n|---|---|---|---|---|"
     body = [f"| {r['what']} | {r['value']} | {r['goal']} | {r['status']} | {r['detail']} |" for r in rows]
@@ -220,7 +232,8 @@ def main(argv=None) -> int:
             rows += lines_dense(res, f"dense {params['n']}×{params['p']} {params['dtype']}")
         else:
             rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
-                     "memory": lines_memory, "small": lines_small}.get(key, lambda r: lines_sparse(r, params))(res)
+                     "memory": lines_memory, "small": lines_small, "wide": lambda r: lines_wide(r, params),
+                     }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     machine = f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
