@@ -289,3 +289,18 @@ def worker_threads(client) -> list[int]:
     """Each worker's number of threads."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     return [int(info.get("nthreads") or 1) for info in workers.values()]
+
+
+def workers_share_this_machine(client) -> bool:
+    """Whether any of ``client``'s workers runs on this machine (a LocalCluster, or a
+    scheduler and workers started beside the client), judged by the workers' IP addresses."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    local = {"localhost"}
+    for addresses in psutil.net_if_addrs().values():
+        local.update(a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6))
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return any(urlsplit(address).hostname in local for address in workers)

@@ -100,6 +100,21 @@ def test_connect_starts_and_stops_a_local_cluster_and_connects_by_address():
     assert client.status == "closed"
 
 
+def test_blas_is_single_threaded_in_the_client_beside_local_workers(client):
+    from threadpoolctl import threadpool_info
+
+    from dnmf.cluster import workers_share_this_machine
+
+    assert workers_share_this_machine(client)
+    seen = []
+    blas_threads = lambda record: seen.append(  # noqa: E731
+        max(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+    )
+    with client.as_current():
+        fit(small_matrix(), max_iter=2, callbacks=[blas_threads])
+    assert seen == [1, 1]
+
+
 def test_scheduler_file(tmp_path, client):
     path = tmp_path / "scheduler.json"
     client.write_scheduler_file(str(path))
