@@ -260,19 +260,22 @@ def _regular_chunks(n: int, rows: int) -> tuple[int, ...]:
     return (rows,) * full + ((rest,) if rest else ())
 
 
-def _store_block(block: np.ndarray, array_path: str, start: int) -> int:
-    """Write one block of W into its own stored chunk(s); return its CRC-32."""
+def _store_block(block: np.ndarray, array_path: str, start: int, axis: int = 0) -> int:
+    """Write one block of W (rows from ``start``) or of the grid's H (columns, ``axis=1``)
+    into its own stored chunk(s); return its CRC-32."""
     import zarr
 
     arr = zarr.open_array(array_path, mode="r+")
-    arr[start : start + block.shape[0]] = block
+    span = slice(start, start + block.shape[axis])
+    arr[(span, slice(None)) if axis == 0 else (slice(None), span)] = block
     return crc32(block)
 
 
-def _block_checksum(array_path: str, start: int, stop: int) -> int:
+def _block_checksum(array_path: str, start: int, stop: int, axis: int = 0) -> int:
     import zarr
 
-    return crc32(zarr.open_array(array_path, mode="r")[start:stop])
+    arr = zarr.open_array(array_path, mode="r")
+    return crc32(arr[start:stop] if axis == 0 else arr[:, start:stop])
 
 
 def _run_blocks(name: str, dsk: dict, keys: list, dependencies=()) -> list:
@@ -281,33 +284,39 @@ def _run_blocks(name: str, dsk: dict, keys: list, dependencies=()) -> list:
     return list(dask.compute(Delayed((name, "all"), graph, layer=name))[0])
 
 
-def write_w(W: da.Array, array_path: str, rows: int) -> list[int]:
-    """Store W (already a Zarr array at ``array_path``) chunk by chunk from the workers.
+def write_w(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list[int]:
+    """Store W (already a Zarr array at ``array_path``) chunk by chunk from the workers; with
+    ``axis=1``, the grid's H by column blocks of ``rows`` columns.
 
     Each task writes whole stored chunks, so tasks never share a chunk; only the CRC-32 of
     each block comes back to the client.
     """
-    W = W.rechunk((_regular_chunks(W.shape[0], rows), W.chunks[1]))
-    offsets = np.cumsum((0,) + W.chunks[0]).tolist()
-    name = f"dnmf-checkpoint-W-{uuid.uuid4().hex}"
+    chunks = list(W.chunks)
+    chunks[axis] = _regular_chunks(W.shape[axis], rows)
+    W = W.rechunk(tuple(chunks))
+    offsets = np.cumsum((0,) + W.chunks[axis]).tolist()
+    keys_along = [row[0] for row in W.__dask_keys__()] if axis == 0 else list(W.__dask_keys__()[0])
+    name = f"dnmf-checkpoint-{'W' if axis == 0 else 'H'}-{uuid.uuid4().hex}"
     dsk, keys = {}, []
-    for i, row in enumerate(W.__dask_keys__()):
-        dsk[(name, i)] = (_store_block, row[0], array_path, offsets[i])
+    for i, key in enumerate(keys_along):
+        dsk[(name, i)] = (_store_block, key, array_path, offsets[i], axis)
         keys.append((name, i))
     return _run_blocks(name, dsk, keys, dependencies=[W])
 
 
-def verify_w(array_path: str, n: int, rows: int, expected_sums: list[int]) -> None:
-    """Recompute the per-chunk CRC-32 of a stored W on the workers; raise on any difference."""
+def verify_w(array_path: str, n: int, rows: int, expected_sums: list[int], axis: int = 0) -> None:
+    """Recompute the per-chunk CRC-32 of a stored W (or, ``axis=1``, H by column blocks) on
+    the workers; raise on any difference."""
+    label = "W" if axis == 0 else "H"
     bounds = list(zip(range(0, n, rows), [min(n, s + rows) for s in range(0, n, rows)]))
     if len(bounds) != len(expected_sums):
-        raise _Corrupt(f"W has {len(bounds)} blocks, the checksums list {len(expected_sums)}")
+        raise _Corrupt(f"{label} has {len(bounds)} blocks, the checksums list {len(expected_sums)}")
     name = f"dnmf-checkpoint-verify-{uuid.uuid4().hex}"
-    dsk = {(name, i): (_block_checksum, array_path, a, b) for i, (a, b) in enumerate(bounds)}
+    dsk = {(name, i): (_block_checksum, array_path, a, b, axis) for i, (a, b) in enumerate(bounds)}
     got = _run_blocks(name, dsk, list(dsk))
     bad = [i for i, (g, e) in enumerate(zip(got, expected_sums)) if g != e]
     if bad:
-        raise _Corrupt(f"W block(s) {bad} fail their checksum")
+        raise _Corrupt(f"{label} block(s) {bad} fail their checksum")
 
 
 class _Corrupt(Exception):
@@ -376,8 +385,15 @@ class Checkpointer:
         rows = storage_rows(state.W.chunks[0])
         group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
         w_sums = write_w(state.W, os.path.join(vdir, "W"), rows)
-        H = np.ascontiguousarray(state.H)
-        group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
+        if isinstance(state.H, da.Array):  # the grid's H: written by the workers, column blocks
+            cols = storage_rows(state.H.chunks[1])
+            group.create_array("H", shape=state.H.shape, chunks=(state.H.shape[0], cols), dtype=state.H.dtype,
+                               compressors=None, fill_value=0)
+            h_sums = write_w(state.H, os.path.join(vdir, "H"), cols, axis=1)
+        else:
+            H = np.ascontiguousarray(state.H)
+            group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
+            h_sums = crc32(H)
         hist = _history_array(history)
         h_arr = group.create_array("history", shape=hist.shape, chunks=(max(1, hist.shape[0]), hist.shape[1]), dtype="f8", compressors=None, fill_value=0)
         if hist.size:
@@ -390,7 +406,7 @@ class Checkpointer:
             "stop_reason": stop_reason,
             "history_columns": list(HISTORY_COLUMNS),
             "storage_rows": int(rows),
-            "checksums": {"W": w_sums, "H": crc32(H), "history": crc32(hist)},
+            "checksums": {"W": w_sums, "H": h_sums, "history": crc32(hist)},
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _library_versions(),
         }
@@ -448,7 +464,7 @@ class Snapshot:
     """A verified checkpoint version.
 
     W : dask array (n, r) read lazily from the version's Zarr array.
-    H : ndarray (r, p).
+    H : ndarray (r, p); for a fit on a 2-D grid, a dask array read lazily by column blocks.
     history : the iteration records up to ``iteration``.
     record : the version's attrs (params, settings, fingerprint, input, stop reason, ...).
     version : the version's directory name.
@@ -456,7 +472,7 @@ class Snapshot:
     """
 
     W: da.Array
-    H: np.ndarray
+    H: np.ndarray | da.Array
     history: list[IterationRecord]
     record: dict
     version: str
@@ -475,12 +491,21 @@ def _load_version(root: str, name: str) -> Snapshot:
         group = zarr.open_group(vdir, mode="r")
         record = dict(group.attrs[ATTRS_KEY])
         sums = record["checksums"]
-        H = np.asarray(group["H"][...])
+        h_arr = group["H"]
+        by_columns = isinstance(sums["H"], list)  # the grid's H, stored by column blocks
+        H = da.from_zarr(h_arr) if by_columns else np.asarray(h_arr[...])
         hist = np.asarray(group["history"][...])
         w_arr = group["W"]
     except Exception as e:  # a damaged version can fail in many ways
         raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
-    if crc32(H) != sums["H"]:
+    if by_columns:
+        try:
+            verify_w(os.path.join(vdir, "H"), h_arr.shape[1], h_arr.chunks[1], sums["H"], axis=1)
+        except _Corrupt:
+            raise
+        except Exception as e:
+            raise _Corrupt(f"H cannot be read ({type(e).__name__}: {e})") from e
+    elif crc32(H) != sums["H"]:
         raise _Corrupt("H fails its checksum")
     if crc32(hist) != sums["history"]:
         raise _Corrupt("the history fails its checksum")

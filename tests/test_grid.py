@@ -217,8 +217,10 @@ def test_grid_resume_is_bitwise_equal(tmp_path):
     ref, W_ref = fit(V, column_chunks=200, max_iter=20)
     ck = str(tmp_path / "ck")
     fit(V, column_chunks=200, max_iter=8, checkpoint=ck, checkpoint_every=4)
-    record = checkpoint.load(ck).record
-    assert record["fingerprint"]["col_chunks"] == [200] * 4 + [100]
+    snapshot = checkpoint.load(ck)
+    assert snapshot.record["fingerprint"]["col_chunks"] == [200] * 4 + [100]
+    # H was written by column blocks (by the workers), each with its checksum.
+    assert isinstance(snapshot.H, da.Array) and len(snapshot.record["checksums"]["H"]) == 5
     resumed = checkpoint.resume(ck, V, max_iter=20)
     assert resumed.fit_info_["layout"] == "grid"
     assert np.array_equal(checkpoint.load(ck).W.compute(), W_ref)
@@ -229,6 +231,18 @@ def test_grid_resume_is_bitwise_equal(tmp_path):
         NMF(R, init="random", random_state=0, max_iter=20, tol=0, tol_x=0, chunks=60, column_chunks=300).fit(
             V, resume=ck
         )
+
+
+def test_a_damaged_h_block_of_a_grid_checkpoint_falls_back_to_the_previous_version(tmp_path):
+    V = planted()
+    ck = tmp_path / "ck"
+    fit(V, column_chunks=200, max_iter=8, checkpoint=str(ck), checkpoint_every=4)
+    newest = checkpoint.read_pointer(str(ck))["version"]
+    h = zarr.open_array(str(ck / newest / "H"), mode="r+")
+    h[0, 450] = h[0, 450] + 1.0  # one entry of column block 2
+    with pytest.warns(UserWarning, match=r"H block\(s\) \[2\] fail"):
+        snapshot = checkpoint.load(str(ck))
+    assert snapshot.version != newest and snapshot.record["stop_reason"] is None  # the version before the end
 
 
 def local_cluster(n_workers: int):
