@@ -225,6 +225,28 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
     return Client(cluster)
 
 
+# The settings of :func:`_local_client`'s workers (no spilling, glibc thresholds) as the
+# environment of a batch job: dask reads DASK_* variables as config, a dict literal included.
+WORKER_JOB_ENV = {
+    "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
+    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(WORKER_MALLOC_ENV),
+}
+
+
+def jobqueue_options(job_options: Mapping) -> dict:
+    """``job_options`` with exports of :data:`WORKER_JOB_ENV` ahead of the user's job prologue.
+
+    Variables the user already exports in ``job_script_prologue`` win (theirs run later).
+    """
+    import shlex
+
+    options = dict(job_options)
+    exports = [f"export {name}={shlex.quote(value)}" for name, value in WORKER_JOB_ENV.items()]
+    options["job_script_prologue"] = exports + list(options.get("job_script_prologue") or ())
+    return options
+
+
 def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
     try:
         import dask_jobqueue
@@ -237,7 +259,7 @@ def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
 
     cluster_class = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
     try:
-        cluster = cluster_class(**dict(job_options))
+        cluster = cluster_class(**jobqueue_options(job_options))
     except TypeError as e:
         raise ParameterError(f"Invalid job_options for {cluster_class.__name__}: {e}") from e
     cluster.scale(jobs=n_jobs)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -276,7 +277,11 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
 # Slurm, for real: a one-node cluster on loopback from Debian's packages
 
 
+# ---------------------------------------------------------------------------
+# Recipes run for real on a one-node Slurm cluster on loopback (started once for the module)
+
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+SLURM_RANK, SLURM_ITER = 5, 20
 
 
 def _slurm_unavailable_reason() -> str | None:
@@ -288,13 +293,18 @@ def _slurm_unavailable_reason() -> str | None:
         return None
     if not shutil.which("apt-get"):
         return "Slurm is not installed and there is no apt-get to install it"
+    return _apt_install(SLURM_PACKAGES)
+
+
+def _apt_install(packages) -> str | None:
+    """Install Debian packages; None when it worked, else why not."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = subprocess.run(
-        f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {' '.join(SLURM_PACKAGES)}",
+        f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {' '.join(packages)}",
         shell=True, capture_output=True, text=True, env=env, timeout=600,
     )
     if install.returncode != 0:
-        return f"could not install Slurm with apt-get: {install.stderr.strip()[-300:]}"
+        return f"could not install {' '.join(packages)} with apt-get: {install.stderr.strip()[-300:]}"
     return None
 
 
@@ -356,18 +366,45 @@ def _kill_pidfile(pidfile: Path) -> None:
         pass
 
 
-@pytest.mark.slow
-def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(tmp_path):
+def _wait_for_idle_node(env: dict, timeout: float = 60) -> None:
+    """Wait until the node is up and runs no job (a previous test's jobs may still be ending)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True)
+        if node.stdout.strip() == "idle" and not jobs.stdout.strip():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the Slurm node is not idle: {node.stdout} {node.stderr} jobs: {jobs.stdout}")
+
+
+@dataclass(frozen=True)
+class SlurmProblem:
+    """A running loopback Slurm cluster, a Zarr V on disk and the local fit every job must match."""
+
+    env: dict  # this environment plus SLURM_CONF and the PYTHONPATH that finds dnmf
+    V: np.ndarray
+    input_path: Path
+    H: np.ndarray  # H of the local fit (threaded scheduler) with SLURM_RANK, SLURM_ITER
+    objective: float
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Start munged, slurmctld and slurmd on 127.0.0.1 once for the module; stop them after."""
     reason = _slurm_unavailable_reason()
     if reason:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    state = tmp_path / "slurm"
+    root = tmp_path_factory.mktemp("slurm")
+    state = root / "state"
     for sub in ("ctld", "d", "munge"):
         (state / sub).mkdir(parents=True)
-    conf = _write_slurm_conf(tmp_path, state)
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    munge_socket = state / "munge" / "munge.socket"
+    conf = _write_slurm_conf(root, state)
+    env = {
+        **os.environ, "SLURM_CONF": str(conf),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     munge_key = state / "munge" / "munge.key"
     munge_key.write_bytes(os.urandom(1024))
     munge_key.chmod(0o400)
@@ -387,52 +424,116 @@ def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(tmp_path):
             started_munge = True
         _start(["slurmctld", "-f", str(conf)], env)
         _start(["slurmd", "-f", str(conf)], env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            state_out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
-            if state_out.stdout.strip() in ("idle", "mixed"):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the Slurm node did not come up: {state_out.stdout} {state_out.stderr}")
+        _wait_for_idle_node(env)
 
         V = small_matrix(2000, 120)
-        input_path = tmp_path / "V.zarr"
+        input_path = root / "V.zarr"
         zarr.create_array(store=str(input_path), data=V, chunks=(250, V.shape[1]))
-        output = tmp_path / "result.zarr"
-        job_env = {
-            **env,
-            "DNMF_INPUT": str(input_path),
-            "DNMF_OUTPUT": str(output),
-            "DNMF_RANK": "5",
-            "DNMF_MAX_ITER": "20",
-            "DNMF_PYTHON": sys.executable,
-            "DNMF_REPO": str(REPO),
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        job = subprocess.run(
-            ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "--cpus-per-task=1",
-             "--mem=1500M", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
-            env=job_env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-        )
-        job_log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
-        assert job.returncode == 0, f"{job.stdout}\n{job.stderr}\n{job_log}"
-        result = zarr.open_group(str(output), mode="r")
-        W, H = result["W"][:], result["H"][:]
-        assert W.shape == (2000, 5) and H.shape == (5, 120)
-        assert result.attrs["n_iter"] == 20
-        assert (W >= 0).all() and (H >= 0).all()
-        # The job's factorization is the one this process computes with the same settings.
         with dask.config.set(scheduler="threads"):
-            here = NMF(5, init="random", random_state=0, max_iter=20, tol=0, tol_x=0).fit(str(input_path))
-        assert np.array_equal(H, here.components_)
-        assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
-        assert result.attrs["fit_info"]["scheduler"] == "distributed"
-        rel_err = np.linalg.norm(V - W @ H) / np.linalg.norm(V)
-        assert rel_err < 0.2
+            here = NMF(SLURM_RANK, init="random", random_state=0, max_iter=SLURM_ITER, tol=0, tol_x=0).fit(
+                str(input_path)
+            )
+        yield SlurmProblem(env, V, input_path, here.components_, here.history_[-1]["objective"])
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
         _kill_pidfile(state / "slurmd.pid")
         _kill_pidfile(state / "slurmctld.pid")
         if started_munge:
             _kill_pidfile(munge_pid)
+
+
+def assert_the_local_fit(output: Path, slurm: SlurmProblem) -> None:
+    """The result group a job wrote holds the factorization this process computed."""
+    result = zarr.open_group(str(output), mode="r")
+    W, H = result["W"][:], result["H"][:]
+    assert W.shape == (slurm.V.shape[0], SLURM_RANK) and H.shape == (SLURM_RANK, slurm.V.shape[1])
+    assert result.attrs["n_iter"] == SLURM_ITER
+    assert (W >= 0).all() and (H >= 0).all()
+    assert np.array_equal(H, slurm.H)
+    assert result.attrs["history"][-1]["objective"] == slurm.objective
+    assert result.attrs["fit_info"]["scheduler"] == "distributed"
+    rel_err = np.linalg.norm(slurm.V - W @ H) / np.linalg.norm(slurm.V)
+    assert rel_err < 0.2
+
+
+def _job_log(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(slurm, tmp_path):
+    _wait_for_idle_node(slurm.env)
+    output = tmp_path / "result.zarr"
+    job_env = {
+        **slurm.env,
+        "DNMF_INPUT": str(slurm.input_path),
+        "DNMF_OUTPUT": str(output),
+        "DNMF_RANK": str(SLURM_RANK),
+        "DNMF_MAX_ITER": str(SLURM_ITER),
+        "DNMF_PYTHON": sys.executable,
+        "DNMF_REPO": str(REPO),
+    }
+    job = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "--cpus-per-task=1",
+         "--mem=1500M", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
+        env=job_env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    )
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}\n{_job_log(tmp_path / 'job.out')}"
+    assert_the_local_fit(output, slurm)
+
+
+@pytest.mark.slow
+def test_the_jobqueue_recipe_runs_its_workers_as_slurm_jobs(slurm, tmp_path):
+    """deploy/jobqueue_driver.py: SLURMCluster submits two worker jobs that connect back on lo."""
+    _wait_for_idle_node(slurm.env)
+    output = tmp_path / "result.zarr"
+    driver = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "jobqueue_driver.py"), str(slurm.input_path), str(output),
+         "--rank", str(SLURM_RANK), "--max-iter", str(SLURM_ITER), "--system", "slurm", "--jobs", "2",
+         "--cores", "1", "--memory", "1GiB", "--walltime", "00:10:00", "--interface", "lo",
+         "--dashboard-address", "127.0.0.1:0"],
+        env=slurm.env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+    )
+    worker_logs = sorted(tmp_path.glob("slurm-*.out"))
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in worker_logs)
+    assert driver.returncode == 0, f"{driver.stdout}\n{driver.stderr[-4000:]}\n{logs}"
+    assert_the_local_fit(output, slurm)
+    # The workers were the Slurm batch jobs, and they reached the scheduler on loopback.
+    assert len(worker_logs) == 2, logs
+    for log in worker_logs:
+        text = log.read_text()
+        assert "Registered to:" in text and "tcp://127.0.0.1:" in text, text
+    assert zarr.open_group(str(output), mode="r").attrs["fit_info"]["n_workers"] >= 1
+
+
+@pytest.mark.slow
+def test_connect_slurm_gives_batch_job_workers_dnmfs_worker_settings(slurm, tmp_path, monkeypatch):
+    """dnmf.cluster.connect("slurm"): the workers are Slurm jobs with the LocalCluster's settings."""
+    _wait_for_idle_node(slurm.env)
+    for name in ("SLURM_CONF", "PYTHONPATH"):  # sbatch exports this environment to the jobs
+        monkeypatch.setenv(name, slurm.env[name])
+    monkeypatch.chdir(tmp_path)  # the worker jobs' slurm-*.out
+    job_options = {
+        "cores": 1, "processes": 1, "memory": "1GiB", "walltime": "00:10:00", "interface": "lo",
+        "scheduler_options": {"dashboard_address": "127.0.0.1:0"},
+    }
+    with connect("slurm", n_workers=2, job_options=job_options) as client:
+        client.wait_for_workers(2, timeout=120)
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        jobs = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
+        assert len(set(jobs.values())) == 2 and None not in jobs.values()
+        settings = client.run(
+            lambda: (
+                os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                dask.config.get("distributed.worker.memory.target"),
+                dask.config.get("distributed.worker.memory.spill"),
+            )
+        )
+        assert set(settings.values()) == {(str(2**28), str(2**28), False, False)}
+        model = NMF(SLURM_RANK, init="random", random_state=0, max_iter=SLURM_ITER, tol=0, tol_x=0)
+        model.fit(str(slurm.input_path))
+    assert np.array_equal(model.components_, slurm.H)
+    assert model.history_[-1]["objective"] == slurm.objective
+    assert model.fit_info_["scheduler"] == "distributed" and model.fit_info_["n_workers"] == 2
+    assert client.status == "closed"
+    _wait_for_idle_node(slurm.env)  # closing the cluster cancelled the worker jobs
