@@ -228,11 +228,13 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
 
 
 # The settings of :func:`_local_client`'s workers (no spilling, glibc thresholds) as the
-# environment of a batch job: dask reads DASK_* variables as config, a dict literal included.
+# environment of a batch job or a container. The glibc variables go in as they are: a nanny keeps
+# variables already in its environment over its pre-spawn-environ config (which a value inherited
+# from the submitting process, such as dask's 65536, would otherwise beat).
 WORKER_JOB_ENV = {
     "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
     "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
-    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": repr(WORKER_MALLOC_ENV),
+    **WORKER_MALLOC_ENV,
 }
 
 

@@ -650,3 +650,40 @@ def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path
     )
     assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
     assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
+
+
+# ---------------------------------------------------------------------------
+# Recipes that cannot run here (no PBS server, no Kubernetes, no image registry): checked statically
+
+
+def test_the_recipes_that_cannot_run_here_parse_and_carry_dnmfs_worker_settings():
+    import yaml
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    try:
+        import fit_zarr
+    finally:
+        sys.path.remove(str(REPO / "deploy"))
+    from dnmf.cluster import WORKER_JOB_ENV
+
+    deploy = REPO / "deploy"
+    for script in [*deploy.glob("slurm/*.sbatch"), *deploy.glob("pbs/*.qsub")]:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script}: {check.stderr}"
+    for source in [*deploy.glob("*.py"), *deploy.glob("kubernetes/*.py")]:
+        compile(source.read_text(), str(source), "exec")
+    # The Kubernetes Job's command is a fit_zarr.py command line that parses.
+    (job,) = yaml.safe_load_all((deploy / "kubernetes" / "fit-job.yaml").read_text())
+    assert job["kind"] == "Job"
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "deploy/fit_zarr.py"]
+    args = fit_zarr.parse_args(command[2:])
+    assert args.scheduler == "tcp://dnmf-dask-scheduler:8786" and args.rank == 20
+    # The Helm chart's workers, the image and the operator's workers get dnmf's worker settings.
+    values = yaml.safe_load((deploy / "kubernetes" / "values.yaml").read_text())
+    worker_env = {item["name"]: item.get("value") for item in values["worker"]["env"]}
+    assert {name: worker_env.get(name) for name in WORKER_JOB_ENV} == WORKER_JOB_ENV
+    dockerfile = (deploy / "Dockerfile").read_text()
+    for name, value in WORKER_JOB_ENV.items():
+        assert f"{name}={value}" in dockerfile or f'{name}="{value}"' in dockerfile, name
+    assert "env=dict(WORKER_JOB_ENV)" in (deploy / "kubernetes" / "operator_driver.py").read_text()
