@@ -92,7 +92,7 @@ def test_get_client_mpi_checks_its_options_and_the_number_of_ranks():
     # Without mpirun there is one rank: too few for a scheduler, a client and a worker.
     alone = subprocess.run(
         [sys.executable, "-c", "from dnmf.cluster import get_client; get_client('mpi')"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+        env=recipe_env(**MPI_LOOPBACK_ENV), capture_output=True, text=True, timeout=120,
     )
     assert alone.returncode != 0 and "at least 3 MPI ranks" in alone.stderr, alone.stderr[-2000:]
 
