@@ -34,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", default="local", help="local, mpi, slurm, pbs, a scheduler address or file")
     parser.add_argument("--n-workers", type=int, default=None, help="workers (local) or jobs (slurm/pbs)")
     parser.add_argument("--memory-limit", default=None, help="memory limit per local worker, e.g. 4GiB")
-    parser.add_argument("--job-options", default="{}", help="JSON of SLURMCluster/PBSCluster arguments")
+    parser.add_argument("--job-options", default="{}", help="JSON of SLURMCluster/PBSCluster (or dask_mpi) arguments")
+    parser.add_argument("--interface", default=None, help="network interface of the scheduler and workers (mpi, slurm, pbs)")
     parser.add_argument("--solver", default="mu", choices=("mu", "hals"))
     parser.add_argument("--init", default="random")
     parser.add_argument("--seed", type=int, default=0)
@@ -53,9 +54,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cache = {"auto": "auto", "true": True, "false": False}[args.cache]
+    job_options = json.loads(args.job_options)
+    if args.interface is not None:
+        job_options["interface"] = args.interface
     with connect(
         args.scheduler, n_workers=args.n_workers, memory_limit=args.memory_limit,
-        job_options=json.loads(args.job_options),
+        job_options=job_options,
     ) as client:
         if client is not None:
             client.wait_for_workers(1)

@@ -34,11 +34,13 @@ def main(argv=None) -> int:
     parser.add_argument("--account", default=None)
     parser.add_argument("--interface", default=None, help="network interface the workers reach (e.g. ib0, lo)")
     parser.add_argument("--python", default=sys.executable, help="python on the compute nodes")
+    parser.add_argument("--dashboard-address", default=":8787", help="where the scheduler serves its dashboard")
     parser.add_argument("--spill-dir", default=None)
     args = parser.parse_args(argv)
     job_options = {
         "cores": args.cores, "processes": args.cores, "memory": args.memory, "walltime": args.walltime,
         "queue": args.queue, "account": args.account, "interface": args.interface, "python": args.python,
+        "scheduler_options": {"dashboard_address": args.dashboard_address},
         # The workers unpickle dnmf's kernels: dnmf must import on the nodes (installed, or here).
         "job_script_prologue": [f"export PYTHONPATH={os.path.dirname(HERE)}:$PYTHONPATH"],
     }

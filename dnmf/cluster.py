@@ -71,7 +71,9 @@ def get_client(
         machine's memory shared between the workers).
     job_options : mapping, optional
         Keyword arguments of ``SLURMCluster`` / ``PBSCluster`` (``cores``, ``memory``,
-        ``queue``, ``account``, ``walltime``, ``interface``, ``job_extra_directives``, ...).
+        ``queue``, ``account``, ``walltime``, ``interface``, ``job_extra_directives``, ...);
+        for ``"mpi"``, those of ``dask_mpi.initialize`` named in :data:`MPI_OPTIONS`
+        (``interface``, ``protocol``, ``local_directory``, ``dashboard_address``).
 
     Returns
     -------
@@ -100,7 +102,7 @@ def get_client(
     if text in JOBQUEUE_SCHEDULERS:
         return _jobqueue_client(text, n_workers or 1, job_options or {}), True
     if text == "mpi":
-        return _mpi_client(), True
+        return _mpi_client(memory_limit, job_options or {}), True
     if text.endswith(".json"):
         if not os.path.exists(text):
             raise ParameterError(f"No scheduler file at {text!r}: start the scheduler with --scheduler-file first.")
@@ -225,6 +227,30 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
     return Client(cluster)
 
 
+# The settings of :func:`_local_client`'s workers (no spilling, glibc thresholds) as the
+# environment of a batch job or a container. The glibc variables go in as they are: a nanny keeps
+# variables already in its environment over its pre-spawn-environ config (which a value inherited
+# from the submitting process, such as dask's 65536, would otherwise beat).
+WORKER_JOB_ENV = {
+    "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
+    **WORKER_MALLOC_ENV,
+}
+
+
+def jobqueue_options(job_options: Mapping) -> dict:
+    """``job_options`` with exports of :data:`WORKER_JOB_ENV` ahead of the user's job prologue.
+
+    Variables the user already exports in ``job_script_prologue`` win (theirs run later).
+    """
+    import shlex
+
+    options = dict(job_options)
+    exports = [f"export {name}={shlex.quote(value)}" for name, value in WORKER_JOB_ENV.items()]
+    options["job_script_prologue"] = exports + list(options.get("job_script_prologue") or ())
+    return options
+
+
 def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
     try:
         import dask_jobqueue
@@ -237,7 +263,7 @@ def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
 
     cluster_class = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[kind]
     try:
-        cluster = cluster_class(**dict(job_options))
+        cluster = cluster_class(**jobqueue_options(job_options))
     except TypeError as e:
         raise ParameterError(f"Invalid job_options for {cluster_class.__name__}: {e}") from e
     cluster.scale(jobs=n_jobs)
@@ -245,7 +271,11 @@ def _jobqueue_client(kind: str, n_jobs: int, job_options: Mapping):
     return Client(cluster)
 
 
-def _mpi_client():
+# The dask_mpi.initialize arguments that job_options may set for scheduler="mpi".
+MPI_OPTIONS = ("interface", "protocol", "local_directory", "dashboard_address")
+
+
+def _mpi_client(memory_limit, options: Mapping):
     try:
         import dask_mpi
     except ImportError as e:
@@ -254,11 +284,37 @@ def _mpi_client():
             "and launch the script with mpirun / srun."
         ) from e
     from distributed import Client
+    from distributed.utils import get_ip_interface
+    from threadpoolctl import threadpool_limits
 
+    unknown = sorted(set(options) - set(MPI_OPTIONS))
+    if unknown:
+        raise ParameterError(expected(f"job_options for scheduler='mpi' among {MPI_OPTIONS}", unknown))
     # Rank 0 becomes the scheduler and ranks >= 2 workers (neither returns from initialize);
-    # rank 1 goes on running this program as the client.
-    dask_mpi.initialize(nthreads=1, dashboard=False)
-    return Client()
+    # rank 1 goes on running this program as the client. The workers run in this process, not
+    # under a nanny: give them one BLAS thread and no spilling here, like _local_client's workers.
+    no_spill = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+    # No dashboard unless asked for; the scheduler's HTTP server then takes any free port of the
+    # scheduler's interface.
+    host = get_ip_interface(options["interface"]) if options.get("interface") else ""
+    with threadpool_limits(1), dask.config.set(no_spill):
+        try:
+            dask_mpi.initialize(
+                nthreads=1, memory_limit="auto" if memory_limit is None else memory_limit,
+                dashboard="dashboard_address" in options, **{"dashboard_address": f"{host}:0", **options},
+            )
+        except dask_mpi.WorldTooSmallException as e:
+            raise ParameterError(
+                "scheduler='mpi' needs at least 3 MPI ranks (scheduler, client, a worker); "
+                "launch the program with `mpirun -n 3` or more, or `srun` in a job of 3+ tasks."
+            ) from e
+    from mpi4py import MPI
+
+    client = Client()
+    # Every rank but the scheduler's and this one is a worker, started with this one: wait for all
+    # (a rank that fails ends the whole MPI job), so that the fit plans for the real cluster.
+    client.wait_for_workers(MPI.COMM_WORLD.Get_size() - 2)
+    return client
 
 
 def current_client():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -77,14 +79,22 @@ def test_get_client_rejects_unknown_schedulers(bad):
         get_client(bad)
 
 
-def test_get_client_needs_dask_mpi_for_mpi():
-    try:
-        import dask_mpi  # noqa: F401
-    except ImportError:
-        with pytest.raises(ParameterError, match="dask-mpi"):
-            get_client("mpi")
-    else:
-        pytest.skip("dask-mpi is installed; joining an MPI allocation needs mpirun")
+def test_get_client_needs_dask_mpi_for_mpi(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask_mpi", None)  # as if it were not installed
+    with pytest.raises(ParameterError, match="dask-mpi"):
+        get_client("mpi")
+
+
+def test_get_client_mpi_checks_its_options_and_the_number_of_ranks():
+    _skip(_mpi_unavailable_reason())
+    with pytest.raises(ParameterError, match="cores"):
+        get_client("mpi", job_options={"cores": 8})
+    # Without mpirun there is one rank: too few for a scheduler, a client and a worker.
+    alone = subprocess.run(
+        [sys.executable, "-c", "from dnmf.cluster import get_client; get_client('mpi')"],
+        env=recipe_env(**MPI_LOOPBACK_ENV), capture_output=True, text=True, timeout=120,
+    )
+    assert alone.returncode != 0 and "at least 3 MPI ranks" in alone.stderr, alone.stderr[-2000:]
 
 
 def test_connect_starts_and_stops_a_local_cluster_and_connects_by_address():
@@ -291,7 +301,11 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
 # Slurm, for real: a one-node cluster on loopback from Debian's packages
 
 
+# ---------------------------------------------------------------------------
+# Recipes run for real on a one-node Slurm cluster on loopback (started once for the module)
+
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+RECIPE_RANK, RECIPE_ITER = 5, 20
 
 
 def _slurm_unavailable_reason() -> str | None:
@@ -303,13 +317,18 @@ def _slurm_unavailable_reason() -> str | None:
         return None
     if not shutil.which("apt-get"):
         return "Slurm is not installed and there is no apt-get to install it"
+    return _apt_install(SLURM_PACKAGES)
+
+
+def _apt_install(packages) -> str | None:
+    """Install Debian packages; None when it worked, else why not."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = subprocess.run(
-        f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {' '.join(SLURM_PACKAGES)}",
+        f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {' '.join(packages)}",
         shell=True, capture_output=True, text=True, env=env, timeout=600,
     )
     if install.returncode != 0:
-        return f"could not install Slurm with apt-get: {install.stderr.strip()[-300:]}"
+        return f"could not install {' '.join(packages)} with apt-get: {install.stderr.strip()[-300:]}"
     return None
 
 
@@ -317,7 +336,9 @@ def _write_slurm_conf(conf_dir: Path, state_dir: Path) -> Path:
     import psutil
 
     host = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
+    # At least 4 CPUs, more than a small machine has (config_overrides lets slurmd accept that):
+    # the dask-mpi recipe needs 4 tasks on the one node (scheduler, client, 2 workers).
+    cpus = max(4, os.cpu_count() or 1)
     memory_mb = int(psutil.virtual_memory().total / MiB * 0.9)
     conf = conf_dir / "slurm.conf"
     conf.write_text(
@@ -331,6 +352,8 @@ def _write_slurm_conf(conf_dir: Path, state_dir: Path) -> Path:
                 "SwitchType=switch/none",
                 "MpiDefault=none",
                 "ReturnToService=2",
+                "SlurmdParameters=config_overrides",
+                "CommunicationParameters=NoInAddrAny",  # listen on NodeAddr (127.0.0.1), not on all
                 "SchedulerType=sched/builtin",
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_Core_Memory",
@@ -371,18 +394,75 @@ def _kill_pidfile(pidfile: Path) -> None:
         pass
 
 
-@pytest.mark.slow
-def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(tmp_path):
+def _wait_for_idle_node(env: dict, timeout: float = 60) -> None:
+    """Wait until the node is up and runs no job (a previous test's jobs may still be ending)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True)
+        if node.stdout.strip() == "idle" and not jobs.stdout.strip():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"the Slurm node is not idle: {node.stdout} {node.stderr} jobs: {jobs.stdout}")
+
+
+@dataclass(frozen=True)
+class RecipeProblem:
+    """A Zarr V on disk and the local fit (threaded scheduler) every recipe's job must reproduce."""
+
+    V: np.ndarray
+    input_path: Path
+    H: np.ndarray
+    objective: float
+
+
+@pytest.fixture(scope="module")
+def recipe_problem(tmp_path_factory) -> RecipeProblem:
+    root = tmp_path_factory.mktemp("recipe")
+    V = small_matrix(2000, 120)
+    input_path = root / "V.zarr"
+    zarr.create_array(store=str(input_path), data=V, chunks=(250, V.shape[1]))
+    with dask.config.set(scheduler="threads"):
+        here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=RECIPE_ITER, tol=0, tol_x=0).fit(
+            str(input_path)
+        )
+    return RecipeProblem(V, input_path, here.components_, here.history_[-1]["objective"])
+
+
+def recipe_env(**extra: str) -> dict:
+    """This environment, with dnmf importable and this Python's bin (mpirun of the mpich wheel) first."""
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **extra,
+    }
+
+
+def recipe_job_env(problem: RecipeProblem, output: Path, **extra: str) -> dict:
+    """The DNMF_* variables the sbatch / qsub recipes read."""
+    return recipe_env(
+        DNMF_INPUT=str(problem.input_path), DNMF_OUTPUT=str(output), DNMF_RANK=str(RECIPE_RANK),
+        DNMF_MAX_ITER=str(RECIPE_ITER), DNMF_PYTHON=sys.executable, DNMF_REPO=str(REPO), **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict:
+    """Start munged, slurmctld and slurmd on 127.0.0.1 once for the module; stop them after.
+
+    Yields this environment with ``SLURM_CONF`` set (and dnmf importable).
+    """
     reason = _slurm_unavailable_reason()
     if reason:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    state = tmp_path / "slurm"
+    root = tmp_path_factory.mktemp("slurm")
+    state = root / "state"
     for sub in ("ctld", "d", "munge"):
         (state / sub).mkdir(parents=True)
-    conf = _write_slurm_conf(tmp_path, state)
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    munge_socket = state / "munge" / "munge.socket"
+    conf = _write_slurm_conf(root, state)
+    env = recipe_env(SLURM_CONF=str(conf))
     munge_key = state / "munge" / "munge.key"
     munge_key.write_bytes(os.urandom(1024))
     munge_key.chmod(0o400)
@@ -402,52 +482,223 @@ def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(tmp_path):
             started_munge = True
         _start(["slurmctld", "-f", str(conf)], env)
         _start(["slurmd", "-f", str(conf)], env)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            state_out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
-            if state_out.stdout.strip() in ("idle", "mixed"):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the Slurm node did not come up: {state_out.stdout} {state_out.stderr}")
-
-        V = small_matrix(2000, 120)
-        input_path = tmp_path / "V.zarr"
-        zarr.create_array(store=str(input_path), data=V, chunks=(250, V.shape[1]))
-        output = tmp_path / "result.zarr"
-        job_env = {
-            **env,
-            "DNMF_INPUT": str(input_path),
-            "DNMF_OUTPUT": str(output),
-            "DNMF_RANK": "5",
-            "DNMF_MAX_ITER": "20",
-            "DNMF_PYTHON": sys.executable,
-            "DNMF_REPO": str(REPO),
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        job = subprocess.run(
-            ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "--cpus-per-task=1",
-             "--mem=1500M", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
-            env=job_env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
-        )
-        job_log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
-        assert job.returncode == 0, f"{job.stdout}\n{job.stderr}\n{job_log}"
-        result = zarr.open_group(str(output), mode="r")
-        W, H = result["W"][:], result["H"][:]
-        assert W.shape == (2000, 5) and H.shape == (5, 120)
-        assert result.attrs["n_iter"] == 20
-        assert (W >= 0).all() and (H >= 0).all()
-        # The job's factorization is the one this process computes with the same settings.
-        with dask.config.set(scheduler="threads"):
-            here = NMF(5, init="random", random_state=0, max_iter=20, tol=0, tol_x=0).fit(str(input_path))
-        assert np.array_equal(H, here.components_)
-        assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
-        assert result.attrs["fit_info"]["scheduler"] == "distributed"
-        rel_err = np.linalg.norm(V - W @ H) / np.linalg.norm(V)
-        assert rel_err < 0.2
+        _wait_for_idle_node(env)
+        yield env
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
         _kill_pidfile(state / "slurmd.pid")
         _kill_pidfile(state / "slurmctld.pid")
         if started_munge:
             _kill_pidfile(munge_pid)
+
+
+def assert_the_local_fit(output: Path, problem: RecipeProblem, n_workers: int | None = None) -> None:
+    """The result group a job wrote holds the factorization this process computed."""
+    result = zarr.open_group(str(output), mode="r")
+    W, H = result["W"][:], result["H"][:]
+    assert W.shape == (problem.V.shape[0], RECIPE_RANK) and H.shape == (RECIPE_RANK, problem.V.shape[1])
+    assert result.attrs["n_iter"] == RECIPE_ITER
+    assert (W >= 0).all() and (H >= 0).all()
+    assert np.array_equal(H, problem.H)
+    assert result.attrs["history"][-1]["objective"] == problem.objective
+    assert result.attrs["fit_info"]["scheduler"] == "distributed"
+    if n_workers is not None:
+        assert result.attrs["fit_info"]["n_workers"] == n_workers
+    rel_err = np.linalg.norm(problem.V - W @ H) / np.linalg.norm(problem.V)
+    assert rel_err < 0.2
+
+
+def _job_log(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(slurm, recipe_problem, tmp_path):
+    _wait_for_idle_node(slurm)
+    output = tmp_path / "result.zarr"
+    job = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "--cpus-per-task=1",
+         "--mem=1500M", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
+        env={**slurm, **recipe_job_env(recipe_problem, output)}, capture_output=True, text=True, timeout=300,
+        cwd=str(tmp_path),
+    )
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}\n{_job_log(tmp_path / 'job.out')}"
+    assert_the_local_fit(output, recipe_problem, n_workers=1)
+
+
+@pytest.mark.slow
+def test_the_jobqueue_recipe_runs_its_workers_as_slurm_jobs(slurm, recipe_problem, tmp_path):
+    """deploy/jobqueue_driver.py: SLURMCluster submits two worker jobs that connect back on lo."""
+    _wait_for_idle_node(slurm)
+    output = tmp_path / "result.zarr"
+    driver = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "jobqueue_driver.py"), str(recipe_problem.input_path), str(output),
+         "--rank", str(RECIPE_RANK), "--max-iter", str(RECIPE_ITER), "--system", "slurm", "--jobs", "2",
+         "--cores", "1", "--memory", "1GiB", "--walltime", "00:10:00", "--interface", "lo",
+         "--dashboard-address", "127.0.0.1:0"],
+        env=slurm, capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+    )
+    worker_logs = sorted(tmp_path.glob("slurm-*.out"))
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in worker_logs)
+    assert driver.returncode == 0, f"{driver.stdout}\n{driver.stderr[-4000:]}\n{logs}"
+    assert_the_local_fit(output, recipe_problem)
+    # The workers were the Slurm batch jobs, and they reached the scheduler on loopback.
+    assert len(worker_logs) == 2, logs
+    for log in worker_logs:
+        text = log.read_text()
+        assert "Registered to:" in text and "tcp://127.0.0.1:" in text, text
+
+
+@pytest.mark.slow
+def test_connect_slurm_gives_batch_job_workers_dnmfs_worker_settings(slurm, recipe_problem, tmp_path, monkeypatch):
+    """dnmf.cluster.connect("slurm"): the workers are Slurm jobs with the LocalCluster's settings."""
+    _wait_for_idle_node(slurm)
+    for name in ("SLURM_CONF", "PYTHONPATH"):  # sbatch exports this environment to the jobs
+        monkeypatch.setenv(name, slurm[name])
+    monkeypatch.chdir(tmp_path)  # the worker jobs' slurm-*.out
+    job_options = {
+        "cores": 1, "processes": 1, "memory": "1GiB", "walltime": "00:10:00", "interface": "lo",
+        "scheduler_options": {"dashboard_address": "127.0.0.1:0"},
+    }
+    with connect("slurm", n_workers=2, job_options=job_options) as client:
+        client.wait_for_workers(2, timeout=120)
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        jobs = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
+        assert len(set(jobs.values())) == 2 and None not in jobs.values()
+        settings = client.run(
+            lambda: (
+                os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                dask.config.get("distributed.worker.memory.target"),
+                dask.config.get("distributed.worker.memory.spill"),
+            )
+        )
+        assert set(settings.values()) == {(str(2**28), str(2**28), False, False)}
+        model = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=RECIPE_ITER, tol=0, tol_x=0)
+        model.fit(str(recipe_problem.input_path))
+    assert np.array_equal(model.components_, recipe_problem.H)
+    assert model.history_[-1]["objective"] == recipe_problem.objective
+    assert model.fit_info_["scheduler"] == "distributed" and model.fit_info_["n_workers"] == 2
+    assert client.status == "closed"
+    _wait_for_idle_node(slurm)  # closing the cluster cancelled the worker jobs
+
+
+# dask-mpi: the sbatch recipe under srun, the PBS recipe's body under mpirun. MPI's own sockets
+# stay on loopback (MPICH's UCX / libfabric, Open MPI's TCP transports).
+MPI_LOOPBACK_ENV = {
+    "UCX_NET_DEVICES": "lo", "FI_TCP_IFACE": "lo", "FI_SOCKETS_IFACE": "lo",
+    "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
+}
+MPI_RANKS = 4  # scheduler, client, 2 workers
+
+
+def _mpi_unavailable_reason() -> str | None:
+    if sys.platform != "linux":
+        return "the MPI tests need Linux"
+    for module in ("mpi4py", "dask_mpi"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install dask-mpi mpi4py mpich, as the test extra does)"
+    probe = subprocess.run(
+        [sys.executable, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
+        capture_output=True, text=True, timeout=60, env=recipe_env(),
+    )
+    if probe.returncode != 0:
+        return f"mpi4py finds no working MPI library: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+def _skip(reason: str | None) -> None:
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_the_dask_mpi_sbatch_recipe_factors_a_zarr_matrix(slurm, recipe_problem, tmp_path):
+    """deploy/slurm/dnmf-mpi.sbatch: srun starts 4 ranks, dask-mpi makes them a cluster on lo."""
+    _skip(_mpi_unavailable_reason())
+    plugins = subprocess.run(["srun", "--mpi=list"], env=slurm, capture_output=True, text=True)
+    _skip(None if "pmi2" in plugins.stdout + plugins.stderr else f"Slurm has no pmi2 MPI plugin: {plugins.stdout}")
+    _wait_for_idle_node(slurm)
+    output = tmp_path / "result.zarr"
+    env = {
+        **slurm, **recipe_job_env(recipe_problem, output, DNMF_EXTRA_ARGS="--interface lo"), **MPI_LOOPBACK_ENV,
+        "SLURM_MPI_TYPE": "pmi2",  # the mpich wheel speaks PMI-2 (PMIx would need libpmix)
+    }
+    job = subprocess.run(
+        ["sbatch", "--wait", "--parsable", f"--output={tmp_path / 'job.out'}", "--nodes=1",
+         f"--ntasks={MPI_RANKS}", f"--ntasks-per-node={MPI_RANKS}", "--mem-per-cpu=400M", "--time=00:10:00",
+         str(REPO / "deploy" / "slurm" / "dnmf-mpi.sbatch")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+    )
+    log = _job_log(tmp_path / "job.out")
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}\n{log[-6000:]}"
+    assert "Scheduler at:     tcp://127.0.0.1:" in log, log[-6000:]
+    assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
+
+
+@pytest.mark.slow
+def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path):
+    """deploy/pbs/dnmf-pbs.qsub run by bash (no PBS here) with a PBS_NODEFILE of 4 local slots.
+
+    mpirun listens on all interfaces, so the job runs in a network namespace of its own that
+    has only the loopback interface.
+    """
+    _skip(_mpi_unavailable_reason())
+    env = recipe_env()
+    if shutil.which("mpirun", path=env["PATH"]) is None:
+        _skip("no mpirun on PATH (the mpich wheel brings one)")
+    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
+        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    netns = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+    _skip(None if netns.returncode == 0 else f"cannot make a network namespace: {netns.stderr.strip()}")
+    output = tmp_path / "result.zarr"
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\n" * MPI_RANKS)
+    env = {
+        **recipe_job_env(recipe_problem, output, DNMF_EXTRA_ARGS="--interface lo"), **MPI_LOOPBACK_ENV,
+        "PBS_NODEFILE": str(nodefile), "PBS_O_WORKDIR": str(tmp_path),
+    }
+    job = subprocess.run(
+        ["unshare", "--net", "bash", "-c", 'ip link set lo up && exec bash "$0"',
+         str(REPO / "deploy" / "pbs" / "dnmf-pbs.qsub")],
+        env=env, capture_output=True, text=True, timeout=180, cwd=str(tmp_path),
+    )
+    assert job.returncode == 0, f"{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
+    assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
+
+
+# ---------------------------------------------------------------------------
+# Recipes that cannot run here (no PBS server, no Kubernetes, no image registry): checked statically
+
+
+def test_the_recipes_that_cannot_run_here_parse_and_carry_dnmfs_worker_settings():
+    import yaml
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    try:
+        import fit_zarr
+    finally:
+        sys.path.remove(str(REPO / "deploy"))
+    from dnmf.cluster import WORKER_JOB_ENV
+
+    deploy = REPO / "deploy"
+    for script in [*deploy.glob("slurm/*.sbatch"), *deploy.glob("pbs/*.qsub")]:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script}: {check.stderr}"
+    for source in [*deploy.glob("*.py"), *deploy.glob("kubernetes/*.py")]:
+        compile(source.read_text(), str(source), "exec")
+    # The Kubernetes Job's command is a fit_zarr.py command line that parses.
+    (job,) = yaml.safe_load_all((deploy / "kubernetes" / "fit-job.yaml").read_text())
+    assert job["kind"] == "Job"
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["python", "deploy/fit_zarr.py"]
+    args = fit_zarr.parse_args(command[2:])
+    assert args.scheduler == "tcp://dnmf-dask-scheduler:8786" and args.rank == 20
+    # The Helm chart's workers, the image and the operator's workers get dnmf's worker settings.
+    values = yaml.safe_load((deploy / "kubernetes" / "values.yaml").read_text())
+    worker_env = {item["name"]: item.get("value") for item in values["worker"]["env"]}
+    assert {name: worker_env.get(name) for name in WORKER_JOB_ENV} == WORKER_JOB_ENV
+    dockerfile = (deploy / "Dockerfile").read_text()
+    for name, value in WORKER_JOB_ENV.items():
+        assert f"{name}={value}" in dockerfile or f'{name}="{value}"' in dockerfile, name
+    assert "env=dict(WORKER_JOB_ENV)" in (deploy / "kubernetes" / "operator_driver.py").read_text()

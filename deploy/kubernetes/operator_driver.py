@@ -27,11 +27,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from dask_kubernetes.operator import KubeCluster
 
+    from dnmf.cluster import WORKER_JOB_ENV
+
     cluster = KubeCluster(
         name="dnmf", image=args.image, n_workers=args.workers,
         resources={"requests": {"memory": f"{args.memory_gib}Gi", "cpu": "1"},
                    "limits": {"memory": f"{args.memory_gib}Gi", "cpu": "1"}},
         worker_command=["dask", "worker", "--nthreads", "1", "--memory-limit", f"{args.memory_gib * 0.9:.1f}GiB"],
+        env=dict(WORKER_JOB_ENV),  # no spilling, glibc thresholds: as dnmf's LocalCluster workers
     )
     try:
         return fit_zarr.main(
