@@ -358,5 +358,4 @@ def workers_share_this_machine(client) -> bool:
     local = {"localhost"}
     for addresses in psutil.net_if_addrs().values():
         local.update(a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6))
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return any(urlsplit(address).hostname in local for address in workers)
+    return any(urlsplit(address).hostname in local for address in client.nthreads())

@@ -346,7 +346,7 @@ def fit_factors(
         "v_bytes": plan.v_bytes,
         "cache_budget_bytes": plan.budget_bytes,
         "scheduler": "threads" if client is None else "distributed",
-        "n_workers": None if client is None else len(client.scheduler_info(n_workers=-1)["workers"]),
+        "n_workers": None if client is None else len(client.nthreads()),
         "layout": "grid" if matrix.is_grid else "rows",
         "row_blocks": len(matrix.row_chunks),
         "max_block_rows": max(matrix.row_chunks),
