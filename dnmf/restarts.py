@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ParameterError, expected
-from .estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_seed
+from .estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_column_chunks, resolve_seed
 from .missing import open_mask
 from .store import open_matrix
 
@@ -90,7 +90,8 @@ def fit_runs(
     """
     if not isinstance(n_runs, (int, np.integer)) or isinstance(n_runs, bool) or n_runs < 1:
         raise ParameterError(expected("n_runs a positive integer", n_runs))
-    matrix = open_matrix(X, params.get("chunks"))
+    column_chunks = resolve_column_chunks(params.get("column_chunks", "auto"), mask, params.get("missing"))
+    matrix = open_matrix(X, params.get("chunks"), column_chunks=column_chunks)
     if mask is not None:
         mask = open_mask(mask, matrix)
     seed = resolve_seed(params.get("random_state"))

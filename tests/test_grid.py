@@ -305,3 +305,13 @@ def test_nndsvd_of_a_matrix_whose_rank_is_below_the_factorization_rank(init, col
     model, W = fit(V, init=init, column_chunks=column_chunks, chunks=None, solver="hals", max_iter=20)
     assert W.shape == (64, R) and model.components_.shape == (R, 3000)
     assert model.reconstruction_err_ / model.data_norm_ < 0.05
+
+
+def test_restarts_run_on_the_grid_when_asked():
+    V = planted()
+    model = NMF(R, init="random", random_state=0, max_iter=10, tol=0, tol_x=0, chunks=60, column_chunks=200, n_runs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(V)
+    assert model.fit_info_["layout"] == "grid" and len(model.run_losses_) == 3
+    assert model.run_losses_[model.best_run_] == min(model.run_losses_)
