@@ -377,7 +377,8 @@ class NMF(TransformerMixin, BaseEstimator):
         D_\beta(X \| WH), \qquad D_2 = \tfrac12 \|X - WH\|_F^2,\quad
         D_1 = \sum X \log\frac{X}{WH} - X + WH .
 
-    Each iteration updates H, then W, reading X once as a Dask graph over its row blocks.
+    Each iteration updates H, then W, reading X once as a Dask graph over its row blocks (twice
+    on the 2-D grid of a very wide X, see ``column_chunks``).
 
     Parameters
     ----------
@@ -480,8 +481,8 @@ class NMF(TransformerMixin, BaseEstimator):
         Whether V was held in memory during the fit (given in memory, or cached).
     fit_info_ : dict
         Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``,
-        ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``row_blocks``,
-        ``max_block_rows``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
+        ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``layout`` ("rows" or "grid"),
+        ``row_blocks``, ``max_block_rows``, ``column_blocks``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
         ``history_`` record.
     data_norm_ : float
         ‖X‖_F, so reconstruction_err_ / data_norm_ is the relative error (Frobenius).
