@@ -276,7 +276,7 @@ class Rerooting:
         if hasattr(self.solver, "rerooted"):  # the grid: H and the partials are on the workers too
             new_state = self.solver.rerooted(step.state, spill)
         else:
-            new_state = dataclasses.replace(step.state, W=spill(step.state.W, "W"))
+            new_state = dataclasses.replace(step.state, W=spill(step.state.W, "W"), steps=None)
         self.n_reroots += 1
         while len(self._spills) > 2:
             self._remove(self._spills.pop(0))

@@ -37,16 +37,21 @@ SOLVERS = ("mu", "hals", "bpp")
 class SolverState:
     """An iterate and what the next step needs from it.
 
-    W : dask array (n, r) in V's row blocks, persisted.
+    W : dask array (n, r) in V's row blocks, persisted (or, after a step, a cheap view of
+        ``steps``).
     H : ndarray (r, p).
     partials : the reduced :class:`~dnmf.kernels.Partials` at (W, H).
     objective : D_β(V | WH) at (W, H).
+    steps : after a step on a graph, the persisted ``(W_i, partials_i)`` results of its row
+        blocks: the next step reads W_i from them directly, one task per block fewer than
+        through W's chunks. None otherwise (replace W, and set this to None).
     """
 
     W: da.Array
     H: np.ndarray
     partials: Partials
     objective: float
+    steps: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -128,25 +133,34 @@ class Solver:
         H = update(H_old, state.partials, self.rule) if self.update_h else H_old
         HHt = kernels.gram(H.T)
         with_loss = evaluate or self.masked or self.rule.beta == kernels.FROBENIUS
-        W, partials = (self._w_pass_local if self.local else self._w_pass)(state.W, H, HHt, with_loss)
+        if self.local:
+            W, partials = self._w_pass_local(state.W, H, HHt, with_loss)
+            steps = None
+        else:
+            W, steps, partials = self._w_pass(state, H, HHt, with_loss)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
         objective = self._objective(partials, H, HHt) if with_loss else float("nan")
-        return Step(SolverState(W, H, partials, objective), w_change, h_change)
+        return Step(SolverState(W, H, partials, objective, steps), w_change, h_change)
 
-    def _w_pass(self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True) -> tuple[da.Array, Partials]:
+    def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True):
+        """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
+        W = state.W
         name = f"dnmf-step-{uuid.uuid4().hex}"
         w_name, p_name = f"{name}-W", f"{name}-partials"
         h_key, hht_key = (name, "H"), (name, "HHt")
         dsk = {h_key: H, hht_key: HHt}
         leaves = []
-        blocks = zip(self.matrix.block_keys(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
+        # W_i from the previous step's (W_i, partials_i) results when there are any: the
+        # kernels take either (see _w_of).
+        sources = [step.key for step in state.steps] if state.steps is not None else row_block_keys(W)
+        blocks = zip(self.matrix.block_keys(), sources, mask_block_keys(self.mask, self.matrix))
         for i, (vk, wk, mk) in enumerate(blocks):
+            w_i = (_w_of, wk) if state.steps is not None else wk
             if self.masked:
-                dsk[(name, i)] = (masked.masked_step_block, vk, mk, wk, h_key, self.rule)
+                dsk[(name, i)] = (masked.masked_step_block, vk, mk, w_i, h_key, self.rule)
             else:
-                dsk[(name, i)] = (kernels.step_block, vk, wk, h_key, hht_key, self.rule, with_loss)
-            dsk[(w_name, i, 0)] = (operator.getitem, (name, i), 0)
+                dsk[(name, i)] = (kernels.step_block, vk, w_i, h_key, hht_key, self.rule, with_loss)
             leaves.append((name, i))
         if len(leaves) == 1:
             dsk[(p_name, 0)] = (operator.getitem, leaves[0], 1)
@@ -154,12 +168,19 @@ class Solver:
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
         # one task fewer per block than a getitem for each partials_i.
         root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
-        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
-        # No graph optimization: it treats W and the partials as separate collections, fuses
-        # each step task into W's getitem, and would run every step (a pass over V) twice.
-        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=name), optimize_graph=False)
-        return W_new, dask.compute(partials)[0]
+        dependencies = self._dependencies(W) + list(state.steps or ())
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
+        steps = [Delayed((name, i), graph, layer=name) for i in range(len(self.matrix.block_keys()))]
+        # No graph optimization: it would fuse and inline tasks across the collections, and
+        # could run a step (a pass over V) twice.
+        steps, partials = dask.persist(steps, Delayed(root, graph, layer=name), optimize_graph=False)
+        # W itself: a getitem per block over the persisted steps, only run when W is read
+        # (checkpoint, re-rooting, the result); the next step reads the steps directly.
+        w_dsk = {(w_name, i, 0): (operator.getitem, step.key, 0) for i, step in enumerate(steps)}
+        W_new = da.Array(
+            HighLevelGraph.from_collections(w_name, w_dsk, dependencies=steps), w_name, chunks=W.chunks, dtype=W.dtype
+        )
+        return W_new, tuple(steps), dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
         if self.masked:
@@ -197,6 +218,11 @@ class Solver:
         results = [kernels.step_block(v, w, H, HHt, self.rule, with_loss) for v, w in blocks]
         partials = tree_fold([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
+
+
+def _w_of(step_result) -> np.ndarray:
+    """W_i of a step's ``(W_i, partials_i)`` result."""
+    return step_result[0]
 
 
 def _add_step_partials(a, b) -> Partials:
