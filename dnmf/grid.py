@@ -34,6 +34,7 @@ from dask.highlevelgraph import HighLevelGraph
 from . import kernels
 from .errors import ParameterError
 from .kernels import FactorSums, Rule
+from .solvers import Step
 from .store import Matrix, scan_matrix, tree_reduce
 
 TINY = np.finfo(float).tiny
@@ -56,15 +57,6 @@ class GridState:
     partials: tuple
     w_gram: np.ndarray | float
     objective: float
-
-
-@dataclass(frozen=True)
-class GridStep:
-    """The result of one iteration: the new state and the relative changes of W and H."""
-
-    state: GridState
-    w_change: float
-    h_change: float
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,7 @@ class GridSolver:
         w_sums, terms, h_gram = dask.compute(summary)[0]
         return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
 
-    def step(self, state: GridState, evaluate: bool = True) -> GridStep:
+    def step(self, state: GridState, evaluate: bool = True) -> Step:
         """One iteration: H_j from the partials, pass B updating W, pass A for the next partials.
 
         ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
@@ -169,7 +161,7 @@ class GridSolver:
         new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective)
         w_change = float(np.sqrt(w_sums.d_sq / max(w_sums.sq, TINY)))
         h_change = float(np.sqrt(h_sums.d_sq / max(h_sums.sq, TINY)))
-        return GridStep(new_state, w_change, h_change)
+        return Step(new_state, w_change, h_change)
 
     def rerooted(self, state: GridState, reroot) -> GridState:
         """The state with W and H replaced by ``reroot(W, "W")`` and ``reroot(H, "H")`` (the same

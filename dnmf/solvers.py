@@ -59,7 +59,8 @@ class SolverState:
 
 @dataclass(frozen=True)
 class Step:
-    """The result of one iteration: the new state and the relative changes of W and H."""
+    """The result of one iteration: the new state (a :class:`SolverState`, or the grid's
+    :class:`~dnmf.grid.GridState`) and the relative changes of W and H."""
 
     state: SolverState
     w_change: float

@@ -36,3 +36,23 @@ def best_cosines(H, H_true):
     Hn = H / np.linalg.norm(H, axis=1, keepdims=True)
     Tn = H_true / np.linalg.norm(H_true, axis=1, keepdims=True)
     return (Tn @ Hn.T).max(axis=1)
+
+
+def worker_killer(client, at_iteration: int, killed: list):
+    """A fit callback that SIGKILLs one worker process of ``client`` after iteration
+    ``at_iteration`` and waits until the scheduler has noticed; the victim goes in ``killed``."""
+    import os
+    import signal
+    import time
+
+    def kill_one(record):
+        if record.iteration == at_iteration:
+            pids = client.run(os.getpid)
+            victim = sorted(pids)[0]
+            killed.append(victim)
+            os.kill(pids[victim], signal.SIGKILL)
+            deadline = time.time() + 30
+            while victim in client.scheduler_info()["workers"] and time.time() < deadline:
+                time.sleep(0.05)
+
+    return kill_one

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 import warnings
 
 import dask
@@ -15,6 +13,7 @@ import scipy.sparse as sp
 import zarr
 from sklearn.exceptions import ConvergenceWarning
 
+from conftest import worker_killer
 from dnmf import NMF, checkpoint
 from dnmf.cluster import close_client
 from dnmf.errors import InvalidMatrixError, ParameterError
@@ -275,19 +274,13 @@ def test_grid_on_a_cluster_is_bitwise_threaded_with_bounded_lineage_and_survives
             assert [r["objective"] for r in model.history_] == [r["objective"] for r in ref.history_]
             assert model.fit_info_["n_reroots"] == 4
             assert sorted(os.listdir(tmp_path / "spill")) == ["H-000002.zarr", "H-000003.zarr", "W-000002.zarr", "W-000003.zarr"]
-            assert max(tasks[6:]) <= max(tasks[:6]) + 16, tasks  # lineage bounded by re-rooting
+            # Lineage bounded by re-rooting: the count cycles with it (e.g. 186, 269, 392) instead of
+            # growing by ~100 tasks per iteration; transient tasks move a sample by ~20.
+            assert max(tasks[6:]) <= 1.1 * max(tasks[:6]), tasks
 
             killed = []
 
-            def kill_one(record):
-                if record.iteration == 5:
-                    pids = client.run(os.getpid)
-                    victim = sorted(pids)[0]
-                    killed.append(victim)
-                    os.kill(pids[victim], signal.SIGKILL)
-                    deadline = time.time() + 30
-                    while victim in client.scheduler_info()["workers"] and time.time() < deadline:
-                        time.sleep(0.05)
+            kill_one = worker_killer(client, 5, killed)
 
             survived, W_survived = fit(path, reroot_every=4, callbacks=[kill_one], **params)
         assert killed and survived.n_iter_ == 12

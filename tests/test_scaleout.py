@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
+from conftest import worker_killer
 from dnmf import NMF
 from dnmf.cluster import close_client, connect, get_client
 from dnmf.errors import ParameterError
@@ -224,15 +224,7 @@ def test_a_worker_killed_mid_fit_changes_nothing(tmp_path, reroot_every):
             before = set(client.scheduler_info()["workers"])
             killed = []
 
-            def kill_one(record):
-                if record.iteration == 4:
-                    pids = client.run(os.getpid)
-                    victim = sorted(pids)[0]
-                    killed.append(victim)
-                    os.kill(pids[victim], signal.SIGKILL)
-                    deadline = time.time() + 30
-                    while victim in client.scheduler_info()["workers"] and time.time() < deadline:
-                        time.sleep(0.05)
+            kill_one = worker_killer(client, 4, killed)
 
             model, W = fit(path, max_iter=10, cache=True, reroot_every=reroot_every, callbacks=[kill_one])
         assert killed and killed[0] not in client.scheduler_info()["workers"]
