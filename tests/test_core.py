@@ -10,7 +10,7 @@ from sklearn.decomposition import NMF as SkNMF
 from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
-from conftest import best_cosines, custom_start, planted_parts
+from conftest import best_cosines, custom_start
 
 EPS = 1e-10
 
