@@ -284,7 +284,7 @@ def _run_blocks(name: str, dsk: dict, keys: list, dependencies=()) -> list:
     return list(dask.compute(Delayed((name, "all"), graph, layer=name))[0])
 
 
-def write_w(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list[int]:
+def write_blocks(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list[int]:
     """Store W (already a Zarr array at ``array_path``) chunk by chunk from the workers; with
     ``axis=1``, the grid's H by column blocks of ``rows`` columns.
 
@@ -304,7 +304,7 @@ def write_w(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list[int]
     return _run_blocks(name, dsk, keys, dependencies=[W])
 
 
-def verify_w(array_path: str, n: int, rows: int, expected_sums: list[int], axis: int = 0) -> None:
+def verify_blocks(array_path: str, n: int, rows: int, expected_sums: list[int], axis: int = 0) -> None:
     """Recompute the per-chunk CRC-32 of a stored W (or, ``axis=1``, H by column blocks) on
     the workers; raise on any difference."""
     label = "W" if axis == 0 else "H"
@@ -384,12 +384,12 @@ class Checkpointer:
         n, r = state.W.shape
         rows = storage_rows(state.W.chunks[0])
         group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
-        w_sums = write_w(state.W, os.path.join(vdir, "W"), rows)
+        w_sums = write_blocks(state.W, os.path.join(vdir, "W"), rows)
         if isinstance(state.H, da.Array):  # the grid's H: written by the workers, column blocks
             cols = storage_rows(state.H.chunks[1])
             group.create_array("H", shape=state.H.shape, chunks=(state.H.shape[0], cols), dtype=state.H.dtype,
                                compressors=None, fill_value=0)
-            h_sums = write_w(state.H, os.path.join(vdir, "H"), cols, axis=1)
+            h_sums = write_blocks(state.H, os.path.join(vdir, "H"), cols, axis=1)
         else:
             H = np.ascontiguousarray(state.H)
             group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
@@ -500,7 +500,7 @@ def _load_version(root: str, name: str) -> Snapshot:
         raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
     if by_columns:
         try:
-            verify_w(os.path.join(vdir, "H"), h_arr.shape[1], h_arr.chunks[1], sums["H"], axis=1)
+            verify_blocks(os.path.join(vdir, "H"), h_arr.shape[1], h_arr.chunks[1], sums["H"], axis=1)
         except _Corrupt:
             raise
         except Exception as e:
@@ -510,7 +510,7 @@ def _load_version(root: str, name: str) -> Snapshot:
     if crc32(hist) != sums["history"]:
         raise _Corrupt("the history fails its checksum")
     try:
-        verify_w(os.path.join(vdir, "W"), w_arr.shape[0], record["storage_rows"], sums["W"])
+        verify_blocks(os.path.join(vdir, "W"), w_arr.shape[0], record["storage_rows"], sums["W"])
     except _Corrupt:
         raise
     except Exception as e:

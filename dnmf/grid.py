@@ -35,7 +35,7 @@ from . import kernels
 from .errors import ParameterError
 from .kernels import FactorSums, Rule
 from .solvers import Step
-from .store import Matrix, scan_matrix, tree_reduce
+from .store import Matrix, kl_offset, tree_reduce
 
 TINY = np.finfo(float).tiny
 
@@ -198,20 +198,8 @@ class GridSolver:
 
     def _objective(self, terms: float, w_gram, h_gram) -> float:
         beta = self.rule.beta
-        if beta == kernels.FROBENIUS:
-            gram = float(np.vdot(np.asarray(w_gram, dtype=np.float64), np.asarray(h_gram, dtype=np.float64)))
-            return max(0.5 * (self.v_sq - 2.0 * terms + gram), 0.0)
-        if beta == kernels.KULLBACK_LEIBLER:
-            return max(terms + self._kl_offset(), 0.0)
-        return max(terms, 0.0)
-
-    def _kl_offset(self) -> float:
-        if self.kl_offset is not None:
-            return self.kl_offset
-        if "kl_offset" not in self._cache:
-            stats = scan_matrix(self.matrix, with_xlogx=True)
-            self._cache["kl_offset"] = stats.v_xlogx - stats.v_sum
-        return self._cache["kl_offset"]
+        offset = kl_offset(self.matrix, self.kl_offset, self._cache) if beta == kernels.KULLBACK_LEIBLER else 0.0
+        return kernels.objective_from_sums(terms, w_gram, h_gram, self.v_sq, beta, offset)
 
 
 def _row_keys(W: da.Array) -> list:

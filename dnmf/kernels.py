@@ -252,13 +252,21 @@ def objective(
     ``v_sq`` is ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the KL partials
     leave out, Σ V log V − Σ V (used for β = 1 only).
     """
-    if beta == KULLBACK_LEIBLER:
-        return max(float(partials.loss) + kl_offset, 0.0)
     if beta != FROBENIUS:
-        return max(float(partials.loss), 0.0)
+        return objective_from_sums(float(partials.loss), 0.0, 0.0, v_sq, beta, kl_offset)
     cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
-    gram = float(np.vdot(partials.denom.astype(np.float64), HHt.astype(np.float64)))
-    return max(0.5 * (v_sq - 2.0 * cross + gram), 0.0)
+    return objective_from_sums(cross, partials.denom, HHt, v_sq, beta, kl_offset)
+
+
+def objective_from_sums(term: float, w_gram, h_gram, v_sq: float, beta: float, kl_offset: float = 0.0) -> float:
+    """D_β(V | WH) from ``term``: ⟨WᵀV, H⟩ for β = 2 (with WᵀW, HHᵀ and ‖V‖² in the Gram
+    identity), else the divergence summed over V less the KL constant ``kl_offset`` (β = 1)."""
+    if beta == KULLBACK_LEIBLER:
+        return max(term + kl_offset, 0.0)
+    if beta != FROBENIUS:
+        return max(term, 0.0)
+    gram_term = float(np.vdot(np.asarray(w_gram, dtype=np.float64), np.asarray(h_gram, dtype=np.float64)))
+    return max(0.5 * (v_sq - 2.0 * term + gram_term), 0.0)
 
 
 # ---------------------------------------------------------------------------

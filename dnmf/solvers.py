@@ -28,7 +28,7 @@ from . import kernels, masked
 from .errors import ParameterError
 from .missing import mask_block_keys
 from .kernels import Partials, Rule
-from .store import Matrix, row_block_keys, scan_matrix, tree_fold, tree_reduce
+from .store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -200,12 +200,7 @@ class Solver:
     def _kl_offset(self) -> float:
         if self.rule.beta != kernels.KULLBACK_LEIBLER:
             return 0.0
-        if self.kl_offset is not None:
-            return self.kl_offset
-        if "kl_offset" not in self._blocks:
-            stats = scan_matrix(self.matrix, with_xlogx=True)
-            self._blocks["kl_offset"] = stats.v_xlogx - stats.v_sum
-        return self._blocks["kl_offset"]
+        return kl_offset(self.matrix, self.kl_offset, self._blocks)
 
     # The local path: the graph's tasks, run here in the same order.
 

@@ -399,6 +399,17 @@ def scan_matrix(matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
     return MatrixStats.from_blocks(stats, matrix.shape)
 
 
+def kl_offset(matrix: Matrix, known: float | None, cache: dict) -> float:
+    """Σ V log V − Σ V, the KL objective's constant: ``known`` when given, else one scan of V,
+    kept in ``cache``."""
+    if known is not None:
+        return known
+    if "kl_offset" not in cache:
+        stats = scan_matrix(matrix, with_xlogx=True)
+        cache["kl_offset"] = stats.v_xlogx - stats.v_sum
+    return cache["kl_offset"]
+
+
 def tree_reduce(dsk: dict, name: str, keys: list, combine, split_every: int = 8):
     """Add a fixed-order tree of ``combine`` over ``keys`` to ``dsk``; return the root key.
 
