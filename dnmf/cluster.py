@@ -214,7 +214,11 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
     # with it, 256 MiB workers streaming V were seen to go from ~120 MiB to past the 80% pause
     # mark. Pausing (80%) and the nanny's restart (95%) stay. (The nanny hands its config over.)
     no_spill = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
-    with dask.config.set({**no_spill, "distributed.nanny.pre-spawn-environ": worker_environ()}):
+    # One queued root task (a V block read) per worker thread, not dask's default 1.1: when the
+    # page cache does not hold V, the extra reads in flight took 256 MiB workers streaming V to
+    # the 80% pause mark here, and the fit hung.
+    saturation = {"distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set({**no_spill, **saturation, "distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker or 1,
