@@ -198,6 +198,13 @@ def worker_environ() -> dict:
     return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV}
 
 
+def trim_freed_memory_on(client) -> None:
+    """Install :class:`dnmf.trim.TrimFreedMemory` on ``client``'s workers, present and future."""
+    from .trim import TrimFreedMemory
+
+    client.register_plugin(TrimFreedMemory())
+
+
 def _local_client(n_workers, threads_per_worker, memory_limit):
     from distributed import Client, LocalCluster
 
@@ -214,11 +221,7 @@ def _local_client(n_workers, threads_per_worker, memory_limit):
     # with it, 256 MiB workers streaming V were seen to go from ~120 MiB to past the 80% pause
     # mark. Pausing (80%) and the nanny's restart (95%) stay. (The nanny hands its config over.)
     no_spill = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
-    # One queued root task (a V block read) per worker thread, not dask's default 1.1: when the
-    # page cache does not hold V, the extra reads in flight took 256 MiB workers streaming V to
-    # the 80% pause mark here, and the fit hung.
-    saturation = {"distributed.scheduler.worker-saturation": 1.0}
-    with dask.config.set({**no_spill, **saturation, "distributed.nanny.pre-spawn-environ": worker_environ()}):
+    with dask.config.set({**no_spill, "distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker or 1,

@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint, driver, kernels, missing, outofcore
-from .cluster import current_client, workers_share_this_machine
+from .cluster import current_client, trim_freed_memory_on, workers_share_this_machine
 from .errors import ParameterError, expected
 from .grid import GridSolver
 from .init import make_start, resolve_init
@@ -281,6 +281,8 @@ def fit_factors(
     directory to continue from (see :mod:`dnmf.checkpoint`).
     """
     client = current_client()
+    if client is not None:
+        trim_freed_memory_on(client)  # workers near their limit hand freed memory back to the OS
     cache = params.get("cache", "auto")
     outofcore.check_cache(cache)
     reroot_every = outofcore.resolve_reroot_every(params.get("reroot_every"), client)

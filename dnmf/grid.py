@@ -131,7 +131,7 @@ class GridSolver:
         new_h = [(h_name, 0, j) for j in range(len(old_h))]
         # 2. Pass B: W's row blocks.
         w_sums = []
-        for i, (row, wk) in enumerate(zip(self.matrix.grid_keys(), old_w)):
+        for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), old_w)):
             leaves = []
             for j, (vk, hk) in enumerate(zip(row, new_h)):
                 dsk[(name, "wprod", i, j)] = (kernels.chunk_w_products, vk, wk, hk, self.rule)
@@ -171,7 +171,7 @@ class GridSolver:
 
     def _pass_a(self, dsk: dict, name: str, w_keys: list, h_keys: list, with_loss: bool = True):
         """Add pass A to ``dsk``: the partials per column block and the objective's terms."""
-        grid = self.matrix.grid_keys()
+        grid = self.matrix.grid_inputs()
         p_keys, term_keys = [], []
         for j, hk in enumerate(h_keys):
             leaves = []

@@ -117,7 +117,7 @@ def _times(matrix: Matrix, M: np.ndarray) -> da.Array:
     name = f"dnmf-vm-{uuid.uuid4().hex}"
     cols = matrix.col_offsets
     dsk: dict = {(name, "M", j): M[cols[j] : cols[j + 1]] for j in range(len(cols) - 1)}
-    for i, row in enumerate(matrix.grid_keys()):
+    for i, row in enumerate(matrix.grid_inputs()):
         leaves = []
         for j, vk in enumerate(row):
             dsk[(name, "part", i, j)] = (kernels.block_times, vk, (name, "M", j))
@@ -131,7 +131,7 @@ def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
     """Qᵀ V (k x p) as fixed-order sums of per-chunk products, on the client (k x p is small)."""
     name = f"dnmf-qtv-{uuid.uuid4().hex}"
     q_keys = row_block_keys(Q)
-    grid = matrix.grid_keys()
+    grid = matrix.grid_inputs()
     dsk: dict = {}
     columns = []
     for j in range(len(matrix.col_chunks)):

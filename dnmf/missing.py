@@ -102,7 +102,7 @@ def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> 
     name = f"dnmf-mscan-{uuid.uuid4().hex}"
     dsk = {
         (name, i): (masked.masked_block_stats, vk, mk, offset, nan_is_missing)
-        for i, (vk, mk, offset) in enumerate(zip(matrix.block_keys(), mask_block_keys(mask, matrix), matrix.row_offsets))
+        for i, (vk, mk, offset) in enumerate(zip(matrix.block_inputs(), mask_block_keys(mask, matrix), matrix.row_offsets))
     }
     root = tree_reduce(dsk, name, list(dsk), masked.add_masked_stats)
     (result,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask), layer=name))
@@ -117,7 +117,7 @@ def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix
     name = f"dnmf-filled-{uuid.uuid4().hex}"
     dsk = {
         (name, i, 0): (masked.fill_missing, vk, mk, value, matrix.dtype)
-        for i, (vk, mk) in enumerate(zip(matrix.block_keys(), mask_block_keys(mask, matrix)))
+        for i, (vk, mk) in enumerate(zip(matrix.block_inputs(), mask_block_keys(mask, matrix)))
     }
     data = da.Array(_graph(name, dsk, matrix, mask), name, chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype)
     return Matrix(data, matrix.dtype, matrix.in_memory, False, matrix.source)
@@ -166,7 +166,7 @@ def score_holdout(matrix: Matrix, mask: da.Array | None, train: da.Array, W: da.
     h_key = (name, "H")
     dsk = {h_key: H}
     train_keys, w_keys, mask_keys = row_block_keys(train), row_block_keys(W), mask_block_keys(mask, matrix)
-    for i, vk in enumerate(matrix.block_keys()):
+    for i, vk in enumerate(matrix.block_inputs()):
         dsk[(name, i)] = (masked.holdout_score_block, vk, mask_keys[i], train_keys[i], w_keys[i], h_key, beta)
     leaves = [(name, i) for i in range(len(train_keys))]
     root = tree_reduce(dsk, name, leaves, _add)

@@ -163,7 +163,7 @@ def apply_cache(plan: CachePlan, matrix: Matrix) -> Matrix:
     logger.info("caching V (%s bytes) in memory", plan.v_bytes)
     (data,) = dask.persist(matrix.data)
     _wait(data)
-    return dataclasses.replace(matrix, data=data)
+    return dataclasses.replace(matrix, data=data, reads_inline=False)
 
 
 def _wait(arr: da.Array) -> None:

@@ -32,8 +32,19 @@ from .store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 
-# H (and HHᵀ) up to this size are copied into each step task rather than shared as a key.
-INLINE_H_BYTES = 2**20
+# Two shortcuts of the step graph save a task or a transfer per row block, each at the cost of
+# memory of H's size per block on the workers: H copied into every step task, and the step
+# results (W_i with the r×p partials_i) kept for the next step to read W_i from. They are taken
+# while that memory, n_blocks × H.nbytes, stays under SMALL_H_TOTAL_BYTES (and H under
+# SMALL_H_BYTES): a worker keeps both for two iterations, and 512 blocks with a 64 KiB H took
+# 256 MiB workers streaming V past their 80% pause mark.
+SMALL_H_BYTES = 2**20
+SMALL_H_TOTAL_BYTES = 8 * 2**20
+
+
+def small_h(h_bytes: int, n_blocks: int) -> bool:
+    """Whether the step graph copies H into each of ``n_blocks`` tasks and keeps their results."""
+    return h_bytes <= SMALL_H_BYTES and h_bytes * n_blocks <= SMALL_H_TOTAL_BYTES
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class Solver:
         name = f"dnmf-start-{uuid.uuid4().hex}"
         dsk = {(name, "H"): H}
         leaves = []
-        blocks = zip(self.matrix.block_keys(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
+        blocks = zip(self.matrix.block_inputs(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
         for i, (vk, wk, mk) in enumerate(blocks):
             if self.masked:
                 dsk[(name, i)] = (masked.masked_initial_partials, vk, mk, wk, (name, "H"), self.rule)
@@ -152,10 +163,11 @@ class Solver:
         W = state.W
         name = f"dnmf-step-{uuid.uuid4().hex}"
         w_name, p_name = f"{name}-W", f"{name}-partials"
-        if H.nbytes <= INLINE_H_BYTES:
-            # A small H goes into every step task: no task of its own to schedule, and no
-            # transfer of it from the worker that ran that task (~8 ms of a 2-worker
-            # LocalCluster iteration here).
+        shortcuts = small_h(H.nbytes, len(self.matrix.row_chunks))
+        if shortcuts:
+            # H goes into every step task: no task of its own to schedule, and no transfer of
+            # it from the worker that ran that task (~8 ms of a 2-worker LocalCluster
+            # iteration here).
             h_arg, hht_arg, dsk = H, HHt, {}
         else:
             h_arg, hht_arg = (name, "H"), (name, "HHt")
@@ -164,7 +176,7 @@ class Solver:
         # W_i from the previous step's (W_i, partials_i) results when there are any: the
         # kernels take either (see _w_of).
         sources = [step.key for step in state.steps] if state.steps is not None else row_block_keys(W)
-        blocks = zip(self.matrix.block_keys(), sources, mask_block_keys(self.mask, self.matrix))
+        blocks = zip(self.matrix.block_inputs(), sources, mask_block_keys(self.mask, self.matrix))
         for i, (vk, wk, mk) in enumerate(blocks):
             w_i = (_w_of, wk) if state.steps is not None else wk
             if self.masked:
@@ -178,19 +190,25 @@ class Solver:
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
         # one task fewer per block than a getitem for each partials_i.
         root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
+        # W: a getitem per block of the step results.
+        w_dsk = {(w_name, i, 0): (operator.getitem, (name, i), 0) for i in range(len(self.matrix.row_chunks))}
         dependencies = self._dependencies(W) + list(state.steps or ())
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
-        steps = [Delayed((name, i), graph, layer=name) for i in range(len(self.matrix.block_keys()))]
         # No graph optimization: it would fuse and inline tasks across the collections, and
         # could run a step (a pass over V) twice.
-        steps, partials = dask.persist(steps, Delayed(root, graph, layer=name), optimize_graph=False)
-        # W itself: a getitem per block over the persisted steps, only run when W is read
-        # (checkpoint, re-rooting, the result); the next step reads the steps directly.
-        w_dsk = {(w_name, i, 0): (operator.getitem, step.key, 0) for i, step in enumerate(steps)}
-        W_new = da.Array(
-            HighLevelGraph.from_collections(w_name, w_dsk, dependencies=steps), w_name, chunks=W.chunks, dtype=W.dtype
-        )
-        return W_new, tuple(steps), dask.compute(partials)[0]
+        if shortcuts:
+            # The step results are kept and the next step reads W_i from them; W's getitems
+            # only run when W is read (checkpoint, re-rooting, the result).
+            graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
+            steps = [Delayed((name, i), graph, layer=name) for i in range(len(self.matrix.row_chunks))]
+            steps, partials = dask.persist(steps, Delayed(root, graph, layer=name), optimize_graph=False)
+            w_graph = HighLevelGraph.from_collections(w_name, w_dsk, dependencies=steps)
+            W_new = da.Array(w_graph, w_name, chunks=W.chunks, dtype=W.dtype)
+            return W_new, tuple(steps), dask.compute(partials)[0]
+        # W's blocks are kept, and the step results (with their partials) freed once reduced.
+        graph = HighLevelGraph.from_collections(w_name, {**dsk, **w_dsk}, dependencies=dependencies)
+        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
+        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=w_name), optimize_graph=False)
+        return W_new, None, dask.compute(partials)[0]
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
         if self.masked:
@@ -206,8 +224,8 @@ class Solver:
 
     def _v_blocks(self) -> list:
         if "V" not in self._blocks:
-            keys = self.matrix.block_keys()
-            self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in range(len(keys))]))
+            blocks = range(len(self.matrix.row_chunks))
+            self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in blocks]))
         return self._blocks["V"]
 
     def _start_local(self, W: da.Array, H: np.ndarray) -> SolverState:

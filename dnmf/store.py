@@ -8,6 +8,7 @@ to validate it and collect the sums the objective and the inits need.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import uuid
@@ -17,6 +18,7 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask._task_spec import Task
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
@@ -38,6 +40,9 @@ class Matrix:
     in_memory : V was given in memory (numpy / scipy), so results are returned as numpy.
     sparse : the blocks are scipy.sparse CSR matrices.
     source : a short description of where V came from (a path, "numpy", ...).
+    reads_inline : each block of ``data`` is read from its store by a task that needs nothing
+        else (a Zarr V), and the tasks that use a block read it themselves (see
+        :meth:`grid_inputs`).
     """
 
     data: da.Array
@@ -45,6 +50,7 @@ class Matrix:
     in_memory: bool
     sparse: bool
     source: str
+    reads_inline: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,15 +77,34 @@ class Matrix:
     def col_offsets(self) -> list[int]:
         return [0, *np.cumsum(self.col_chunks).tolist()]
 
-    def block_keys(self) -> list:
-        """Dask keys of the row blocks, top to bottom (the row layout only)."""
+    def block_inputs(self) -> list:
+        """What a task takes as each row block, top to bottom (the row layout only): see
+        :meth:`grid_inputs`."""
         if self.is_grid:
-            raise NotImplementedError("V is laid out as a 2-D grid; use grid_keys()")
-        return row_block_keys(self.data)
+            raise NotImplementedError("V is laid out as a 2-D grid; use grid_inputs()")
+        return [row[0] for row in self.grid_inputs()]
 
-    def grid_keys(self) -> list[list]:
-        """Dask keys of the chunks: ``grid_keys()[i][j]`` is row block i, column block j."""
-        return [list(row) for row in self.data.__dask_keys__()]
+    def grid_inputs(self) -> list[list]:
+        """What a task takes as chunk (i, j) of V (``grid_inputs()[i][j]``): the chunk's dask
+        key, or, with ``reads_inline``, the task that reads it, nested in the task that uses
+        it. A streamed block then lives only inside that task: as tasks of their own, reads
+        ran ahead and their blocks waited in the workers (~27 of 4 MiB in each 256 MiB worker
+        streaming a 2 GiB V, which paused them).
+        """
+        return self._inputs
+
+    @functools.cached_property
+    def _inputs(self) -> list[list]:
+        keys = [list(row) for row in self.data.__dask_keys__()]
+        if not self.reads_inline:
+            return keys
+        graph = dict(self.data.__dask_graph__())
+        return [[_inline_read(graph[key], key) for key in row] for row in keys]
+
+
+def _inline_read(node, key):
+    """A read task that depends on nothing, as it is; else the key (never copy data into tasks)."""
+    return node if isinstance(node, Task) and not node.dependencies else key
 
 
 def row_block_keys(arr: da.Array) -> list:
@@ -367,7 +392,10 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
         aligned = _rechunk_rows(data, layout.chunks, default, align=arr.chunks[0])
     else:
         aligned = data.rechunk((layout.rows(arr.shape, itemsize, cols, align=arr.chunks[0]), cols))
-    return Matrix(aligned, dtype, False, False, source)
+    # One self-contained task reads each block (the store's chunks it spans), so that the
+    # tasks using a block can read it themselves (Matrix.reads_inline).
+    blocks = da.from_zarr(arr, chunks=aligned.chunks, inline_array=True)
+    return Matrix(blocks, dtype, False, False, source, reads_inline=True)
 
 
 def _check_2d(shape) -> None:
@@ -390,7 +418,7 @@ def scan_matrix(matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
     rows, cols = matrix.row_offsets, matrix.col_offsets
     dsk = {
         (name, i, j): (kernels.block_stats, key, rows[i], with_xlogx, cols[j])
-        for i, row in enumerate(matrix.grid_keys())
+        for i, row in enumerate(matrix.grid_inputs())
         for j, key in enumerate(row)
     }
     root = tree_reduce(dsk, name, list(dsk), kernels.add_stats)
