@@ -19,10 +19,11 @@ import pytest
 import zarr
 
 from conftest import worker_killer
-from dnmf import NMF
-from dnmf.cluster import close_client, connect, get_client
+from dnmf import NMF, solvers
+from dnmf.cluster import close_client, connect, get_client, trim_freed_memory_on
 from dnmf.errors import ParameterError
-from dnmf.outofcore import V_CACHED, V_IN_MEMORY, V_STREAMED, block_bytes_for_workers
+from dnmf.outofcore import V_CACHED, V_IN_MEMORY, V_STREAMED, apply_cache, block_bytes_for_workers, plan_cache
+from dnmf.store import open_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -207,6 +208,88 @@ def test_rerooting_keeps_the_schedulers_task_count_bounded(client, tmp_path):
     assert max(with_reroot) < without[-1] / 2, (with_reroot, without)
 
 
+def test_a_streamed_zarr_block_is_read_inside_the_task_that_uses_it(tmp_path):
+    V = small_matrix(1000, 40)
+    path = str(tmp_path / "V.zarr")
+    zarr.create_array(store=path, data=V, chunks=(100, 40))
+    streamed = open_matrix(path, chunks=200)  # blocks of two store chunks
+    reads = streamed.block_inputs()
+    assert len(reads) == 5 and all(not read.dependencies for read in reads)
+    assert all(np.array_equal(read(), V[200 * i : 200 * (i + 1)]) for i, read in enumerate(reads))
+    # Blocks held in memory (cached V, or V given as numpy) are passed by key, never copied in.
+    with dask.config.set(scheduler="threads"):
+        cached = apply_cache(plan_cache(True, streamed, None), streamed)
+    assert cached.block_inputs() == [row[0] for row in cached.data.__dask_keys__()]
+    in_memory = open_matrix(V, chunks=200)
+    assert in_memory.block_inputs() == [row[0] for row in in_memory.data.__dask_keys__()]
+
+
+def step_results_on_workers(client) -> int:
+    """How many (W_i, partials_i) step results the workers hold."""
+
+    def is_step_result(value) -> bool:
+        return type(value) is tuple and len(value) == 2 and isinstance(value[0], np.ndarray)
+
+    held = client.run(lambda dask_worker: sum(map(is_step_result, dask_worker.data.values())))
+    return sum(held.values())
+
+
+def test_step_results_are_kept_only_while_blocks_times_h_is_small(client, tmp_path, monkeypatch):
+    V = small_matrix()
+    path = str(tmp_path / "V.zarr")
+    zarr.create_array(store=path, data=V, chunks=(250, V.shape[1]))
+    held = {}
+    with client.as_current():
+        for label, total in [("small", solvers.SMALL_H_TOTAL_BYTES), ("large", 0)]:
+            monkeypatch.setattr(solvers, "SMALL_H_TOTAL_BYTES", total)
+            seen = held[label] = []
+            held[label, "fit"] = fit(path, cache=False, callbacks=[lambda record, seen=seen: seen.append(step_results_on_workers(client))])
+    # 12 row blocks: with a small H the workers keep the results of the last steps (W_i with the
+    # r x p partials, 12 a step); with a large one, W's blocks, and the results are freed once
+    # reduced. The two give the same fit.
+    assert min(held["small"]) >= 12 and max(held["large"]) == 0, (held["small"], held["large"])
+    (small, W_small), (large, W_large) = held["small", "fit"], held["large", "fit"]
+    assert np.array_equal(W_small, W_large) and np.array_equal(small.components_, large.components_)
+
+
+KEEP = []
+
+
+def test_workers_near_their_limit_hand_freed_memory_back():
+    import psutil
+
+    limit = 256 * MiB
+
+    def allocate_and_free():
+        # 100 MiB in 4 MiB arrays, freed, with small objects allocated in between that stay:
+        # with dnmf's glibc thresholds the worker keeps the freed memory.
+        arrays, small = [], []
+        for _ in range(25):
+            arrays.append(np.ones(MiB // 2))
+            small.append(bytearray(64 * 1024))
+        del arrays
+        KEEP.append(small)
+        return psutil.Process().memory_info().rss
+
+    def rss_after(seconds: float) -> int:
+        time.sleep(seconds)
+        return psutil.Process().memory_info().rss
+
+    client, owned = get_client("local", n_workers=1, memory_limit=limit)
+    try:
+        freed = client.submit(allocate_and_free, pure=False).result()
+        kept = client.submit(rss_after, 1.0, pure=False).result()
+        assert freed > 0.6 * limit and kept > 0.6 * limit  # the worker holds what it freed
+        trim_freed_memory_on(client)
+        trim_freed_memory_on(client)  # once per cluster: a second registration changes nothing
+        trimmed = client.submit(rss_after, 1.0, pure=False).result()
+        plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("dnmf")])
+    finally:
+        close_client(client, owned)
+    assert trimmed < 0.45 * limit, (kept / MiB, trimmed / MiB)
+    assert list(plugins.values()) == [["dnmf-trim-freed-memory"]]
+
+
 # ---------------------------------------------------------------------------
 # Lost workers
 
@@ -258,7 +341,9 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
     path = str(tmp_path / "big.zarr")
     write_big_zarr(path, n, p, rows_per_chunk=256)  # 4 MiB chunks
     limit = 256 * MiB
-    settings = dict(init="random", random_state=0, max_iter=2, tol=0, tol_x=0)
+    # 5 iterations: streamed blocks once waited in the workers, and these reached their pause
+    # mark and hung by the 4th.
+    settings = dict(init="random", random_state=0, max_iter=5, tol=0, tol_x=0)
     client, owned = get_client("local", n_workers=2, memory_limit=f"{limit // MiB}MiB")  # dnmf's own
     try:
         workers_before = set(client.scheduler_info()["workers"])
@@ -275,11 +360,11 @@ def test_a_zarr_four_times_the_workers_memory_is_factored_out_of_core(tmp_path):
     info = model.fit_info_
     assert info["v_storage"] == V_STREAMED and model.cache_used_ is False
     assert info["max_block_rows"] * p * 4 <= 8 * MiB  # blocks sized for 256 MiB workers
-    assert model.n_iter_ == 2
+    assert model.n_iter_ == 5
     # No worker restarted, paused or near its limit.
     assert workers_after == workers_before
-    # Never paused (80% of the limit) nor restarted (95%): the peak is ~120 MiB here.
-    assert max(peaks.values()) < 0.8 * limit, peaks
+    # Never paused (80% of the limit) nor restarted (95%): the peak is ~145 MiB here.
+    assert max(peaks.values()) < 0.7 * limit, peaks
     messages = " ".join(message for worker_logs in logs.values() for _, message in worker_logs)
     assert "Pausing worker" not in messages and "Restarting worker" not in messages
     print("peak worker memory (MiB):", {k: round(v / MiB) for k, v in peaks.items()})
