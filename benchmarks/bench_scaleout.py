@@ -54,8 +54,14 @@ def start_cluster(n_workers: int, memory_limit: str):
     return client
 
 
-def peak_worker_memory(client) -> float:
-    return max(client.run(lambda dask_worker: max(dask_worker.monitor.quantities["memory"])).values())
+def peak_worker_memory(client, since: float) -> float:
+    """The largest worker memory (RSS) sampled since ``since`` (``time.time()``)."""
+
+    def peak(dask_worker) -> float:
+        samples = zip(dask_worker.monitor.quantities["time"], dask_worker.monitor.quantities["memory"])
+        return max((memory for at, memory in samples if at >= since), default=0)
+
+    return max(client.run(peak).values())
 
 
 def read_once_seconds(V: da.Array) -> float:
@@ -97,10 +103,12 @@ def main(argv=None) -> int:
     try:
         scales = (1, 2, 4, 8)
         n_max = args.base_rows * scales[-1]
-        path = os.path.join(workdir, "V.zarr")
+        # One Zarr per size: dnmf is given the store itself, as users do.
+        paths = {n: os.path.join(workdir, f"V-{n}.zarr") for n in (args.base_rows * scale for scale in scales)}
         tick = time.perf_counter()
-        write_zarr(path, n_max, args.p, args.rows_per_chunk)
-        print(f"wrote V {n_max} x {args.p} float32 ({n_max * args.p * 4 / MiB:.0f} MiB, uncompressed, "
+        for n, path in paths.items():
+            write_zarr(path, n, args.p, args.rows_per_chunk)
+        print(f"wrote V of up to {n_max} x {args.p} float32 ({n_max * args.p * 4 / MiB:.0f} MiB, uncompressed, "
               f"{args.rows_per_chunk}-row chunks) in {time.perf_counter() - tick:.1f} s")
         print(f"cluster: {args.workers} workers x 1 thread, memory limit {args.memory_limit} each; "
               f"rank {args.rank}, MU, {args.max_iter} iterations (median of iterations 2..)")
@@ -112,12 +120,13 @@ def main(argv=None) -> int:
             client = start_cluster(args.workers, args.memory_limit)
             try:
                 with client.as_current():
-                    V = da.from_zarr(path)[:n]
+                    V = da.from_zarr(paths[n])
                     read_once_seconds(V)  # warm the page cache, as every later pass finds it
                     read = min(read_once_seconds(V) for _ in range(2))
-                    per_iter, model = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=False)
+                    since = time.time()
+                    per_iter, model = fit_seconds_per_iteration(paths[n], args.rank, args.max_iter, cache=False)
                     assert model.fit_info_["v_storage"] == "streamed"
-                    peak = peak_worker_memory(client)
+                    peak = peak_worker_memory(client, since)
             finally:
                 client.close()
                 client.cluster.close()
@@ -131,9 +140,8 @@ def main(argv=None) -> int:
         client = start_cluster(args.workers, "2GiB")
         try:
             with client.as_current():
-                V = da.from_zarr(path)[:n]
-                streamed, _ = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=False)
-                cached, model = fit_seconds_per_iteration(V, args.rank, args.max_iter, cache=True)
+                streamed, _ = fit_seconds_per_iteration(paths[n], args.rank, args.max_iter, cache=False)
+                cached, model = fit_seconds_per_iteration(paths[n], args.rank, args.max_iter, cache=True)
                 assert model.fit_info_["v_storage"] == "cached"
         finally:
             client.close()

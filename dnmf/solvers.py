@@ -39,7 +39,7 @@ SOLVERS = ("mu", "hals", "bpp")
 # SMALL_H_BYTES): a worker keeps both for two iterations, and 512 blocks with a 64 KiB H took
 # 256 MiB workers streaming V past their 80% pause mark.
 SMALL_H_BYTES = 2**20
-SMALL_H_TOTAL_BYTES = 8 * 2**20
+SMALL_H_TOTAL_BYTES = 4 * 2**20
 
 
 def small_h(h_bytes: int, n_blocks: int) -> bool:

@@ -31,7 +31,7 @@ class TrimFreedMemory(WorkerPlugin):
     name = "dnmf-trim-freed-memory"
     idempotent = True  # registering it again (every fit does) is a no-op
 
-    def __init__(self, fraction: float = 0.6, step: float = 1 / 16):
+    def __init__(self, fraction: float = 0.25, step: float = 1 / 16):
         self.fraction = fraction
         self.step = step
 
