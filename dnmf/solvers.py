@@ -36,7 +36,7 @@ SOLVERS = ("mu", "hals", "bpp")
 # memory of H's size per block on the workers: H copied into every step task, and the step
 # results (W_i with the r×p partials_i) kept for the next step to read W_i from. They are taken
 # while that memory, n_blocks × H.nbytes, stays under SMALL_H_TOTAL_BYTES (and H under
-# SMALL_H_BYTES): a worker keeps both for two iterations, and 512 blocks with a 64 KiB H took
+# SMALL_H_BYTES): workers keep both over the last iterations, and 512 blocks with a 64 KiB H took
 # 256 MiB workers streaming V past their 80% pause mark.
 SMALL_H_BYTES = 2**20
 SMALL_H_TOTAL_BYTES = 4 * 2**20

@@ -16,16 +16,16 @@ logger = logging.getLogger(__name__)
 
 
 class TrimFreedMemory(WorkerPlugin):
-    """A worker plugin that hands freed heap memory back to the OS as the worker nears its limit.
+    """A worker plugin that hands freed heap memory back to the OS as a worker's memory grows.
 
     With the large thresholds of :data:`dnmf.cluster.WORKER_MALLOC_ENV`, glibc keeps what a task
     frees for the next task, which is what makes repeated block-sized temporaries cheap, but it
-    keeps it in the process: streaming a 2 GiB V through 256 MiB workers, freed read buffers added about 4 MiB
-    of resident memory per few blocks read, the workers reached dask's 80% pause mark, and the
-    fit hung (``malloc_trim`` took them from ~200 back to ~120 MiB). So, at the worker's memory
-    monitor interval: once the process holds more than ``fraction`` of its memory limit, and
-    ``step`` of the limit more than after the last trim, call ``malloc_trim(0)``. Nothing happens
-    on a worker without a memory limit or outside glibc.
+    keeps it in the process, where it counts against dask's pause (80%) and restart (95%) marks:
+    2 workers of 256 MiB held ~180 MiB each after streaming a 2 GiB V, ~130 MiB after
+    ``malloc_trim``. So, at the worker's memory monitor interval, once the process holds more
+    than ``fraction`` of its memory limit and ``step`` of the limit more than after the last
+    trim: ``malloc_trim(0)``. A trim costs page faults when the memory is used again, hence the
+    step. Nothing happens on a worker without a memory limit or outside glibc.
     """
 
     name = "dnmf-trim-freed-memory"
@@ -59,7 +59,6 @@ class TrimFreedMemory(WorkerPlugin):
             self._trim(0)
             self._after_last_trim = self._worker.monitor.get_process_memory()
             logger.debug("malloc_trim: %d -> %d bytes", memory, self._after_last_trim)
-            self.__dict__.setdefault("_log", []).append((memory >> 20, self._after_last_trim >> 20))
 
 
 def _malloc_trim():
