@@ -4,9 +4,9 @@
 
 Prints, in one run:
 
-1. the peak memory (RSS) of the workers of a LocalCluster (``--workers`` single-threaded
-   workers of ``--memory-limit``) factoring a streamed Zarr V of n = 1x, 2x, 4x, 8x
-   ``--base-rows`` rows (goal: flat within 20%);
+1. the peak memory (RSS: the kernel's high-water mark over the fit) of the workers of a
+   LocalCluster (``--workers`` single-threaded workers of ``--memory-limit``) factoring a
+   streamed Zarr V of n = 1x, 2x, 4x, 8x ``--base-rows`` rows (goal: flat within 20%);
 2. for each size, the time of one iteration out of core against the time to read V once from
    the same Zarr store on the same cluster (goal: <= 1.3x: an iteration reads V once);
 3. the time per iteration with V cached in the workers' memory against streamed from Zarr.
@@ -54,14 +54,16 @@ def start_cluster(n_workers: int, memory_limit: str):
     return client
 
 
-def peak_worker_memory(client, since: float) -> float:
-    """The largest worker memory (RSS) sampled since ``since`` (``time.time()``)."""
+def reset_peak_memory(dask_worker=None) -> None:
+    """Restart the kernel's record of this process's peak RSS (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
-    def peak(dask_worker) -> float:
-        samples = zip(dask_worker.monitor.quantities["time"], dask_worker.monitor.quantities["memory"])
-        return max((memory for at, memory in samples if at >= since), default=0)
 
-    return max(client.run(peak).values())
+def peak_memory(dask_worker=None) -> int:
+    """This process's peak RSS (VmHWM) since the last :func:`reset_peak_memory`, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def read_once_seconds(V: da.Array) -> float:
@@ -123,10 +125,10 @@ def main(argv=None) -> int:
                     V = da.from_zarr(paths[n])
                     read_once_seconds(V)  # warm the page cache, as every later pass finds it
                     read = min(read_once_seconds(V) for _ in range(2))
-                    since = time.time()
+                    client.run(reset_peak_memory)  # the peak of the fit alone, exactly
                     per_iter, model = fit_seconds_per_iteration(paths[n], args.rank, args.max_iter, cache=False)
                     assert model.fit_info_["v_storage"] == "streamed"
-                    peak = peak_worker_memory(client, since)
+                    peak = max(client.run(peak_memory).values())
             finally:
                 client.close()
                 client.cluster.close()

@@ -18,7 +18,7 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
-from dask._task_spec import Task
+from dask._task_spec import DataNode, GraphNode, Task
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
@@ -41,8 +41,8 @@ class Matrix:
     sparse : the blocks are scipy.sparse CSR matrices.
     source : a short description of where V came from (a path, "numpy", ...).
     reads_inline : each block of ``data`` is read from its store by a task that needs nothing
-        else (a Zarr V), and the tasks that use a block read it themselves (see
-        :meth:`grid_inputs`).
+        but the store's array (a Zarr V), and the tasks that use a block read it themselves
+        (see :meth:`grid_inputs`).
     """
 
     data: da.Array
@@ -99,12 +99,20 @@ class Matrix:
         if not self.reads_inline:
             return keys
         graph = dict(self.data.__dask_graph__())
-        return [[_inline_read(graph[key], key) for key in row] for row in keys]
+        return [[_inline_read(graph, key) for key in row] for row in keys]
 
 
-def _inline_read(node, key):
-    """A read task that depends on nothing, as it is; else the key (never copy data into tasks)."""
-    return node if isinstance(node, Task) and not node.dependencies else key
+def _inline_read(graph: dict, key):
+    """The task of ``key`` when it only reads from plain objects that are keys of their own
+    (such as the Zarr array), else ``key``: no data is ever copied into the tasks."""
+    node = graph[key]
+    reads = isinstance(node, Task) and all(dep in graph and _is_plain(graph[dep]) for dep in node.dependencies)
+    return node if reads else key
+
+
+def _is_plain(value) -> bool:
+    """A graph value that is an object, not a task."""
+    return isinstance(value, DataNode) or not isinstance(value, GraphNode)
 
 
 def row_block_keys(arr: da.Array) -> list:
@@ -392,9 +400,10 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
         aligned = _rechunk_rows(data, layout.chunks, default, align=arr.chunks[0])
     else:
         aligned = data.rechunk((layout.rows(arr.shape, itemsize, cols, align=arr.chunks[0]), cols))
-    # One self-contained task reads each block (the store's chunks it spans), so that the
-    # tasks using a block can read it themselves (Matrix.reads_inline).
-    blocks = da.from_zarr(arr, chunks=aligned.chunks, inline_array=True)
+    # One task reads each block (the store's chunks it spans) from the Zarr array, a key of its
+    # own, so that the tasks using a block can read it themselves (Matrix.reads_inline). With
+    # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
+    blocks = da.from_zarr(arr, chunks=aligned.chunks)
     return Matrix(blocks, dtype, False, False, source, reads_inline=True)
 
 

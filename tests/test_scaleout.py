@@ -214,8 +214,13 @@ def test_a_streamed_zarr_block_is_read_inside_the_task_that_uses_it(tmp_path):
     zarr.create_array(store=path, data=V, chunks=(100, 40))
     streamed = open_matrix(path, chunks=200)  # blocks of two store chunks
     reads = streamed.block_inputs()
-    assert len(reads) == 5 and all(not read.dependencies for read in reads)
-    assert all(np.array_equal(read(), V[200 * i : 200 * (i + 1)]) for i, read in enumerate(reads))
+    graph = dict(streamed.data.__dask_graph__())
+    (array_key,) = reads[0].dependencies  # the zarr.Array, a key of its own: never copied in
+    assert len(reads) == 5 and all(read.dependencies == {array_key} for read in reads)
+    store_array = graph[array_key]
+    assert isinstance(store_array, zarr.Array)
+    blocks = [read({array_key: store_array}) for read in reads]
+    assert all(np.array_equal(block, V[200 * i : 200 * (i + 1)]) for i, block in enumerate(blocks))
     # Blocks held in memory (cached V, or V given as numpy) are passed by key, never copied in.
     with dask.config.set(scheduler="threads"):
         cached = apply_cache(plan_cache(True, streamed, None), streamed)
