@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 from dask._task_spec import DataNode, GraphNode, Task
+from dask.array.core import normalize_chunks
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
@@ -245,15 +246,23 @@ def _open_zarr(path_or_url: str):
 
 def _rechunk_rows(arr: da.Array, rows_per_block, default: int, align: int = 1) -> da.Array:
     """Row blocks holding all columns, aligned to ``align`` rows (the store's chunk)."""
-    n = arr.shape[0]
+    chunks = _row_block_chunks(arr.shape, arr.chunks, rows_per_block, default, align)
+    return arr if chunks == arr.chunks else arr.rechunk(chunks)
+
+
+def _row_block_chunks(shape, chunks, rows_per_block, default: int, align: int = 1) -> tuple:
+    """The chunks of row blocks holding all columns for an array of ``shape`` and ``chunks``:
+    these chunks when they already are such blocks of a fitting size, else blocks of
+    ``rows_per_block`` rows (by default ``default`` rounded down to ``align``)."""
+    n, p = shape
     if rows_per_block is None:
-        same = len(arr.chunks[1]) == 1
-        if same and max(arr.chunks[0]) <= 2 * default and len(arr.chunks[0]) >= min(MIN_BLOCKS, n):
-            return arr
+        same = len(chunks[1]) == 1
+        if same and max(chunks[0]) <= 2 * default and len(chunks[0]) >= min(MIN_BLOCKS, n):
+            return tuple(chunks)
         rows = max(align, (default // align) * align)
     else:
         rows = rows_per_block
-    return arr.rechunk((_row_chunks(n, rows, default), (arr.shape[1],)))
+    return (_row_chunks(n, rows, default), (p,))
 
 
 def open_matrix(
@@ -392,18 +401,18 @@ def _block_views(X: np.ndarray, row_chunks: tuple[int, ...], col_chunks: tuple[i
 def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     _check_2d(arr.shape)
     dtype = factor_dtype(arr.dtype)
-    data = da.from_zarr(arr)
     itemsize = arr.dtype.itemsize
     cols = layout.columns(arr.shape, itemsize, align=arr.chunks[1])
     if cols is None:
         default = auto_row_block(arr.shape[0], arr.shape[1], itemsize, target_bytes=layout.block_bytes)
-        aligned = _rechunk_rows(data, layout.chunks, default, align=arr.chunks[0])
+        store_chunks = normalize_chunks(arr.chunks, arr.shape)
+        chunks = _row_block_chunks(arr.shape, store_chunks, layout.chunks, default, align=arr.chunks[0])
     else:
-        aligned = data.rechunk((layout.rows(arr.shape, itemsize, cols, align=arr.chunks[0]), cols))
+        chunks = (layout.rows(arr.shape, itemsize, cols, align=arr.chunks[0]), cols)
     # One task reads each block (the store's chunks it spans) from the Zarr array, a key of its
     # own, so that the tasks using a block can read it themselves (Matrix.reads_inline). With
     # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
-    blocks = da.from_zarr(arr, chunks=aligned.chunks)
+    blocks = da.from_zarr(arr, chunks=chunks)
     return Matrix(blocks, dtype, False, False, source, reads_inline=True)
 
 
