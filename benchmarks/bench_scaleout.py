@@ -50,7 +50,7 @@ def start_cluster(n_workers: int, memory_limit: str):
     from dnmf.cluster import get_client
 
     client, _ = get_client("local", n_workers=n_workers, threads_per_worker=1, memory_limit=memory_limit)
-    client.run(lambda: __import__("dnmf.kernels") and __import__("dnmf.store") and None)
+    client.run(lambda: __import__("dnmf.kernels") and __import__("dnmf.data.store") and None)
     return client
 
 

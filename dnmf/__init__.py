@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "NMF": "estimator",
     "non_negative_factorization": "estimator",
-    "IterationRecord": "driver",
-    "StoppingRules": "driver",
-    "open_matrix": "store",
+    "IterationRecord": "run.driver",
+    "StoppingRules": "run.driver",
+    "open_matrix": "data.store",
     "rank_survey": "rank",
     "RankSurvey": "rank",
 }
@@ -33,13 +33,21 @@ __all__ = [
 ]
 
 
-# Submodules reachable as attributes (``dnmf.checkpoint.resume(...)``) without an import.
-_SUBMODULES = {"checkpoint", "cluster", "convert", "plots", "rank", "results"}
+# Submodules reachable as attributes (``dnmf.checkpoint.resume(...)``) without an import, by
+# their public name.
+_SUBMODULES = {
+    "checkpoint": "run.checkpoint",
+    "cluster": "cluster",
+    "convert": "data.convert",
+    "plots": "plots",
+    "rank": "rank",
+    "results": "data.results",
+}
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

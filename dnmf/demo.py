@@ -52,7 +52,7 @@ def write_planted_matrix(
     """Write V (n_samples, n_features) to a new Zarr array at ``path``, one row chunk at a time."""
     import zarr
 
-    from .results import compressor
+    from .data.results import compressor
 
     H_true = planted_parts_h(n_parts, n_features)
     arr = zarr.create_array(

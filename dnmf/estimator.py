@@ -20,14 +20,16 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-from . import checkpoint, driver, kernels, missing, outofcore
+from .run import checkpoint, driver, plan as outofcore
+from . import kernels
+from .data import missing
 from .cluster import current_client, trim_freed_memory_on, workers_share_this_machine
 from .errors import ParameterError, expected
-from .grid import GridSolver
-from .init import make_start, resolve_init
+from .solvers.grid import GridSolver
+from .solvers.init import make_start, resolve_init
 from .kernels import Rule
-from .solvers import SOLVERS, Solver
-from .store import Matrix, MatrixStats, open_matrix, scan_matrix, validate_stats
+from .solvers.rows import SOLVERS, Solver
+from .data.store import Matrix, MatrixStats, open_matrix, scan_matrix, validate_stats
 
 BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 DEFAULT_EPS = 1e-10
@@ -568,7 +570,7 @@ class NMF(TransformerMixin, BaseEstimator):
             fact = fit_factors(X, self.get_params(), W=W, H=H, callbacks=callbacks, mask=mask, resume=resume)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.config.seed]
         else:
-            from .restarts import fit_runs
+            from .run.restarts import fit_runs
 
             if W is not None or H is not None or resume is not None:
                 raise ParameterError("n_runs > 1 restarts from random starts; do not pass W, H or resume.")

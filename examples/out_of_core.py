@@ -19,10 +19,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cluster import connect, dashboard_link
-from dnmf.convert import human_bytes, size_on_disk
+from dnmf.data.convert import human_bytes, size_on_disk
 from dnmf.demo import best_matches, planted_parts_h, write_planted_matrix
-from dnmf.progress import ProgressBar
-from dnmf.results import save_result
+from dnmf.run.progress import ProgressBar
+from dnmf.data.results import save_result
 
 
 def main(argv=None) -> None:

@@ -2,7 +2,7 @@
 
 Usage: python checkpoint_child.py MODE V_PATH CKPT_PATH OUT_DIR SOLVER BETA_LOSS MAX_ITER [--die-in NAME:N]
 
-MODE is "fit", "resume-api" (dnmf.checkpoint.resume(path), X from the checkpoint) or
+MODE is "fit", "resume-api" (dnmf.run.checkpoint.resume(path), X from the checkpoint) or
 "resume-fit" (NMF(...).fit(X, resume=path)). Prints "iterating" once the first iteration of
 this run is done. ``--die-in NAME:N`` SIGKILLs the process at the N-th call of a step of the
 checkpoint write: "store" (a block of W being written), "fsync" (the version written, not yet
@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 import dnmf
-from dnmf import checkpoint
+from dnmf.run import checkpoint
 
 CHUNKS = 25
 RANK = 4

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
-from dnmf import checkpoint
+from dnmf.run import checkpoint
 from dnmf.errors import CheckpointMismatchError, ParameterError, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cli import main
-from dnmf.results import load_result
+from dnmf.data.results import load_result
 
 from conftest import best_cosines, planted_parts
 

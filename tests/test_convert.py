@@ -1,4 +1,4 @@
-"""dnmf.convert: every source format round-trips exactly into a row-chunked Zarr array."""
+"""dnmf.data.convert: every source format round-trips exactly into a row-chunked Zarr array."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import scipy.io
 import scipy.sparse as sp
 import zarr
 
-from dnmf.convert import FormatError, convert, detect_format, scan_source
+from dnmf.data.convert import FormatError, convert, detect_format, scan_source
 from dnmf.errors import DnmfError, StoreError
 
 

@@ -1,4 +1,4 @@
-"""The 2-D grid layout (dnmf.grid): V in chunks (i, j), W by row blocks, H by column blocks."""
+"""The 2-D grid layout (dnmf.solvers.grid): V in chunks (i, j), W by row blocks, H by column blocks."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import zarr
 from sklearn.exceptions import ConvergenceWarning
 
 from conftest import worker_killer
-from dnmf import NMF, checkpoint
+from dnmf import NMF
+from dnmf.run import checkpoint
 from dnmf.cluster import close_client
 from dnmf.errors import InvalidMatrixError, ParameterError
-from dnmf.grid import GridSolver
-from dnmf.init import random_start
+from dnmf.solvers.grid import GridSolver
+from dnmf.solvers.init import random_start
 from dnmf.kernels import Rule
-from dnmf.solvers import Solver
-from dnmf.store import MIN_BLOCK_ROWS, auto_column_chunk, open_matrix, scan_matrix
+from dnmf.solvers.rows import Solver
+from dnmf.data.store import MIN_BLOCK_ROWS, auto_column_chunk, open_matrix, scan_matrix
 
 R = 6
 

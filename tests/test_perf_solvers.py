@@ -13,7 +13,7 @@ from sklearn.exceptions import ConvergenceWarning
 import dnmf
 from conftest import custom_start
 from dnmf.nnls import nnls_bpp
-from dnmf.store import auto_row_block, default_compressors, tree_fold
+from dnmf.data.store import auto_row_block, default_compressors, tree_fold
 
 
 def lowrank_noisy(n=150, p=80, r=6, seed=0):
@@ -167,14 +167,14 @@ def test_bad_inner_sweeps_is_one_clear_error():
 
 def test_solver_computes_kl_constant_when_not_given():
     from dnmf.kernels import Rule
-    from dnmf.solvers import Solver
-    from dnmf.store import open_matrix, scan_matrix
+    from dnmf.solvers.rows import Solver
+    from dnmf.data.store import open_matrix, scan_matrix
 
     V = lowrank_noisy()
     matrix = open_matrix(V, chunks=50)
     stats = scan_matrix(matrix, with_xlogx=True)
     W0, H0 = custom_start(V.shape, 3)
-    W0 = dnmf.store.da.from_array(W0, chunks=(50, 3))
+    W0 = dnmf.data.store.da.from_array(W0, chunks=(50, 3))
     rule = Rule("mu", 1.0, 1e-10)
     given = Solver(matrix, rule, stats.v_sq, kl_offset=stats.v_xlogx - stats.v_sum).start(W0, H0)
     computed = Solver(matrix, rule, stats.v_sq).start(W0, H0)

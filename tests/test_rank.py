@@ -65,7 +65,7 @@ def test_restarts_keep_the_best_and_are_reproducible(lowrank):
 
 
 def test_restarts_sequential_equal_parallel(lowrank):
-    from dnmf.restarts import fit_runs
+    from dnmf.run.restarts import fit_runs
 
     params = dnmf.NMF(3, init="random", random_state=5, max_iter=10, tol=0, tol_x=0, chunks=40).get_params()
     with warnings.catch_warnings():
@@ -198,7 +198,7 @@ def test_rank_command(tmp_path):
     import zarr
     from click.testing import CliRunner
 
-    from dnmf.rank_cli import rank_command
+    from dnmf.cli.rank import rank_command
 
     path = str(tmp_path / "v.zarr")
     V = planted(3, n=60, p=30)

@@ -13,10 +13,10 @@ import zarr
 from conftest import planted_parts
 
 import dnmf
-from dnmf import results
+from dnmf.data import results
 from dnmf.errors import ParameterError, StoreError
 from dnmf.plots import plot_convergence, plot_parts, plot_w_heatmap
-from dnmf.progress import JsonLog, ProgressBar
+from dnmf.run.progress import JsonLog, ProgressBar
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 PNG = b"\x89PNG\r\n\x1a\n"

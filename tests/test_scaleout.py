@@ -19,11 +19,12 @@ import pytest
 import zarr
 
 from conftest import worker_killer
-from dnmf import NMF, solvers
+from dnmf import NMF
+from dnmf.solvers import rows as solvers
 from dnmf.cluster import close_client, connect, get_client, trim_freed_memory_on
 from dnmf.errors import ParameterError
-from dnmf.outofcore import V_CACHED, V_IN_MEMORY, V_STREAMED, apply_cache, block_bytes_for_workers, plan_cache
-from dnmf.store import open_matrix
+from dnmf.run.plan import V_CACHED, V_IN_MEMORY, V_STREAMED, apply_cache, block_bytes_for_workers, plan_cache
+from dnmf.data.store import open_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20

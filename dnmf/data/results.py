@@ -26,7 +26,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from .errors import StoreError
+from ..errors import StoreError
 
 RESULT_FORMAT = 1
 
@@ -124,7 +124,7 @@ def versions() -> dict:
     import dask
     import zarr
 
-    from . import __version__
+    from .. import __version__
 
     return {"dnmf": __version__, "dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
 
@@ -229,7 +229,7 @@ class Result:
 
     def to_model(self):
         """An :class:`~dnmf.NMF` with this H, ready for ``transform``."""
-        from .estimator import NMF
+        from ..estimator import NMF
 
         # The fit's settings, except those that would make a transform write anything.
         run_only = ("checkpoint", "checkpoint_every", "callbacks")

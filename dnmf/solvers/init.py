@@ -22,9 +22,9 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels
-from .errors import InvalidMatrixError, ParameterError, expected
-from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
+from .. import kernels
+from ..errors import InvalidMatrixError, ParameterError, expected
+from ..data.store import Matrix, MatrixStats, row_block_keys, tree_reduce
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 NNDSVD_THRESHOLD = 1e-6

@@ -58,11 +58,11 @@ from scipy.spatial.distance import squareform
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from . import missing
-from .errors import ParameterError, StoreError, expected
-from .estimator import beta_value, blas_threads_for_scheduler, fit_factors, resolve_seed
-from .restarts import concurrent_runs
-from .store import open_matrix
+from ..data import missing
+from ..errors import ParameterError, StoreError, expected
+from ..estimator import beta_value, blas_threads_for_scheduler, fit_factors, resolve_seed
+from ..run.restarts import concurrent_runs
+from ..data.store import open_matrix
 
 logger = logging.getLogger(__name__)
 

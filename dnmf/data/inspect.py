@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .convert import detect_format, human_bytes, scan_source, size_on_disk, split_dataset
-from .errors import StoreError
+from ..errors import StoreError
 
 
 def describe(path, dataset: str | None = None, scan: bool = True) -> dict:

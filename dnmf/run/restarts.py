@@ -19,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ParameterError, expected
-from .estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_column_chunks, resolve_seed
-from .missing import open_mask
-from .store import open_matrix
+from ..errors import ParameterError, expected
+from ..estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_column_chunks, resolve_seed
+from ..data.missing import open_mask
+from ..data.store import open_matrix
 
 # Budget for the factors of concurrent fits (W and its update, per fit), and a cap on the
 # fits in flight (each is a client thread with its own graphs).

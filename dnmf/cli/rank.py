@@ -13,7 +13,7 @@ import sys
 import click
 import numpy as np
 
-from .errors import DnmfError, StoreError
+from ..errors import DnmfError, StoreError
 
 OUTPUT_FILES = ("survey.json", "survey.png")
 
@@ -59,7 +59,7 @@ def rank_command(input_path, ranks, n_runs, holdout_fraction, beta_loss, solver,
     """
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .rank import rank_survey
+    from ..rank import rank_survey
 
     try:
         if out is not None:

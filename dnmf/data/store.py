@@ -23,8 +23,8 @@ from dask.array.core import normalize_chunks
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels
-from .errors import InvalidMatrixError, StoreError, expected
+from .. import kernels
+from ..errors import InvalidMatrixError, StoreError, expected
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
 TARGET_BLOCK_BYTES = 64 * 2**20

@@ -43,9 +43,9 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .driver import IterationRecord
-from .errors import CheckpointMismatchError, ParameterError, StoreError, expected
-from .solvers import SolverState
-from .store import Matrix, MatrixStats
+from ..errors import CheckpointMismatchError, ParameterError, StoreError, expected
+from ..solvers.rows import SolverState
+from ..data.store import Matrix, MatrixStats
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
@@ -330,7 +330,7 @@ class _Corrupt(Exception):
 def _library_versions() -> dict:
     import zarr
 
-    from . import __version__
+    from .. import __version__
 
     return {"dnmf": __version__, "numpy": np.__version__, "dask": dask.__version__, "zarr": zarr.__version__}
 
@@ -604,7 +604,7 @@ def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None):
     The continued fit writes further checkpoints into ``path`` with the saved frequency,
     the last one at its end: ``load(path).W`` is the final W (a dask array read from it).
     """
-    from .estimator import NMF
+    from ..estimator import NMF
 
     snapshot = load(path)
     params = dict(snapshot.record["params"])

@@ -24,11 +24,11 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels, masked
-from .errors import ParameterError
-from .missing import mask_block_keys
-from .kernels import Partials, Rule
-from .store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
+from .. import kernels, masked
+from ..errors import ParameterError
+from ..data.missing import mask_block_keys
+from ..kernels import Partials, Rule
+from ..data.store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
-from .solvers import Solver, SolverState
+from ..solvers.rows import Solver, SolverState
 
 STOP_REASONS = ("converged", "max_iter", "max_time", "callback")
 

@@ -30,9 +30,9 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .cluster import worker_memory_limits, worker_threads
-from .errors import ParameterError, expected
-from .store import TARGET_BLOCK_BYTES, Matrix
+from ..cluster import worker_memory_limits, worker_threads
+from ..errors import ParameterError, expected
+from ..data.store import TARGET_BLOCK_BYTES, Matrix
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import DnmfError, StoreError, expected
+from ..errors import DnmfError, StoreError, expected
 from .store import auto_row_block
 
 FORMATS = ("zarr", "npy", "npz", "mtx", "csv", "tsv", "txt", "hdf5", "h5ad")
@@ -392,7 +392,7 @@ def text_shape(path) -> tuple[int, int]:
 
 def scan_source(path, dataset: str | None = None, rows: int | None = None):
     """One streaming pass over a matrix file: a :class:`~dnmf.store.MatrixStats`, shape and dtype."""
-    from . import kernels
+    from .. import kernels
     from .store import MatrixStats
 
     src_path, _ = split_dataset(os.fspath(path))

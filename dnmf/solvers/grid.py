@@ -31,11 +31,11 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels
-from .errors import ParameterError
-from .kernels import FactorSums, Rule
-from .solvers import Step
-from .store import Matrix, kl_offset, tree_reduce
+from .. import kernels
+from ..errors import ParameterError
+from ..kernels import FactorSums, Rule
+from .rows import Step
+from ..data.store import Matrix, kl_offset, tree_reduce
 
 TINY = np.finfo(float).tiny
 

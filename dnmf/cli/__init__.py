@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DnmfError, ParameterError, expected
+from ..errors import DnmfError, ParameterError, expected
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 USER_ERRORS = (DnmfError, OSError)
@@ -102,7 +102,7 @@ def report_options(func):
 @contextlib.contextmanager
 def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet: bool):
     """A distributed client for the command's duration (none for 'threads'); prints the dashboard."""
-    from .cluster import connect, dashboard_link
+    from ..cluster import connect, dashboard_link
 
     if scheduler != "threads":
         _say(quiet, "Starting Dask…" if scheduler == "local" else f"Connecting to {scheduler}…")
@@ -117,7 +117,7 @@ def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet
 @contextlib.contextmanager
 def zarr_input(path: str, dataset: str | None, quiet: bool):
     """The path of a Zarr array holding the input: itself, or a temporary conversion."""
-    from . import convert
+    from ..data import convert
 
     src, _ = convert.split_dataset(path)
     if not os.path.exists(src) and "://" not in src:
@@ -133,7 +133,7 @@ def zarr_input(path: str, dataset: str | None, quiet: bool):
 
 
 def make_callbacks(max_iter, quiet: bool, log_json) -> list:
-    from .progress import JsonLog, ProgressBar
+    from ..run.progress import JsonLog, ProgressBar
 
     callbacks = [ProgressBar(max_iter, disable=quiet)]
     if log_json:
@@ -202,8 +202,8 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    from .estimator import NMF
-    from .results import refuse_existing, save_result
+    from ..estimator import NMF
+    from ..data.results import refuse_existing, save_result
 
     refuse_existing(out, overwrite)
     extra = {}
@@ -260,10 +260,10 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
     """Continue a checkpointed fit from DIR (written by `dnmf fit --checkpoint DIR`)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from .results import refuse_existing, save_result
+    from ..data.results import refuse_existing, save_result
 
-    from .checkpoint import load as load_checkpoint
-    from .checkpoint import resume as resume_fit
+    from ..run.checkpoint import load as load_checkpoint
+    from ..run.checkpoint import resume as resume_fit
 
     refuse_existing(out, overwrite)
     if not os.path.exists(checkpoint_dir):
@@ -293,7 +293,7 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def transform(result, input_path, out, chunks, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
     """W for the rows of INPUT with H fixed at RESULT's (same solver and loss)."""
-    from .results import load_result, refuse_existing, save_array
+    from ..data.results import load_result, refuse_existing, save_array
 
     refuse_existing(out, overwrite)
     model = load_result(result).to_model()
@@ -317,7 +317,7 @@ def transform(result, input_path, out, chunks, dataset, scheduler, workers, thre
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(path, dataset, no_scan, as_json):
     """Describe a matrix (shape, dtype, chunks, size, nnz, bad entries) or a dnmf result."""
-    from .inspect import describe
+    from ..data.inspect import describe
 
     facts = describe(path, dataset=dataset, scan=not no_scan)
     if as_json:
@@ -342,7 +342,7 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
     """
     from tqdm.auto import tqdm
 
-    from . import convert as conv
+    from ..data import convert as conv
 
     bars = []
 
@@ -371,8 +371,8 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace PNGs that exist.")
 def plot(result, out_dir, image_shape, max_rows, overwrite):
     """Write PNGs of a result: convergence, the parts (rows of H), a sample of W."""
-    from .plots import parse_image_shape
-    from .results import load_result
+    from ..plots import parse_image_shape
+    from ..data.results import load_result
 
     shape = parse_image_shape(image_shape) if image_shape else None
     res = load_result(result)
@@ -384,7 +384,7 @@ def plot(result, out_dir, image_shape, max_rows, overwrite):
 
 def write_plots(history, H, W, out_dir: Path, image_shape, max_rows: int, overwrite: bool) -> list[Path]:
     """convergence.png, parts.png and w_heatmap.png in ``out_dir``; existing ones only with overwrite."""
-    from .plots import plot_convergence, plot_parts, plot_w_heatmap
+    from ..plots import plot_convergence, plot_parts, plot_w_heatmap
 
     names = ("convergence.png", "parts.png", "w_heatmap.png")
     existing = [n for n in names if (out_dir / n).exists()]
@@ -431,9 +431,9 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    from .demo import best_matches, write_planted_matrix
-    from .estimator import NMF
-    from .results import atomic_directory, refuse_existing, save_result
+    from ..demo import best_matches, write_planted_matrix
+    from ..estimator import NMF
+    from ..data.results import atomic_directory, refuse_existing, save_result
 
     if parts < 1 or n_features < parts or n_samples < parts:
         raise ParameterError(expected("--parts between 1 and min(--n-samples, --n-features)", parts))
@@ -445,7 +445,7 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
             rows_per_chunk=max(1, -(-n_samples // 8)),
         )
         with dask_client("local", workers, threads_per_worker, None, quiet) as client, warnings.catch_warnings():
-            from .cluster import dashboard_link
+            from ..cluster import dashboard_link
 
             link = dashboard_link(client)
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -477,7 +477,7 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
 
 
 def _register_subcommands() -> None:
-    from .rank_cli import rank_command
+    from .rank import rank_command
 
     main.add_command(rank_command, "rank")
 
