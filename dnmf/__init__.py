@@ -36,7 +36,7 @@ __all__ = [
 # Submodules reachable as attributes (``dnmf.checkpoint.resume(...)``) without an import, by
 # their public name.
 _SUBMODULES = {
-    "checkpoint": "run.checkpoint",
+    "checkpoint": "checkpoint",
     "cluster": "cluster",
     "convert": "data.convert",
     "plots": "plots",

@@ -2,7 +2,7 @@
 
 Usage: python checkpoint_child.py MODE V_PATH CKPT_PATH OUT_DIR SOLVER BETA_LOSS MAX_ITER [--die-in NAME:N]
 
-MODE is "fit", "resume-api" (dnmf.run.checkpoint.resume(path), X from the checkpoint) or
+MODE is "fit", "resume-api" (dnmf.checkpoint.resume(path), X from the checkpoint) or
 "resume-fit" (NMF(...).fit(X, resume=path)). Prints "iterating" once the first iteration of
 this run is done. ``--die-in NAME:N`` SIGKILLs the process at the N-th call of a step of the
 checkpoint write: "store" (a block of W being written), "fsync" (the version written, not yet
@@ -20,7 +20,8 @@ import warnings
 import numpy as np
 
 import dnmf
-from dnmf.run import checkpoint
+from dnmf import checkpoint
+from dnmf.run import checkpoint as checkpoint_writer
 
 CHUNKS = 25
 RANK = 4
@@ -49,11 +50,11 @@ def install_death(spec: str) -> None:
     name, count = spec.split(":")
     count = int(count)
     if name == "store":
-        checkpoint._store_block = _die_on_call(count, checkpoint._store_block)
+        checkpoint_writer._store_block = _die_on_call(count, checkpoint_writer._store_block)
     elif name == "fsync":
-        checkpoint.fsync_tree = _die_on_call(count, checkpoint.fsync_tree)
+        checkpoint_writer.fsync_tree = _die_on_call(count, checkpoint_writer.fsync_tree)
     elif name == "prune":
-        checkpoint.Checkpointer._prune = _die_on_call(count, checkpoint.Checkpointer._prune)
+        checkpoint_writer.Checkpointer._prune = _die_on_call(count, checkpoint_writer.Checkpointer._prune)
     else:
         raise SystemExit(f"unknown --die-in {spec}")
 

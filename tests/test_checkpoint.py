@@ -187,12 +187,12 @@ def test_resume_function_with_in_memory_matrix(tmp_path, V):
     ckpt = str(tmp_path / "ck")
     quiet_fit(dnmf.NMF(RANK, max_iter=4, checkpoint=ckpt, **kwargs(solver="hals")), V)
     with pytest.raises(ParameterError, match="in-memory matrix"):
-        checkpoint.resume(ckpt)
+        dnmf.checkpoint.resume(ckpt)
     ref = dnmf.NMF(RANK, max_iter=9, **kwargs(solver="hals"))
     quiet_fit(ref, V)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model = checkpoint.resume(ckpt, V, max_iter=9)
+        model = dnmf.checkpoint.resume(ckpt, V, max_iter=9)
     assert model.n_iter_ == 9 and same_bits(model.components_, ref.components_)
 
 

@@ -15,7 +15,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from conftest import worker_killer
 from dnmf import NMF
-from dnmf.run import checkpoint
+from dnmf import checkpoint
+from dnmf.run import checkpoint as checkpoint_writer
 from dnmf.cluster import close_client
 from dnmf.errors import InvalidMatrixError, ParameterError
 from dnmf.solvers.grid import GridSolver
@@ -237,7 +238,7 @@ def test_a_damaged_h_block_of_a_grid_checkpoint_falls_back_to_the_previous_versi
     V = planted()
     ck = tmp_path / "ck"
     fit(V, column_chunks=200, max_iter=8, checkpoint=str(ck), checkpoint_every=4)
-    newest = checkpoint.read_pointer(str(ck))["version"]
+    newest = checkpoint_writer.read_pointer(str(ck))["version"]
     h = zarr.open_array(str(ck / newest / "H"), mode="r+")
     h[0, 450] = h[0, 450] + 1.0  # one entry of column block 2
     with pytest.warns(UserWarning, match=r"H block\(s\) \[2\] fail"):

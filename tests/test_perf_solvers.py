@@ -187,7 +187,7 @@ def test_blas_single_threaded_under_default_scheduler():
     # dask's default for arrays is the threaded scheduler, though get_scheduler() is None.
     from threadpoolctl import threadpool_info
 
-    from dnmf.estimator import blas_threads_for_scheduler
+    from dnmf.run.plan import blas_threads_for_scheduler
 
     with blas_threads_for_scheduler():
         blas = [info for info in threadpool_info() if info["user_api"] == "blas"]

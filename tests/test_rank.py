@@ -66,12 +66,14 @@ def test_restarts_keep_the_best_and_are_reproducible(lowrank):
 
 def test_restarts_sequential_equal_parallel(lowrank):
     from dnmf.run.restarts import fit_runs
+    from dnmf.settings import FitSettings
 
     params = dnmf.NMF(3, init="random", random_state=5, max_iter=10, tol=0, tol_x=0, chunks=40).get_params()
+    settings = FitSettings.from_params(params, n_runs=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        a = fit_runs(lowrank, params, 3, max_concurrent=1)
-        b = fit_runs(lowrank, params, 3, max_concurrent=3)
+        a = fit_runs(lowrank, settings, max_concurrent=1)
+        b = fit_runs(lowrank, settings, max_concurrent=3)
     assert a.losses == b.losses and a.seeds == b.seeds
 
 

@@ -262,8 +262,8 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 
     from ..data.results import refuse_existing, save_result
 
-    from ..run.checkpoint import load as load_checkpoint
-    from ..run.checkpoint import resume as resume_fit
+    from ..checkpoint import load as load_checkpoint
+    from ..checkpoint import resume as resume_fit
 
     refuse_existing(out, overwrite)
     if not os.path.exists(checkpoint_dir):

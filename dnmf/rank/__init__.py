@@ -49,7 +49,7 @@ import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.cluster.hierarchy import cophenet, linkage
@@ -60,7 +60,9 @@ from sklearn.metrics import silhouette_score
 
 from ..data import missing
 from ..errors import ParameterError, StoreError, expected
-from ..estimator import beta_value, blas_threads_for_scheduler, fit_factors, resolve_seed
+from ..run.pipeline import fit
+from ..run.plan import blas_threads_for_scheduler
+from ..settings import FitSettings, beta_value, resolve_seed
 from ..run.restarts import concurrent_runs
 from ..data.store import open_matrix
 
@@ -395,11 +397,14 @@ def rank_survey(
         raise ParameterError(expected("n_runs a positive integer", n_runs))
     if not isinstance(holdout_fraction, (int, float)) or not 0 < holdout_fraction < 1:
         raise ParameterError(expected("holdout_fraction strictly between 0 and 1", holdout_fraction))
+    base = FitSettings.from_params(
+        solver=solver or ("hals" if beta_value(beta_loss) == 2.0 else "mu"), beta_loss=beta_loss, init="random",
+        max_iter=max_iter, tol=tol, tol_x=tol_x, chunks=chunks, missing=missing_values,
+    )
     matrix = open_matrix(X, chunks)
     n, p = matrix.shape
     if wanted[-1] > min(n, p):
         raise ParameterError(f"Rank {wanted[-1]} is larger than min(n_samples, n_features) = {min(n, p)}; survey smaller ranks.")
-    missing.check_missing(missing_values)
     user_mask = None if mask is None else missing.open_mask(mask, matrix)
     seed = resolve_seed(random_state)
     all_ranks = sorted({1, *wanted})
@@ -407,17 +412,12 @@ def rank_survey(
     trains = [missing.holdout_mask(matrix, s, holdout_fraction) for s in fold_seeds]
     fit_masks = [train if user_mask is None else (user_mask & train) for train in trains]
     rows = np.sort(np.random.default_rng([seed, 5]).choice(n, size=min(n, max_samples), replace=False))
-    base = dict(
-        solver=solver or ("hals" if beta_value(beta_loss) == 2.0 else "mu"), beta_loss=beta_loss, init="random", max_iter=max_iter, tol=tol, tol_x=tol_x,
-        max_time=None, eps=None, chunks=chunks, missing=missing_values,
-    )
 
     def one(job: tuple[int, int, int]) -> _RunOutcome:
         rank, k, run_seed = job
-        params = {**base, "n_components": rank, "random_state": run_seed}
-        fact = fit_factors(matrix, params, mask=fit_masks[k])
+        fact = fit(matrix, replace(base, n_components=rank, seed=run_seed), mask=fit_masks[k])
         W = fact.result.state.W
-        score = missing.score_holdout(matrix, user_mask, trains[k], W, fact.H, fact.config.beta)
+        score = missing.score_holdout(matrix, user_mask, trains[k], W, fact.H, fact.settings.beta)
         labels = np.argmax(W[rows].compute(), axis=1)
         logger.info("rank %d run %d: objective %.6g, held-out error %.4g", rank, k, fact.result.state.objective, score.relative_error)
         return _RunOutcome(float(fact.result.state.objective), score.train_v_sq, score.relative_error, labels, fact.H)
@@ -440,7 +440,7 @@ def rank_survey(
     suggested, reason = suggest_rank(results, margin)
     settings = {
         "shape": [n, p], "ranks": wanted, "n_runs": n_runs, "holdout_fraction": holdout_fraction,
-        "beta_loss": beta_loss, "solver": base["solver"], "max_iter": max_iter, "tol": tol, "tol_x": tol_x, "seed": seed,
+        "beta_loss": beta_loss, "solver": base.solver, "max_iter": max_iter, "tol": tol, "tol_x": tol_x, "seed": seed,
         "margin": margin, "max_samples": int(len(rows)), "missing": missing_values, "source": matrix.source,
     }
     return RankSurvey(tuple(results), suggested, reason, settings)

@@ -42,9 +42,8 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .driver import IterationRecord
-from ..errors import CheckpointMismatchError, ParameterError, StoreError, expected
-from ..solvers.rows import SolverState
+from .driver import Hook, IterationRecord, State
+from ..errors import CheckpointMismatchError, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats
 
 FORMAT_VERSION = 1
@@ -52,9 +51,6 @@ POINTER = "CURRENT"
 ATTRS_KEY = "dnmf_checkpoint"
 HISTORY_COLUMNS = ("iteration", "objective", "rel_decrease", "w_change", "h_change", "seconds")
 VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
-DEFAULT_EVERY = 10
-# Estimator parameters that change the iterates (besides V, its chunks and dtype).
-ITERATE_SETTINGS = ("n_components", "solver", "beta", "init", "eps", "seed")
 
 
 class CheckpointWarning(UserWarning):
@@ -69,23 +65,13 @@ class CheckpointWarning(UserWarning):
 class Schedule:
     """When to write: every ``every`` iterations and/or every ``interval`` seconds, and at the end."""
 
-    every: int | None = DEFAULT_EVERY
+    every: int | None = 10
     interval: float | None = None
 
     def due(self, iteration: int, seconds_since_write: float) -> bool:
         by_count = self.every is not None and iteration % self.every == 0
         by_time = self.interval is not None and seconds_since_write >= self.interval
         return by_count or by_time
-
-
-def schedule_from_params(params: dict) -> Schedule:
-    """Validate ``checkpoint_every`` (iterations) and ``checkpoint_interval`` (seconds)."""
-    every, interval = params.get("checkpoint_every", DEFAULT_EVERY), params.get("checkpoint_interval")
-    if every is not None and (not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1):
-        raise ParameterError(expected("checkpoint_every a positive integer (iterations) or None", every))
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0):
-        raise ParameterError(expected("checkpoint_interval a non-negative number of seconds or None", interval))
-    return Schedule(None if every is None else int(every), None if interval is None else float(interval))
 
 
 def _local_path(path) -> str:
@@ -153,18 +139,6 @@ def fingerprint(matrix: Matrix, stats: MatrixStats) -> dict:
         "v_sq": float(stats.v_sq),
         "v_sum": float(stats.v_sum),
         "nnz": int(stats.nnz),
-    }
-
-
-def resolved_settings(config) -> dict:
-    """The iterate-altering settings of a :class:`~dnmf.estimator.FitConfig`."""
-    return {
-        "n_components": int(config.n_components),
-        "solver": config.solver,
-        "beta": float(config.beta),
-        "init": config.init,
-        "eps": float(config.eps),
-        "seed": int(config.seed),
     }
 
 
@@ -340,14 +314,14 @@ def _history_array(history: list[IterationRecord]) -> np.ndarray:
     return out.reshape(len(history), len(HISTORY_COLUMNS))
 
 
-class Checkpointer:
-    """Writes checkpoint versions for :func:`dnmf.driver.run` (its ``Checkpointer`` protocol).
+class Checkpointer(Hook):
+    """Writes checkpoint versions, a hook of :func:`dnmf.run.driver.run`.
 
     Parameters
     ----------
     root : absolute checkpoint directory (see :func:`check_target`).
     schedule : when to write.
-    meta : what every version records besides the state: params, settings, fingerprint, input.
+    meta : what every version records besides the state (see :func:`version_record`).
     resumed_from : the :class:`Snapshot` this run resumes from when it writes into the same
         directory: that version is kept as the previous good one until the next is complete.
     """
@@ -360,17 +334,17 @@ class Checkpointer:
         self._good = None if resumed_from is None else resumed_from.version
         self._last_write = time.monotonic()
 
-    def after_iteration(self, state: SolverState, history: list[IterationRecord]) -> None:
+    def after_iteration(self, state: State, history: list[IterationRecord]) -> None:
         iteration = history[-1].iteration if history else 0
         if self.schedule.due(iteration, time.monotonic() - self._last_write):
             self.save(state, history)
 
-    def finish(self, state: SolverState, history: list[IterationRecord], stop_reason: str) -> None:
+    def finish(self, state: State, history: list[IterationRecord], stop_reason: str) -> None:
         iteration = history[-1].iteration if history else 0
         if self.last_saved != (iteration, stop_reason):
             self.save(state, history, stop_reason)
 
-    def save(self, state: SolverState, history: list[IterationRecord], stop_reason: str | None = None) -> str:
+    def save(self, state: State, history: list[IterationRecord], stop_reason: str | None = None) -> str:
         """Write one complete version, switch the pointer to it, prune; return its name."""
         import zarr
 
@@ -432,22 +406,24 @@ class Checkpointer:
                     os.remove(os.path.join(self.root, name))
 
 
-def start_writer(
-    target: str, schedule: Schedule, X, params: dict, config, matrix_print: dict, state: SolverState,
-    snapshot: Snapshot | None,
-) -> Checkpointer:
+def version_record(params: dict, settings: dict, matrix_print: dict, X) -> dict:
+    """What every version of a fit's checkpoint records besides the state: the parameters as
+    given (with the resolved seed), the iterate-altering settings, V's fingerprint and path."""
+    X_path = os.fspath(X) if isinstance(X, (str, os.PathLike)) else None
+    return {
+        "params": saved_params(params, settings["seed"]),
+        "settings": settings,
+        "fingerprint": matrix_print,
+        "input_path": os.path.abspath(X_path) if X_path is not None and "://" not in X_path else X_path,
+    }
+
+
+def start_writer(target: str, schedule: Schedule, meta: dict, state, snapshot: Snapshot | None) -> Checkpointer:
     """The writer of a fit (fresh or resumed); writes its first version unless it continues
     writing into the checkpoint it resumes from.
 
     A fresh fit's first version is its start, so init work (e.g. NNDSVD's passes) is never lost.
     """
-    X_path = os.fspath(X) if isinstance(X, (str, os.PathLike)) else None
-    meta = {
-        "params": saved_params(params, config.seed),
-        "settings": resolved_settings(config),
-        "fingerprint": matrix_print,
-        "input_path": os.path.abspath(X_path) if X_path is not None and "://" not in X_path else X_path,
-    }
     same_place = snapshot is not None and snapshot.root == target
     writer = Checkpointer(target, schedule, meta, resumed_from=snapshot if same_place else None)
     if not same_place:
@@ -570,7 +546,7 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
                     f"matrix content (checksum {key}: checkpoint {saved_print[key]!r}, now {matrix_print[key]!r})"
                 )
                 break
-    for key in ITERATE_SETTINGS:
+    for key in settings:
         if saved_settings[key] != settings[key]:
             differences.append(f"{key}: checkpoint {saved_settings[key]!r}, now {settings[key]!r}")
     if differences:
@@ -579,51 +555,3 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
             f"settings that change the iterates ({'; '.join(differences)}). Resume with the "
             "checkpoint's matrix and settings, or start a new fit."
         )
-
-
-# ---------------------------------------------------------------------------
-# The public resume entry point
-
-
-def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None):
-    """Continue the fit saved at ``path`` and return the fitted :class:`~dnmf.NMF`.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A checkpoint directory written by ``NMF(checkpoint=...)``.
-    X : matrix or path, optional
-        The matrix of the original fit. By default the input path the checkpoint recorded
-        (only when the original input was a Zarr path).
-    max_iter, max_time : optional
-        New limits (``max_iter`` counts all iterations, from the start of the original fit;
-        ``max_time`` counts this run's seconds). By default the saved ones.
-    callbacks : sequence of callables, optional
-        As for :class:`~dnmf.NMF`.
-
-    The continued fit writes further checkpoints into ``path`` with the saved frequency,
-    the last one at its end: ``load(path).W`` is the final W (a dask array read from it).
-    """
-    from ..estimator import NMF
-
-    snapshot = load(path)
-    params = dict(snapshot.record["params"])
-    for key in ("chunks", "column_chunks"):  # tuples come back from JSON as lists
-        if isinstance(params.get(key), list):
-            params[key] = tuple(params[key])
-    if max_iter is not None:
-        params["max_iter"] = max_iter
-    if max_time is not None:
-        params["max_time"] = max_time
-    params["checkpoint"] = os.fspath(path)
-    params["callbacks"] = callbacks
-    if X is None:
-        X = snapshot.record.get("input_path")
-        if X is None:
-            raise ParameterError(
-                f"The checkpoint at {os.fspath(path)!r} was made from an in-memory matrix; pass it "
-                "again: resume(path, X)."
-            )
-    valid = set(NMF().get_params())
-    model = NMF(**{k: v for k, v in params.items() if k in valid})
-    return model.fit(X, resume=path)

@@ -21,11 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol
-
-from ..solvers.rows import Solver, SolverState
-
-STOP_REASONS = ("converged", "max_iter", "max_time", "callback")
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -61,12 +57,57 @@ class StoppingRules:
         return record.rel_decrease < self.tol and max(record.w_change, record.h_change) < self.tol_x
 
 
-class Checkpointer(Protocol):
-    """What the driver asks of a checkpoint writer (see :mod:`dnmf.checkpoint`)."""
+class State(Protocol):
+    """What the driver reads of a solver's state: the iterate and its objective."""
 
-    def after_iteration(self, state: SolverState, history: list[IterationRecord]) -> None: ...
+    W: Any
+    H: Any
+    objective: float
 
-    def finish(self, state: SolverState, history: list[IterationRecord], stop_reason: str) -> None: ...
+
+class Step(Protocol):
+    """What a solver's step returns: the new state and the relative changes of W and H."""
+
+    state: State
+    w_change: float
+    h_change: float
+
+
+class Solver(Protocol):
+    """What the driver asks of a solver: the row solver (:class:`dnmf.solvers.rows.Solver`,
+    plain or masked) and the grid solver (:class:`dnmf.solvers.grid.GridSolver`) implement it.
+
+    ``start`` computes the state at a starting (W, H); ``step`` runs one iteration, skipping
+    the objective's per-entry work when ``evaluate`` is False (the new objective is then NaN);
+    ``rerooted`` returns the same state with its distributed parts replaced by ``reroot(X,
+    label)`` (X's values, read back from a store), so that nothing depends on earlier
+    iterations.
+    """
+
+    def start(self, W, H) -> State: ...
+
+    def step(self, state: State, evaluate: bool = True) -> Step: ...
+
+    def rerooted(self, state: State, reroot: Callable[[Any, str], Any]) -> State: ...
+
+
+class Hook:
+    """Something the driver calls around every iteration (a checkpoint writer, re-rooting).
+
+    ``on_step`` sees each new state before it is recorded and may replace it by an equal one
+    (re-rooting does); ``after_iteration`` sees the state and the history once the iteration
+    is recorded; ``finish`` sees the last state and why the run stopped. The defaults do
+    nothing.
+    """
+
+    def on_step(self, state: State) -> State:
+        return state
+
+    def after_iteration(self, state: State, history: list[IterationRecord]) -> None:
+        return None
+
+    def finish(self, state: State, history: list[IterationRecord], stop_reason: str) -> None:
+        return None
 
 
 Callback = Callable[[IterationRecord], "bool | None"]
@@ -76,7 +117,7 @@ Callback = Callable[[IterationRecord], "bool | None"]
 class RunResult:
     """The end of a run: the final state, the whole history and why it stopped."""
 
-    state: SolverState
+    state: State
     history: list[IterationRecord] = field(default_factory=list)
     stop_reason: str = "max_iter"
 
@@ -94,16 +135,17 @@ def relative_decrease(previous: float, current: float) -> float:
 
 def run(
     solver: Solver,
-    state: SolverState,
+    state: State,
     rules: StoppingRules,
     callbacks: tuple[Callback, ...] = (),
     history: list[IterationRecord] | None = None,
-    checkpointer: Checkpointer | None = None,
+    hooks: tuple[Hook, ...] = (),
 ) -> RunResult:
     """Iterate ``solver`` from ``state`` until a stopping rule fires.
 
     ``history`` continues an earlier run (on resume): iteration numbers go on from its end and
-    ``max_iter`` counts all iterations. ``max_time`` counts this run's seconds only.
+    ``max_iter`` counts all iterations. ``max_time`` counts this run's seconds only. ``hooks``
+    are called in their order around every iteration (see :class:`Hook`).
     """
     history = list(history or [])
     started = time.perf_counter()
@@ -118,11 +160,10 @@ def run(
         tick = time.perf_counter()
         iteration = (history[-1].iteration if history else 0) + 1
         anchor = last_evaluated(history, start)
-        if rules.objective_every == 1:
-            step = solver.step(state)
-        else:
-            step = solver.step(state, rules.evaluates(iteration))
+        step = solver.step(state, rules.evaluates(iteration))
         state = step.state
+        for hook in hooks:
+            state = hook.on_step(state)
         record = IterationRecord(
             iteration=iteration,
             objective=state.objective,
@@ -132,8 +173,8 @@ def run(
             seconds=time.perf_counter() - tick,
         )
         history.append(record)
-        if checkpointer is not None:
-            checkpointer.after_iteration(state, history)
+        for hook in hooks:
+            hook.after_iteration(state, history)
         asked_to_stop = [bool(callback(record)) for callback in callbacks]
         if any(asked_to_stop):
             stop_reason = "callback"
@@ -153,8 +194,8 @@ def run(
             last.iteration, state.objective, decrease_since(anchor, last.iteration, state.objective),
             last.w_change, last.h_change, last.seconds,
         )
-    if checkpointer is not None:
-        checkpointer.finish(state, history, stop_reason)
+    for hook in hooks:
+        hook.finish(state, history, stop_reason)
     return RunResult(state, history, stop_reason)
 
 

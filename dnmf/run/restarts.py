@@ -14,15 +14,16 @@ rest wait their turn.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
-from ..errors import ParameterError, expected
-from ..estimator import Factorization, blas_threads_for_scheduler, fit_factors, resolve_column_chunks, resolve_seed
 from ..data.missing import open_mask
-from ..data.store import open_matrix
+from ..errors import ParameterError
+from ..settings import FitSettings
+from .pipeline import Factorization, fit, open_v
+from .plan import blas_threads_for_scheduler
 
 # Budget for the factors of concurrent fits (W and its update, per fit), and a cap on the
 # fits in flight (each is a client thread with its own graphs).
@@ -68,49 +69,44 @@ def _keep_all(fact: Factorization) -> Factorization:
 
 def fit_runs(
     X,
-    params: dict,
-    n_runs: int,
+    settings: FitSettings,
     *,
     mask=None,
-    callbacks: tuple = (),
     summarize: Callable[[Factorization], object] = _keep_all,
     max_concurrent: int | None = None,
 ) -> Runs:
-    """Fit ``n_runs`` seeds derived from ``params["random_state"]``; keep what ``summarize`` returns.
+    """Fit ``settings.n_runs`` seeds derived from ``settings.seed``; keep what ``summarize`` returns.
 
     Parameters
     ----------
     X : any input :func:`dnmf.open_matrix` accepts (opened once, shared by the runs).
-    params : the estimator's parameters (``random_state`` is replaced by each run's seed).
-    n_runs : int, at least 1. With 1, the fit uses ``random_state`` itself.
+    settings : the fit's settings (each run replaces the seed by its own). With one run, the
+        fit uses ``settings.seed`` itself.
     mask : optional mask of V's shape (True = observed), shared by all runs.
     summarize : what to keep of each fit (by default the whole :class:`Factorization`);
         keeping a summary frees each fit's W as soon as it ends.
     max_concurrent : cap on fits in flight (default: :func:`concurrent_runs`).
     """
-    if not isinstance(n_runs, (int, np.integer)) or isinstance(n_runs, bool) or n_runs < 1:
-        raise ParameterError(expected("n_runs a positive integer", n_runs))
-    column_chunks = resolve_column_chunks(params.get("column_chunks", "auto"), mask, params.get("missing"))
-    matrix = open_matrix(X, params.get("chunks"), column_chunks=column_chunks)
+    n_runs = settings.n_runs
+    matrix = open_v(X, settings, mask)
     if mask is not None:
         mask = open_mask(mask, matrix)
-    seed = resolve_seed(params.get("random_state"))
     if n_runs == 1:
-        seeds = [seed]
+        seeds = [settings.seed]
     else:
-        seeds = child_seeds(seed, n_runs)
-        init = params.get("init") or "random"
+        seeds = child_seeds(settings.seed, n_runs)
+        init = settings.init or "random"
         if init not in RESTART_INITS:
             raise ParameterError(
                 f"n_runs={n_runs} restarts need a random start, but init={init!r} gives the same start "
                 f"every time; use init in {RESTART_INITS}."
             )
-        params = {**params, "init": init}
-    r = params.get("n_components") or matrix.shape[1]
+        settings = replace(settings, init=init)
+    r = settings.n_components or matrix.shape[1]
     workers = max_concurrent or concurrent_runs(n_runs, matrix.shape, r, matrix.dtype.itemsize)
 
     def one(run_seed: int):
-        fact = fit_factors(matrix, {**params, "random_state": run_seed}, callbacks=callbacks, mask=mask)
+        fact = fit(matrix, replace(settings, seed=run_seed), mask=mask)
         return summarize(fact), float(fact.result.state.objective)
 
     with blas_threads_for_scheduler():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import dask
 import dask.array as da
@@ -209,6 +209,11 @@ class Solver:
         W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
         W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=w_name), optimize_graph=False)
         return W_new, None, dask.compute(partials)[0]
+
+    def rerooted(self, state: SolverState, reroot) -> SolverState:
+        """The state with W replaced by ``reroot(W, "W")`` (its values, read back from a store)
+        and no step results to read W from: nothing depends on earlier iterations."""
+        return replace(state, W=reroot(state.W, "W"), steps=None)
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
         if self.masked:

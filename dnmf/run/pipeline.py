@@ -1,0 +1,251 @@
+"""The one fit pipeline, in named phases: place → open V → plan → start or restore → run → result.
+
+Every face calls :func:`fit`: the estimator (``NMF.fit``, ``transform``,
+:func:`~dnmf.non_negative_factorization`), restarts (:mod:`dnmf.run.restarts`), the rank survey,
+the CLI and a checkpoint resume. Its settings come validated (:class:`dnmf.settings.FitSettings`).
+
+1. **place**: the Dask client (None under dask's local schedulers), the worker plugin that
+   trims freed memory, the row-block budget and the re-rooting interval;
+2. **open V** (:func:`open_v`): V in row blocks (or a 2-D grid), with a resume's blocks;
+3. **plan** (:func:`plan`): scan and validate V, decide where it lives (in memory, cached,
+   streamed), build the solver: rows or grid, plain or masked, in this thread or as graphs;
+4. **start or restore**: the start (random, NNDSVD, custom) or a checkpoint's state;
+5. **run**: :func:`dnmf.run.driver.run` with its hooks (re-rooting, the checkpoint writer) and
+   the user's callbacks;
+6. **result**: a :class:`Factorization`, with where the fit ran (``info``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+
+import dask.array as da
+from sklearn.exceptions import ConvergenceWarning
+import numpy as np
+
+from .. import kernels
+from ..cluster import current_client, trim_freed_memory_on
+from ..data import missing
+from ..data.store import Matrix, MatrixStats, open_matrix, scan_matrix, validate_stats
+from ..errors import ParameterError
+from ..settings import FitSettings, iterate_settings
+from ..solvers.grid import GridSolver
+from ..solvers.init import make_start
+from ..solvers.rows import Solver
+from . import checkpoint, driver
+from .plan import (
+    CachePlan,
+    apply_cache,
+    blas_threads_for_scheduler,
+    block_bytes_for_workers,
+    column_layout,
+    plan_cache,
+    reroot_interval,
+    runs_locally,
+    warn_if_blocks_too_big,
+)
+from .reroot import Rerooting
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """What :func:`fit` returns.
+
+    W : dask array (n, r) in V's row blocks; H : ndarray (r, p).
+    result : the driver's :class:`~dnmf.run.driver.RunResult` (final state, history, stop reason).
+    settings : the settings, resolved for V's shape.
+    matrix, stats : V as it was read, and its scan.
+    info : where the fit ran (see ``NMF.fit_info_``).
+    spill : the re-rooting hook whose spill W may still read from; close it once W is not needed.
+    """
+
+    W: da.Array
+    H: np.ndarray
+    result: driver.RunResult
+    settings: FitSettings
+    matrix: Matrix
+    stats: MatrixStats
+    info: dict = field(default_factory=dict)
+    spill: Rerooting | None = None
+
+    def release(self) -> None:
+        """Delete the re-rooting spill (W must not be read after this unless it is in memory)."""
+        if self.spill is not None:
+            self.spill.close()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a fit runs: the distributed client (None: dask's local schedulers), the bytes of
+    a row block, and the re-rooting interval (0: never)."""
+
+    client: object
+    block_bytes: int | None
+    reroot_every: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """V ready to factor: where it lives, its stats (validated), the matrix the inits read
+    (V with missing entries filled, when entries are missing), and the solver."""
+
+    cache: CachePlan
+    stats: MatrixStats
+    init_matrix: Matrix
+    solver: Solver | GridSolver
+
+    @property
+    def matrix(self) -> Matrix:
+        return self.solver.matrix
+
+
+def place(settings: FitSettings) -> Placement:
+    """Phase 1: find the client, install the worker plugin, size row blocks and re-rooting."""
+    client = current_client()
+    if client is not None:
+        trim_freed_memory_on(client)  # workers near their limit hand freed memory back to the OS
+    return Placement(client, block_bytes_for_workers(client), reroot_interval(settings.reroot_every, client))
+
+
+def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, saved: dict | None = None) -> Matrix:
+    """Phase 2: V in row blocks (a grid when asked or very wide), unless already a Matrix.
+
+    ``saved`` is a checkpoint's fingerprint: a resume keeps the checkpoint's blocks where the
+    settings leave them to the default (which depends on the workers).
+    """
+    chunks = settings.chunks
+    column_chunks = column_layout(settings.column_chunks, mask, settings.nan_is_missing)
+    if saved is not None:
+        if chunks is None:
+            chunks = tuple(saved["row_chunks"])
+        if column_chunks == "auto" and "col_chunks" in saved:
+            column_chunks = tuple(saved["col_chunks"])
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks)
+    warn_if_blocks_too_big(matrix, block_bytes)
+    return matrix
+
+
+def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True) -> Plan:
+    """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver."""
+    cache = plan_cache(settings.cache, matrix, client)
+    if cache is not None:
+        matrix = apply_cache(cache, matrix)
+    stats, init_matrix, solver = _solver(matrix, settings, mask, update_h)
+    if cache is None:  # sparse V: its size was known only after the scan
+        cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
+        cached = apply_cache(cache, matrix)
+        init_matrix = cached if init_matrix is matrix else init_matrix
+        solver = replace(solver, matrix=cached)
+    return Plan(cache, stats, init_matrix, solver)
+
+
+def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
+    """Scan and validate V, and build the solver: masked when entries are missing.
+
+    Returns (stats, the matrix the inits read, the solver).
+    """
+    if not settings.nan_is_missing and mask is None:
+        stats = scan_matrix(matrix, with_xlogx=settings.beta == kernels.KULLBACK_LEIBLER)
+        validate_stats(stats, settings.beta)
+        rule = settings.rule_for(matrix.shape, stats.nnz)
+        offset = stats.v_xlogx - stats.v_sum
+        if matrix.is_grid:
+            return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
+        local = runs_locally(matrix, settings.local)
+        return stats, matrix, Solver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local)
+    if settings.solver == "bpp":
+        raise ParameterError(
+            "solver='bpp' does not handle missing entries (a mask or NaN values); use solver='mu' or 'hals'."
+        )
+    if matrix.is_grid:
+        raise ParameterError(
+            "Missing entries (a mask or missing='nan') need V in row blocks holding all columns; "
+            "use column_chunks=None."
+        )
+    mask_da = None if mask is None else missing.open_mask(mask, matrix)
+    scanned = missing.scan_masked(matrix, mask_da, settings.nan_is_missing)
+    stats = scanned.imputed_stats()
+    validate_stats(stats, settings.beta)
+    solver = Solver(matrix, settings.rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+    return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
+
+
+def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:
+    """Factor X with ``settings``: the one code path of every fit.
+
+    Parameters
+    ----------
+    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, Zarr path/URL or an open Matrix
+        V, of shape (n_samples, n_features).
+    settings : validated settings (:meth:`FitSettings.from_params`).
+    W, H : a custom start, of shapes (n_samples, n_components) and (n_components, n_features).
+    update_h : False keeps H fixed at ``H`` and solves for W only (``transform``).
+    mask : boolean, X's shape, True = observed (numpy, dask, Zarr); with ``settings.missing ==
+        "nan"`` NaN entries are missing too. The fit then covers the observed entries only.
+    resume : a checkpoint directory to continue from, bitwise as if never interrupted.
+    """
+    if resume is not None and (W is not None or H is not None):
+        raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
+    where = place(settings)
+    snapshot = checkpoint.load(resume) if resume is not None else None
+    saved = snapshot.record["fingerprint"] if snapshot is not None else None
+    matrix = open_v(X, settings, mask, where.block_bytes, saved)
+    settings = settings.for_shape(matrix.shape)
+    if not update_h:
+        settings = replace(settings, init="custom")
+    target = settings.checkpoint or resume
+    if target is not None:
+        target = checkpoint.check_target(target, resume)
+    spill = None
+    with blas_threads_for_scheduler(where.client):
+        prepared = plan(matrix, settings, where.client, mask, update_h)
+        matrix, stats, solver = prepared.matrix, prepared.stats, prepared.solver
+        fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
+        history = None
+        if snapshot is not None:
+            if settings.params["random_state"] is None:  # an unseeded fit adopts the saved seed
+                settings = replace(settings, seed=int(snapshot.record["settings"]["seed"]))
+            checkpoint.check_compatible(snapshot, iterate_settings(settings), fingerprint, resume)
+            start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
+        else:
+            start = make_start(prepared.init_matrix, stats, settings.n_components, settings.init, settings.seed, W, H)
+            start_W, start_H = start.W, start.H
+        state = solver.start(start_W, start_H)
+        hooks = []
+        if where.reroot_every:
+            spill = Rerooting(solver, where.reroot_every, settings.spill_dir)
+            hooks.append(spill)
+        if target is not None:
+            meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
+            hooks.append(checkpoint.start_writer(target, settings.schedule, meta, state, snapshot))
+        try:
+            result = driver.run(solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
+        except BaseException:
+            if spill is not None:
+                spill.close()
+            raise
+    info = {
+        "v_storage": prepared.cache.storage,
+        "v_bytes": prepared.cache.v_bytes,
+        "cache_budget_bytes": prepared.cache.budget_bytes,
+        "scheduler": "threads" if where.client is None else "distributed",
+        "n_workers": None if where.client is None else len(where.client.nthreads()),
+        "layout": "grid" if matrix.is_grid else "rows",
+        "row_blocks": len(matrix.row_chunks),
+        "max_block_rows": max(matrix.row_chunks),
+        "column_blocks": len(matrix.col_chunks),
+        "reroot_every": where.reroot_every,
+        "n_reroots": 0 if spill is None else spill.n_reroots,
+    }
+    if result.stop_reason == "max_iter" and settings.max_iter > 1 and update_h:
+        warnings.warn(
+            f"Maximum number of iterations {settings.max_iter} reached before convergence "
+            "(tol, tol_x). Increase max_iter or loosen tol / tol_x.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    H_out = result.state.H
+    if isinstance(H_out, da.Array):  # the grid's H, gathered once at the end
+        H_out = H_out.compute()
+    return Factorization(result.state.W, H_out, result, settings, matrix, stats, info, spill)

@@ -1,0 +1,352 @@
+"""Every parameter of a fit in one table, validated once, before any data is touched.
+
+:data:`TABLE` lists the parameters of :class:`dnmf.NMF` (and of every other face: the function,
+restarts, the rank survey, the CLI): name, default, parser, and whether the value changes the
+iterates. :meth:`FitSettings.from_params` runs every parser, then the checks that involve two
+parameters, and returns a frozen :class:`FitSettings`; nothing else validates a parameter.
+The only checks left for later are those that need V's shape (:meth:`FitSettings.for_shape`:
+the rank against min(n, p) and the default init) or the file system (the checkpoint folder).
+
+A parser takes the value as given and returns it validated and normalised (a resolved seed,
+β for a loss name, ε for None), or raises :class:`~dnmf.errors.ParameterError` naming the
+parameter.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import ParameterError, expected
+from .kernels import Rule
+from .run.checkpoint import Schedule
+from .run.driver import StoppingRules
+
+SOLVERS = ("mu", "hals", "bpp")
+BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
+INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
+MISSING_VALUES = (None, "nan")
+CACHE_CHOICES = ("auto", True, False)
+DEFAULT_EPS = 1e-10
+DEFAULT_CHECKPOINT_EVERY = 10
+
+# Accelerated HALS (Gillis & Glineur 2012): inner sweeps ⌊1 + α ρ⌋, where ρ is the cost of
+# the products a half-step needs relative to one sweep; α = 0.5 as they recommend. A sweep
+# is a Python loop over the r components, so a cap keeps its overhead below the products'.
+INNER_SWEEPS_ALPHA = 0.5
+MAX_AUTO_SWEEPS = 10
+
+
+# ---------------------------------------------------------------------------
+# Parsers: value as given -> value validated and normalised
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, allow_none: bool = False, allow: tuple = ()) -> Callable[[Any], Any]:
+    def parse(value):
+        if (value is None and allow_none) or any(value == a and type(value) is type(a) for a in allow):
+            return value
+        if not _is_int(value) or value < 1:
+            raise ParameterError(expected(f"{name} a positive integer", value))
+        return int(value)
+
+    return parse
+
+
+def _nonnegative_real(name: str, allow_none: bool = False) -> Callable[[Any], Any]:
+    def parse(value):
+        if value is None and allow_none:
+            return None
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+            raise ParameterError(expected(f"{name} a non-negative number", value))
+        return float(value)
+
+    return parse
+
+
+def _choice(name: str, choices) -> Callable[[Any], Any]:
+    def parse(value):
+        if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+            raise ParameterError(expected(f"{name} in {tuple(choices)}", value))
+        return value
+
+    return parse
+
+
+def beta_value(beta_loss) -> float:
+    """β for a loss name or number."""
+    if isinstance(beta_loss, str) and beta_loss in BETA_LOSSES:
+        return BETA_LOSSES[beta_loss]
+    if not isinstance(beta_loss, str) and isinstance(beta_loss, numbers.Real) and np.isfinite(beta_loss):
+        return float(beta_loss)
+    raise ParameterError(expected(f"beta_loss in {tuple(BETA_LOSSES)} or a number", beta_loss))
+
+
+def resolve_seed(random_state) -> int:
+    """An integer seed from None, an int, or a numpy RandomState / Generator."""
+    if random_state is None:
+        return int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(np.iinfo(np.int32).max))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(np.iinfo(np.int32).max))
+    raise ParameterError(expected("random_state None, an int, or a numpy RandomState/Generator", random_state))
+
+
+def _init(value):
+    if value is not None and value not in INIT_METHODS:
+        raise ParameterError(expected(f"init in {INIT_METHODS}", value))
+    return value
+
+
+def _eps(value):
+    return _nonnegative_real("eps")(DEFAULT_EPS if value is None else value)
+
+
+def _chunks(value):
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and value and all(_is_int(v) and v >= 1 for v in value):
+        return tuple(int(v) for v in value)
+    if _is_int(value) and value >= 1:
+        return int(value)
+    raise ParameterError(expected("chunks None, a positive number of rows per block, or a tuple of them", value))
+
+
+def _column_chunks(value):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, (tuple, list)) and not isinstance(value, str) and all(_is_int(v) for v in value):
+        return tuple(int(v) for v in value)
+    if _is_int(value):
+        return int(value)
+    raise ParameterError(expected('column_chunks "auto", None, an int or a tuple of ints', value))
+
+
+def _callbacks(value) -> tuple:
+    callbacks = tuple(value or ())
+    for callback in callbacks:
+        if not callable(callback):
+            raise ParameterError(expected("callbacks a sequence of callables", callback))
+    return callbacks
+
+
+def _path(name: str) -> Callable[[Any], Any]:
+    def parse(value):
+        if not value:  # None or "": not asked for
+            return None
+        if not isinstance(value, (str, os.PathLike)):
+            raise ParameterError(expected(f"{name} None or a directory path", value))
+        return os.fspath(value)
+
+    return parse
+
+
+def _reroot_every(value):
+    if value is not None and (not _is_int(value) or value < 0):
+        raise ParameterError(expected("reroot_every None, 0 (never) or a positive integer", value))
+    return None if value is None else int(value)
+
+
+def _checkpoint_every(value):
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ParameterError(expected("checkpoint_every a positive integer (iterations) or None", value))
+    return None if value is None else int(value)
+
+
+def _checkpoint_interval(value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+        raise ParameterError(expected("checkpoint_interval a non-negative number of seconds or None", value))
+    return None if value is None else float(value)
+
+
+def _local(value):
+    if not (value == "auto" and isinstance(value, str)) and not isinstance(value, (bool, np.bool_)):
+        raise ParameterError(expected('local "auto", True or False', value))
+    return value if isinstance(value, str) else bool(value)
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One parameter: its name, default, parser, and where its parsed value goes.
+
+    name : the parameter of :class:`dnmf.NMF`.
+    default : its default.
+    parse : the value as given -> the value validated and normalised.
+    iterates : whether it changes W and H (a resume must match it; see :func:`iterate_settings`).
+    field : the :class:`FitSettings` attribute that holds the parsed value (default: ``name``).
+    """
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    iterates: bool = False
+    field: str = ""
+
+    @property
+    def attribute(self) -> str:
+        return self.field or self.name
+
+
+TABLE: tuple[Setting, ...] = (
+    Setting("n_components", None, _positive_int("n_components", allow_none=True), iterates=True),
+    Setting("solver", "mu", _choice("solver", SOLVERS), iterates=True),
+    Setting("beta_loss", "frobenius", beta_value, iterates=True, field="beta"),
+    Setting("init", None, _init, iterates=True),
+    Setting("max_iter", 200, _positive_int("max_iter")),
+    Setting("tol", 1e-4, _nonnegative_real("tol")),
+    Setting("tol_x", 1e-3, _nonnegative_real("tol_x")),
+    Setting("max_time", None, _nonnegative_real("max_time", allow_none=True)),
+    Setting("random_state", None, resolve_seed, iterates=True, field="seed"),
+    Setting("eps", None, _eps, iterates=True),
+    Setting("chunks", None, _chunks),
+    Setting("callbacks", None, _callbacks),
+    Setting("missing", None, _choice("missing", MISSING_VALUES)),
+    Setting("n_runs", 1, _positive_int("n_runs")),
+    Setting("checkpoint", None, _path("checkpoint")),
+    Setting("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, _checkpoint_every),
+    Setting("checkpoint_interval", None, _checkpoint_interval),
+    Setting("cache", "auto", _choice("cache", CACHE_CHOICES)),
+    Setting("reroot_every", None, _reroot_every),
+    Setting("spill_dir", None, _path("spill_dir")),
+    Setting("inner_sweeps", "auto", _positive_int("inner_sweeps", allow=("auto",))),
+    Setting("local", "auto", _local),
+    Setting("column_chunks", "auto", _column_chunks),
+    Setting("objective_every", 1, _positive_int("objective_every")),
+)
+
+DEFAULTS = {setting.name: setting.default for setting in TABLE}
+
+
+# ---------------------------------------------------------------------------
+# The frozen settings
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The validated settings of one fit (see :data:`TABLE` for each field's meaning).
+
+    ``params`` keeps the parameters as given (callbacks left out), the record a checkpoint
+    stores so that a resume rebuilds the same estimator. ``n_components`` and ``init`` may be
+    None until :meth:`for_shape` resolves them from V's shape.
+    """
+
+    n_components: int | None
+    solver: str
+    beta: float
+    init: str | None
+    max_iter: int
+    tol: float
+    tol_x: float
+    max_time: float | None
+    seed: int
+    eps: float
+    chunks: int | tuple | None
+    callbacks: tuple
+    missing: str | None
+    n_runs: int
+    checkpoint: str | None
+    checkpoint_every: int | None
+    checkpoint_interval: float | None
+    cache: str | bool
+    reroot_every: int | None
+    spill_dir: str | None
+    inner_sweeps: int | str
+    local: str | bool
+    column_chunks: Any
+    objective_every: int
+    params: Mapping = None
+
+    @classmethod
+    def from_params(cls, params: Mapping | None = None, **overrides) -> FitSettings:
+        """Validate ``params`` (missing ones take their defaults) and ``overrides``."""
+        given = {**DEFAULTS, **(params or {}), **overrides}
+        unknown = sorted(set(given) - set(DEFAULTS))
+        if unknown:
+            raise ParameterError(f"Unknown parameter(s) {', '.join(unknown)}; the parameters are {', '.join(DEFAULTS)}.")
+        values = {setting.attribute: setting.parse(given[setting.name]) for setting in TABLE}
+        settings = cls(**values, params={k: v for k, v in given.items() if k != "callbacks"})
+        settings._check_together()
+        return settings
+
+    def _check_together(self) -> None:
+        if self.solver in ("hals", "bpp") and self.beta != 2.0:
+            raise ParameterError(
+                f"solver={self.solver!r} minimizes the Frobenius loss only; got beta_loss={self.params['beta_loss']!r}. "
+                "Use solver='mu' for other β-divergences."
+            )
+
+    def for_shape(self, shape: tuple[int, int]) -> FitSettings:
+        """The settings with the rank (None: p) and the init (None: scikit-learn's default,
+        NNDSVDa when the rank allows, else random) resolved for V of ``shape``."""
+        n, p = shape
+        r = p if self.n_components is None else self.n_components
+        if r > min(n, p):
+            raise ParameterError(
+                f"n_components={r} is larger than min(n_samples, n_features) = {min(n, p)} for a "
+                f"{n} x {p} matrix; choose a rank between 1 and {min(n, p)}."
+            )
+        init = self.init if self.init is not None else ("nndsvda" if r <= min(shape) else "random")
+        return replace(self, n_components=int(r), init=init)
+
+    @property
+    def nan_is_missing(self) -> bool:
+        return self.missing == "nan"
+
+    @property
+    def rules(self) -> StoppingRules:
+        return StoppingRules(self.max_iter, self.tol, self.tol_x, self.max_time, self.objective_every)
+
+    @property
+    def schedule(self) -> Schedule:
+        """When to write checkpoints."""
+        return Schedule(self.checkpoint_every, self.checkpoint_interval)
+
+    @property
+    def rule(self) -> Rule:
+        return Rule(self.solver, self.beta, self.eps)
+
+    def rule_for(self, shape: tuple[int, int], nnz: int) -> Rule:
+        """The update rule, with the accelerated-HALS sweep counts resolved for V's size."""
+        w_sweeps, h_sweeps = inner_sweep_counts(self.inner_sweeps, shape, nnz, self.n_components)
+        return Rule(self.solver, self.beta, self.eps, w_sweeps, h_sweeps)
+
+
+def iterate_settings(settings: FitSettings) -> dict:
+    """The resolved values of the parameters that change the iterates, as a checkpoint records them."""
+    return {setting.attribute: _plain(getattr(settings, setting.attribute)) for setting in TABLE if setting.iterates}
+
+
+def _plain(value):
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def inner_sweep_counts(inner_sweeps, shape: tuple[int, int], nnz: int, r: int) -> tuple[int, int]:
+    """(W sweeps, H sweeps) per half-step: ``inner_sweeps`` itself, or "auto" from V's size.
+
+    ρ_W = 1 + (nnz + p r) / (n (r + 1)) and ρ_H = 1 + (nnz + n r) / (p (r + 1)).
+    """
+    if inner_sweeps != "auto":
+        return int(inner_sweeps), int(inner_sweeps)
+    n, p = shape
+
+    def count(rho: float) -> int:
+        return int(min(MAX_AUTO_SWEEPS, max(1, np.floor(1 + INNER_SWEEPS_ALPHA * rho))))
+
+    return count(1 + (nnz + p * r) / (n * (r + 1))), count(1 + (nnz + n * r) / (p * (r + 1)))
