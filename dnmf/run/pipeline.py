@@ -171,6 +171,25 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 
 
+def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snapshot=None, fingerprint=None, resume=None):
+    """Phase 4: the state at the start (random, NNDSVD, custom) or at a checkpoint's iterate.
+
+    Returns (settings, the start state, the history to continue or None). A resume is checked
+    against the checkpoint (matrix and iterate-altering settings); an unseeded one adopts the
+    checkpoint's seed.
+    """
+    history = None
+    if snapshot is not None:
+        if settings.params["random_state"] is None:
+            settings = replace(settings, seed=int(snapshot.record["settings"]["seed"]))
+        checkpoint.check_compatible(snapshot, iterate_settings(settings), fingerprint, resume)
+        start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
+    else:
+        start = make_start(prepared.init_matrix, prepared.stats, settings.n_components, settings.init, settings.seed, W, H)
+        start_W, start_H = start.W, start.H
+    return settings, prepared.solver.start(start_W, start_H), history
+
+
 def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:
     """Factor X with ``settings``: the one code path of every fit.
 
@@ -189,43 +208,46 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
-    saved = snapshot.record["fingerprint"] if snapshot is not None else None
-    matrix = open_v(X, settings, mask, where.block_bytes, saved)
+    matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)
     settings = settings.for_shape(matrix.shape)
     if not update_h:
         settings = replace(settings, init="custom")
     target = settings.checkpoint or resume
     if target is not None:
         target = checkpoint.check_target(target, resume)
-    spill = None
     with blas_threads_for_scheduler(where.client):
         prepared = plan(matrix, settings, where.client, mask, update_h)
-        matrix, stats, solver = prepared.matrix, prepared.stats, prepared.solver
-        fingerprint = checkpoint.fingerprint(matrix, stats) if target is not None else None
-        history = None
-        if snapshot is not None:
-            if settings.params["random_state"] is None:  # an unseeded fit adopts the saved seed
-                settings = replace(settings, seed=int(snapshot.record["settings"]["seed"]))
-            checkpoint.check_compatible(snapshot, iterate_settings(settings), fingerprint, resume)
-            start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
-        else:
-            start = make_start(prepared.init_matrix, stats, settings.n_components, settings.init, settings.seed, W, H)
-            start_W, start_H = start.W, start.H
-        state = solver.start(start_W, start_H)
-        hooks = []
-        if where.reroot_every:
-            spill = Rerooting(solver, where.reroot_every, settings.spill_dir)
-            hooks.append(spill)
+        fingerprint = checkpoint.fingerprint(prepared.matrix, prepared.stats) if target is not None else None
+        settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
+        spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
+        hooks = [] if spill is None else [spill]
         if target is not None:
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
             hooks.append(checkpoint.start_writer(target, settings.schedule, meta, state, snapshot))
         try:
-            result = driver.run(solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
+            result = driver.run(prepared.solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
         except BaseException:
             if spill is not None:
                 spill.close()
             raise
-    info = {
+    if result.stop_reason == "max_iter" and settings.max_iter > 1 and update_h:
+        warnings.warn(
+            f"Maximum number of iterations {settings.max_iter} reached before convergence "
+            "(tol, tol_x). Increase max_iter or loosen tol / tol_x.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    H_out = result.state.H
+    if isinstance(H_out, da.Array):  # the grid's H, gathered once at the end
+        H_out = H_out.compute()
+    info = where_it_ran(where, prepared, spill)
+    return Factorization(result.state.W, H_out, result, settings, prepared.matrix, prepared.stats, info, spill)
+
+
+def where_it_ran(where: Placement, prepared: Plan, spill: Rerooting | None) -> dict:
+    """Phase 6: the facts of where the fit ran (``NMF.fit_info_``)."""
+    matrix = prepared.matrix
+    return {
         "v_storage": prepared.cache.storage,
         "v_bytes": prepared.cache.v_bytes,
         "cache_budget_bytes": prepared.cache.budget_bytes,
@@ -238,14 +260,3 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
         "reroot_every": where.reroot_every,
         "n_reroots": 0 if spill is None else spill.n_reroots,
     }
-    if result.stop_reason == "max_iter" and settings.max_iter > 1 and update_h:
-        warnings.warn(
-            f"Maximum number of iterations {settings.max_iter} reached before convergence "
-            "(tol, tol_x). Increase max_iter or loosen tol / tol_x.",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    H_out = result.state.H
-    if isinstance(H_out, da.Array):  # the grid's H, gathered once at the end
-        H_out = H_out.compute()
-    return Factorization(result.state.W, H_out, result, settings, matrix, stats, info, spill)
