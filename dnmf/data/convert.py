@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import DnmfError, StoreError, expected
+from ..errors import DnmfError, FormatError, StoreError, expected, no_such_path
 from .store import auto_row_block
 
 FORMATS = ("zarr", "npy", "npz", "mtx", "csv", "tsv", "txt", "hdf5", "h5ad")
@@ -40,10 +40,6 @@ _SUFFIXES = {
     ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv", ".txt": "txt", ".h5": "hdf5", ".hdf5": "hdf5",
     ".hdf": "hdf5", ".he5": "hdf5", ".h5ad": "h5ad", ".zarr": "zarr",
 }
-
-
-class FormatError(DnmfError):
-    """A file cannot be read as a matrix in the format its name or contents suggest."""
 
 
 def split_dataset(source: str) -> tuple[str, str | None]:
@@ -278,7 +274,7 @@ def open_source(path, dataset: str | None = None) -> Source:
     path, inline = split_dataset(os.fspath(path))
     dataset = dataset or inline
     if not os.path.exists(path):
-        raise StoreError(f"No file at {path!r}: the path does not exist.")
+        raise StoreError(no_such_path("file", path))
     fmt = detect_format(path)
     if fmt == "npy":
         return _open_npy(path)
@@ -329,7 +325,7 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     refuse_existing(dst, overwrite)
     src_path, _ = split_dataset(os.fspath(src))
     if not os.path.exists(src_path):
-        raise StoreError(f"No file at {src_path!r}: the path does not exist.")
+        raise StoreError(no_such_path("file", src_path))
     fmt = detect_format(src_path)
     if fmt == "zarr":
         raise FormatError(f"{src_path!r} is already Zarr; dnmf reads it directly (rechunking it is not supported here).")

@@ -24,7 +24,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
-from ..errors import InvalidMatrixError, StoreError, expected
+from ..errors import InvalidMatrixError, StoreError, expected, no_such_path
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
 TARGET_BLOCK_BYTES = 64 * 2**20
@@ -232,7 +232,7 @@ def _open_zarr(path_or_url: str):
 
     local = "://" not in str(path_or_url)
     if local and not os.path.exists(path_or_url):
-        raise StoreError(f"No Zarr array at {path_or_url!r}: the path does not exist.")
+        raise StoreError(no_such_path("Zarr array", path_or_url))
     try:
         node = zarr.open(store=str(path_or_url), mode="r")
     except Exception as e:  # zarr raises several types for a bad store

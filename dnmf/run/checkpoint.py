@@ -43,7 +43,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .driver import IterationRecord
-from ..errors import CheckpointMismatchError, ParameterError, StoreError, expected
+from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError, expected
 from ..solvers.rows import SolverState
 from ..data.store import Matrix, MatrixStats
 
@@ -55,10 +55,6 @@ VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
 DEFAULT_EVERY = 10
 # Estimator parameters that change the iterates (besides V, its chunks and dtype).
 ITERATE_SETTINGS = ("n_components", "solver", "beta", "init", "eps", "seed")
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint version was unusable and an older one was used instead."""
 
 
 # ---------------------------------------------------------------------------
