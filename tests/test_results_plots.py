@@ -81,6 +81,11 @@ def test_json_safe():
     }
 
 
+def test_json_safe_can_keep_non_finite_floats():
+    kept = results.json_safe({"a": (np.float32("inf"), float("nan")), 3: object}, keep_nonfinite=True)
+    assert kept["a"][0] == float("inf") and np.isnan(kept["a"][1]) and kept["3"] == repr(object)
+
+
 def test_plots_write_pngs(tmp_path, fitted):
     model, W, _, H_true, _ = fitted
     for path in (

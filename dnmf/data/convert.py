@@ -31,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .. import kernels
 from ..errors import DnmfError, FormatError, StoreError, expected, no_such_path
-from .store import auto_row_block
+from .results import atomic_directory, refuse_existing
+from .store import MatrixStats, auto_row_block
+from .zarrio import create_array
 
 FORMATS = ("zarr", "npy", "npz", "mtx", "csv", "tsv", "txt", "hdf5", "h5ad")
 _SUFFIXES = {
@@ -316,10 +319,6 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     -------
     dict with shape, dtype, chunks, format and note (how the source was read).
     """
-    import zarr
-
-    from .results import atomic_directory, compressor, refuse_existing
-
     if chunks is not None and chunks < 1:
         raise DnmfError(expected("--chunks a positive number of rows", chunks))
     refuse_existing(dst, overwrite)
@@ -337,10 +336,7 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
             try:
                 rows = chunks or default_row_chunk(*source.shape, source.dtype.itemsize)
                 rows = min(rows, source.shape[0])
-                arr = zarr.create_array(
-                    store=str(tmp), shape=source.shape, chunks=(rows, source.shape[1]),
-                    dtype=source.dtype, compressors=compressor(),
-                )
+                arr = create_array(str(tmp), None, source.shape, (rows, source.shape[1]), source.dtype)
                 for start, block in source.blocks(rows):
                     arr[start : start + block.shape[0]] = block
                     if progress is not None:
@@ -354,16 +350,10 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
 
 
 def _convert_text(path: str, fmt: str, tmp: Path, chunks: int | None, progress) -> dict:
-    import zarr
-
-    from .results import compressor
-
     _, _, n_cols, line_bytes = _text_layout(path, fmt)
     estimated_rows = max(1, os.path.getsize(path) // max(1, line_bytes))
     rows = chunks or default_row_chunk(estimated_rows, n_cols, 8)
-    arr = zarr.create_array(
-        store=str(tmp), shape=(0, n_cols), chunks=(rows, n_cols), dtype=np.float64, compressors=compressor(),
-    )
+    arr = create_array(str(tmp), None, (0, n_cols), (rows, n_cols), np.float64)
     n = 0
     for block in _text_chunks(path, fmt, rows):
         if block.shape[1] != n_cols:
@@ -387,10 +377,7 @@ def text_shape(path) -> tuple[int, int]:
 
 
 def scan_source(path, dataset: str | None = None, rows: int | None = None):
-    """One streaming pass over a matrix file: a :class:`~dnmf.store.MatrixStats`, shape and dtype."""
-    from .. import kernels
-    from .store import MatrixStats
-
+    """One streaming pass over a matrix file: a :class:`~dnmf.data.store.MatrixStats`, shape and dtype."""
     src_path, _ = split_dataset(os.fspath(path))
     fmt = detect_format(src_path)
     total = None
