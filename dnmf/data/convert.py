@@ -37,7 +37,6 @@ from .results import atomic_directory, refuse_existing
 from .store import MatrixStats, auto_row_block
 from .zarrio import create_array
 
-FORMATS = ("zarr", "npy", "npz", "mtx", "csv", "tsv", "txt", "hdf5", "h5ad")
 _SUFFIXES = {
     ".npy": "npy", ".npz": "npz", ".mtx": "mtx", ".mtx.gz": "mtx", ".mm": "mtx", ".csv": "csv",
     ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv", ".txt": "txt", ".h5": "hdf5", ".hdf5": "hdf5",
@@ -288,7 +287,7 @@ def open_source(path, dataset: str | None = None) -> Source:
     if fmt in ("hdf5", "h5ad"):
         return _open_h5(path, fmt, dataset)
     if fmt in ("csv", "tsv", "txt"):
-        raise FormatError("Delimited text has no row index; use text_shape / convert for it.")
+        raise FormatError("Delimited text has no row index; use convert for it.")
     raise FormatError(f"{path!r} is a Zarr store; open it with dnmf.open_matrix.")
 
 
@@ -366,14 +365,6 @@ def _convert_text(path: str, fmt: str, tmp: Path, chunks: int | None, progress) 
     if n == 0:
         raise FormatError(f"{path!r} has a header but no rows: there is no matrix in it.")
     return {"shape": (n, n_cols), "dtype": "float64", "chunks": (rows, n_cols), "format": fmt, "note": ""}
-
-
-def text_shape(path) -> tuple[int, int]:
-    """(rows, columns) of a delimited text matrix, by one streaming pass."""
-    fmt = detect_format(path)
-    _, _, n_cols, _ = _text_layout(os.fspath(path), fmt)
-    n = sum(block.shape[0] for block in _text_chunks(os.fspath(path), fmt, 65536))
-    return n, n_cols
 
 
 def scan_source(path, dataset: str | None = None, rows: int | None = None):
