@@ -67,7 +67,7 @@ class Matrix:
 
     @property
     def is_grid(self) -> bool:
-        """V is chunked along its columns too (the 2-D grid layout of :mod:`dnmf.grid`)."""
+        """V is chunked along its columns too (the 2-D grid layout of :mod:`dnmf.solvers.grid`)."""
         return len(self.col_chunks) > 1
 
     @property
@@ -269,7 +269,7 @@ def open_matrix(
         four blocks, aligned with the Zarr chunks.
     block_bytes : int, optional
         The size the default blocks aim at instead of 64 MiB (smaller for workers with
-        little memory: see :func:`dnmf.outofcore.block_bytes_for_workers`).
+        little memory: see :func:`dnmf.run.plan.block_bytes_for_workers`).
     column_chunks : None, "auto", int or tuple of int
         None: row blocks holding all columns. An int below p (columns per chunk) or a tuple
         (the column chunk sizes): a 2-D grid of chunks. "auto": the grid only when

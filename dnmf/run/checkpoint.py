@@ -323,7 +323,7 @@ def _history_array(history: list[IterationRecord]) -> np.ndarray:
 
 
 class Checkpointer:
-    """Writes checkpoint versions for :func:`dnmf.driver.run` (its ``Checkpointer`` protocol).
+    """Writes checkpoint versions for :func:`dnmf.run.driver.run` (its ``Checkpointer`` protocol).
 
     Parameters
     ----------
