@@ -13,7 +13,7 @@ import zarr
 from conftest import planted_parts
 
 import dnmf
-from dnmf.data import results
+from dnmf.data import results, zarrio
 from dnmf.errors import ParameterError, StoreError
 from dnmf.plots import plot_convergence, plot_parts, plot_w_heatmap
 from dnmf.run.progress import JsonLog, ProgressBar
@@ -82,7 +82,7 @@ def test_json_safe():
 
 
 def test_json_safe_can_keep_non_finite_floats():
-    kept = results.json_safe({"a": (np.float32("inf"), float("nan")), 3: object}, keep_nonfinite=True)
+    kept = zarrio.json_safe({"a": (np.float32("inf"), float("nan")), 3: object}, keep_nonfinite=True)
     assert kept["a"][0] == float("inf") and np.isnan(kept["a"][1]) and kept["3"] == repr(object)
 
 
