@@ -31,7 +31,8 @@ from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import dnmf  # noqa: E402
-from dnmf.data.store import auto_row_block, default_compressors  # noqa: E402
+from dnmf.data.store import auto_row_block  # noqa: E402
+from dnmf.data.zarrio import default_compressors  # noqa: E402
 
 warnings.simplefilter("ignore", ConvergenceWarning)
 warnings.simplefilter("ignore", UserWarning)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-from .errors import ParameterError
+from .errors import CheckpointWarning, ParameterError
 from .estimator import NMF
-from .run.checkpoint import CheckpointWarning, load
+
+from .run.checkpoint import load
 from .settings import DEFAULTS
 
 __all__ = ["CheckpointWarning", "load", "resume"]

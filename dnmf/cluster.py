@@ -199,7 +199,7 @@ def worker_environ() -> dict:
 
 
 def trim_freed_memory_on(client) -> None:
-    """Install :class:`dnmf.trim.TrimFreedMemory` on ``client``'s workers, present and future."""
+    """Install :class:`dnmf.run.trim.TrimFreedMemory` on ``client``'s workers, present and future."""
     from .run.trim import TrimFreedMemory
 
     client.register_plugin(TrimFreedMemory())

@@ -50,15 +50,10 @@ def write_planted_matrix(
     dtype=np.float32,
 ) -> PlantedMatrix:
     """Write V (n_samples, n_features) to a new Zarr array at ``path``, one row chunk at a time."""
-    import zarr
-
-    from .data.results import compressor
+    from .data.zarrio import create_array
 
     H_true = planted_parts_h(n_parts, n_features)
-    arr = zarr.create_array(
-        store=str(path), shape=(n_samples, n_features), chunks=(rows_per_chunk, n_features),
-        dtype=dtype, compressors=compressor(),
-    )
+    arr = create_array(str(path), None, (n_samples, n_features), (rows_per_chunk, n_features), dtype)
     sq = 0.0
     for i, start in enumerate(range(0, n_samples, rows_per_chunk)):
         rows = min(rows_per_chunk, n_samples - start)

@@ -1,4 +1,5 @@
-"""The errors dnmf raises: one family, one sentence each, naming the problem and the fix."""
+"""The errors and warnings dnmf raises: one family, one sentence each, naming the problem and
+the fix, and the message shapes they share."""
 
 from __future__ import annotations
 
@@ -23,7 +24,20 @@ class CheckpointMismatchError(DnmfError):
     """A checkpoint does not belong to this matrix or these settings."""
 
 
+class FormatError(DnmfError):
+    """A file cannot be read as a matrix in the format its name or contents suggest."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint version was unusable and an older one was used instead."""
+
+
 def expected(what: str, got: object, hint: str = "") -> str:
     """Format the house message shape: 'Expected ... Got ... instead.'"""
     message = f"Expected {what}. Got {got!r} instead."
     return f"{message} {hint}" if hint else message
+
+
+def no_such_path(what: str, path: str) -> str:
+    """Format the message for an input that is not there: 'No ... at PATH: the path does not exist.'"""
+    return f"No {what} at {path!r}: the path does not exist."

@@ -346,6 +346,21 @@ def test_checkpoint_contents(tmp_path, V):
     assert group["history"].shape == (3, 6)
 
 
+def test_checkpoint_keeps_non_finite_and_numpy_parameters_for_resume(tmp_path, V):
+    # A result's attributes store inf as None; a checkpoint keeps it, so a resume gets back
+    # tol=inf (None would be refused) and max_time=inf.
+    ckpt = str(tmp_path / "ck")
+    settings = kwargs(solver="hals", tol=float("inf"), tol_x=0.0, max_time=np.float64("inf"), chunks=(60, 60))
+    quiet_fit(dnmf.NMF(np.int64(RANK), max_iter=3, checkpoint=ckpt, **settings), V)
+    params = checkpoint.load(ckpt).record["params"]
+    assert params["tol"] == float("inf") and params["max_time"] == float("inf")
+    assert params["n_components"] == RANK and type(params["n_components"]) is int and params["chunks"] == [60, 60]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = dnmf.checkpoint.resume(ckpt, V, max_iter=5)
+    assert model.n_iter_ == 5 and model.tol == float("inf") and model.chunks == (60, 60)
+
+
 # ---------------------------------------------------------------------------
 # Stopping rules
 

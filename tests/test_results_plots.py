@@ -13,7 +13,7 @@ import zarr
 from conftest import planted_parts
 
 import dnmf
-from dnmf.data import results
+from dnmf.data import results, zarrio
 from dnmf.errors import ParameterError, StoreError
 from dnmf.plots import plot_convergence, plot_parts, plot_w_heatmap
 from dnmf.run.progress import JsonLog, ProgressBar
@@ -79,6 +79,11 @@ def test_json_safe():
     assert results.json_safe({"a": np.float32(1.5), "b": (np.int64(2), float("nan")), "c": np.bool_(True)}) == {
         "a": 1.5, "b": [2, None], "c": True
     }
+
+
+def test_json_safe_can_keep_non_finite_floats():
+    kept = zarrio.json_safe({"a": (np.float32("inf"), float("nan")), 3: object}, keep_nonfinite=True)
+    assert kept["a"][0] == float("inf") and np.isnan(kept["a"][1]) and kept["3"] == repr(object)
 
 
 def test_plots_write_pngs(tmp_path, fitted):

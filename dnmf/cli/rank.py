@@ -13,7 +13,7 @@ import sys
 import click
 import numpy as np
 
-from ..errors import DnmfError, StoreError
+from ..errors import DnmfError, StoreError, no_such_path
 
 OUTPUT_FILES = ("survey.json", "survey.png")
 
@@ -22,7 +22,7 @@ def _open_input(path: str):
     """A Zarr array path as is (read lazily); a .npy file memory-mapped read-only."""
     if path.endswith(".npy"):
         if not os.path.exists(path):
-            raise StoreError(f"No file at {path!r}: the path does not exist.")
+            raise StoreError(no_such_path("file", path))
         return np.load(path, mmap_mode="r")
     return path
 

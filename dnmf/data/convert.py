@@ -31,19 +31,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import DnmfError, StoreError, expected
-from .store import auto_row_block
+from .. import kernels
+from ..errors import DnmfError, FormatError, StoreError, expected, no_such_path
+from .results import atomic_directory, refuse_existing
+from .store import MatrixStats, auto_row_block
+from .zarrio import create_array
 
-FORMATS = ("zarr", "npy", "npz", "mtx", "csv", "tsv", "txt", "hdf5", "h5ad")
 _SUFFIXES = {
     ".npy": "npy", ".npz": "npz", ".mtx": "mtx", ".mtx.gz": "mtx", ".mm": "mtx", ".csv": "csv",
     ".csv.gz": "csv", ".tsv": "tsv", ".tsv.gz": "tsv", ".txt": "txt", ".h5": "hdf5", ".hdf5": "hdf5",
     ".hdf": "hdf5", ".he5": "hdf5", ".h5ad": "h5ad", ".zarr": "zarr",
 }
-
-
-class FormatError(DnmfError):
-    """A file cannot be read as a matrix in the format its name or contents suggest."""
 
 
 def split_dataset(source: str) -> tuple[str, str | None]:
@@ -278,7 +276,7 @@ def open_source(path, dataset: str | None = None) -> Source:
     path, inline = split_dataset(os.fspath(path))
     dataset = dataset or inline
     if not os.path.exists(path):
-        raise StoreError(f"No file at {path!r}: the path does not exist.")
+        raise StoreError(no_such_path("file", path))
     fmt = detect_format(path)
     if fmt == "npy":
         return _open_npy(path)
@@ -289,7 +287,7 @@ def open_source(path, dataset: str | None = None) -> Source:
     if fmt in ("hdf5", "h5ad"):
         return _open_h5(path, fmt, dataset)
     if fmt in ("csv", "tsv", "txt"):
-        raise FormatError("Delimited text has no row index; use text_shape / convert for it.")
+        raise FormatError("Delimited text has no row index; use convert for it.")
     raise FormatError(f"{path!r} is a Zarr store; open it with dnmf.open_matrix.")
 
 
@@ -320,16 +318,12 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     -------
     dict with shape, dtype, chunks, format and note (how the source was read).
     """
-    import zarr
-
-    from .results import atomic_directory, compressor, refuse_existing
-
     if chunks is not None and chunks < 1:
         raise DnmfError(expected("--chunks a positive number of rows", chunks))
     refuse_existing(dst, overwrite)
     src_path, _ = split_dataset(os.fspath(src))
     if not os.path.exists(src_path):
-        raise StoreError(f"No file at {src_path!r}: the path does not exist.")
+        raise StoreError(no_such_path("file", src_path))
     fmt = detect_format(src_path)
     if fmt == "zarr":
         raise FormatError(f"{src_path!r} is already Zarr; dnmf reads it directly (rechunking it is not supported here).")
@@ -341,10 +335,7 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
             try:
                 rows = chunks or default_row_chunk(*source.shape, source.dtype.itemsize)
                 rows = min(rows, source.shape[0])
-                arr = zarr.create_array(
-                    store=str(tmp), shape=source.shape, chunks=(rows, source.shape[1]),
-                    dtype=source.dtype, compressors=compressor(),
-                )
+                arr = create_array(str(tmp), None, source.shape, (rows, source.shape[1]), source.dtype)
                 for start, block in source.blocks(rows):
                     arr[start : start + block.shape[0]] = block
                     if progress is not None:
@@ -358,16 +349,10 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
 
 
 def _convert_text(path: str, fmt: str, tmp: Path, chunks: int | None, progress) -> dict:
-    import zarr
-
-    from .results import compressor
-
     _, _, n_cols, line_bytes = _text_layout(path, fmt)
     estimated_rows = max(1, os.path.getsize(path) // max(1, line_bytes))
     rows = chunks or default_row_chunk(estimated_rows, n_cols, 8)
-    arr = zarr.create_array(
-        store=str(tmp), shape=(0, n_cols), chunks=(rows, n_cols), dtype=np.float64, compressors=compressor(),
-    )
+    arr = create_array(str(tmp), None, (0, n_cols), (rows, n_cols), np.float64)
     n = 0
     for block in _text_chunks(path, fmt, rows):
         if block.shape[1] != n_cols:
@@ -382,19 +367,8 @@ def _convert_text(path: str, fmt: str, tmp: Path, chunks: int | None, progress) 
     return {"shape": (n, n_cols), "dtype": "float64", "chunks": (rows, n_cols), "format": fmt, "note": ""}
 
 
-def text_shape(path) -> tuple[int, int]:
-    """(rows, columns) of a delimited text matrix, by one streaming pass."""
-    fmt = detect_format(path)
-    _, _, n_cols, _ = _text_layout(os.fspath(path), fmt)
-    n = sum(block.shape[0] for block in _text_chunks(os.fspath(path), fmt, 65536))
-    return n, n_cols
-
-
 def scan_source(path, dataset: str | None = None, rows: int | None = None):
-    """One streaming pass over a matrix file: a :class:`~dnmf.store.MatrixStats`, shape and dtype."""
-    from .. import kernels
-    from .store import MatrixStats
-
+    """One streaming pass over a matrix file: a :class:`~dnmf.data.store.MatrixStats`, shape and dtype."""
     src_path, _ = split_dataset(os.fspath(path))
     fmt = detect_format(src_path)
     total = None

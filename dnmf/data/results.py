@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import math
 import os
 import shutil
 import uuid
@@ -26,16 +25,10 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, expected, no_such_path
+from .zarrio import json_safe, library_versions, write_array
 
 RESULT_FORMAT = 1
-
-
-def compressor():
-    """The codec for arrays dnmf writes: Blosc-lz4 (about 2x Zstd's read speed here)."""
-    from zarr.codecs import BloscCodec
-
-    return BloscCodec(cname="lz4", clevel=5)
 
 
 def refuse_existing(path, overwrite: bool) -> Path:
@@ -78,57 +71,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_array(group, name: str, X, row_chunk: int | None = None) -> None:
-    """Write X (numpy or dask) as array ``name`` of a Zarr group, block by block for dask.
-
-    A dask X is stored by its own tasks (on the workers, under a distributed client), so it is
-    never gathered on the client.
-    """
-    _fill(lambda **spec: group.create_array(name, **spec), X, row_chunk)
-
-
-def _fill(create, X, row_chunk: int | None = None) -> None:
-    """Create a Blosc-lz4 array with ``create(shape=, chunks=, dtype=, compressors=)`` and fill it
-    with X in row chunks (X's own for dask)."""
-    X_is_dask = isinstance(X, da.Array)
-    if row_chunk is None:
-        row_chunk = max(X.chunks[0]) if X_is_dask else X.shape[0]
-    row_chunk = max(1, min(int(row_chunk), X.shape[0]))
-    arr = create(shape=X.shape, chunks=(row_chunk, X.shape[1]), dtype=X.dtype, compressors=compressor())
-    if X_is_dask:
-        da.store(X.rechunk((row_chunk, X.shape[1])), arr, lock=False)
-    else:
-        arr[...] = X
-
-
-def json_safe(value):
-    """``value`` with numpy scalars as Python numbers, tuples as lists, non-finite floats as None,
-    and anything else that JSON cannot hold as its repr."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return repr(value)
-
-
-def versions() -> dict:
-    """Versions of dnmf and the libraries that shape its results."""
-    import dask
-    import zarr
-
-    from .. import __version__
-
-    return {"dnmf": __version__, "dask": dask.__version__, "zarr": zarr.__version__, "numpy": np.__version__}
-
-
 def model_config(model) -> dict:
     """The estimator's parameters, JSON-safe; callbacks (run-time only) are left out."""
     params = dict(model.get_params())
@@ -156,7 +98,7 @@ def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Pat
 
     H = np.asarray(model.components_)
     if W.ndim != 2 or W.shape[1] != H.shape[0]:
-        raise StoreError(f"Expected W with {H.shape[0]} columns, as H has rows. Got shape {W.shape} instead.")
+        raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
     with atomic_directory(path, overwrite) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         write_array(group, "W", W)
@@ -176,7 +118,7 @@ def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Pat
                     "seed": getattr(model, "seed_", None),
                     "init": getattr(model, "init_", None),
                     "input_path": None if input_path is None else str(input_path),
-                    "versions": versions(),
+                    "versions": library_versions(),
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 }
             )
@@ -257,7 +199,7 @@ def load_result(path) -> Result:
     import zarr
 
     if not Path(path).exists() and "://" not in str(path):
-        raise StoreError(f"No dnmf result at {str(path)!r}: the path does not exist.")
+        raise StoreError(no_such_path("dnmf result", str(path)))
     if not is_result(path):
         raise StoreError(f"{str(path)!r} is not a dnmf result (a Zarr group written by `dnmf fit`).")
     group = zarr.open_group(str(path), mode="r")
@@ -266,8 +208,6 @@ def load_result(path) -> Result:
 
 def save_array(path, X, overwrite: bool = False) -> Path:
     """Write X (numpy or dask, 2-D) as a new Zarr array at ``path``, chunk by chunk for dask."""
-    import zarr
-
     with atomic_directory(path, overwrite) as tmp:
-        _fill(lambda **spec: zarr.create_array(store=str(tmp), **spec), X)
+        write_array(str(tmp), None, X)
     return Path(path)

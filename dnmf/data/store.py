@@ -24,7 +24,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
-from ..errors import InvalidMatrixError, StoreError, expected
+from ..errors import InvalidMatrixError, StoreError, expected, no_such_path
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
 TARGET_BLOCK_BYTES = 64 * 2**20
@@ -67,7 +67,7 @@ class Matrix:
 
     @property
     def is_grid(self) -> bool:
-        """V is chunked along its columns too (the 2-D grid layout of :mod:`dnmf.grid`)."""
+        """V is chunked along its columns too (the 2-D grid layout of :mod:`dnmf.solvers.grid`)."""
         return len(self.col_chunks) > 1
 
     @property
@@ -190,17 +190,6 @@ def default_parallelism() -> int:
     return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
 
 
-def default_compressors() -> tuple:
-    """A fast Zarr 3 compressor for the arrays dnmf writes: Blosc-lz4 with byte shuffle.
-
-    It reads about twice as fast as Zarr's default Zstd; pass it as
-    ``zarr.create_array(..., compressors=default_compressors())``.
-    """
-    from zarr.codecs import BloscCodec
-
-    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
-
-
 def _row_chunks(n: int, rows: int | tuple[int, ...] | None, default: int) -> tuple[int, ...]:
     if isinstance(rows, tuple):
         if sum(rows) != n:
@@ -232,7 +221,7 @@ def _open_zarr(path_or_url: str):
 
     local = "://" not in str(path_or_url)
     if local and not os.path.exists(path_or_url):
-        raise StoreError(f"No Zarr array at {path_or_url!r}: the path does not exist.")
+        raise StoreError(no_such_path("Zarr array", path_or_url))
     try:
         node = zarr.open(store=str(path_or_url), mode="r")
     except Exception as e:  # zarr raises several types for a bad store
@@ -280,7 +269,7 @@ def open_matrix(
         four blocks, aligned with the Zarr chunks.
     block_bytes : int, optional
         The size the default blocks aim at instead of 64 MiB (smaller for workers with
-        little memory: see :func:`dnmf.outofcore.block_bytes_for_workers`).
+        little memory: see :func:`dnmf.run.plan.block_bytes_for_workers`).
     column_chunks : None, "auto", int or tuple of int
         None: row blocks holding all columns. An int below p (columns per chunk) or a tuple
         (the column chunk sizes): a 2-D grid of chunks. "auto": the grid only when

@@ -43,18 +43,15 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .driver import Hook, IterationRecord, State
-from ..errors import CheckpointMismatchError, ParameterError, StoreError
+from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats
+from ..data.zarrio import create_array, json_safe, library_versions, write_array
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
 ATTRS_KEY = "dnmf_checkpoint"
 HISTORY_COLUMNS = ("iteration", "objective", "rel_decrease", "w_change", "h_change", "seconds")
 VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint version was unusable and an older one was used instead."""
 
 
 # ---------------------------------------------------------------------------
@@ -143,15 +140,8 @@ def fingerprint(matrix: Matrix, stats: MatrixStats) -> dict:
 
 
 def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+    """A parameter's value as JSON, non-finite floats kept: a resumed fit gets it back as it was."""
+    return json_safe(value, keep_nonfinite=True)
 
 
 def saved_params(params: dict, seed: int) -> dict:
@@ -301,14 +291,6 @@ class _Corrupt(Exception):
 # The writer the driver calls
 
 
-def _library_versions() -> dict:
-    import zarr
-
-    from .. import __version__
-
-    return {"dnmf": __version__, "numpy": np.__version__, "dask": dask.__version__, "zarr": zarr.__version__}
-
-
 def _history_array(history: list[IterationRecord]) -> np.ndarray:
     out = np.array([[getattr(r, c) for c in HISTORY_COLUMNS] for r in history], dtype=np.float64)
     return out.reshape(len(history), len(HISTORY_COLUMNS))
@@ -357,21 +339,18 @@ class Checkpointer(Hook):
         group = zarr.open_group(vdir, mode="w-")
         n, r = state.W.shape
         rows = storage_rows(state.W.chunks[0])
-        group.create_array("W", shape=(n, r), chunks=(rows, r), dtype=state.W.dtype, compressors=None, fill_value=0)
+        create_array(group, "W", (n, r), (rows, r), state.W.dtype, compressed=False)
         w_sums = write_blocks(state.W, os.path.join(vdir, "W"), rows)
         if isinstance(state.H, da.Array):  # the grid's H: written by the workers, column blocks
             cols = storage_rows(state.H.chunks[1])
-            group.create_array("H", shape=state.H.shape, chunks=(state.H.shape[0], cols), dtype=state.H.dtype,
-                               compressors=None, fill_value=0)
+            create_array(group, "H", state.H.shape, (state.H.shape[0], cols), state.H.dtype, compressed=False)
             h_sums = write_blocks(state.H, os.path.join(vdir, "H"), cols, axis=1)
         else:
             H = np.ascontiguousarray(state.H)
-            group.create_array("H", shape=H.shape, chunks=H.shape, dtype=H.dtype, compressors=None, fill_value=0)[...] = H
+            write_array(group, "H", H, compressed=False)
             h_sums = crc32(H)
         hist = _history_array(history)
-        h_arr = group.create_array("history", shape=hist.shape, chunks=(max(1, hist.shape[0]), hist.shape[1]), dtype="f8", compressors=None, fill_value=0)
-        if hist.size:
-            h_arr[...] = hist
+        write_array(group, "history", hist, compressed=False)
         iteration = history[-1].iteration if history else 0
         record = {
             **self.meta,
@@ -382,7 +361,7 @@ class Checkpointer(Hook):
             "storage_rows": int(rows),
             "checksums": {"W": w_sums, "H": h_sums, "history": crc32(hist)},
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "versions": _library_versions(),
+            "versions": library_versions(),
         }
         group.attrs[ATTRS_KEY] = record
         fsync_tree(vdir)

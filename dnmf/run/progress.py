@@ -1,6 +1,6 @@
 """Callbacks that report a fit as it runs: a tqdm progress bar and a JSON-lines log.
 
-Both take each :class:`~dnmf.driver.IterationRecord` and return None (they never stop a fit),
+Both take each :class:`~dnmf.run.driver.IterationRecord` and return None (they never stop a fit),
 so they fit ``NMF(callbacks=[...])`` directly.
 """
 

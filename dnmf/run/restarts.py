@@ -13,9 +13,9 @@ rest wait their turn.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
@@ -32,10 +32,52 @@ MAX_CONCURRENT_RUNS = 8
 RESTART_INITS = ("random", "nndsvdar")
 
 
-def child_seeds(seed: int, n_runs: int) -> list[int]:
-    """``n_runs`` independent integer seeds spawned from ``seed`` (reproducible)."""
-    children = np.random.SeedSequence(seed).spawn(n_runs)
+def spawn_seeds(seed: int, n: int, key: tuple[int, ...] = ()) -> list[int]:
+    """``n`` independent integer seeds spawned from ``seed``, reproducibly.
+
+    Parameters
+    ----------
+    seed : int
+        The entropy of the :class:`numpy.random.SeedSequence` the seeds are spawned from.
+    n : int
+        How many seeds.
+    key : tuple of int, default=()
+        The sequence's ``spawn_key``: different keys give independent families of seeds
+        from one ``seed`` (the rank survey keys its folds and each rank's runs).
+
+    Returns
+    -------
+    list of int
+        One 32-bit seed per child sequence, in spawn order.
+    """
+    children = np.random.SeedSequence(seed, spawn_key=key).spawn(n)
     return [int(child.generate_state(1)[0]) for child in children]
+
+
+def run_concurrently(func: Callable, jobs: Sequence, max_workers: int, name: str) -> list:
+    """``[func(job) for job in jobs]``, with up to ``max_workers`` jobs in flight at once.
+
+    Parameters
+    ----------
+    func : callable
+        Called once per job, from a thread of a pool named ``name`` (or, with one worker or
+        one job, from this thread).
+    jobs : sequence
+        The arguments of ``func``.
+    max_workers : int
+        The most jobs in flight; each fit in flight is a client thread with its own graphs.
+    name : str
+        The prefix of the pool's thread names.
+
+    Returns
+    -------
+    list
+        What ``func`` returned for each job, in the order of ``jobs``.
+    """
+    if max_workers <= 1 or len(jobs) <= 1:
+        return [func(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name) as pool:
+        return list(pool.map(func, jobs))
 
 
 def concurrent_runs(n_runs: int, shape: tuple[int, int], n_components: int, itemsize: int) -> int:
@@ -94,7 +136,7 @@ def fit_runs(
     if n_runs == 1:
         seeds = [settings.seed]
     else:
-        seeds = child_seeds(settings.seed, n_runs)
+        seeds = spawn_seeds(settings.seed, n_runs)
         init = settings.init or "random"
         if init not in RESTART_INITS:
             raise ParameterError(
@@ -110,9 +152,5 @@ def fit_runs(
         return summarize(fact), float(fact.result.state.objective)
 
     with blas_threads_for_scheduler():
-        if workers <= 1 or n_runs == 1:
-            outcomes = [one(s) for s in seeds]
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dnmf-run") as pool:
-                outcomes = list(pool.map(one, seeds))
+        outcomes = run_concurrently(one, seeds, workers, "dnmf-run")
     return Runs([o[0] for o in outcomes], [o[1] for o in outcomes], seeds)

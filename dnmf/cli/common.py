@@ -1,0 +1,93 @@
+"""What the commands share: the scheduler and report options, the Dask client, the input as
+a Zarr array, the progress callbacks and the status lines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import click
+
+from ..errors import DnmfError, no_such_path
+
+
+def say(quiet: bool, message: str) -> None:
+    """Print a status line on stderr unless ``quiet``."""
+    if not quiet:
+        click.echo(message, err=True)
+
+
+def scheduler_options(func):
+    """--scheduler, --workers, --threads-per-worker, --memory-limit."""
+    options = [
+        click.option(
+            "--scheduler", default="local", metavar="ADDRESS|FILE|local|threads",
+            help="Where to run: a new local cluster ('local'), a scheduler address (tcp://host:8786), "
+            "a scheduler file (JSON) on a shared file system, or 'threads' (no cluster: dask's "
+            "threaded scheduler in this process, good for small inputs).",
+        ),
+        click.option("--workers", type=int, default=None, help="Workers of a local cluster (default: from the cores)."),
+        click.option("--threads-per-worker", type=int, default=1, help="Threads per worker of a local cluster."),
+        click.option("--memory-limit", default=None, metavar="SIZE", help="Memory per worker of a local cluster, e.g. 4GiB (default: shared equally)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def report_options(func):
+    """--quiet, --log-json."""
+    func = click.option("--log-json", type=click.Path(dir_okay=False), default=None,
+                        help="Append one JSON line per iteration to this file.")(func)
+    func = click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines; only the summary.")(func)
+    return func
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet: bool):
+    """A distributed client for the command's duration (none for 'threads'); prints the dashboard."""
+    from ..cluster import connect, dashboard_link
+
+    if scheduler != "threads":
+        say(quiet, "Starting Dask…" if scheduler == "local" else f"Connecting to {scheduler}…")
+    with connect(scheduler, n_workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit) as client:
+        if client is not None:
+            link = dashboard_link(client)
+            n = len(client.scheduler_info().get("workers", {}))
+            say(quiet, f"Dask: {n} workers; dashboard: {link or 'unavailable (pip install bokeh)'}")
+        yield client
+
+
+@contextlib.contextmanager
+def zarr_input(path: str, dataset: str | None, quiet: bool):
+    """The path of a Zarr array holding the input: itself, or a temporary conversion."""
+    from ..data import convert
+
+    src, _ = convert.split_dataset(path)
+    if not os.path.exists(src) and "://" not in src:
+        raise DnmfError(no_such_path("input", src))
+    if convert.detect_format(src) == "zarr":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dnmf-input-") as tmp:
+        target = os.path.join(tmp, "V.zarr")
+        say(quiet, f"Converting {path} to a temporary Zarr array…")
+        convert.convert(path, target, dataset=dataset)
+        yield target
+
+
+def make_callbacks(max_iter, quiet: bool, log_json) -> list:
+    """A progress bar (hidden when ``quiet``) and, with ``log_json``, a JSON-lines log."""
+    from ..run.progress import JsonLog, ProgressBar
+
+    callbacks = [ProgressBar(max_iter, disable=quiet)]
+    if log_json:
+        callbacks.append(JsonLog(log_json))
+    return callbacks
+
+
+def close_callbacks(callbacks) -> None:
+    """Close what :func:`make_callbacks` made (closing twice is harmless)."""
+    for callback in callbacks:
+        callback.close()
