@@ -22,7 +22,7 @@ from .run import pipeline
 from .run.pipeline import Factorization
 from .run.plan import V_STREAMED, block_bytes_for_workers
 from .run.restarts import fit_runs
-from .settings import FitSettings
+from .settings import DEFAULTS, FitSettings
 
 
 class NMF(TransformerMixin, BaseEstimator):
@@ -282,6 +282,17 @@ class NMF(TransformerMixin, BaseEstimator):
             W = _flat_w(matrix, H.shape[0], settings.nan_is_missing)
         fact = pipeline.fit(matrix, settings, W=W, H=H, update_h=False)
         return self._output(fact), fact.result.n_iter
+
+    @classmethod
+    def from_result(cls, result) -> NMF:
+        """An estimator with a saved result's H (:func:`dnmf.data.results.load_result`), ready
+        for ``transform``, with the fit's settings except those that would make it write."""
+        run_only = ("checkpoint", "checkpoint_every", "callbacks")
+        model = cls(**{k: v for k, v in result.config.items() if k in DEFAULTS and k not in run_only})
+        model.components_ = result.H
+        model.n_components_ = result.H.shape[0]
+        model.n_features_in_ = result.H.shape[1]
+        return model
 
     def inverse_transform(self, W):
         """W @ H: the reconstruction (numpy for numpy W, dask for dask W)."""

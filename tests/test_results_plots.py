@@ -46,7 +46,7 @@ def test_save_and_load_result_round_trip(tmp_path, fitted):
     assert res.attrs["config"]["n_components"] == 3 and "callbacks" not in res.attrs["config"]
     np.testing.assert_allclose(res.relative_error, np.linalg.norm(V - W.compute() @ model.components_) / np.linalg.norm(V), rtol=1e-6)
     # The model rebuilt from a result transforms new rows with the stored H.
-    W_new = res.to_model().transform(V[:50])
+    W_new = dnmf.NMF.from_result(res).transform(V[:50])
     assert W_new.shape == (50, 3) and np.linalg.norm(V[:50] - W_new @ res.H) / np.linalg.norm(V[:50]) < 0.05
 
 

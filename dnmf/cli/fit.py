@@ -137,9 +137,10 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 def transform(result, input_path, out, chunks, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
     """W for the rows of INPUT with H fixed at RESULT's (same solver and loss)."""
     from ..data.results import load_result, refuse_existing, save_array
+    from ..estimator import NMF
 
     refuse_existing(out, overwrite)
-    model = load_result(result).to_model()
+    model = NMF.from_result(load_result(result))
     if chunks is not None:
         model.chunks = chunks
     started = time.perf_counter()

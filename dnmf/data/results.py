@@ -169,19 +169,6 @@ class Result:
             return None
         return err / norm
 
-    def to_model(self):
-        """An :class:`~dnmf.NMF` with this H, ready for ``transform``."""
-        from ..estimator import NMF
-
-        # The fit's settings, except those that would make a transform write anything.
-        run_only = ("checkpoint", "checkpoint_every", "callbacks")
-        params = {k: v for k, v in self.config.items() if k in NMF().get_params() and k not in run_only}
-        model = NMF(**params)
-        model.components_ = self.H
-        model.n_components_ = self.H.shape[0]
-        model.n_features_in_ = self.H.shape[1]
-        return model
-
 
 def is_result(path) -> bool:
     """Whether ``path`` is a Zarr group written by :func:`save_result`."""
