@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 
 from .errors import ParameterError, expected
-from .kernels import Rule
-from .run.checkpoint import Schedule
 from .run.driver import StoppingRules
 
 SOLVERS = ("mu", "hals", "bpp")
@@ -189,6 +187,7 @@ class Setting:
     parse : the value as given -> the value validated and normalised.
     iterates : whether it changes W and H (a resume must match it; see :func:`iterate_settings`).
     field : the :class:`FitSettings` attribute that holds the parsed value (default: ``name``).
+    help : one line for the command line's ``dnmf fit --help``; empty: not a command-line option.
     """
 
     name: str
@@ -196,6 +195,7 @@ class Setting:
     parse: Callable[[Any], Any]
     iterates: bool = False
     field: str = ""
+    help: str = ""
 
     @property
     def attribute(self) -> str:
@@ -203,30 +203,40 @@ class Setting:
 
 
 TABLE: tuple[Setting, ...] = (
-    Setting("n_components", None, _positive_int("n_components", allow_none=True), iterates=True),
-    Setting("solver", "mu", _choice("solver", SOLVERS), iterates=True),
-    Setting("beta_loss", "frobenius", beta_value, iterates=True, field="beta"),
-    Setting("init", None, _init, iterates=True),
-    Setting("max_iter", 200, _positive_int("max_iter")),
-    Setting("tol", 1e-4, _nonnegative_real("tol")),
-    Setting("tol_x", 1e-3, _nonnegative_real("tol_x")),
-    Setting("max_time", None, _nonnegative_real("max_time", allow_none=True)),
-    Setting("random_state", None, resolve_seed, iterates=True, field="seed"),
-    Setting("eps", None, _eps, iterates=True),
-    Setting("chunks", None, _chunks),
+    Setting("n_components", None, _positive_int("n_components", allow_none=True), iterates=True,
+            help="Number of components (rank of the factorization)."),
+    Setting("solver", "mu", _choice("solver", SOLVERS), iterates=True,
+            help="Multiplicative updates (any β), HALS or block principal pivoting (Frobenius)."),
+    Setting("beta_loss", "frobenius", beta_value, iterates=True, field="beta",
+            help="frobenius, kullback-leibler, itakura-saito, or a number β."),
+    Setting("init", None, _init, iterates=True, help="Start; auto: nndsvda when rank <= min(n, p), else random."),
+    Setting("max_iter", 200, _positive_int("max_iter"), help="Most iterations."),
+    Setting("tol", 1e-4, _nonnegative_real("tol"), help="Stop when the objective's relative decrease is below this ..."),
+    Setting("tol_x", 1e-3, _nonnegative_real("tol_x"), help="... and the relative change of W and H is below this."),
+    Setting("max_time", None, _nonnegative_real("max_time", allow_none=True), help="Stop after this many seconds."),
+    Setting("random_state", None, resolve_seed, iterates=True, field="seed",
+            help="Random seed (same seed and chunks: same result, bit for bit)."),
+    Setting("eps", None, _eps, iterates=True, help=f"Added to every denominator of the updates (default {DEFAULT_EPS:g})."),
+    Setting("chunks", None, _chunks, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks)."),
     Setting("callbacks", None, _callbacks),
-    Setting("missing", None, _choice("missing", MISSING_VALUES)),
-    Setting("n_runs", 1, _positive_int("n_runs")),
-    Setting("checkpoint", None, _path("checkpoint")),
-    Setting("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, _checkpoint_every),
-    Setting("checkpoint_interval", None, _checkpoint_interval),
-    Setting("cache", "auto", _choice("cache", CACHE_CHOICES)),
-    Setting("reroot_every", None, _reroot_every),
-    Setting("spill_dir", None, _path("spill_dir")),
-    Setting("inner_sweeps", "auto", _positive_int("inner_sweeps", allow=("auto",))),
-    Setting("local", "auto", _local),
-    Setting("column_chunks", "auto", _column_chunks),
-    Setting("objective_every", 1, _positive_int("objective_every")),
+    Setting("missing", None, _choice("missing", MISSING_VALUES), help="nan: NaN entries of V are missing, fit the observed ones."),
+    Setting("n_runs", 1, _positive_int("n_runs"), help="Random restarts: fit this many seeds, keep the lowest objective."),
+    Setting("checkpoint", None, _path("checkpoint"), help="Checkpoint folder, so `dnmf resume` can continue a killed fit."),
+    Setting("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, _checkpoint_every, help="Iterations between checkpoints."),
+    Setting("checkpoint_interval", None, _checkpoint_interval, help="Also checkpoint when this many seconds have passed."),
+    Setting("cache", "auto", _choice("cache", CACHE_CHOICES),
+            help="Keep V in the workers' memory: auto (when it fits half of it), true or false (stream it)."),
+    Setting("reroot_every", None, _reroot_every,
+            help="Reload W from a spill every this many iterations on a cluster (default 20; 0: never)."),
+    Setting("spill_dir", None, _path("spill_dir"), help="Where re-rooting spills W: a folder every worker can reach, or a URL."),
+    Setting("inner_sweeps", "auto", _positive_int("inner_sweeps", allow=("auto",)),
+            help="HALS: most sweeps per half-step from the same products (1: plain HALS)."),
+    Setting("local", "auto", _local, help="Run the kernels in this process instead of as Dask graphs (small V)."),
+    Setting("column_chunks", "auto", _column_chunks,
+            help="Columns per chunk: a number for a 2-D grid of chunks (W by row blocks, H by column blocks), "
+                 "'none' for row blocks holding all columns, 'auto' (default): the grid only for a very wide V."),
+    Setting("objective_every", 1, _positive_int("objective_every"),
+            help="Evaluate the objective (and check --tol) every this many iterations; for KL and other β it costs a log per entry."),
 )
 
 DEFAULTS = {setting.name: setting.default for setting in TABLE}
@@ -311,19 +321,9 @@ class FitSettings:
     def rules(self) -> StoppingRules:
         return StoppingRules(self.max_iter, self.tol, self.tol_x, self.max_time, self.objective_every)
 
-    @property
-    def schedule(self) -> Schedule:
-        """When to write checkpoints."""
-        return Schedule(self.checkpoint_every, self.checkpoint_interval)
-
-    @property
-    def rule(self) -> Rule:
-        return Rule(self.solver, self.beta, self.eps)
-
-    def rule_for(self, shape: tuple[int, int], nnz: int) -> Rule:
-        """The update rule, with the accelerated-HALS sweep counts resolved for V's size."""
-        w_sweeps, h_sweeps = inner_sweep_counts(self.inner_sweeps, shape, nnz, self.n_components)
-        return Rule(self.solver, self.beta, self.eps, w_sweeps, h_sweeps)
+    def sweeps(self, shape: tuple[int, int], nnz: int) -> tuple[int, int]:
+        """(W sweeps, H sweeps) per half-step of accelerated HALS, resolved for V's size."""
+        return inner_sweep_counts(self.inner_sweeps, shape, nnz, self.n_components)
 
 
 def iterate_settings(settings: FitSettings) -> dict:

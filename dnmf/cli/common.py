@@ -10,6 +10,7 @@ import tempfile
 import click
 
 from ..errors import DnmfError, no_such_path
+from ..settings import DEFAULTS, INIT_METHODS, SOLVERS, TABLE
 
 
 def say(quiet: bool, message: str) -> None:
@@ -91,3 +92,76 @@ def close_callbacks(callbacks) -> None:
     """Close what :func:`make_callbacks` made (closing twice is harmless)."""
     for callback in callbacks:
         callback.close()
+
+
+# ---------------------------------------------------------------------------
+# The fit parameters as options, from the settings table
+
+
+def _beta_loss(text: str):
+    """--beta-loss: a number as a float, a name as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _column_chunks(text: str):
+    """--column-chunks: "auto", "none" or a positive number of columns."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise click.BadParameter(f"expected 'auto', 'none' or a positive number of columns; got {text!r}")
+
+
+def _auto_or_int(text: str):
+    return text if text == "auto" else int(text)
+
+
+_BOOLEAN_OR_AUTO = {"auto": "auto", "true": True, "false": False}
+
+# How each fit parameter is written on the command line: its click type, and where it differs
+# from the library, its flag and default. The names, the other defaults and the help come from
+# dnmf.settings.TABLE, which also validates the values (in the library, once, with its messages).
+CLI_OPTIONS = {
+    "n_components": dict(flags=("--rank", "-r"), type=int, required=True),
+    "solver": dict(type=click.Choice(SOLVERS)),
+    "beta_loss": dict(type=_beta_loss, metavar="NAME|β"),
+    "init": dict(type=click.Choice(["auto", *[m for m in INIT_METHODS if m != "custom"]]), default="auto"),
+    "max_iter": dict(type=int),
+    "tol": dict(type=float),
+    "tol_x": dict(type=float),
+    "max_time": dict(type=float),
+    "objective_every": dict(type=int),
+    "random_state": dict(flags=("--seed",), type=int, default=0),
+    "eps": dict(type=float),
+    "chunks": dict(type=int),
+    "column_chunks": dict(type=str, metavar="auto|none|N", callback=lambda ctx, param, value: _column_chunks(value)),
+    "missing": dict(type=click.Choice(["nan"])),
+    "n_runs": dict(type=int),
+    "checkpoint": dict(type=click.Path()),
+    "checkpoint_every": dict(type=int),
+    "checkpoint_interval": dict(type=float),
+    "cache": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),
+    "reroot_every": dict(type=int),
+    "spill_dir": dict(type=click.Path()),
+    "inner_sweeps": dict(type=_auto_or_int, metavar="auto|N"),
+    "local": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),
+}
+
+
+def fit_options(func):
+    """One option per fit parameter of :data:`dnmf.settings.TABLE` that has command-line help.
+
+    The command gets them under the parameters' names (``n_components``, ``random_state``, ...),
+    ready for ``NMF(**params)`` (``init="auto"`` means None).
+    """
+    for setting in reversed([s for s in TABLE if s.help]):
+        spec = dict(CLI_OPTIONS[setting.name])
+        flags = spec.pop("flags", ("--" + setting.name.replace("_", "-"),))
+        default = spec.pop("default", DEFAULTS[setting.name])
+        if not spec.get("required") and default is not None:
+            spec["default"] = default if not isinstance(default, bool) else str(default).lower()
+        func = click.option(*flags, setting.name, help=setting.help, **spec)(func)
+    return func

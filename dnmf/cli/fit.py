@@ -10,37 +10,27 @@ import warnings
 import click
 
 from ..errors import DnmfError, no_such_path
-from .common import close_callbacks, dask_client, make_callbacks, report_options, scheduler_options, zarr_input
+from .common import (
+    close_callbacks,
+    dask_client,
+    fit_options,
+    make_callbacks,
+    report_options,
+    scheduler_options,
+    zarr_input,
+)
 
 
 @click.command()
 @click.argument("input_path", metavar="INPUT")
-@click.option("--rank", "-r", type=int, required=True, help="Number of components (rank of the factorization).")
 @click.option("--out", "-o", type=click.Path(), required=True, help="Result to write (a Zarr group, e.g. result.zarr).")
-@click.option("--solver", type=click.Choice(["mu", "hals"]), default="mu", help="Multiplicative updates (any β) or HALS (Frobenius).")
-@click.option("--beta-loss", default="frobenius", help="frobenius, kullback-leibler, itakura-saito, or a number β.")
-@click.option("--init", type=click.Choice(["auto", "random", "nndsvd", "nndsvda", "nndsvdar"]), default="auto",
-              help="Start; auto: nndsvda when rank <= min(n, p), else random.")
-@click.option("--max-iter", type=int, default=200, help="Most iterations.")
-@click.option("--tol", type=float, default=1e-4, help="Stop when the objective's relative decrease is below this ...")
-@click.option("--tol-x", type=float, default=1e-3, help="... and the relative change of W and H is below this.")
-@click.option("--max-time", type=float, default=None, help="Stop after this many seconds.")
-@click.option("--objective-every", type=click.IntRange(min=1), default=1,
-              help="Evaluate the objective (and check --tol) every this many iterations; for KL and other β it costs a log per entry.")
-@click.option("--seed", type=int, default=0, help="Random seed (same seed and chunks: same result, bit for bit).")
-@click.option("--chunks", type=int, default=None, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks).")
-@click.option("--column-chunks", default="auto", callback=lambda ctx, param, value: _column_chunks(value),
-              help="Columns per chunk: a number for a 2-D grid of chunks (W by row blocks, H by column "
-                   "blocks), 'none' for row blocks holding all columns, 'auto' (default): the grid only for a very wide V.")
+@fit_options
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
-@click.option("--checkpoint", type=click.Path(), default=None, help="Checkpoint folder, so `dnmf resume` can continue a killed fit.")
-@click.option("--checkpoint-every", type=int, default=None, help="Iterations between checkpoints.")
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new result is complete).")
-def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, max_time, objective_every, seed, chunks,
-        column_chunks, dataset,
-        checkpoint, checkpoint_every, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite):
+def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
+        **params):
     """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
     those are converted to a temporary Zarr array under $TMPDIR first).
 
@@ -48,42 +38,25 @@ def fit(input_path, rank, out, solver, beta_loss, init, max_iter, tol, tol_x, ma
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    from ..estimator import NMF
     from ..data.results import refuse_existing, save_result
+    from ..estimator import NMF
 
     refuse_existing(out, overwrite)
-    extra = {}
-    if checkpoint is not None:
-        extra["checkpoint"] = checkpoint
-    if checkpoint_every is not None:
-        extra["checkpoint_every"] = checkpoint_every
-    callbacks = make_callbacks(max_iter, quiet, log_json)
+    params["init"] = None if params["init"] == "auto" else params["init"]
+    callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
         with zarr_input(input_path, dataset, quiet) as path, \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = NMF(
-                rank, solver=solver, beta_loss=parse_beta_loss(beta_loss), init=None if init == "auto" else init,
-                max_iter=max_iter, tol=tol, tol_x=tol_x, max_time=max_time, random_state=seed, chunks=chunks,
-                column_chunks=column_chunks, objective_every=objective_every, callbacks=callbacks, **extra,
-            )
+            model = NMF(**params, callbacks=callbacks)
             W = model.fit_transform(path)
             close_callbacks(callbacks)
             save_result(out, model, W, input_path=_absolute(input_path), overwrite=overwrite)
     finally:
         close_callbacks(callbacks)
     click.echo(summary(model, time.perf_counter() - started, out))
-
-
-def _column_chunks(value: str):
-    """--column-chunks: "auto", "none" or a positive number of columns."""
-    if value.lower() in ("auto", "none"):
-        return None if value.lower() == "none" else "auto"
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise click.BadParameter(f"expected 'auto', 'none' or a positive number of columns; got {value!r}")
 
 
 def _absolute(path: str) -> str:
@@ -149,14 +122,6 @@ def transform(result, input_path, out, chunks, dataset, scheduler, workers, thre
         W = model.transform(path)
         save_array(out, W, overwrite=overwrite)
     click.echo(f"W {W.shape[0]} x {W.shape[1]}, {time.perf_counter() - started:.1f} s -> {out}")
-
-
-def parse_beta_loss(text: str):
-    """--beta-loss: a number as a float, a name as it is."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def summary(model, seconds: float, out) -> str:

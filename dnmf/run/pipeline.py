@@ -148,7 +148,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     if not settings.nan_is_missing and mask is None:
         stats = scan_matrix(matrix, with_xlogx=settings.beta == kernels.KULLBACK_LEIBLER)
         validate_stats(stats, settings.beta)
-        rule = settings.rule_for(matrix.shape, stats.nnz)
+        rule = kernels.Rule(settings.solver, settings.beta, settings.eps, *settings.sweeps(matrix.shape, stats.nnz))
         offset = stats.v_xlogx - stats.v_sum
         if matrix.is_grid:
             return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
@@ -167,7 +167,8 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     scanned = missing.scan_masked(matrix, mask_da, settings.nan_is_missing)
     stats = scanned.imputed_stats()
     validate_stats(stats, settings.beta)
-    solver = Solver(matrix, settings.rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+    rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+    solver = Solver(matrix, rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 
 
@@ -222,8 +223,9 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
         spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
         hooks = [] if spill is None else [spill]
         if target is not None:
+            schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
-            hooks.append(checkpoint.start_writer(target, settings.schedule, meta, state, snapshot))
+            hooks.append(checkpoint.start_writer(target, schedule, meta, state, snapshot))
         try:
             result = driver.run(prepared.solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
         except BaseException:
