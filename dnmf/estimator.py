@@ -73,11 +73,11 @@ class NMF(TransformerMixin, BaseEstimator):
     column_chunks : "auto", None, int or tuple of int, default="auto"
         Columns per chunk. None: row blocks holding all columns (X is read once per
         iteration, H is kept on the client). An int below n_features: a 2-D grid of chunks,
-        with W distributed by row blocks and H by column blocks (:mod:`dnmf.grid`; X is read
+        with W distributed by row blocks and H by column blocks (:mod:`dnmf.solvers.grid`; X is read
         twice per iteration). "auto": the grid only when X is too wide for row blocks of 256
         rows within the block size. Missing entries need row blocks.
     callbacks : sequence of callables or None
-        Each gets every :class:`~dnmf.driver.IterationRecord`; returning True stops the fit.
+        Each gets every :class:`~dnmf.run.driver.IterationRecord`; returning True stops the fit.
     missing : {None, "nan"}, default=None
         "nan": NaN entries of X are missing; the objective and the (MU) updates then cover the
         observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS fills
@@ -87,7 +87,7 @@ class NMF(TransformerMixin, BaseEstimator):
         memory allows) and keep the run with the lowest final objective. Needs a random init.
     checkpoint : str or os.PathLike or None
         A directory to write crash-safe checkpoints into (new or empty; see
-        :mod:`dnmf.checkpoint`): at the start, on the schedule below, and at the end.
+        :mod:`dnmf.run.checkpoint`): at the start, on the schedule below, and at the end.
         ``fit(X, resume=PATH)`` or :func:`dnmf.checkpoint.resume` continues from it, bitwise
         as if never interrupted.
     checkpoint_every : int or None, default=10
