@@ -17,7 +17,7 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import masked
+from .kernels import masked
 from .errors import InvalidMatrixError, ParameterError, expected
 from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
 

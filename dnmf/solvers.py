@@ -24,10 +24,10 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from . import kernels, masked
+from . import kernels
 from .errors import ParameterError
 from .missing import mask_block_keys
-from .kernels import Partials, Rule
+from .kernels import Partials, Rule, masked
 from .store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")

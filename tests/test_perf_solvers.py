@@ -12,7 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from conftest import custom_start
-from dnmf.nnls import nnls_bpp
+from dnmf.kernels.nnls import nnls_bpp
 from dnmf.store import auto_row_block, default_compressors, tree_fold
 
 

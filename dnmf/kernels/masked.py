@@ -30,7 +30,7 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from .kernels import (
+from . import (
     FROBENIUS,
     KULLBACK_LEIBLER,
     BlockStats,
