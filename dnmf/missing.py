@@ -17,8 +17,8 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .kernels import masked
 from .errors import InvalidMatrixError, ParameterError, expected
+from .kernels import masked
 from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
 
 MISSING_VALUES = (None, "nan")

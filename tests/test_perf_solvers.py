@@ -196,7 +196,7 @@ def test_blas_single_threaded_under_default_scheduler():
 
 @pytest.mark.parametrize("solver", ["mu", "hals"])
 def test_tiled_frobenius_step_equals_whole_block(monkeypatch, solver):
-    from dnmf import kernels
+    from dnmf.kernels import step as kernels
     from dnmf.kernels import Rule
 
     rng = np.random.default_rng(5)

@@ -30,18 +30,10 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from . import (
-    FROBENIUS,
-    KULLBACK_LEIBLER,
-    BlockStats,
-    Partials,
-    Rule,
-    add_stats,
-    beta_divergence_dense,
-    block_stats,
-    hals_update_h,
-    update_w,
-)
+from .beta import FROBENIUS, KULLBACK_LEIBLER, Rule, beta_divergence_dense
+from .products import Partials
+from .scans import BlockStats, add_stats, block_stats
+from .updates import hals_update_h, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:

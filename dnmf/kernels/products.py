@@ -1,0 +1,192 @@
+"""Products of a block of V with the factors: what one pass over V reduces to.
+
+A row block ``V_b`` (all columns) meets the matching row block ``W_b`` of W and all of H
+(r x p, small). The H update and the objective need only sums over the blocks of small
+products, the :class:`Partials`; the W update of a block needs the (n_b, r) products of
+:func:`w_products`. For β = 1 the dense products are formed tile by tile, so WH never exists
+as a block-sized array; for sparse V it is formed at V's nonzeros only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import xlogy
+
+from .beta import FROBENIUS, KULLBACK_LEIBLER, Rule, beta_divergence_dense
+
+
+class Partials(NamedTuple):
+    """Sums over row blocks that the H update and the objective need.
+
+    numer : (r, p) array. WᵀV (β = 2), or Wᵀ(V ∘ (WH)^(β-2)) otherwise.
+    denom : WᵀW of shape (r, r) for β = 2; column sums of W, shape (r,), for β = 1;
+        Wᵀ(WH)^(β-1) of shape (r, p) otherwise.
+    loss : the divergence summed over the blocks (β ≠ 2); 0 for β = 2.
+    w_sq, dw_sq : ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
+    """
+
+    numer: np.ndarray
+    denom: np.ndarray
+    loss: float
+    w_sq: float
+    dw_sq: float
+
+
+def add_partials(a: Partials, b: Partials) -> Partials:
+    """Elementwise sum of two block partials (the tree reduction's binary op)."""
+    return Partials(*(x + y for x, y in zip(a, b)))
+
+
+def as_float_block(block, dtype: np.dtype):
+    """Return a block as a float array (or CSR matrix) of ``dtype``, copying only if needed."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        return block if block.dtype == dtype else block.astype(dtype)
+    return np.asarray(block, dtype=dtype)
+
+
+def dot_t(W_b: np.ndarray, V_b) -> np.ndarray:
+    """W_bᵀ V_b for dense or sparse V_b, as a dense (r, p) array."""
+    if sp.issparse(V_b):
+        return np.asarray((V_b.T @ W_b).T)
+    return W_b.T @ V_b
+
+
+def _dot_ht(V_b, H: np.ndarray) -> np.ndarray:
+    """V_b Hᵀ for dense or sparse V_b, as a dense (n_b, r) array."""
+    return np.asarray(V_b @ H.T)
+
+
+def gram(A: np.ndarray) -> np.ndarray:
+    """AᵀA (columns' Gram matrix) by a general matrix product.
+
+    ``A.T @ A`` makes numpy call BLAS syrk, whose rounding was seen to vary from run to run in
+    dask workers (OpenBLAS 0.3.31), breaking bitwise reproducibility; gemm on a copy does not.
+    """
+    return A.T @ A.copy()
+
+
+def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
+    rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
+    out = np.empty(V_b.nnz, dtype=W_b.dtype)
+    # Chunked so the (nnz, r) gather stays small.
+    step = max(1, 2**22 // max(1, W_b.shape[1]))
+    for start in range(0, V_b.nnz, step):
+        stop = start + step
+        out[start:stop] = np.einsum(
+            "ij,ji->i", W_b[rows[start:stop]], H[:, V_b.indices[start:stop]]
+        )
+    return out
+
+
+def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
+    """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0.
+
+    ``with_loss=False`` skips the divergence (β ≠ 2: a log or a power per entry), leaving
+    ``loss`` at 0, for iterations that do not evaluate the objective.
+    """
+    beta, eps = rule.beta, rule.eps
+    if beta == FROBENIUS:
+        return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
+    if beta == KULLBACK_LEIBLER and sp.issparse(V_b):
+        wh = _wh_at_nonzeros(V_b, W_b, H)
+        ratio = V_b.copy()
+        ratio.data = V_b.data / (wh + eps)
+        numer = dot_t(W_b, ratio)
+        col_w = W_b.sum(axis=0)
+        loss = 0.0
+        if with_loss:
+            np.log(wh, out=wh)
+            loss = (
+                -float(np.dot(V_b.data.astype(np.float64), wh))
+                + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+            )
+        return Partials(numer, col_w, loss, 0.0, 0.0)
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    if beta == KULLBACK_LEIBLER:
+        return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
+    wh = W_b @ H
+    loss = beta_divergence_dense(V_d, wh, beta) if with_loss else 0.0
+    wh += eps
+    denom = W_b.T @ (wh ** (beta - 1.0))
+    numer = W_b.T @ (V_d * wh ** (beta - 2.0))
+    return Partials(numer, denom, loss, 0.0, 0.0)
+
+
+# The dense KL kernels work on row tiles of about this many entries, so the elementwise
+# work on WH stays in cache and no block-sized temporary is made.
+KL_TILE_ENTRIES = 2**18
+
+
+def row_tiles(n_rows: int, p: int):
+    step = max(1, KL_TILE_ENTRIES // max(1, p))
+    return [(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+
+
+def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
+    """(V / (W_b H + ε)) Hᵀ of a dense block, tile by tile: shape (n_b, r)."""
+    out = np.empty((V.shape[0], H.shape[0]), dtype=np.result_type(W_b, H))
+    Ht = H.T
+    for start, stop in row_tiles(V.shape[0], V.shape[1]):
+        wh = W_b[start:stop] @ H
+        wh += eps
+        np.divide(V[start:stop], wh, out=wh)
+        np.matmul(wh, Ht, out=out[start:stop])
+    return out
+
+
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True) -> Partials:
+    """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
+
+    The loss leaves out the constant Σ V log V − Σ V (added by :func:`objective`):
+    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+    """
+    numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
+    cross = 0.0
+    for start, stop in row_tiles(V.shape[0], V.shape[1]):
+        V_t, W_t = V[start:stop], W_b[start:stop]
+        wh = W_t @ H
+        if with_loss:
+            cross += _v_log_wh(V_t, wh)
+        wh += eps
+        np.divide(V_t, wh, out=wh)
+        numer += W_t.T @ wh
+    col_w = W_b.sum(axis=0)
+    total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+    return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
+
+
+def _v_log_wh(V_t: np.ndarray, wh: np.ndarray) -> float:
+    """Σ V log(WH) over a tile (0 log 0 = 0)."""
+    with np.errstate(divide="ignore"):
+        total = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
+    if np.isnan(total):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+        total = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
+    return total
+
+
+def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
+    """The products of V_b that a W half-step needs: ``(numer, denom)``, each (n_b, r).
+
+    β = 2 (and HALS, BPP): numer = V Hᵀ, denom None (it is W HHᵀ, from HHᵀ alone);
+    β = 1: numer = (V / (WH + ε)) Hᵀ, denom None (it is 1 Hᵀ, H's row sums);
+    otherwise numer = (V ∘ (WH+ε)^(β-2)) Hᵀ and denom = (WH+ε)^(β-1) Hᵀ.
+    Both are sums over V's columns, so on a grid of V the column blocks' products add up.
+    """
+    beta, eps = rule.beta, rule.eps
+    if beta == FROBENIUS or rule.solver != "mu":
+        return _dot_ht(V_b, H), None
+    if beta == KULLBACK_LEIBLER:
+        if sp.issparse(V_b):
+            ratio = V_b.copy()
+            ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
+            return _dot_ht(ratio, H), None
+        return _kl_ratio_times_ht(V_b, W_b, H, eps), None
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    wh = W_b @ H
+    wh += eps
+    return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
