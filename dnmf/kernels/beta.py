@@ -1,12 +1,22 @@
-"""The β-divergence: the β of the losses, the update :class:`Rule`, the divergence and the objective.
+"""The β-divergence: β, the update :class:`Rule`, the divergence of a block and the objective.
 
-The objective is the β-divergence D_β(V | WH) (½‖V − WH‖² for β = 2), as in scikit-learn.
+The objective is the β-divergence D_β(V | WH) = Σ_ij d_β(V_ij | (WH)_ij), as in scikit-learn:
+
+    d_β(x | y) = ½ (x − y)²                                      β = 2 (Frobenius)
+                 x log(x / y) − x + y                            β = 1 (Kullback-Leibler)
+                 x / y − log(x / y) − 1                          β = 0 (Itakura-Saito)
+                 (x^β + (β − 1) y^β − β x y^(β−1)) / (β (β − 1))  otherwise.
+
 For β = 2 it comes from the Gram identity
 
     ‖V − WH‖² = ‖V‖² − 2⟨WᵀV, H⟩ + ⟨WᵀW, HHᵀ⟩
 
 and never forms WH; for other β, WH is formed one block at a time (at V's nonzeros only
 for sparse V and KL) and the divergence summed over the blocks.
+
+This module is the one place that tells values of β apart: the other kernels ask a
+:class:`Rule` (:attr:`Rule.frobenius`, :attr:`Rule.kullback_leibler`, :attr:`Rule.gamma`),
+and the functions below that take β alone dispatch on it here.
 """
 
 from __future__ import annotations
@@ -29,10 +39,31 @@ ITAKURA_SAITO = 0.0
 
 @dataclass(frozen=True)
 class Rule:
-    """Which update to apply: ``solver`` "mu", "hals" or "bpp", β of the divergence, ε.
+    """Which update to apply, and what its β means for the kernels.
 
-    ``w_sweeps`` / ``h_sweeps``: the most HALS sweeps per half-step from the same products
-    (accelerated HALS, Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+    Parameters
+    ----------
+    solver : {"mu", "hals", "bpp"}
+        Multiplicative updates, HALS, or ANLS by block principal pivoting.
+    beta : float
+        β of the divergence the updates decrease.
+    eps : float
+        ε of the MU denominators (and of WH where it is raised to a power).
+    w_sweeps, h_sweeps : int
+        The most HALS sweeps per half-step from the same products (accelerated HALS,
+        Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+
+    Notes
+    -----
+    Two values of β have shortcuts, which the kernels ask the rule for:
+
+    - :attr:`frobenius` (β = 2): the updates and the objective need only WᵀV, VHᵀ and the
+      Gram matrices WᵀW, HHᵀ; WH is never formed;
+    - :attr:`kullback_leibler` (β = 1): the MU denominators are W's column sums and H's row
+      sums; WH is formed only inside V / (WH + ε), at V's nonzeros for sparse V.
+
+    Any other β forms (WH + ε)^(β−2) and (WH + ε)^(β−1) block by block, and MU raises its
+    ratio to the power :attr:`gamma`.
     """
 
     solver: str
@@ -40,6 +71,16 @@ class Rule:
     eps: float
     w_sweeps: int = 1
     h_sweeps: int = 1
+
+    @property
+    def frobenius(self) -> bool:
+        """β = 2: everything comes from WᵀV, VHᵀ, WᵀW and HHᵀ (the Gram identity)."""
+        return self.beta == FROBENIUS
+
+    @property
+    def kullback_leibler(self) -> bool:
+        """β = 1: the MU denominators are W's column sums and H's row sums."""
+        return self.beta == KULLBACK_LEIBLER
 
     @property
     def gamma(self) -> float:
@@ -78,6 +119,17 @@ def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
     )
 
 
+def objective_term(partials: Partials, H: np.ndarray, beta: float) -> float:
+    """The part of D_β(V | WH) that the partials at (W, H) carry, for H or a column block of it.
+
+    β = 2: the cross term ⟨WᵀV, H⟩ of the Gram identity; otherwise the divergence summed
+    over the blocks (less the KL constant for β = 1, see :func:`objective_from_sums`).
+    """
+    if beta == FROBENIUS:
+        return float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
+    return float(partials.loss)
+
+
 def objective(
     partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
 ) -> float:
@@ -86,10 +138,7 @@ def objective(
     ``v_sq`` is ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the KL partials
     leave out, Σ V log V − Σ V (used for β = 1 only).
     """
-    if beta != FROBENIUS:
-        return objective_from_sums(float(partials.loss), 0.0, 0.0, v_sq, beta, kl_offset)
-    cross = float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
-    return objective_from_sums(cross, partials.denom, HHt, v_sq, beta, kl_offset)
+    return objective_from_sums(objective_term(partials, H, beta), partials.denom, HHt, v_sq, beta, kl_offset)
 
 
 def objective_from_sums(term: float, w_gram, h_gram, v_sq: float, beta: float, kl_offset: float = 0.0) -> float:

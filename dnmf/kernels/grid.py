@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .beta import FROBENIUS, Rule
+from .beta import Rule, objective_term
 from .products import Partials, as_float_block, block_partials, dot_t, gram, w_products
 from .updates import apply_w_update, update_h
 
@@ -40,7 +40,7 @@ def chunk_h_partials(V_b, W_b: np.ndarray, H_b: np.ndarray, rule: Rule, with_los
     over the row blocks by :func:`grid_update_w` instead of once per chunk.
     """
     V_b = as_float_block(V_b, W_b.dtype)
-    if rule.beta == FROBENIUS:
+    if rule.frobenius:
         return Partials(dot_t(W_b, V_b), 0.0, 0.0, 0.0, 0.0)
     return block_partials(V_b, W_b, H_b, rule, with_loss)
 
@@ -71,7 +71,7 @@ def _change(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
 def grid_update_w(W_b: np.ndarray, products: WProducts, h_sums: FactorSums, rule: Rule):
     """W_i's update from its products summed over the column blocks, and its :class:`FactorSums`."""
     W_new = apply_w_update(W_b, products.numer, products.denom, h_sums.gram, h_sums.rowsum, rule)
-    gram_w = gram(W_new) if rule.beta == FROBENIUS else 0.0
+    gram_w = gram(W_new) if rule.frobenius else 0.0
     return W_new, FactorSums(gram_w, 0.0, *_change(W_new, W_b))
 
 
@@ -79,7 +79,7 @@ def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, updat
     """H_j's update from its partials summed over the row blocks (``w_gram`` is WᵀW for β = 2),
     and its :class:`FactorSums`; ``update=False`` keeps H_j (a fixed H)."""
     if update:
-        if rule.beta == FROBENIUS:
+        if rule.frobenius:
             partials = partials._replace(denom=w_gram)
         H_new = update_h(H_b, partials, rule)
     else:
@@ -88,8 +88,6 @@ def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, updat
 
 
 def column_objective_term(partials: Partials, H_b: np.ndarray, beta: float) -> float:
-    """Column block j's share of the objective: ⟨(WᵀV)_j, H_j⟩ for β = 2 (the cross term of
-    the Gram identity), else the divergence summed over the column block."""
-    if beta == FROBENIUS:
-        return float(np.vdot(partials.numer.astype(np.float64), H_b.astype(np.float64)))
-    return float(partials.loss)
+    """Column block j's share of the objective: :func:`~.beta.objective_term` of its partials
+    and H_j (⟨(WᵀV)_j, H_j⟩ for β = 2, else the divergence summed over the column block)."""
+    return objective_term(partials, H_b, beta)

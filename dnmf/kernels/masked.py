@@ -30,7 +30,7 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from .beta import FROBENIUS, KULLBACK_LEIBLER, Rule, beta_divergence_dense
+from .beta import FROBENIUS, Rule, beta_divergence_dense
 from .products import Partials
 from .scans import BlockStats, add_stats, block_stats
 from .updates import hals_update_h, update_w
@@ -56,10 +56,10 @@ def _weighted_terms(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, rule:
     For β = 2 the denominator is M∘WH (no ε), for β = 1 it is M itself (as a float array).
     """
     beta, eps = rule.beta, rule.eps
-    if beta == FROBENIUS:
+    if rule.frobenius:
         return V_d, np.where(observed, WH, 0)
     shifted = WH + eps
-    if beta == KULLBACK_LEIBLER:
+    if rule.kullback_leibler:
         return np.divide(V_d, shifted), observed.astype(WH.dtype)
     numer = V_d * shifted ** (beta - 2.0)
     denom = np.where(observed, shifted ** (beta - 1.0), 0)

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
-from .beta import FROBENIUS, KULLBACK_LEIBLER, Rule, beta_divergence_dense
+from .beta import Rule, beta_divergence_dense
 
 
 class Partials(NamedTuple):
@@ -90,9 +90,9 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
     ``loss`` at 0, for iterations that do not evaluate the objective.
     """
     beta, eps = rule.beta, rule.eps
-    if beta == FROBENIUS:
+    if rule.frobenius:
         return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
-    if beta == KULLBACK_LEIBLER and sp.issparse(V_b):
+    if rule.kullback_leibler and sp.issparse(V_b):
         wh = _wh_at_nonzeros(V_b, W_b, H)
         ratio = V_b.copy()
         ratio.data = V_b.data / (wh + eps)
@@ -107,7 +107,7 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
             )
         return Partials(numer, col_w, loss, 0.0, 0.0)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
-    if beta == KULLBACK_LEIBLER:
+    if rule.kullback_leibler:
         return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
     wh = W_b @ H
     loss = beta_divergence_dense(V_d, wh, beta) if with_loss else 0.0
@@ -178,9 +178,9 @@ def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
     Both are sums over V's columns, so on a grid of V the column blocks' products add up.
     """
     beta, eps = rule.beta, rule.eps
-    if beta == FROBENIUS or rule.solver != "mu":
+    if rule.frobenius or rule.solver != "mu":
         return _dot_ht(V_b, H), None
-    if beta == KULLBACK_LEIBLER:
+    if rule.kullback_leibler:
         if sp.issparse(V_b):
             ratio = V_b.copy()
             ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .beta import FROBENIUS, Rule
+from .beta import Rule
 from .products import Partials, as_float_block, block_partials
 from .updates import update_w
 
@@ -39,7 +39,7 @@ FUSED_TILE_ENTRIES = 2**20
 
 
 def _fuses_in_tiles(V_b, rule: Rule) -> bool:
-    if rule.beta != FROBENIUS or sp.issparse(V_b):
+    if not rule.frobenius or sp.issparse(V_b):
         return False
     cheap_update = rule.solver == "mu" or (rule.solver == "hals" and rule.w_sweeps == 1)
     return cheap_update and V_b.shape[0] * V_b.shape[1] > 2 * FUSED_TILE_ENTRIES

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .beta import FROBENIUS, KULLBACK_LEIBLER, Rule
+from .beta import Rule
 from .nnls import nnls_bpp
 from .products import Partials, w_products
 
@@ -31,10 +31,10 @@ def apply_w_update(
         solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
         return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
     eps = rule.eps
-    if rule.beta == FROBENIUS:
+    if rule.frobenius:
         denom = W_b @ HHt
         denom += eps
-    elif rule.beta == KULLBACK_LEIBLER:
+    elif rule.kullback_leibler:
         denom = h_rowsum + eps
     else:
         denom = denom + eps
@@ -52,9 +52,9 @@ def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
     otherwise H ← H ∘ [Wᵀ(V ∘ (WH+ε)^(β-2)) / (Wᵀ(WH+ε)^(β-1) + ε)]^γ.
     """
     eps = rule.eps
-    if rule.beta == FROBENIUS:
+    if rule.frobenius:
         denom = partials.denom @ H
-    elif rule.beta == KULLBACK_LEIBLER:
+    elif rule.kullback_leibler:
         denom = np.repeat(partials.denom[:, None], H.shape[1], axis=1)
     else:
         denom = partials.denom.copy()
@@ -127,5 +127,5 @@ def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
     """The W half-step of ``rule`` for one row block (a new array)."""
     numer, denom = w_products(V_b, W_b, H, rule)
-    h_rowsum = H.sum(axis=1) if rule.beta == KULLBACK_LEIBLER and rule.solver == "mu" else None
+    h_rowsum = H.sum(axis=1) if rule.kullback_leibler and rule.solver == "mu" else None
     return apply_w_update(W_b, numer, denom, HHt, h_rowsum, rule)
