@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from .beta import FROBENIUS, Rule, beta_divergence_dense
 from .products import Partials
 from .scans import BlockStats, add_stats, block_stats
-from .updates import hals_update_h, update_w
+from .updates import hals_update_h, mu_update, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -71,19 +71,10 @@ def masked_loss(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, beta: flo
     return beta_divergence_dense(V_d[observed], WH[observed], beta)
 
 
-def _apply_ratio(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -> np.ndarray:
-    denom = denom + rule.eps
-    ratio = np.divide(numer, denom, out=denom)
-    if rule.gamma != 1.0:
-        ratio **= rule.gamma
-    ratio *= X
-    return ratio.astype(X.dtype, copy=False)
-
-
 def masked_update_w(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> np.ndarray:
     """Masked multiplicative update of one row block of W (a new array), see the module docstring."""
     numer, denom = _weighted_terms(V_d, observed, W_b @ H, rule)
-    return _apply_ratio(W_b, numer @ H.T, denom @ H.T, rule)
+    return mu_update(W_b, numer @ H.T, denom @ H.T, rule)
 
 
 def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
@@ -102,7 +93,7 @@ def masked_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray
     """
     if rule.solver == "hals":
         return hals_update_h(H, partials)
-    return _apply_ratio(H, partials.numer, partials.denom, rule)
+    return mu_update(H, partials.numer, partials.denom, rule)
 
 
 # Masked HALS (Frobenius) by majorization: fill the missing entries with the current WH,

@@ -13,6 +13,27 @@ from .nnls import nnls_bpp
 from .products import Partials, w_products
 
 
+def mu_update(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -> np.ndarray:
+    """The multiplicative update of a factor X (a new array of X's dtype)::
+
+        X ← X ∘ [numer / (denom + ε)]^γ
+
+    Parameters
+    ----------
+    X : array of shape (m, k)
+        W_b (n_b, r) or H (r, p), left as it is.
+    numer, denom : arrays that broadcast to (m, k)
+        The numerator and denominator of the ratio, ε not yet added to ``denom``.
+    rule : Rule
+        Gives ε and the exponent γ (:attr:`Rule.gamma`; 1 for 1 ≤ β ≤ 2).
+    """
+    ratio = numer / (denom + rule.eps)
+    if rule.gamma != 1.0:
+        ratio **= rule.gamma
+    ratio *= X
+    return ratio.astype(X.dtype, copy=False)
+
+
 def apply_w_update(
     W_b: np.ndarray, numer: np.ndarray, denom, HHt: np.ndarray, h_rowsum, rule: Rule
 ) -> np.ndarray:
@@ -30,19 +51,11 @@ def apply_w_update(
     if rule.solver == "bpp":
         solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
         return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
-    eps = rule.eps
     if rule.frobenius:
         denom = W_b @ HHt
-        denom += eps
     elif rule.kullback_leibler:
-        denom = h_rowsum + eps
-    else:
-        denom = denom + eps
-    ratio = numer / denom
-    if rule.gamma != 1.0:
-        ratio **= rule.gamma
-    ratio *= W_b
-    return ratio.astype(W_b.dtype, copy=False)
+        denom = h_rowsum
+    return mu_update(W_b, numer, denom, rule)
 
 
 def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
@@ -51,19 +64,15 @@ def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
     β = 2: H ← H ∘ (WᵀV) / (WᵀW H + ε); β = 1: H ← H ∘ (Wᵀ(V / (WH + ε))) / (Wᵀ1 + ε);
     otherwise H ← H ∘ [Wᵀ(V ∘ (WH+ε)^(β-2)) / (Wᵀ(WH+ε)^(β-1) + ε)]^γ.
     """
-    eps = rule.eps
+    denom = partials.denom
     if rule.frobenius:
-        denom = partials.denom @ H
+        denom = denom @ H
     elif rule.kullback_leibler:
-        denom = np.repeat(partials.denom[:, None], H.shape[1], axis=1)
-    else:
-        denom = partials.denom.copy()
-    denom += eps
-    ratio = partials.numer / denom
-    if rule.gamma != 1.0:
-        ratio **= rule.gamma
-    ratio *= H
-    return ratio.astype(H.dtype, copy=False)
+        # Whole (r, p), not a broadcast column: the new H then comes out C-ordered, as for
+        # the other β, even where WᵀV is F-ordered (sparse V), and the products that use it
+        # round the same.
+        denom = np.repeat(denom[:, None], H.shape[1], axis=1)
+    return mu_update(H, partials.numer, denom, rule)
 
 
 def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
