@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from .beta import FROBENIUS, Rule, beta_divergence_dense
 from .products import Partials
 from .scans import BlockStats, add_stats, block_stats
-from .updates import hals_update_h, mu_update, update_w
+from .updates import mu_update, update_h, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -86,14 +86,13 @@ def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: n
 
 
 def masked_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
-    """The masked H half-step from the reduced partials (a new array).
+    """The masked H half-step from the reduced partials (a new array): :func:`~.updates.update_h`.
 
-    MU: H ← H ∘ [numer / (denom + ε)]^γ with (r, p) numer and denom. HALS: the ordinary HALS
-    sweep on the filled-in data (see :func:`filled_hals_partials`).
+    MU: H ← H ∘ [numer / (denom + ε)]^γ with (r, p) numer and denom, whatever β. HALS: one
+    ordinary HALS sweep on the filled-in data (see :func:`filled_hals_partials`), whose
+    surrogate changes with every step.
     """
-    if rule.solver == "hals":
-        return hals_update_h(H, partials)
-    return mu_update(H, partials.numer, partials.denom, rule)
+    return update_h(H, partials, replace(rule, h_sweeps=1), whole_denominator=True)
 
 
 # Masked HALS (Frobenius) by majorization: fill the missing entries with the current WH,

@@ -1,7 +1,16 @@
 """The update rules: one half-step of W or of H, from the products of :mod:`.products`.
 
-MU (Lee & Seung; Févotte & Idier for β ≠ 2), HALS (Cichocki & Phan; accelerated as in
-Gillis & Glineur 2012) and ANLS by block principal pivoting (:mod:`.nnls`).
+Three solvers, each a rule for the factor X being updated given the other factor's products:
+
+- MU, multiplicative updates (Lee & Seung 2001; Févotte & Idier 2011 for β ≠ 2):
+  X ← X ∘ [numer / (denom + ε)]^γ, written once in :func:`mu_update`;
+- HALS, hierarchical alternating least squares (Cichocki & Phan 2009), one row of X at a
+  time, with the inner sweeps of accelerated HALS (Gillis & Glineur 2012): :func:`hals_sweeps`;
+- BPP, alternating NNLS solved exactly by block principal pivoting (:mod:`.nnls`).
+
+HALS and BPP minimize the Frobenius loss only. The H half-step is :func:`update_h`, the W
+half-step of a row block :func:`update_w` (or :func:`apply_w_update` from products summed
+elsewhere, as on a grid).
 """
 
 from __future__ import annotations
@@ -32,47 +41,6 @@ def mu_update(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -
         ratio **= rule.gamma
     ratio *= X
     return ratio.astype(X.dtype, copy=False)
-
-
-def apply_w_update(
-    W_b: np.ndarray, numer: np.ndarray, denom, HHt: np.ndarray, h_rowsum, rule: Rule
-) -> np.ndarray:
-    """The W half-step of ``rule`` for one row block from :func:`w_products` (a new array;
-    the inputs are left as they are).
-
-    ``HHt`` is HHᵀ (β = 2), ``h_rowsum`` H's row sums (β = 1). MU: W ← W ∘ [numer / denom]^γ
-    with denom = W HHᵀ + ε (β = 2), 1 Hᵀ + ε (β = 1), or the given one + ε; HALS sweeps the
-    columns of W; BPP solves each row's NNLS exactly.
-    """
-    if rule.solver == "hals":
-        Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
-        hals_sweeps(Wt, HHt, np.ascontiguousarray(numer.T), rule.w_sweeps)
-        return np.ascontiguousarray(Wt.T)
-    if rule.solver == "bpp":
-        solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
-        return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
-    if rule.frobenius:
-        denom = W_b @ HHt
-    elif rule.kullback_leibler:
-        denom = h_rowsum
-    return mu_update(W_b, numer, denom, rule)
-
-
-def mu_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
-    """Multiplicative update of H from the reduced partials (a new array).
-
-    β = 2: H ← H ∘ (WᵀV) / (WᵀW H + ε); β = 1: H ← H ∘ (Wᵀ(V / (WH + ε))) / (Wᵀ1 + ε);
-    otherwise H ← H ∘ [Wᵀ(V ∘ (WH+ε)^(β-2)) / (Wᵀ(WH+ε)^(β-1) + ε)]^γ.
-    """
-    denom = partials.denom
-    if rule.frobenius:
-        denom = denom @ H
-    elif rule.kullback_leibler:
-        # Whole (r, p), not a broadcast column: the new H then comes out C-ordered, as for
-        # the other β, even where WᵀV is F-ordered (sparse V), and the products that use it
-        # round the same.
-        denom = np.repeat(denom[:, None], H.shape[1], axis=1)
-    return mu_update(H, partials.numer, denom, rule)
 
 
 def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
@@ -114,27 +82,100 @@ def hals_sweeps(X: np.ndarray, gram: np.ndarray, cross: np.ndarray, max_sweeps: 
     return X
 
 
-def hals_update_h(H: np.ndarray, partials: Partials, sweeps: int = 1) -> np.ndarray:
-    """HALS update of H from WᵀV and WᵀW (a new array): the rows of H in turn."""
-    return hals_sweeps(H.copy(), partials.denom, partials.numer, sweeps)
+def update_h(H: np.ndarray, partials: Partials, rule: Rule, *, whole_denominator: bool = False) -> np.ndarray:
+    """The H half-step of ``rule`` from the partials summed over the row blocks (a new array).
 
+    Parameters
+    ----------
+    H : array of shape (r, p)
+        H, or a column block of it; left as it is.
+    partials : Partials
+        ``numer`` (r, p) and ``denom`` as :class:`~.products.Partials` describes them:
+        WᵀW (r, r) for β = 2, W's column sums (r,) for β = 1, (r, p) otherwise.
+    rule : Rule
+    whole_denominator : bool
+        ``denom`` is the whole (r, p) MU denominator whatever β (the masked partials, for
+        which no Gram or sum shortcut exists).
 
-def bpp_update_h(H: np.ndarray, partials: Partials) -> np.ndarray:
-    """ANLS update of H: each column the exact NNLS solution given W (from WᵀW and WᵀV)."""
-    return nnls_bpp(partials.denom, partials.numer, H > 0).astype(H.dtype, copy=False)
+    Returns
+    -------
+    array of shape (r, p), H's dtype.
 
-
-def update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
-    """The H half-step of ``rule``."""
+    Notes
+    -----
+    MU: H ← H ∘ [numer / (D + ε)]^γ with D = WᵀW H (β = 2), colsum(W) 1ᵀ (β = 1), or
+    ``denom`` itself. HALS: up to ``rule.h_sweeps`` sweeps over the rows of H minimizing
+    ½⟨H, WᵀW H⟩ − ⟨WᵀV, H⟩. BPP: each column of H the exact NNLS solution given W.
+    """
     if rule.solver == "hals":
-        return hals_update_h(H, partials, rule.h_sweeps)
+        return hals_sweeps(H.copy(), partials.denom, partials.numer, rule.h_sweeps)
     if rule.solver == "bpp":
-        return bpp_update_h(H, partials)
-    return mu_update_h(H, partials, rule)
+        return nnls_bpp(partials.denom, partials.numer, H > 0).astype(H.dtype, copy=False)
+    denom = partials.denom
+    if not whole_denominator:
+        if rule.frobenius:
+            denom = denom @ H
+        elif rule.kullback_leibler:
+            # Whole (r, p), not a broadcast column: the new H then comes out C-ordered, as for
+            # the other β, even where WᵀV is F-ordered (sparse V), and the products that use
+            # it round the same.
+            denom = np.repeat(denom[:, None], H.shape[1], axis=1)
+    return mu_update(H, partials.numer, denom, rule)
+
+
+def apply_w_update(
+    W_b: np.ndarray, numer: np.ndarray, denom: np.ndarray | None, HHt: np.ndarray, h_rowsum, rule: Rule
+) -> np.ndarray:
+    """The W half-step of ``rule`` for one row block from :func:`~.products.w_products`.
+
+    Parameters
+    ----------
+    W_b : array of shape (n_b, r)
+        The row block of W; left as it is.
+    numer, denom : arrays of shape (n_b, r), or None for ``denom``
+        The products of :func:`~.products.w_products` (summed over the column blocks on a grid).
+    HHt : array of shape (r, r)
+        HHᵀ (β = 2, HALS and BPP).
+    h_rowsum : array of shape (r,), or None
+        H's row sums (MU at β = 1).
+    rule : Rule
+
+    Returns
+    -------
+    array of shape (n_b, r), W_b's dtype (a new array).
+
+    Notes
+    -----
+    MU: W ← W ∘ [numer / (D + ε)]^γ with D = W HHᵀ (β = 2), 1 rowsum(H)ᵀ (β = 1), or
+    ``denom``. HALS: up to ``rule.w_sweeps`` sweeps over the columns of W. BPP: each row of
+    W the exact NNLS solution given H.
+    """
+    if rule.solver == "hals":
+        Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
+        hals_sweeps(Wt, HHt, np.ascontiguousarray(numer.T), rule.w_sweeps)
+        return np.ascontiguousarray(Wt.T)
+    if rule.solver == "bpp":
+        solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
+        return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
+    if rule.frobenius:
+        denom = W_b @ HHt
+    elif rule.kullback_leibler:
+        denom = h_rowsum
+    return mu_update(W_b, numer, denom, rule)
 
 
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:
-    """The W half-step of ``rule`` for one row block (a new array)."""
+    """The W half-step of ``rule`` for one row block (a new array).
+
+    Parameters
+    ----------
+    V_b : array or CSR matrix of shape (n_b, p), W_b's dtype
+    W_b : array of shape (n_b, r)
+    H : array of shape (r, p)
+    HHt : array of shape (r, r)
+        HHᵀ.
+    rule : Rule
+    """
     numer, denom = w_products(V_b, W_b, H, rule)
     h_rowsum = H.sum(axis=1) if rule.kullback_leibler and rule.solver == "mu" else None
     return apply_w_update(W_b, numer, denom, HHt, h_rowsum, rule)
