@@ -19,13 +19,20 @@ from .beta import Rule, beta_divergence_dense
 
 
 class Partials(NamedTuple):
-    """Sums over row blocks that the H update and the objective need.
+    """Sums over the row blocks of V that the H update and the objective need.
 
-    numer : (r, p) array. WᵀV (β = 2), or Wᵀ(V ∘ (WH)^(β-2)) otherwise.
-    denom : WᵀW of shape (r, r) for β = 2; column sums of W, shape (r,), for β = 1;
-        Wᵀ(WH)^(β-1) of shape (r, p) otherwise.
-    loss : the divergence summed over the blocks (β ≠ 2); 0 for β = 2.
-    w_sq, dw_sq : ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
+    Attributes
+    ----------
+    numer : array of shape (r, p)
+        WᵀV (β = 2), Wᵀ(V / (WH + ε)) (β = 1), or Wᵀ(V ∘ (WH + ε)^(β−2)).
+    denom : array
+        WᵀW, (r, r), for β = 2; W's column sums, (r,), for β = 1; or Wᵀ(WH + ε)^(β−1),
+        (r, p). Under a mask (:mod:`.masked`) numer and denom are both (r, p) whatever β.
+    loss : float
+        The divergence summed over the blocks (β ≠ 2, less the constant for β = 1); 0 for
+        β = 2, whose objective comes from the Gram identity.
+    w_sq, dw_sq : float
+        ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
     """
 
     numer: np.ndarray
@@ -84,28 +91,30 @@ def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.nd
 
 
 def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
-    """Partials of one row block at (W_b, H); ``w_sq`` and ``dw_sq`` are left at 0.
+    """The partials of one row block at (W_b, H), ``w_sq`` and ``dw_sq`` left at 0.
 
-    ``with_loss=False`` skips the divergence (β ≠ 2: a log or a power per entry), leaving
-    ``loss`` at 0, for iterations that do not evaluate the objective.
+    Parameters
+    ----------
+    V_b : array or CSR matrix of shape (n_b, p), W_b's dtype
+    W_b : array of shape (n_b, r)
+    H : array of shape (r, p)
+    rule : Rule
+    with_loss : bool
+        False skips the divergence (β ≠ 2: a log or a power per entry), leaving ``loss`` at
+        0, for iterations that do not evaluate the objective.
+
+    Returns
+    -------
+    Partials
+        numer = W_bᵀV_b and denom = W_bᵀW_b (β = 2); numer = W_bᵀ(V_b / (W_b H + ε)) and
+        denom = colsum(W_b) (β = 1); numer = W_bᵀ(V_b ∘ (W_b H + ε)^(β−2)) and
+        denom = W_bᵀ(W_b H + ε)^(β−1) otherwise.
     """
     beta, eps = rule.beta, rule.eps
     if rule.frobenius:
         return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
     if rule.kullback_leibler and sp.issparse(V_b):
-        wh = _wh_at_nonzeros(V_b, W_b, H)
-        ratio = V_b.copy()
-        ratio.data = V_b.data / (wh + eps)
-        numer = dot_t(W_b, ratio)
-        col_w = W_b.sum(axis=0)
-        loss = 0.0
-        if with_loss:
-            np.log(wh, out=wh)
-            loss = (
-                -float(np.dot(V_b.data.astype(np.float64), wh))
-                + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
-            )
-        return Partials(numer, col_w, loss, 0.0, 0.0)
+        return _kl_partials_sparse(V_b, W_b, H, eps, with_loss)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     if rule.kullback_leibler:
         return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
@@ -117,12 +126,67 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
     return Partials(numer, denom, loss, 0.0, 0.0)
 
 
+def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndarray, np.ndarray | None]:
+    """The products of V_b that a W half-step needs.
+
+    Parameters
+    ----------
+    V_b : array or CSR matrix of shape (n_b, p), W_b's dtype
+    W_b : array of shape (n_b, r)
+    H : array of shape (r, p)
+    rule : Rule
+
+    Returns
+    -------
+    numer, denom : arrays of shape (n_b, r); denom None where the update forms it from H alone
+        β = 2 (and HALS, BPP): numer = V Hᵀ, denom None (it is W HHᵀ);
+        β = 1: numer = (V / (WH + ε)) Hᵀ, denom None (it is 1 rowsum(H)ᵀ);
+        otherwise numer = (V ∘ (WH + ε)^(β−2)) Hᵀ and denom = (WH + ε)^(β−1) Hᵀ.
+        Both are sums over V's columns, so on a grid of V the column blocks' products add up.
+    """
+    beta, eps = rule.beta, rule.eps
+    if rule.frobenius or rule.solver != "mu":
+        return _dot_ht(V_b, H), None
+    if rule.kullback_leibler:
+        if sp.issparse(V_b):
+            return _dot_ht(_kl_ratio_sparse(V_b, _wh_at_nonzeros(V_b, W_b, H), eps), H), None
+        return _kl_ratio_times_ht(V_b, W_b, H, eps), None
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    wh = W_b @ H
+    wh += eps
+    return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
+
+
+def _kl_ratio_sparse(V_b: sp.csr_matrix, wh: np.ndarray, eps: float) -> sp.csr_matrix:
+    """V / (WH + ε) at the stored entries of a CSR block, given WH there (:func:`_wh_at_nonzeros`)."""
+    ratio = V_b.copy()
+    ratio.data = V_b.data / (wh + eps)
+    return ratio
+
+
+def _kl_partials_sparse(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool) -> Partials:
+    """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
+    and the loss (less the constant, as in :func:`_kl_partials_dense`)."""
+    wh = _wh_at_nonzeros(V_b, W_b, H)
+    numer = dot_t(W_b, _kl_ratio_sparse(V_b, wh, eps))
+    col_w = W_b.sum(axis=0)
+    loss = 0.0
+    if with_loss:
+        np.log(wh, out=wh)
+        loss = (
+            -float(np.dot(V_b.data.astype(np.float64), wh))
+            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+        )
+    return Partials(numer, col_w, loss, 0.0, 0.0)
+
+
 # The dense KL kernels work on row tiles of about this many entries, so the elementwise
 # work on WH stays in cache and no block-sized temporary is made.
 KL_TILE_ENTRIES = 2**18
 
 
-def row_tiles(n_rows: int, p: int):
+def row_tiles(n_rows: int, p: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the row tiles of an (n_rows, p) block, about ``KL_TILE_ENTRIES`` entries each."""
     step = max(1, KL_TILE_ENTRIES // max(1, p))
     return [(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
 
@@ -142,7 +206,7 @@ def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float
 def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True) -> Partials:
     """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
 
-    The loss leaves out the constant Σ V log V − Σ V (added by :func:`objective`):
+    The loss leaves out the constant Σ V log V − Σ V (added by :func:`~.beta.objective`):
     −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
     """
     numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
@@ -167,26 +231,3 @@ def _v_log_wh(V_t: np.ndarray, wh: np.ndarray) -> float:
     if np.isnan(total):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
         total = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
     return total
-
-
-def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
-    """The products of V_b that a W half-step needs: ``(numer, denom)``, each (n_b, r).
-
-    β = 2 (and HALS, BPP): numer = V Hᵀ, denom None (it is W HHᵀ, from HHᵀ alone);
-    β = 1: numer = (V / (WH + ε)) Hᵀ, denom None (it is 1 Hᵀ, H's row sums);
-    otherwise numer = (V ∘ (WH+ε)^(β-2)) Hᵀ and denom = (WH+ε)^(β-1) Hᵀ.
-    Both are sums over V's columns, so on a grid of V the column blocks' products add up.
-    """
-    beta, eps = rule.beta, rule.eps
-    if rule.frobenius or rule.solver != "mu":
-        return _dot_ht(V_b, H), None
-    if rule.kullback_leibler:
-        if sp.issparse(V_b):
-            ratio = V_b.copy()
-            ratio.data = V_b.data / (_wh_at_nonzeros(V_b, W_b, H) + eps)
-            return _dot_ht(ratio, H), None
-        return _kl_ratio_times_ht(V_b, W_b, H, eps), None
-    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
-    wh = W_b @ H
-    wh += eps
-    return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
