@@ -18,13 +18,14 @@ from .updates import apply_w_update, update_h
 
 
 class WProducts(NamedTuple):
-    """:func:`w_products` of a chunk, (n_i, r) each; summed over the column blocks."""
+    """:func:`~.products.w_products` of a chunk, (n_i, r) each; summed over the column blocks."""
 
     numer: np.ndarray
     denom: np.ndarray | None
 
 
 def add_w_products(a: WProducts, b: WProducts) -> WProducts:
+    """Sum of two chunks' W products (the tree reduction's binary op)."""
     return WProducts(a.numer + b.numer, None if a.denom is None else a.denom + b.denom)
 
 
@@ -60,10 +61,12 @@ class FactorSums(NamedTuple):
 
 
 def add_factor_sums(a: FactorSums, b: FactorSums) -> FactorSums:
+    """Elementwise sum of two blocks' factor sums (the tree reduction's binary op)."""
     return FactorSums(*(x + y for x, y in zip(a, b)))
 
 
 def _change(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+    """‖new‖² and ‖new − old‖²."""
     delta = new - old
     return float(np.vdot(new, new)), float(np.vdot(delta, delta))
 

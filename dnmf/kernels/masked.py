@@ -1,4 +1,4 @@
-"""Per-block math of NMF with missing entries: numpy in, numpy out. Never imports dask.
+"""The masked objective: per-block math of NMF with missing entries.
 
 A mask M (True = observed) weights the β-divergence, so that only observed entries count:
 
@@ -11,10 +11,11 @@ Its multiplicative updates (Lee & Seung 2001 with weights; Févotte & Idier 2011
 
 so for β = 2: W ← W ∘ ((M∘V)Hᵀ) / ((M∘WH)Hᵀ + ε), and for β = 1 (KL):
 W ← W ∘ ((M∘V/WH)Hᵀ) / (M Hᵀ + ε). Entries of V that are NaN are always missing; an
-explicit mask block can hide more. As in :mod:`dnmf.kernels`, one task per row block updates
-W_b and returns the :class:`~dnmf.kernels.Partials` at the new (W_b, H) for the next H update:
+explicit mask block can hide more. As in :mod:`.step`, one task per row block updates
+W_b and returns the :class:`~.products.Partials` at the new (W_b, H) for the next H update:
 here ``numer`` and ``denom`` are both (r, p) (no Gram shortcut exists under a mask) and
-``loss`` is the masked divergence of the block.
+``loss`` is the masked divergence of the block. The ratios are those of
+:func:`~.updates.mu_update`, the H half-step is :func:`~.updates.update_h`'s.
 
 With ``solver="hals"`` (Frobenius only) the missing entries are filled with the current WH
 and an ordinary HALS step is taken (a majorization of the masked objective; see
@@ -111,12 +112,15 @@ def filled_block(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray) -> np.nd
 
 def filled_hals_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray) -> Partials:
     """Partials at (W_b, H) for the next HALS H step: W_bᵀV̂ (r, p), W_bᵀW_b (r, r), masked loss."""
+    # W_bᵀW_b here and HHᵀ in masked_step_block are ``X.T @ X`` (BLAS syrk), not gram() (gemm):
+    # the two round differently, so switching would change masked HALS fits in the last bits.
     WH = W_b @ H
     loss = masked_loss(V_d, observed, WH, FROBENIUS)
     return Partials(W_b.T @ filled_block(V_d, observed, WH), W_b.T @ W_b, loss, 0.0, 0.0)
 
 
 def _partials(V_d, observed, W_b, H, rule: Rule) -> Partials:
+    """The masked partials of ``rule`` at (W_b, H): filled-in for HALS, weighted for MU."""
     if rule.solver == "hals":
         return filled_hals_partials(V_d, observed, W_b, H)
     return masked_partials(V_d, observed, W_b, H, rule)

@@ -26,6 +26,7 @@ class BlockStats(NamedTuple):
 
 
 def _first_position(mask_rows: np.ndarray, mask_cols: np.ndarray, row_offset: int, col_offset: int = 0):
+    """The first (row, column) in row-major order of a block's marked entries, in V's positions."""
     if mask_rows.size == 0:
         return None
     first = np.lexsort((mask_cols, mask_rows))[0]
@@ -91,6 +92,7 @@ def _clean_dense_stats(values: np.ndarray, with_xlogx: bool) -> BlockStats | Non
 
 
 def _earliest(a, b):
+    """The earlier of two positions in row-major order, either possibly None."""
     return b if a is None else a if b is None else min(a, b)
 
 

@@ -17,8 +17,25 @@ from .updates import update_w
 def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule, with_loss: bool = True):
     """One iteration's work on a row block, reading V_b once.
 
-    Returns ``(W_b_new, partials)`` where the partials are taken at (W_b_new, H) and carry
-    ‖W_b_new‖² and ‖W_b_new − W_b‖² (and the divergence unless ``with_loss`` is False).
+    Parameters
+    ----------
+    V_b : array or sparse matrix of shape (n_b, p)
+    W_b : array of shape (n_b, r)
+        The row block of W; left as it is.
+    H : array of shape (r, p)
+    HHt : array of shape (r, r)
+        HHᵀ.
+    rule : Rule
+    with_loss : bool
+        False leaves the divergence out of the partials (β ≠ 2).
+
+    Returns
+    -------
+    W_b_new : array of shape (n_b, r)
+        W_b after the W half-step of ``rule`` (:func:`~.updates.update_w`).
+    partials : Partials
+        The partials at (W_b_new, H) (:func:`~.products.block_partials`), with
+        ‖W_b_new‖² and ‖W_b_new − W_b‖².
     """
     V_b = as_float_block(V_b, W_b.dtype)
     if _fuses_in_tiles(V_b, rule):
@@ -39,6 +56,7 @@ FUSED_TILE_ENTRIES = 2**20
 
 
 def _fuses_in_tiles(V_b, rule: Rule) -> bool:
+    """Whether :func:`step_block` runs on V_b tile by tile (dense, β = 2, a cheap W update, large)."""
     if not rule.frobenius or sp.issparse(V_b):
         return False
     cheap_update = rule.solver == "mu" or (rule.solver == "hals" and rule.w_sweeps == 1)
