@@ -29,7 +29,6 @@ from .beta import (
     ITAKURA_SAITO,
     KULLBACK_LEIBLER,
     Rule,
-    objective,
     objective_from_sums,
 )
 from .grid import (
@@ -43,7 +42,7 @@ from .grid import (
     grid_update_h,
     grid_update_w,
 )
-from .products import Partials, add_partials, gram
+from .products import Partials, add_partials, gram, objective
 from .scans import BlockStats, add_stats, block_stats
 from .starts import (
     block_times,

@@ -22,15 +22,10 @@ and the functions below that take β alone dispatch on it here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
-
-if TYPE_CHECKING:
-    from .products import Partials
-
 
 FROBENIUS = 2.0
 KULLBACK_LEIBLER = 1.0
@@ -119,26 +114,16 @@ def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
     )
 
 
-def objective_term(partials: Partials, H: np.ndarray, beta: float) -> float:
+def objective_term(numer: np.ndarray, loss: float, H: np.ndarray, beta: float) -> float:
     """The part of D_β(V | WH) that the partials at (W, H) carry, for H or a column block of it.
 
-    β = 2: the cross term ⟨WᵀV, H⟩ of the Gram identity; otherwise the divergence summed
-    over the blocks (less the KL constant for β = 1, see :func:`objective_from_sums`).
+    β = 2: the cross term ⟨WᵀV, H⟩ of the Gram identity, from ``numer`` = WᵀV (r, p) and H
+    (r, p); otherwise ``loss``, the divergence summed over the blocks (less the KL constant
+    for β = 1, see :func:`objective_from_sums`).
     """
     if beta == FROBENIUS:
-        return float(np.vdot(partials.numer.astype(np.float64), H.astype(np.float64)))
-    return float(partials.loss)
-
-
-def objective(
-    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
-) -> float:
-    """D_β(V | WH) from reduced partials.
-
-    ``v_sq`` is ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the KL partials
-    leave out, Σ V log V − Σ V (used for β = 1 only).
-    """
-    return objective_from_sums(objective_term(partials, H, beta), partials.denom, HHt, v_sq, beta, kl_offset)
+        return float(np.vdot(numer.astype(np.float64), H.astype(np.float64)))
+    return float(loss)
 
 
 def objective_from_sums(term: float, w_gram, h_gram, v_sq: float, beta: float, kl_offset: float = 0.0) -> float:

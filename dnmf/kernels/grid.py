@@ -93,4 +93,4 @@ def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, updat
 def column_objective_term(partials: Partials, H_b: np.ndarray, beta: float) -> float:
     """Column block j's share of the objective: :func:`~.beta.objective_term` of its partials
     and H_j (⟨(WᵀV)_j, H_j⟩ for β = 2, else the divergence summed over the column block)."""
-    return objective_term(partials, H_b, beta)
+    return objective_term(partials.numer, partials.loss, H_b, beta)

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
-from .beta import Rule, beta_divergence_dense
+from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
 
 
 class Partials(NamedTuple):
@@ -45,6 +45,18 @@ class Partials(NamedTuple):
 def add_partials(a: Partials, b: Partials) -> Partials:
     """Elementwise sum of two block partials (the tree reduction's binary op)."""
     return Partials(*(x + y for x, y in zip(a, b)))
+
+
+def objective(
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
+) -> float:
+    """D_β(V | WH) from the partials at (W, H) reduced over all row blocks.
+
+    ``HHt`` is HHᵀ and ``v_sq`` ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the
+    KL partials leave out, Σ V log V − Σ V (used for β = 1 only).
+    """
+    term = objective_term(partials.numer, partials.loss, H, beta)
+    return objective_from_sums(term, partials.denom, HHt, v_sq, beta, kl_offset)
 
 
 def as_float_block(block, dtype: np.dtype):
