@@ -57,8 +57,9 @@ class Rule:
     - :attr:`kullback_leibler` (β = 1): the MU denominators are W's column sums and H's row
       sums; WH is formed only inside V / (WH + ε), at V's nonzeros for sparse V.
 
-    Any other β forms (WH + ε)^(β−2) and (WH + ε)^(β−1) block by block, and MU raises its
-    ratio to the power :attr:`gamma`.
+    Any other β forms (WH + ε)^(β−2) and (WH + ε)^(β−1) block by block. MU raises its ratio
+    to the power :attr:`gamma` (1 for 1 ≤ β ≤ 2). Under a mask (:mod:`.masked`) no shortcut
+    holds for the MU denominators, whatever β.
     """
 
     solver: str
