@@ -9,7 +9,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from conftest import best_cosines, custom_start, planted_parts
-from dnmf import masked
+from dnmf.kernels import masked
 from dnmf.errors import DnmfError
 from dnmf.kernels import Rule
 

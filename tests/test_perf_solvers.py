@@ -12,7 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from conftest import custom_start
-from dnmf.nnls import nnls_bpp
+from dnmf.kernels.nnls import nnls_bpp
 from dnmf.data.store import auto_row_block, tree_fold
 from dnmf.data.zarrio import default_compressors
 
@@ -197,7 +197,7 @@ def test_blas_single_threaded_under_default_scheduler():
 
 @pytest.mark.parametrize("solver", ["mu", "hals"])
 def test_tiled_frobenius_step_equals_whole_block(monkeypatch, solver):
-    from dnmf import kernels
+    from dnmf.kernels import step as kernels
     from dnmf.kernels import Rule
 
     rng = np.random.default_rng(5)

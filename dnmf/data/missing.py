@@ -1,7 +1,7 @@
 """Missing entries on the Dask side: open a mask, scan V over observed entries, fill V for the
 SVD-based inits, draw hold-out masks and score a fit on the held-out entries.
 
-The per-block math is in :mod:`dnmf.masked`; this module only lays out graphs over V's row
+The per-block math is in :mod:`dnmf.kernels.masked`; this module only lays out graphs over V's row
 blocks (one task per block, fixed-order tree sums), like :mod:`dnmf.data.store`.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .. import masked
 from ..errors import InvalidMatrixError, ParameterError, expected
+from ..kernels import masked
 from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
 
 MISSING_VALUES = (None, "nan")
@@ -126,7 +126,7 @@ def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix
 def holdout_mask(matrix: Matrix, seed: int, fraction: float) -> da.Array:
     """A random training mask row-chunked like V: each entry held out (False) with probability ``fraction``.
 
-    Independent of the chunking for a given seed (see :func:`dnmf.masked.holdout_rows`).
+    Independent of the chunking for a given seed (see :func:`dnmf.kernels.masked.holdout_rows`).
     """
     if not 0 < fraction < 1:
         raise ParameterError(expected("holdout_fraction strictly between 0 and 1", fraction))

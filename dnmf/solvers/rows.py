@@ -24,10 +24,10 @@ import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .. import kernels, masked
+from .. import kernels
 from ..errors import ParameterError
 from ..data.missing import mask_block_keys
-from ..kernels import Partials, Rule
+from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
@@ -86,7 +86,7 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
-    masked : minimize the divergence over observed entries only (:mod:`dnmf.masked`): NaN
+    masked : minimize the divergence over observed entries only (:mod:`dnmf.kernels.masked`): NaN
         entries of V are missing, and so are the False entries of ``mask``.
     mask : optional boolean dask array shaped and row-chunked like V (True = observed).
     kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only); None to have

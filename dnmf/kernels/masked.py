@@ -1,4 +1,4 @@
-"""Per-block math of NMF with missing entries: numpy in, numpy out. Never imports dask.
+"""The masked objective: per-block math of NMF with missing entries.
 
 A mask M (True = observed) weights the β-divergence, so that only observed entries count:
 
@@ -11,10 +11,11 @@ Its multiplicative updates (Lee & Seung 2001 with weights; Févotte & Idier 2011
 
 so for β = 2: W ← W ∘ ((M∘V)Hᵀ) / ((M∘WH)Hᵀ + ε), and for β = 1 (KL):
 W ← W ∘ ((M∘V/WH)Hᵀ) / (M Hᵀ + ε). Entries of V that are NaN are always missing; an
-explicit mask block can hide more. As in :mod:`dnmf.kernels`, one task per row block updates
-W_b and returns the :class:`~dnmf.kernels.Partials` at the new (W_b, H) for the next H update:
+explicit mask block can hide more. As in :mod:`.step`, one task per row block updates
+W_b and returns the :class:`~.products.Partials` at the new (W_b, H) for the next H update:
 here ``numer`` and ``denom`` are both (r, p) (no Gram shortcut exists under a mask) and
-``loss`` is the masked divergence of the block.
+``loss`` is the masked divergence of the block. The ratios are those of
+:func:`~.updates.mu_update`, the H half-step is :func:`~.updates.update_h`'s.
 
 With ``solver="hals"`` (Frobenius only) the missing entries are filled with the current WH
 and an ordinary HALS step is taken (a majorization of the masked objective; see
@@ -30,18 +31,10 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from .kernels import (
-    FROBENIUS,
-    KULLBACK_LEIBLER,
-    BlockStats,
-    Partials,
-    Rule,
-    add_stats,
-    beta_divergence_dense,
-    block_stats,
-    hals_update_h,
-    update_w,
-)
+from .beta import FROBENIUS, Rule, beta_divergence_dense
+from .products import Partials
+from .scans import BlockStats, add_stats, block_stats
+from .updates import mu_update, update_h, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -64,10 +57,10 @@ def _weighted_terms(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, rule:
     For β = 2 the denominator is M∘WH (no ε), for β = 1 it is M itself (as a float array).
     """
     beta, eps = rule.beta, rule.eps
-    if beta == FROBENIUS:
+    if rule.frobenius:
         return V_d, np.where(observed, WH, 0)
     shifted = WH + eps
-    if beta == KULLBACK_LEIBLER:
+    if rule.kullback_leibler:
         return np.divide(V_d, shifted), observed.astype(WH.dtype)
     numer = V_d * shifted ** (beta - 2.0)
     denom = np.where(observed, shifted ** (beta - 1.0), 0)
@@ -79,19 +72,10 @@ def masked_loss(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, beta: flo
     return beta_divergence_dense(V_d[observed], WH[observed], beta)
 
 
-def _apply_ratio(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -> np.ndarray:
-    denom = denom + rule.eps
-    ratio = np.divide(numer, denom, out=denom)
-    if rule.gamma != 1.0:
-        ratio **= rule.gamma
-    ratio *= X
-    return ratio.astype(X.dtype, copy=False)
-
-
 def masked_update_w(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> np.ndarray:
     """Masked multiplicative update of one row block of W (a new array), see the module docstring."""
     numer, denom = _weighted_terms(V_d, observed, W_b @ H, rule)
-    return _apply_ratio(W_b, numer @ H.T, denom @ H.T, rule)
+    return mu_update(W_b, numer @ H.T, denom @ H.T, rule)
 
 
 def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
@@ -103,14 +87,13 @@ def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: n
 
 
 def masked_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray:
-    """The masked H half-step from the reduced partials (a new array).
+    """The masked H half-step from the reduced partials (a new array): :func:`~.updates.update_h`.
 
-    MU: H ← H ∘ [numer / (denom + ε)]^γ with (r, p) numer and denom. HALS: the ordinary HALS
-    sweep on the filled-in data (see :func:`filled_hals_partials`).
+    MU: H ← H ∘ [numer / (denom + ε)]^γ with (r, p) numer and denom, whatever β. HALS: one
+    ordinary HALS sweep on the filled-in data (see :func:`filled_hals_partials`), whose
+    surrogate changes with every step.
     """
-    if rule.solver == "hals":
-        return hals_update_h(H, partials)
-    return _apply_ratio(H, partials.numer, partials.denom, rule)
+    return update_h(H, partials, replace(rule, h_sweeps=1), whole_denominator=True)
 
 
 # Masked HALS (Frobenius) by majorization: fill the missing entries with the current WH,
@@ -129,12 +112,15 @@ def filled_block(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray) -> np.nd
 
 def filled_hals_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray) -> Partials:
     """Partials at (W_b, H) for the next HALS H step: W_bᵀV̂ (r, p), W_bᵀW_b (r, r), masked loss."""
+    # W_bᵀW_b here and HHᵀ in masked_step_block are ``X.T @ X`` (BLAS syrk), not gram() (gemm):
+    # the two round differently, so switching would change masked HALS fits in the last bits.
     WH = W_b @ H
     loss = masked_loss(V_d, observed, WH, FROBENIUS)
     return Partials(W_b.T @ filled_block(V_d, observed, WH), W_b.T @ W_b, loss, 0.0, 0.0)
 
 
 def _partials(V_d, observed, W_b, H, rule: Rule) -> Partials:
+    """The masked partials of ``rule`` at (W_b, H): filled-in for HALS, weighted for MU."""
     if rule.solver == "hals":
         return filled_hals_partials(V_d, observed, W_b, H)
     return masked_partials(V_d, observed, W_b, H, rule)

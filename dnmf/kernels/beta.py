@@ -1,0 +1,138 @@
+"""The β-divergence: β, the update :class:`Rule`, the divergence of a block and the objective.
+
+The objective is the β-divergence D_β(V | WH) = Σ_ij d_β(V_ij | (WH)_ij), as in scikit-learn:
+
+    d_β(x | y) = ½ (x − y)²                                      β = 2 (Frobenius)
+                 x log(x / y) − x + y                            β = 1 (Kullback-Leibler)
+                 x / y − log(x / y) − 1                          β = 0 (Itakura-Saito)
+                 (x^β + (β − 1) y^β − β x y^(β−1)) / (β (β − 1))  otherwise.
+
+For β = 2 it comes from the Gram identity
+
+    ‖V − WH‖² = ‖V‖² − 2⟨WᵀV, H⟩ + ⟨WᵀW, HHᵀ⟩
+
+and never forms WH; for other β, WH is formed one block at a time (at V's nonzeros only
+for sparse V and KL) and the divergence summed over the blocks.
+
+This module is the one place that tells values of β apart: the other kernels ask a
+:class:`Rule` (:attr:`Rule.frobenius`, :attr:`Rule.kullback_leibler`, :attr:`Rule.gamma`),
+and the functions below that take β alone dispatch on it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import xlogy
+
+FROBENIUS = 2.0
+KULLBACK_LEIBLER = 1.0
+ITAKURA_SAITO = 0.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which update to apply, and what its β means for the kernels.
+
+    Parameters
+    ----------
+    solver : {"mu", "hals", "bpp"}
+        Multiplicative updates, HALS, or ANLS by block principal pivoting.
+    beta : float
+        β of the divergence the updates decrease.
+    eps : float
+        ε of the MU denominators (and of WH where it is raised to a power).
+    w_sweeps, h_sweeps : int
+        The most HALS sweeps per half-step from the same products (accelerated HALS,
+        Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+
+    Notes
+    -----
+    Two values of β have shortcuts, which the kernels ask the rule for:
+
+    - :attr:`frobenius` (β = 2): the updates and the objective need only WᵀV, VHᵀ and the
+      Gram matrices WᵀW, HHᵀ; WH is never formed;
+    - :attr:`kullback_leibler` (β = 1): the MU denominators are W's column sums and H's row
+      sums; WH is formed only inside V / (WH + ε), at V's nonzeros for sparse V.
+
+    Any other β forms (WH + ε)^(β−2) and (WH + ε)^(β−1) block by block. MU raises its ratio
+    to the power :attr:`gamma` (1 for 1 ≤ β ≤ 2). Under a mask (:mod:`.masked`) no shortcut
+    holds for the MU denominators, whatever β.
+    """
+
+    solver: str
+    beta: float
+    eps: float
+    w_sweeps: int = 1
+    h_sweeps: int = 1
+
+    @property
+    def frobenius(self) -> bool:
+        """β = 2: everything comes from WᵀV, VHᵀ, WᵀW and HHᵀ (the Gram identity)."""
+        return self.beta == FROBENIUS
+
+    @property
+    def kullback_leibler(self) -> bool:
+        """β = 1: the MU denominators are W's column sums and H's row sums."""
+        return self.beta == KULLBACK_LEIBLER
+
+    @property
+    def gamma(self) -> float:
+        """Févotte-Idier exponent that makes β-MU monotone outside 1 ≤ β ≤ 2."""
+        if self.beta < 1:
+            return 1.0 / (2.0 - self.beta)
+        if self.beta > 2:
+            return 1.0 / (self.beta - 1.0)
+        return 1.0
+
+
+def kl_constant(V_b) -> float:
+    """Σ V log V over a block (0 log 0 = 0); the KL divergence's constant is this minus ΣV."""
+    values = V_b.data if sp.issparse(V_b) else np.asarray(V_b)
+    if values.size == 0:
+        return 0.0
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    return float(np.sum(xlogy(values, values), dtype=np.float64))
+
+
+def beta_divergence_dense(V: np.ndarray, WH: np.ndarray, beta: float) -> float:
+    """D_β(V | WH) summed over a dense block, accumulated in float64."""
+    V = V.astype(np.float64, copy=False)
+    WH = WH.astype(np.float64, copy=False)
+    if beta == FROBENIUS:
+        return 0.5 * float(np.sum((V - WH) ** 2))
+    if beta == KULLBACK_LEIBLER:
+        return float(np.sum(xlogy(V, V) - xlogy(V, WH) - V + WH))
+    if beta == ITAKURA_SAITO:
+        ratio = V / WH
+        return float(np.sum(ratio - np.log(ratio) - 1.0))
+    return float(
+        np.sum(V**beta + (beta - 1.0) * WH**beta - beta * V * WH ** (beta - 1.0))
+        / (beta * (beta - 1.0))
+    )
+
+
+def objective_term(numer: np.ndarray, loss: float, H: np.ndarray, beta: float) -> float:
+    """The part of D_β(V | WH) that the partials at (W, H) carry, for H or a column block of it.
+
+    β = 2: the cross term ⟨WᵀV, H⟩ of the Gram identity, from ``numer`` = WᵀV (r, p) and H
+    (r, p); otherwise ``loss``, the divergence summed over the blocks (less the KL constant
+    for β = 1, see :func:`objective_from_sums`).
+    """
+    if beta == FROBENIUS:
+        return float(np.vdot(numer.astype(np.float64), H.astype(np.float64)))
+    return float(loss)
+
+
+def objective_from_sums(term: float, w_gram, h_gram, v_sq: float, beta: float, kl_offset: float = 0.0) -> float:
+    """D_β(V | WH) from ``term``: ⟨WᵀV, H⟩ for β = 2 (with WᵀW, HHᵀ and ‖V‖² in the Gram
+    identity), else the divergence summed over V less the KL constant ``kl_offset`` (β = 1)."""
+    if beta == KULLBACK_LEIBLER:
+        return max(term + kl_offset, 0.0)
+    if beta != FROBENIUS:
+        return max(term, 0.0)
+    gram_term = float(np.vdot(np.asarray(w_gram, dtype=np.float64), np.asarray(h_gram, dtype=np.float64)))
+    return max(0.5 * (v_sq - 2.0 * term + gram_term), 0.0)

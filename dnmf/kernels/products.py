@@ -1,0 +1,245 @@
+"""Products of a block of V with the factors: what one pass over V reduces to.
+
+A row block ``V_b`` (all columns) meets the matching row block ``W_b`` of W and all of H
+(r x p, small). The H update and the objective need only sums over the blocks of small
+products, the :class:`Partials`; the W update of a block needs the (n_b, r) products of
+:func:`w_products`. For β = 1 the dense products are formed tile by tile, so WH never exists
+as a block-sized array; for sparse V it is formed at V's nonzeros only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.special import xlogy
+
+from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
+
+
+class Partials(NamedTuple):
+    """Sums over the row blocks of V that the H update and the objective need.
+
+    Attributes
+    ----------
+    numer : array of shape (r, p)
+        WᵀV (β = 2), Wᵀ(V / (WH + ε)) (β = 1), or Wᵀ(V ∘ (WH + ε)^(β−2)).
+    denom : array
+        WᵀW, (r, r), for β = 2; W's column sums, (r,), for β = 1; or Wᵀ(WH + ε)^(β−1),
+        (r, p). Under a mask (:mod:`.masked`) numer and denom are both (r, p) whatever β.
+    loss : float
+        The divergence summed over the blocks (β ≠ 2, less the constant for β = 1); 0 for
+        β = 2, whose objective comes from the Gram identity.
+    w_sq, dw_sq : float
+        ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
+    """
+
+    numer: np.ndarray
+    denom: np.ndarray
+    loss: float
+    w_sq: float
+    dw_sq: float
+
+
+def add_partials(a: Partials, b: Partials) -> Partials:
+    """Elementwise sum of two block partials (the tree reduction's binary op)."""
+    return Partials(*(x + y for x, y in zip(a, b)))
+
+
+def objective(
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
+) -> float:
+    """D_β(V | WH) from the partials at (W, H) reduced over all row blocks.
+
+    ``HHt`` is HHᵀ and ``v_sq`` ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the
+    KL partials leave out, Σ V log V − Σ V (used for β = 1 only).
+    """
+    term = objective_term(partials.numer, partials.loss, H, beta)
+    return objective_from_sums(term, partials.denom, HHt, v_sq, beta, kl_offset)
+
+
+def as_float_block(block, dtype: np.dtype):
+    """Return a block as a float array (or CSR matrix) of ``dtype``, copying only if needed."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        return block if block.dtype == dtype else block.astype(dtype)
+    return np.asarray(block, dtype=dtype)
+
+
+def dot_t(W_b: np.ndarray, V_b) -> np.ndarray:
+    """W_bᵀ V_b for dense or sparse V_b, as a dense (r, p) array."""
+    if sp.issparse(V_b):
+        return np.asarray((V_b.T @ W_b).T)
+    return W_b.T @ V_b
+
+
+def _dot_ht(V_b, H: np.ndarray) -> np.ndarray:
+    """V_b Hᵀ for dense or sparse V_b, as a dense (n_b, r) array."""
+    return np.asarray(V_b @ H.T)
+
+
+def gram(A: np.ndarray) -> np.ndarray:
+    """AᵀA (columns' Gram matrix) by a general matrix product.
+
+    ``A.T @ A`` makes numpy call BLAS syrk, whose rounding was seen to vary from run to run in
+    dask workers (OpenBLAS 0.3.31), breaking bitwise reproducibility; gemm on a copy does not.
+    """
+    return A.T @ A.copy()
+
+
+def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
+    rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
+    out = np.empty(V_b.nnz, dtype=W_b.dtype)
+    # Chunked so the (nnz, r) gather stays small.
+    step = max(1, 2**22 // max(1, W_b.shape[1]))
+    for start in range(0, V_b.nnz, step):
+        stop = start + step
+        out[start:stop] = np.einsum(
+            "ij,ji->i", W_b[rows[start:stop]], H[:, V_b.indices[start:stop]]
+        )
+    return out
+
+
+def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
+    """The partials of one row block at (W_b, H), ``w_sq`` and ``dw_sq`` left at 0.
+
+    Parameters
+    ----------
+    V_b : array or CSR matrix of shape (n_b, p), W_b's dtype
+    W_b : array of shape (n_b, r)
+    H : array of shape (r, p)
+    rule : Rule
+    with_loss : bool
+        False skips the divergence (β ≠ 2: a log or a power per entry), leaving ``loss`` at
+        0, for iterations that do not evaluate the objective.
+
+    Returns
+    -------
+    Partials
+        numer = W_bᵀV_b and denom = W_bᵀW_b (β = 2); numer = W_bᵀ(V_b / (W_b H + ε)) and
+        denom = colsum(W_b) (β = 1); numer = W_bᵀ(V_b ∘ (W_b H + ε)^(β−2)) and
+        denom = W_bᵀ(W_b H + ε)^(β−1) otherwise.
+    """
+    beta, eps = rule.beta, rule.eps
+    if rule.frobenius:
+        return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
+    if rule.kullback_leibler and sp.issparse(V_b):
+        return _kl_partials_sparse(V_b, W_b, H, eps, with_loss)
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    if rule.kullback_leibler:
+        return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
+    wh = W_b @ H
+    loss = beta_divergence_dense(V_d, wh, beta) if with_loss else 0.0
+    wh += eps
+    denom = W_b.T @ (wh ** (beta - 1.0))
+    numer = W_b.T @ (V_d * wh ** (beta - 2.0))
+    return Partials(numer, denom, loss, 0.0, 0.0)
+
+
+def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndarray, np.ndarray | None]:
+    """The products of V_b that a W half-step needs.
+
+    Parameters
+    ----------
+    V_b : array or CSR matrix of shape (n_b, p), W_b's dtype
+    W_b : array of shape (n_b, r)
+    H : array of shape (r, p)
+    rule : Rule
+
+    Returns
+    -------
+    numer, denom : arrays of shape (n_b, r); denom None where the update forms it from H alone
+        β = 2 (and HALS, BPP): numer = V Hᵀ, denom None (it is W HHᵀ);
+        β = 1: numer = (V / (WH + ε)) Hᵀ, denom None (it is 1 rowsum(H)ᵀ);
+        otherwise numer = (V ∘ (WH + ε)^(β−2)) Hᵀ and denom = (WH + ε)^(β−1) Hᵀ.
+        Both are sums over V's columns, so on a grid of V the column blocks' products add up.
+    """
+    beta, eps = rule.beta, rule.eps
+    if rule.frobenius or rule.solver != "mu":
+        return _dot_ht(V_b, H), None
+    if rule.kullback_leibler:
+        if sp.issparse(V_b):
+            return _dot_ht(_kl_ratio_sparse(V_b, _wh_at_nonzeros(V_b, W_b, H), eps), H), None
+        return _kl_ratio_times_ht(V_b, W_b, H, eps), None
+    V_d = V_b.toarray() if sp.issparse(V_b) else V_b
+    wh = W_b @ H
+    wh += eps
+    return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
+
+
+def _kl_ratio_sparse(V_b: sp.csr_matrix, wh: np.ndarray, eps: float) -> sp.csr_matrix:
+    """V / (WH + ε) at the stored entries of a CSR block, given WH there (:func:`_wh_at_nonzeros`)."""
+    ratio = V_b.copy()
+    ratio.data = V_b.data / (wh + eps)
+    return ratio
+
+
+def _kl_partials_sparse(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool) -> Partials:
+    """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
+    and the loss (less the constant, as in :func:`_kl_partials_dense`)."""
+    wh = _wh_at_nonzeros(V_b, W_b, H)
+    numer = dot_t(W_b, _kl_ratio_sparse(V_b, wh, eps))
+    col_w = W_b.sum(axis=0)
+    loss = 0.0
+    if with_loss:
+        np.log(wh, out=wh)
+        loss = (
+            -float(np.dot(V_b.data.astype(np.float64), wh))
+            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+        )
+    return Partials(numer, col_w, loss, 0.0, 0.0)
+
+
+# The dense KL kernels work on row tiles of about this many entries, so the elementwise
+# work on WH stays in cache and no block-sized temporary is made.
+KL_TILE_ENTRIES = 2**18
+
+
+def row_tiles(n_rows: int, p: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the row tiles of an (n_rows, p) block, about ``KL_TILE_ENTRIES`` entries each."""
+    step = max(1, KL_TILE_ENTRIES // max(1, p))
+    return [(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+
+
+def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
+    """(V / (W_b H + ε)) Hᵀ of a dense block, tile by tile: shape (n_b, r)."""
+    out = np.empty((V.shape[0], H.shape[0]), dtype=np.result_type(W_b, H))
+    Ht = H.T
+    for start, stop in row_tiles(V.shape[0], V.shape[1]):
+        wh = W_b[start:stop] @ H
+        wh += eps
+        np.divide(V[start:stop], wh, out=wh)
+        np.matmul(wh, Ht, out=out[start:stop])
+    return out
+
+
+def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True) -> Partials:
+    """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
+
+    The loss leaves out the constant Σ V log V − Σ V (added by :func:`~.beta.objective`):
+    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+    """
+    numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
+    cross = 0.0
+    for start, stop in row_tiles(V.shape[0], V.shape[1]):
+        V_t, W_t = V[start:stop], W_b[start:stop]
+        wh = W_t @ H
+        if with_loss:
+            cross += _v_log_wh(V_t, wh)
+        wh += eps
+        np.divide(V_t, wh, out=wh)
+        numer += W_t.T @ wh
+    col_w = W_b.sum(axis=0)
+    total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+    return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
+
+
+def _v_log_wh(V_t: np.ndarray, wh: np.ndarray) -> float:
+    """Σ V log(WH) over a tile (0 log 0 = 0)."""
+    with np.errstate(divide="ignore"):
+        total = float(np.einsum("ij,ij->i", V_t, np.log(wh)).sum(dtype=np.float64))
+    if np.isnan(total):  # 0 · log 0 where WH has exact zeros (e.g. an NNDSVD start)
+        total = float(np.sum(xlogy(V_t, wh), dtype=np.float64))
+    return total
