@@ -19,7 +19,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import masked
 from ..errors import InvalidMatrixError, ParameterError, expected
-from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
+from .store import Matrix, MatrixStats
+from ..graph import row_block_keys, tree_reduce
 
 MISSING_VALUES = (None, "nan")
 

@@ -35,7 +35,8 @@ from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
 from .rows import Step
-from ..data.store import Matrix, kl_offset, tree_reduce
+from ..data.store import Matrix, kl_offset
+from ..graph import tree_reduce
 
 TINY = np.finfo(float).tiny
 

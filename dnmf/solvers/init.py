@@ -24,7 +24,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
 from ..errors import InvalidMatrixError, ParameterError, expected
-from ..data.store import Matrix, MatrixStats, row_block_keys, tree_reduce
+from ..data.store import Matrix, MatrixStats
+from ..graph import row_block_keys, tree_reduce
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 NNDSVD_THRESHOLD = 1e-6

@@ -28,7 +28,8 @@ from .. import kernels, masked
 from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule
-from ..data.store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
+from ..data.store import Matrix, kl_offset
+from ..graph import row_block_keys, tree_fold, tree_reduce
 
 SOLVERS = ("mu", "hals", "bpp")
 
