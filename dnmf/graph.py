@@ -13,9 +13,9 @@ Two executors run that shape:
 - :class:`InProcess` (:data:`IN_PROCESS`) runs the same calls in this thread at once, on
   values instead of keys, for in-memory V where a graph's overhead would dominate.
 
-The arguments of a per-block call follow :func:`dask.array.map_blocks`: a ``list`` holds one
-argument per block; anything else (a key, an array, a number, a nested task) goes to every
-block as it is. :func:`map_reduce` and :func:`map_blocks` are the two common shapes in one
+The arguments of a per-block call are told apart as :func:`dask.array.map_blocks` tells its
+dask arrays from other arguments: a ``list`` holds one argument per block; anything else (a
+key, an array, a number, a nested task) goes to every block as it is. :func:`map_reduce` and :func:`map_blocks` are the two common shapes in one
 call; :func:`tree_reduce` and :func:`tree_fold` are the tree itself, on a task dict and on
 values.
 
@@ -32,6 +32,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
+from numpy.typing import DTypeLike
 
 Key = Hashable
 """A dask key: a string or a tuple ``(name, *parts)``."""
@@ -44,12 +45,29 @@ SPLIT_EVERY = 8
 
 
 def tree_reduce(dsk: dict, name: str, keys: list, combine: Callable, split_every: int = SPLIT_EVERY) -> Key:
-    """Add a fixed-order tree of ``combine`` over ``keys`` to ``dsk``; return the root key.
+    """Add a fixed-order tree of ``combine`` over ``keys`` to ``dsk``.
 
     Level ``l`` of the tree has keys ``(f"{name}-sum{l}", g)``; each folds ``split_every``
     consecutive keys of the level below, left to right. The order of the leaves and of each
-    combination is fixed, so the result is the same bit for bit whichever scheduler runs
-    it. A single key is its own root (no task is added).
+    combination is fixed, so the result is the same bit for bit whichever scheduler runs it.
+
+    Parameters
+    ----------
+    dsk : dict
+        The task dict the tree's tasks are added to.
+    name : str
+        The name the tree's keys start with.
+    keys : list
+        The leaves, in order.
+    combine : callable
+        ``combine(a, b)``, the sum of two values.
+    split_every : int
+        How many values each task of the tree folds.
+
+    Returns
+    -------
+    Key
+        The root's key: ``keys[0]`` itself, with no task added, for a single leaf.
     """
     level = 0
     while len(keys) > 1:
@@ -64,7 +82,22 @@ def tree_reduce(dsk: dict, name: str, keys: list, combine: Callable, split_every
 
 
 def tree_fold(values: list, combine: Callable, split_every: int = SPLIT_EVERY) -> Any:
-    """What :func:`tree_reduce` computes, run directly: the same tree, the same order."""
+    """What :func:`tree_reduce` computes, run directly: the same tree, the same order.
+
+    Parameters
+    ----------
+    values : list
+        The leaves, in order.
+    combine : callable
+        ``combine(a, b)``, the sum of two values.
+    split_every : int
+        How many values each node of the tree folds.
+
+    Returns
+    -------
+    object
+        The sum; ``values[0]`` itself for a single value.
+    """
     while len(values) > 1:
         values = [_fold(combine, values[j : j + split_every]) for j in range(0, len(values), split_every)]
     return values[0]
@@ -151,15 +184,45 @@ class TaskGraph:
         return self._add((self.name, *_parts(label)), (func, *args))
 
     def map(self, func: Callable, *args: Any, label: Label = ()) -> list[Key]:
-        """A task per block, ``func(*args_b)``: each ``list`` in ``args`` gives block b its
-        item b, anything else goes to every block. Keys ``(name, *label, b)``, in order."""
+        """Add a task per block, ``func(*args_b)``.
+
+        Parameters
+        ----------
+        func : callable
+            The per-block kernel.
+        *args
+            Each ``list`` gives block b its item b (the lists have one length, the number of
+            blocks); anything else goes to every block as it is.
+        label : str, int or tuple
+            The key parts between the graph's name and the block number.
+
+        Returns
+        -------
+        list of Key
+            ``(name, *label, b)`` for each block b, in order.
+        """
         prefix = (self.name, *_parts(label))
         return [self._add((*prefix, b), (func, *block)) for b, block in enumerate(_per_block(args))]
 
     def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0) -> list[Key]:
-        """Like :meth:`map`, for the tasks that make the blocks of a dask array along ``axis``
-        (0: row blocks, keys ``(array_name, b, 0)``; 1: column blocks, ``(array_name, 0, b)``),
-        named ``name`` or ``f"{name}-{array}"``: see :meth:`array`."""
+        """Add a task per block of a dask array, ``func(*args_b)`` (see :meth:`map`); the
+        array itself comes from :meth:`array`.
+
+        Parameters
+        ----------
+        func, *args
+            As in :meth:`map`.
+        array : str, optional
+            The array's name after the graph's: ``f"{name}-{array}"``; by default ``name``.
+        axis : {0, 1}
+            0 for row blocks (keys ``(array_name, b, 0)``), 1 for column blocks
+            (``(array_name, 0, b)``).
+
+        Returns
+        -------
+        list of Key
+            The blocks' keys, in order.
+        """
         name = self.name if array is None else f"{self.name}-{array}"
         return [
             self._add((name, b, 0) if axis == 0 else (name, 0, b), (func, *block))
@@ -167,8 +230,22 @@ class TaskGraph:
         ]
 
     def reduce(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> Key:
-        """The fixed-order tree of ``combine`` over ``parts`` (:func:`tree_reduce`, named ``name``
-        or ``f"{name}-{label}"``); its root key."""
+        """Add the fixed-order tree of ``combine`` over ``parts`` (:func:`tree_reduce`).
+
+        Parameters
+        ----------
+        parts : sequence of Key
+            The leaves, in order.
+        combine : callable
+            ``combine(a, b)``, the sum of two values.
+        label : str, optional
+            The tree's keys start with ``f"{name}-{label}"``; by default with ``name``.
+
+        Returns
+        -------
+        Key
+            The root's key.
+        """
         self._check_open()
         tree = self.name if label is None else f"{self.name}-{label}"
         return tree_reduce(self._tasks, tree, list(parts), combine)
@@ -184,14 +261,17 @@ class TaskGraph:
         """The result of task ``key``."""
         return Delayed(key, self.graph, layer=self.name)
 
-    def array(self, blocks: list[Key], chunks: tuple, dtype) -> da.Array:
-        """The dask array whose blocks are ``blocks``, from :meth:`map_blocks`."""
+    def array(self, blocks: list[Key], chunks: tuple, dtype: DTypeLike) -> da.Array:
+        """The dask array whose blocks are ``blocks`` (from :meth:`map_blocks`), of ``chunks``."""
         return da.Array(self.graph, blocks[0][0], chunks=chunks, dtype=dtype)
 
 
 class InProcess:
     """:class:`TaskGraph`'s per-block calls and trees, run in this thread at once: the same
-    blocks in the same order and the same tree, so the results are the same bit for bit."""
+    blocks in the same order and the same tree, so the results are the same bit for bit.
+
+    The ``label`` arguments name keys on a TaskGraph; here they are ignored.
+    """
 
     def constant(self, label: Label, value: Any) -> Any:
         """``value`` itself (no key is needed to share it)."""
@@ -211,15 +291,50 @@ IN_PROCESS = InProcess()
 
 
 def map_reduce(prefix: str, func: Callable, *args: Any, combine: Callable, dependencies: Iterable = ()) -> Delayed:
-    """``func`` per block (``args`` as in :meth:`TaskGraph.map`), summed by ``combine`` in the
-    fixed-order tree: the Delayed result of one pass."""
+    """A task per block, summed in the fixed-order tree: one pass, as a Delayed sum.
+
+    Parameters
+    ----------
+    prefix : str
+        What the pass is (see :class:`TaskGraph`).
+    func, *args
+        The per-block kernel and its arguments, as in :meth:`TaskGraph.map`.
+    combine : callable
+        ``combine(a, b)``, the sum of two results.
+    dependencies : iterable of dask collections
+        The collections whose keys the tasks read.
+
+    Returns
+    -------
+    Delayed
+        The sum of ``func``'s results over the blocks.
+    """
     graph = TaskGraph(prefix, dependencies)
     return graph.delayed(graph.reduce(graph.map(func, *args), combine))
 
 
-def map_blocks(prefix: str, func: Callable, *args: Any, chunks: tuple, dtype, dependencies: Iterable = ()) -> da.Array:
-    """A dask array with one task per block, ``func(*args_b)`` (``args`` as in
-    :meth:`TaskGraph.map`), for ``chunks`` with one chunk along one of the two axes."""
+def map_blocks(
+    prefix: str, func: Callable, *args: Any, chunks: tuple, dtype: DTypeLike, dependencies: Iterable = ()
+) -> da.Array:
+    """A dask array made by a task per block.
+
+    Parameters
+    ----------
+    prefix : str
+        What the array is (see :class:`TaskGraph`).
+    func, *args
+        Block b is ``func(*args_b)``, ``args`` as in :meth:`TaskGraph.map`.
+    chunks : tuple
+        The array's chunks: row blocks or column blocks (one chunk along the other axis).
+    dtype : dtype
+        The blocks' dtype.
+    dependencies : iterable of dask collections
+        The collections whose keys the tasks read.
+
+    Returns
+    -------
+    dask.array.Array
+    """
     if len(chunks[0]) > 1 and len(chunks[1]) > 1:
         raise ValueError(f"map_blocks lays out row or column blocks, not a grid of {len(chunks[0])} x {len(chunks[1])}.")
     graph = TaskGraph(prefix, dependencies)
@@ -227,9 +342,24 @@ def map_blocks(prefix: str, func: Callable, *args: Any, chunks: tuple, dtype, de
     return graph.array(blocks, chunks, dtype)
 
 
-def from_blocks(prefix: str, blocks: Sequence[Sequence[np.ndarray]], chunks: tuple, dtype) -> da.Array:
-    """A dask array of blocks already in memory (``blocks[i][j]``), with no task: each is a key
-    of its own, so nothing is copied."""
+def from_blocks(prefix: str, blocks: Sequence[Sequence[np.ndarray]], chunks: tuple, dtype: DTypeLike) -> da.Array:
+    """A dask array of blocks already in memory, with no task and no copy.
+
+    Parameters
+    ----------
+    prefix : str
+        What the array is; its name is the prefix and a fresh uuid.
+    blocks : sequence of sequences of arrays
+        ``blocks[i][j]`` is block (i, j) (a view is kept as it is).
+    chunks : tuple
+        The array's chunks, matching the blocks' shapes.
+    dtype : dtype
+        The blocks' dtype.
+
+    Returns
+    -------
+    dask.array.Array
+    """
     name = f"{prefix}-{uuid.uuid4().hex}"
     dsk = {(name, i, j): block for i, row in enumerate(blocks) for j, block in enumerate(row)}
     return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=chunks, dtype=dtype)
