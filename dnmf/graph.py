@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from itertools import repeat
 from typing import Any, Protocol
 
 import dask.array as da
@@ -121,7 +122,7 @@ def _per_block(args: tuple) -> list[tuple]:
     if len(lengths) != 1:
         raise ValueError(f"A per-block call needs lists of one length (one item per block), got lengths {sorted(lengths)}.")
     (n_blocks,) = lengths
-    return [tuple(arg[b] if isinstance(arg, list) else arg for arg in args) for b in range(n_blocks)]
+    return list(zip(*(arg if isinstance(arg, list) else repeat(arg, n_blocks) for arg in args)))
 
 
 def _parts(label: Label) -> tuple:
