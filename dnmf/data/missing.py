@@ -2,7 +2,7 @@
 SVD-based inits, draw hold-out masks and score a fit on the held-out entries.
 
 The per-block math is in :mod:`dnmf.masked`; this module only lays out graphs over V's row
-blocks (one task per block, fixed-order tree sums), like :mod:`dnmf.store`.
+blocks (one task per block, fixed-order tree sums) with :mod:`dnmf.graph`.
 """
 
 from __future__ import annotations
