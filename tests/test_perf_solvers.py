@@ -13,8 +13,9 @@ from sklearn.exceptions import ConvergenceWarning
 import dnmf
 from conftest import custom_start
 from dnmf.kernels.nnls import nnls_bpp
-from dnmf.data.store import auto_row_block, tree_fold
+from dnmf.data.store import auto_row_block
 from dnmf.data.zarrio import default_compressors
+from dnmf.graph import tree_fold
 
 
 def lowrank_noisy(n=150, p=80, r=6, seed=0):

@@ -2,7 +2,7 @@
 SVD-based inits, draw hold-out masks and score a fit on the held-out entries.
 
 The per-block math is in :mod:`dnmf.kernels.masked`; this module only lays out graphs over V's row
-blocks (one task per block, fixed-order tree sums), like :mod:`dnmf.data.store`.
+blocks (one task per block, fixed-order tree sums) with :mod:`dnmf.graph`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from dataclasses import dataclass, replace
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from ..errors import InvalidMatrixError, ParameterError, expected
+from ..graph import TaskGraph, map_blocks, map_reduce, row_block_keys
 from ..kernels import masked
-from .store import Matrix, MatrixStats, row_block_keys, tree_reduce
+from .store import Matrix, MatrixStats
 
 MISSING_VALUES = (None, "nan")
 
@@ -67,11 +66,6 @@ def mask_block_keys(mask: da.Array | None, matrix: Matrix) -> list:
     return [None] * len(matrix.row_chunks) if mask is None else row_block_keys(mask)
 
 
-def _graph(name: str, dsk: dict, matrix: Matrix, *arrays) -> HighLevelGraph:
-    deps = [matrix.data, *(a for a in arrays if a is not None)]
-    return HighLevelGraph.from_collections(name, dsk, dependencies=deps)
-
-
 @dataclass(frozen=True)
 class MaskedStats:
     """The scan of V over its observed entries: the usual stats and the count of observed ones."""
@@ -99,13 +93,12 @@ class MaskedStats:
 
 def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> MaskedStats:
     """One pass over V: ‖V‖², ΣV, nnz and the bad entries, over the observed entries only."""
-    name = f"dnmf-mscan-{uuid.uuid4().hex}"
-    dsk = {
-        (name, i): (masked.masked_block_stats, vk, mk, offset, nan_is_missing)
-        for i, (vk, mk, offset) in enumerate(zip(matrix.block_inputs(), mask_block_keys(mask, matrix), matrix.row_offsets))
-    }
-    root = tree_reduce(dsk, name, list(dsk), masked.add_masked_stats)
-    (result,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask), layer=name))
+    total = map_reduce(
+        "dnmf-mscan", masked.masked_block_stats,
+        matrix.block_inputs(), mask_block_keys(mask, matrix), matrix.row_offsets[:-1], nan_is_missing,
+        combine=masked.add_masked_stats, dependencies=[matrix.data, mask],
+    )
+    (result,) = dask.compute(total)
     stats, n_observed = result
     if n_observed == 0:
         raise InvalidMatrixError("Every entry of the matrix is missing: there is nothing to factor.")
@@ -114,12 +107,10 @@ def scan_masked(matrix: Matrix, mask: da.Array | None, nan_is_missing: bool) -> 
 
 def filled_matrix(matrix: Matrix, mask: da.Array | None, value: float) -> Matrix:
     """V with its missing entries replaced by ``value``, lazily (what the SVD inits stream)."""
-    name = f"dnmf-filled-{uuid.uuid4().hex}"
-    dsk = {
-        (name, i, 0): (masked.fill_missing, vk, mk, value, matrix.dtype)
-        for i, (vk, mk) in enumerate(zip(matrix.block_inputs(), mask_block_keys(mask, matrix)))
-    }
-    data = da.Array(_graph(name, dsk, matrix, mask), name, chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype)
+    data = map_blocks(
+        "dnmf-filled", masked.fill_missing, matrix.block_inputs(), mask_block_keys(mask, matrix), value, matrix.dtype,
+        chunks=(matrix.row_chunks, (matrix.shape[1],)), dtype=matrix.dtype, dependencies=[matrix.data, mask],
+    )
     return Matrix(data, matrix.dtype, matrix.in_memory, False, matrix.source)
 
 
@@ -130,14 +121,11 @@ def holdout_mask(matrix: Matrix, seed: int, fraction: float) -> da.Array:
     """
     if not 0 < fraction < 1:
         raise ParameterError(expected("holdout_fraction strictly between 0 and 1", fraction))
-    name = f"dnmf-holdout-{uuid.uuid4().hex}"
     offsets, p = matrix.row_offsets, matrix.shape[1]
-    dsk = {
-        (name, i, 0): (masked.holdout_rows, seed, offsets[i], offsets[i + 1], p, fraction)
-        for i in range(len(matrix.row_chunks))
-    }
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
-    return da.Array(graph, name, chunks=(matrix.row_chunks, (p,)), dtype=bool)
+    return map_blocks(
+        "dnmf-holdout", masked.holdout_rows, seed, offsets[:-1], offsets[1:], p, fraction,
+        chunks=(matrix.row_chunks, (p,)), dtype=bool,
+    )
 
 
 @dataclass(frozen=True)
@@ -162,15 +150,13 @@ class HoldoutScore:
 
 def score_holdout(matrix: Matrix, mask: da.Array | None, train: da.Array, W: da.Array, H: np.ndarray, beta: float) -> HoldoutScore:
     """One pass over V scoring (W, H) on the entries observed in ``mask`` but not in ``train``."""
-    name = f"dnmf-score-{uuid.uuid4().hex}"
-    h_key = (name, "H")
-    dsk = {h_key: H}
-    train_keys, w_keys, mask_keys = row_block_keys(train), row_block_keys(W), mask_block_keys(mask, matrix)
-    for i, vk in enumerate(matrix.block_inputs()):
-        dsk[(name, i)] = (masked.holdout_score_block, vk, mask_keys[i], train_keys[i], w_keys[i], h_key, beta)
-    leaves = [(name, i) for i in range(len(train_keys))]
-    root = tree_reduce(dsk, name, leaves, _add)
-    (sums,) = dask.compute(Delayed(root, _graph(name, dsk, matrix, mask, train, W), layer=name))
+    graph = TaskGraph("dnmf-score", [matrix.data, mask, train, W])
+    h = graph.constant("H", H)  # one copy, shared by the block tasks
+    scores = graph.map(
+        masked.holdout_score_block,
+        matrix.block_inputs(), mask_block_keys(mask, matrix), row_block_keys(train), row_block_keys(W), h, beta,
+    )
+    (sums,) = dask.compute(graph.delayed(graph.reduce(scores, _add)))
     return HoldoutScore(float(sums[0]), float(sums[1]), int(sums[2]), float(sums[3]))
 
 

@@ -20,11 +20,10 @@ import numpy as np
 import scipy.sparse as sp
 from dask._task_spec import DataNode, GraphNode, Task
 from dask.array.core import normalize_chunks
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
 from ..errors import InvalidMatrixError, StoreError, expected, no_such_path
+from ..graph import from_blocks, map_reduce
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
 TARGET_BLOCK_BYTES = 64 * 2**20
@@ -114,11 +113,6 @@ def _inline_read(graph: dict, key):
 def _is_plain(value) -> bool:
     """A graph value that is an object, not a task."""
     return isinstance(value, DataNode) or not isinstance(value, GraphNode)
-
-
-def row_block_keys(arr: da.Array) -> list:
-    """Dask keys of the row blocks of a 2-D array with one chunk of columns, top to bottom."""
-    return [row[0] for row in arr.__dask_keys__()]
 
 
 @dataclass(frozen=True)
@@ -376,15 +370,9 @@ class _Layout:
 
 def _block_views(X: np.ndarray, row_chunks: tuple[int, ...], col_chunks: tuple[int, ...]) -> da.Array:
     """A dask array whose blocks are views of X (``da.from_array`` copies them: +V)."""
-    name = f"dnmf-V-{uuid.uuid4().hex}"
     rows, cols = np.cumsum((0, *row_chunks)).tolist(), np.cumsum((0, *col_chunks)).tolist()
-    dsk = {
-        (name, i, j): X[rows[i] : rows[i + 1], cols[j] : cols[j + 1]]
-        for i in range(len(row_chunks))
-        for j in range(len(col_chunks))
-    }
-    graph = HighLevelGraph.from_collections(name, dsk)
-    return da.Array(graph, name, chunks=(row_chunks, col_chunks), dtype=X.dtype)
+    views = [[X[r0:r1, c0:c1] for c0, c1 in zip(cols, cols[1:])] for r0, r1 in zip(rows, rows[1:])]
+    return from_blocks("dnmf-V", views, chunks=(row_chunks, col_chunks), dtype=X.dtype)
 
 
 def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
@@ -421,16 +409,16 @@ def scan_matrix(matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
 
     ``with_xlogx`` also sums V log V, the constant of the KL objective.
     """
-    name = f"dnmf-scan-{uuid.uuid4().hex}"
     rows, cols = matrix.row_offsets, matrix.col_offsets
-    dsk = {
-        (name, i, j): (kernels.block_stats, key, rows[i], with_xlogx, cols[j])
-        for i, row in enumerate(matrix.grid_inputs())
-        for j, key in enumerate(row)
-    }
-    root = tree_reduce(dsk, name, list(dsk), kernels.add_stats)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[matrix.data])
-    (stats,) = dask.compute(Delayed(root, graph, layer=name))
+    grid = matrix.grid_inputs()
+    chunks = [chunk for row in grid for chunk in row]
+    row_starts = [rows[i] for i, row in enumerate(grid) for _ in row]
+    col_starts = cols[:-1] * len(grid)
+    total = map_reduce(
+        "dnmf-scan", kernels.block_stats, chunks, row_starts, with_xlogx, col_starts,
+        combine=kernels.add_stats, dependencies=[matrix.data],
+    )
+    (stats,) = dask.compute(total)
     return MatrixStats.from_blocks(stats, matrix.shape)
 
 
@@ -443,38 +431,6 @@ def kl_offset(matrix: Matrix, known: float | None, cache: dict) -> float:
         stats = scan_matrix(matrix, with_xlogx=True)
         cache["kl_offset"] = stats.v_xlogx - stats.v_sum
     return cache["kl_offset"]
-
-
-def tree_reduce(dsk: dict, name: str, keys: list, combine, split_every: int = 8):
-    """Add a fixed-order tree of ``combine`` over ``keys`` to ``dsk``; return the root key.
-
-    The order of the leaves and of each combination is fixed, so the result is the same
-    bit for bit whichever scheduler runs it.
-    """
-    level = 0
-    while len(keys) > 1:
-        next_keys = []
-        for j in range(0, len(keys), split_every):
-            group = keys[j : j + split_every]
-            key = (f"{name}-sum{level}", j // split_every)
-            dsk[key] = (_fold, combine, group)
-            next_keys.append(key)
-        keys, level = next_keys, level + 1
-    return keys[0]
-
-
-def tree_fold(values: list, combine, split_every: int = 8):
-    """What :func:`tree_reduce` computes, run directly: the same tree, the same order."""
-    while len(values) > 1:
-        values = [_fold(combine, values[j : j + split_every]) for j in range(0, len(values), split_every)]
-    return values[0]
-
-
-def _fold(combine, values):
-    total = values[0]
-    for value in values[1:]:
-        total = combine(total, value)
-    return total
 
 
 def validate_stats(stats: MatrixStats, beta: float) -> None:

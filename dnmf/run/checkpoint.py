@@ -34,18 +34,18 @@ import time
 import uuid
 import warnings
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from .driver import Hook, IterationRecord, State
 from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats
 from ..data.zarrio import create_array, json_safe, library_versions, write_array
+from ..graph import TaskGraph, row_block_keys
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
@@ -242,10 +242,12 @@ def _block_checksum(array_path: str, start: int, stop: int, axis: int = 0) -> in
     return crc32(arr[start:stop] if axis == 0 else arr[:, start:stop])
 
 
-def _run_blocks(name: str, dsk: dict, keys: list, dependencies=()) -> list:
-    dsk[(name, "all")] = (list, keys)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(dependencies))
-    return list(dask.compute(Delayed((name, "all"), graph, layer=name))[0])
+def _run_blocks(prefix: str, func: Callable, *args, dependencies: Iterable = ()) -> list:
+    """A task per block, ``func(*args_b)`` (see :meth:`dnmf.graph.TaskGraph.map`), run on the
+    workers: the list of their results."""
+    graph = TaskGraph(prefix, dependencies)
+    everything = graph.task("all", list, graph.map(func, *args))
+    return list(dask.compute(graph.delayed(everything))[0])
 
 
 def write_blocks(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list[int]:
@@ -259,25 +261,20 @@ def write_blocks(W: da.Array, array_path: str, rows: int, axis: int = 0) -> list
     chunks[axis] = _regular_chunks(W.shape[axis], rows)
     W = W.rechunk(tuple(chunks))
     offsets = np.cumsum((0,) + W.chunks[axis]).tolist()
-    keys_along = [row[0] for row in W.__dask_keys__()] if axis == 0 else list(W.__dask_keys__()[0])
-    name = f"dnmf-checkpoint-{'W' if axis == 0 else 'H'}-{uuid.uuid4().hex}"
-    dsk, keys = {}, []
-    for i, key in enumerate(keys_along):
-        dsk[(name, i)] = (_store_block, key, array_path, offsets[i], axis)
-        keys.append((name, i))
-    return _run_blocks(name, dsk, keys, dependencies=[W])
+    blocks = row_block_keys(W) if axis == 0 else list(W.__dask_keys__()[0])
+    prefix = f"dnmf-checkpoint-{'W' if axis == 0 else 'H'}"
+    return _run_blocks(prefix, _store_block, blocks, array_path, offsets[:-1], axis, dependencies=[W])
 
 
 def verify_blocks(array_path: str, n: int, rows: int, expected_sums: list[int], axis: int = 0) -> None:
     """Recompute the per-chunk CRC-32 of a stored W (or, ``axis=1``, H by column blocks) on
     the workers; raise on any difference."""
     label = "W" if axis == 0 else "H"
-    bounds = list(zip(range(0, n, rows), [min(n, s + rows) for s in range(0, n, rows)]))
-    if len(bounds) != len(expected_sums):
-        raise _Corrupt(f"{label} has {len(bounds)} blocks, the checksums list {len(expected_sums)}")
-    name = f"dnmf-checkpoint-verify-{uuid.uuid4().hex}"
-    dsk = {(name, i): (_block_checksum, array_path, a, b, axis) for i, (a, b) in enumerate(bounds)}
-    got = _run_blocks(name, dsk, list(dsk))
+    starts = list(range(0, n, rows))
+    if len(starts) != len(expected_sums):
+        raise _Corrupt(f"{label} has {len(starts)} blocks, the checksums list {len(expected_sums)}")
+    stops = [min(n, start + rows) for start in starts]
+    got = _run_blocks("dnmf-checkpoint-verify", _block_checksum, array_path, starts, stops, axis)
     bad = [i for i, (g, e) in enumerate(zip(got, expected_sums)) if g != e]
     if bad:
         raise _Corrupt(f"{label} block(s) {bad} fail their checksum")

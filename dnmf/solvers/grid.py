@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
 from .rows import Step
-from ..data.store import Matrix, kl_offset, tree_reduce
+from ..data.store import Matrix, kl_offset
+from ..graph import Key, TaskGraph, row_block_keys
 
 TINY = np.finfo(float).tiny
 
@@ -81,10 +80,6 @@ class GridSolver:
     kl_offset: float | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    # What dnmf.solvers.Solver has and callers may look at.
-    masked = False
-    local = False
-
     def __post_init__(self):
         if not self.matrix.is_grid:
             raise ParameterError("GridSolver needs V chunked along its columns too (a 2-D grid).")
@@ -93,18 +88,14 @@ class GridSolver:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         W = W.rechunk((self.matrix.row_chunks, (W.shape[1],)))
         H = self._column_blocks(H)
-        name = f"dnmf-grid-start-{uuid.uuid4().hex}"
-        dsk: dict = {}
-        w_keys, h_keys = _row_keys(W), _col_keys(H)
-        for i, wk in enumerate(w_keys):
-            dsk[(name, "wsum", i)] = (_w_sums_at_start, wk, self.rule.beta)
-        w_sums = tree_reduce(dsk, f"{name}-w", [(name, "wsum", i) for i in range(len(w_keys))], kernels.add_factor_sums)
-        p_keys, terms = self._pass_a(dsk, name, w_keys, h_keys)
-        summary = (name, "summary")
-        dsk[summary] = (tuple, [w_sums, terms, self._h_gram(dsk, name, h_keys)])
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[self.matrix.data, W, H])
-        partials = [Delayed(key, graph, layer=name) for key in p_keys]
-        W, H, partials, summary = dask.persist(W, H, partials, Delayed(summary, graph, layer=name), optimize_graph=False)
+        graph = TaskGraph("dnmf-grid-start", [self.matrix.data, W, H])
+        w_keys, h_keys = row_block_keys(W), _col_keys(H)
+        w_parts = graph.map(_w_sums_at_start, w_keys, self.rule.beta, label="wsum")
+        w_sums = graph.reduce(w_parts, kernels.add_factor_sums, label="w")
+        p_keys, terms = self._pass_a(graph, w_keys, h_keys)
+        summary = graph.task("summary", tuple, [w_sums, terms, self._h_gram(graph, h_keys)])
+        partials = [graph.delayed(key) for key in p_keys]
+        W, H, partials, summary = dask.persist(W, H, partials, graph.delayed(summary), optimize_graph=False)
         w_sums, terms, h_gram = dask.compute(summary)[0]
         return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
 
@@ -114,47 +105,36 @@ class GridSolver:
         ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
         """
         with_loss = evaluate or self.rule.beta == kernels.FROBENIUS
-        name = f"dnmf-grid-step-{uuid.uuid4().hex}"
-        h_name, w_name = f"{name}-H", f"{name}-W"
-        dsk: dict = {}
         W, H = state.W, state.H
-        r = W.shape[1]
-        old_w, old_h = _row_keys(W), _col_keys(H)
-        # 1. H's column blocks.
-        h_sums = []
-        for j, (hk, part) in enumerate(zip(old_h, state.partials)):
-            dsk[(name, "hupd", j)] = (kernels.grid_update_h, hk, part.key, state.w_gram, self.rule, self.update_h)
-            dsk[(h_name, 0, j)] = (operator.getitem, (name, "hupd", j), 0)
-            h_sums.append((name, "hsum", j))
-            dsk[(name, "hsum", j)] = (operator.getitem, (name, "hupd", j), 1)
-        h_total = tree_reduce(dsk, f"{name}-hsums", h_sums, kernels.add_factor_sums)
-        new_h = [(h_name, 0, j) for j in range(len(old_h))]
-        # 2. Pass B: W's row blocks.
-        w_sums = []
-        for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), old_w)):
-            leaves = []
-            for j, (vk, hk) in enumerate(zip(row, new_h)):
-                dsk[(name, "wprod", i, j)] = (kernels.chunk_w_products, vk, wk, hk, self.rule)
-                leaves.append((name, "wprod", i, j))
-            products = tree_reduce(dsk, f"{name}-wprod{i}", leaves, kernels.add_w_products)
-            dsk[(name, "wupd", i)] = (kernels.grid_update_w, wk, products, h_total, self.rule)
-            dsk[(w_name, i, 0)] = (operator.getitem, (name, "wupd", i), 0)
-            dsk[(name, "wsum", i)] = (operator.getitem, (name, "wupd", i), 1)
-            w_sums.append((name, "wsum", i))
-        w_total = tree_reduce(dsk, f"{name}-wsums", w_sums, kernels.add_factor_sums)
-        new_w = [(w_name, i, 0) for i in range(len(old_w))]
+        graph = TaskGraph("dnmf-grid-step", [self.matrix.data, W, H, *state.partials])
+        rule = self.rule
+        old_w, old_h = row_block_keys(W), _col_keys(H)
+        # 1. H's column blocks: (H_j, its sums) from the partials of column block j.
+        partials = [part.key for part in state.partials]
+        h_updates = graph.map(kernels.grid_update_h, old_h, partials, state.w_gram, rule, self.update_h, label="hupd")
+        new_h = graph.map_blocks(operator.getitem, h_updates, 0, array="H", axis=1)
+        h_sums = graph.map(operator.getitem, h_updates, 1, label="hsum")
+        h_total = graph.reduce(h_sums, kernels.add_factor_sums, label="hsums")
+        # 2. Pass B: W_i from the products of its chunks with the new H, summed over j.
+        products = [
+            graph.reduce(
+                graph.map(kernels.chunk_w_products, row, wk, new_h, rule, label=("wprod", i)),
+                kernels.add_w_products, label=f"wprod{i}",
+            )
+            for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), old_w))
+        ]
+        w_updates = graph.map(kernels.grid_update_w, old_w, products, h_total, rule, label="wupd")
+        new_w = graph.map_blocks(operator.getitem, w_updates, 0, array="W")
+        w_sums = graph.map(operator.getitem, w_updates, 1, label="wsum")
+        w_total = graph.reduce(w_sums, kernels.add_factor_sums, label="wsums")
         # 3. Pass A at the new (W, H).
-        p_keys, terms = self._pass_a(dsk, name, new_w, new_h, with_loss)
-        summary = (name, "summary")
-        dsk[summary] = (tuple, [w_total, terms, h_total])
-        graph = HighLevelGraph.from_collections(
-            name, dsk, dependencies=[self.matrix.data, W, H, *state.partials]
-        )
-        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
-        H_new = da.Array(graph, h_name, chunks=((r,), H.chunks[1]), dtype=H.dtype)
-        partials = [Delayed(key, graph, layer=name) for key in p_keys]
+        p_keys, terms = self._pass_a(graph, new_w, new_h, with_loss)
+        summary = graph.task("summary", tuple, [w_total, terms, h_total])
+        W_new = graph.array(new_w, W.chunks, W.dtype)
+        H_new = graph.array(new_h, ((W.shape[1],), H.chunks[1]), H.dtype)
+        partials = [graph.delayed(key) for key in p_keys]
         W_new, H_new, partials, summary = dask.persist(
-            W_new, H_new, partials, Delayed(summary, graph, layer=name), optimize_graph=False
+            W_new, H_new, partials, graph.delayed(summary), optimize_graph=False
         )
         w_sums, terms, h_sums = dask.compute(summary)[0]
         objective = self._objective(terms, w_sums.gram, h_sums.gram) if with_loss else float("nan")
@@ -169,24 +149,23 @@ class GridSolver:
         earlier iterations: bitwise the same state, for one extra pass over V."""
         return self.start(reroot(state.W, "W"), reroot(state.H, "H"))
 
-    def _pass_a(self, dsk: dict, name: str, w_keys: list, h_keys: list, with_loss: bool = True):
-        """Add pass A to ``dsk``: the partials per column block and the objective's terms."""
-        grid = self.matrix.grid_inputs()
-        p_keys, term_keys = [], []
-        for j, hk in enumerate(h_keys):
-            leaves = []
-            for i, wk in enumerate(w_keys):
-                dsk[(name, "hpart", i, j)] = (kernels.chunk_h_partials, grid[i][j], wk, hk, self.rule, with_loss)
-                leaves.append((name, "hpart", i, j))
-            p_keys.append(tree_reduce(dsk, f"{name}-hpart{j}", leaves, kernels.add_partials))
-            dsk[(name, "term", j)] = (kernels.column_objective_term, p_keys[-1], hk, self.rule.beta)
-            term_keys.append((name, "term", j))
-        return p_keys, tree_reduce(dsk, f"{name}-terms", term_keys, operator.add)
+    def _pass_a(self, graph: TaskGraph, w_keys: list, h_keys: list, with_loss: bool = True) -> tuple[list, Key]:
+        """Add pass A to ``graph``: the partials per column block (a task per chunk, summed
+        over i) and the objective's terms (summed over j)."""
+        parts = [
+            graph.map(kernels.chunk_h_partials, row, wk, h_keys, self.rule, with_loss, label=("hpart", i))
+            for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), w_keys))
+        ]
+        p_keys = [
+            graph.reduce([row[j] for row in parts], kernels.add_partials, label=f"hpart{j}")
+            for j in range(len(h_keys))
+        ]
+        terms = graph.map(kernels.column_objective_term, p_keys, h_keys, self.rule.beta, label="term")
+        return p_keys, graph.reduce(terms, operator.add, label="terms")
 
-    def _h_gram(self, dsk: dict, name: str, h_keys: list):
-        for j, hk in enumerate(h_keys):
-            dsk[(name, "hgram", j)] = (_h_gram, hk)
-        return tree_reduce(dsk, f"{name}-hgram", [(name, "hgram", j) for j in range(len(h_keys))], operator.add)
+    def _h_gram(self, graph: TaskGraph, h_keys: list) -> Key:
+        """Add HHᵀ, summed over the column blocks, to ``graph``."""
+        return graph.reduce(graph.map(_h_gram, h_keys, label="hgram"), operator.add, label="hgram")
 
     def _column_blocks(self, H) -> da.Array:
         """H as a dask array in V's column blocks (from numpy without holding a second copy)."""
@@ -200,10 +179,6 @@ class GridSolver:
         beta = self.rule.beta
         offset = kl_offset(self.matrix, self.kl_offset, self._cache) if beta == kernels.KULLBACK_LEIBLER else 0.0
         return kernels.objective_from_sums(terms, w_gram, h_gram, self.v_sq, beta, offset)
-
-
-def _row_keys(W: da.Array) -> list:
-    return [row[0] for row in W.__dask_keys__()]
 
 
 def _col_keys(H: da.Array) -> list:

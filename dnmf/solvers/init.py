@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
 from ..errors import InvalidMatrixError, ParameterError, expected
-from ..data.store import Matrix, MatrixStats, row_block_keys, tree_reduce
+from ..data.store import Matrix, MatrixStats
+from ..graph import TaskGraph, map_blocks, row_block_keys
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 NNDSVD_THRESHOLD = 1e-6
@@ -48,32 +47,20 @@ def resolve_init(init: str | None, n_components: int, shape: tuple[int, int]) ->
     return init
 
 
-def _blocks_array(name: str, dsk: dict, matrix: Matrix, r: int, dtype, dependencies=()) -> da.Array:
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(dependencies))
-    return da.Array(graph, name, chunks=(matrix.row_chunks, (r,)), dtype=dtype)
-
-
 def random_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int) -> Start:
     """Strictly positive random W and H with entries ≈ sqrt(mean(V) / r), from ``seed``."""
     scale = float(np.sqrt(stats.mean / r))
-    name = f"dnmf-init-random-{uuid.uuid4().hex}"
-    offsets = matrix.row_offsets
-    dsk = {
-        (name, i, 0): (kernels.random_rows, seed, offsets[i], offsets[i + 1], r, scale, matrix.dtype)
-        for i in range(len(matrix.row_chunks))
-    }
-    W = _blocks_array(name, dsk, matrix, r, matrix.dtype)
+    rows, cols, p = matrix.row_offsets, matrix.col_offsets, matrix.shape[1]
+    W = map_blocks(
+        "dnmf-init-random", kernels.random_rows, seed, rows[:-1], rows[1:], r, scale, matrix.dtype,
+        chunks=(matrix.row_chunks, (r,)), dtype=matrix.dtype,
+    )
     if not matrix.is_grid:
-        p = matrix.shape[1]
         return Start(W, kernels.random_cols(seed, 0, p, r, p, scale, matrix.dtype), "random")
-    h_name = f"dnmf-init-random-H-{uuid.uuid4().hex}"
-    cols = matrix.col_offsets
-    h_dsk = {
-        (h_name, 0, j): (kernels.random_cols, seed, cols[j], cols[j + 1], r, matrix.shape[1], scale, matrix.dtype)
-        for j in range(len(matrix.col_chunks))
-    }
-    graph = HighLevelGraph.from_collections(h_name, h_dsk)
-    H = da.Array(graph, h_name, chunks=((r,), matrix.col_chunks), dtype=matrix.dtype)
+    H = map_blocks(
+        "dnmf-init-random-H", kernels.random_cols, seed, cols[:-1], cols[1:], r, p, scale, matrix.dtype,
+        chunks=((r,), matrix.col_chunks), dtype=matrix.dtype,
+    )
     return Start(W, H, "random")
 
 
@@ -114,33 +101,29 @@ def _nonnegative(label: str, X: np.ndarray) -> np.ndarray:
 
 def _times(matrix: Matrix, M: np.ndarray) -> da.Array:
     """V M (n x k) in V's row blocks: each a fixed-order sum over the column blocks."""
-    name = f"dnmf-vm-{uuid.uuid4().hex}"
+    graph = TaskGraph("dnmf-vm", [matrix.data])
     cols = matrix.col_offsets
-    dsk: dict = {(name, "M", j): M[cols[j] : cols[j + 1]] for j in range(len(cols) - 1)}
-    for i, row in enumerate(matrix.grid_inputs()):
-        leaves = []
-        for j, vk in enumerate(row):
-            dsk[(name, "part", i, j)] = (kernels.block_times, vk, (name, "M", j))
-            leaves.append((name, "part", i, j))
-        dsk[(name, i, 0)] = (_identity, tree_reduce(dsk, f"{name}-row{i}", leaves, _add))
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[matrix.data])
-    return da.Array(graph, name, chunks=(matrix.row_chunks, (M.shape[1],)), dtype=matrix.dtype)
+    M_blocks = [graph.constant(("M", j), M[a:b]) for j, (a, b) in enumerate(zip(cols, cols[1:]))]
+    row_sums = [
+        graph.reduce(graph.map(kernels.block_times, row, M_blocks, label=("part", i)), _add, label=f"row{i}")
+        for i, row in enumerate(matrix.grid_inputs())
+    ]
+    # Row i's sum under the array's key (i, 0): with one column block, the sum is the product itself.
+    blocks = graph.map_blocks(_identity, row_sums)
+    return graph.array(blocks, (matrix.row_chunks, (M.shape[1],)), matrix.dtype)
 
 
 def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
     """Qᵀ V (k x p) as fixed-order sums of per-chunk products, on the client (k x p is small)."""
-    name = f"dnmf-qtv-{uuid.uuid4().hex}"
-    q_keys = row_block_keys(Q)
-    grid = matrix.grid_inputs()
-    dsk: dict = {}
-    columns = []
-    for j in range(len(matrix.col_chunks)):
-        for i, qk in enumerate(q_keys):
-            dsk[(name, i, j)] = (kernels.block_transpose_times, qk, grid[i][j])
-        columns.append(tree_reduce(dsk, f"{name}-col{j}", [(name, i, j) for i in range(len(q_keys))], _add))
-    dsk[(name, "all")] = (np.hstack, columns)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[Q, matrix.data])
-    return dask.compute(Delayed((name, "all"), graph, layer=name))[0]
+    graph = TaskGraph("dnmf-qtv", [Q, matrix.data])
+    products = [
+        graph.map(kernels.block_transpose_times, qk, row, label=i)
+        for i, (qk, row) in enumerate(zip(row_block_keys(Q), matrix.grid_inputs()))
+    ]
+    columns = [
+        graph.reduce([row[j] for row in products], _add, label=f"col{j}") for j in range(len(matrix.col_chunks))
+    ]
+    return dask.compute(graph.delayed(graph.task("all", np.hstack, columns)))[0]
 
 
 def _identity(x):
@@ -212,15 +195,12 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
     elif variant == "nndsvdar":
         H[zeros] = mean / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
 
-    name = f"dnmf-init-nndsvd-{uuid.uuid4().hex}"
-    u_keys = row_block_keys(U)
-    offsets = matrix.row_offsets
     signs_t, scales_t = signs.astype(matrix.dtype), w_scale.astype(matrix.dtype)
-    dsk = {
-        (name, i, 0): (kernels.nndsvd_w_block, key, signs_t, scales_t, w_fill, offsets[i], NNDSVD_THRESHOLD)
-        for i, key in enumerate(u_keys)
-    }
-    W = _blocks_array(name, dsk, matrix, r, matrix.dtype, dependencies=[U])
+    W = map_blocks(
+        "dnmf-init-nndsvd", kernels.nndsvd_w_block,
+        row_block_keys(U), signs_t, scales_t, w_fill, matrix.row_offsets[:-1], NNDSVD_THRESHOLD,
+        chunks=(matrix.row_chunks, (r,)), dtype=matrix.dtype, dependencies=[U],
+    )
     return Start(W, H, variant)
 
 

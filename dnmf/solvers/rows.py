@@ -15,20 +15,18 @@ graph never grows: each iteration starts from persisted W.
 from __future__ import annotations
 
 import operator
-import uuid
 from dataclasses import dataclass, field, replace
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from .. import kernels
 from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
-from ..data.store import Matrix, kl_offset, row_block_keys, tree_fold, tree_reduce
+from ..data.store import Matrix, kl_offset
+from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, from_blocks, map_blocks, row_block_keys
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -111,31 +109,31 @@ class Solver:
         if self.local and self.masked:
             raise ParameterError("The local path runs the unmasked kernels only; use local=False with a mask.")
 
-    def _dependencies(self, W: da.Array) -> list:
-        return [self.matrix.data, W] + ([self.mask] if self.mask is not None else [])
-
     def start(self, W: da.Array, H: np.ndarray) -> SolverState:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
         W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
         if self.local:
-            return self._start_local(W, H)
-        name = f"dnmf-start-{uuid.uuid4().hex}"
-        dsk = {(name, "H"): H}
-        leaves = []
-        blocks = zip(self.matrix.block_inputs(), row_block_keys(W), mask_block_keys(self.mask, self.matrix))
-        for i, (vk, wk, mk) in enumerate(blocks):
-            if self.masked:
-                dsk[(name, i)] = (masked.masked_initial_partials, vk, mk, wk, (name, "H"), self.rule)
-            else:
-                dsk[(name, i)] = (kernels.initial_partials_block, vk, wk, (name, "H"), self.rule)
-            leaves.append((name, i))
-        root = tree_reduce(dsk, name, leaves, kernels.add_partials)
-        graph = HighLevelGraph.from_collections(name, dsk, dependencies=self._dependencies(W))
-        W, partials = dask.persist(W, Delayed(root, graph, layer=name), optimize_graph=False)
-        partials = dask.compute(partials)[0]
-        HHt = kernels.gram(H.T)
-        return SolverState(W, H, partials, self._objective(partials, H, HHt))
+            W_blocks = _w_blocks(W)
+            partials = self._initial_partials(IN_PROCESS, self._v_blocks(), W_blocks, H)
+            W = _blocks_array(W_blocks, W)
+        else:
+            graph = TaskGraph("dnmf-start", [self.matrix.data, W, self.mask])
+            total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H)
+            W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
+            partials = dask.compute(partials)[0]
+        return SolverState(W, H, partials, self._objective(partials, H, kernels.gram(H.T)))
+
+    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray) -> Partials | Key:
+        """The partials at (W, H): a task per row block of V, summed in the fixed tree, on a
+        :class:`~dnmf.graph.TaskGraph` (V and W as keys) or in process (as blocks)."""
+        h = blocks.constant("H", H)
+        if self.masked:
+            mask = mask_block_keys(self.mask, self.matrix)
+            parts = blocks.map(masked.masked_initial_partials, V, mask, W, h, self.rule)
+        else:
+            parts = blocks.map(kernels.initial_partials_block, V, W, h, self.rule)
+        return blocks.reduce(parts, kernels.add_partials)
 
     def step(self, state: SolverState, evaluate: bool = True) -> Step:
         """One iteration: H from the partials, then one pass over V that updates W.
@@ -161,53 +159,46 @@ class Solver:
     def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True):
         """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
         W = state.W
-        name = f"dnmf-step-{uuid.uuid4().hex}"
-        w_name, p_name = f"{name}-W", f"{name}-partials"
+        graph = TaskGraph("dnmf-step", [self.matrix.data, W, self.mask, *(state.steps or ())])
         shortcuts = small_h(H.nbytes, len(self.matrix.row_chunks))
         if shortcuts:
             # H goes into every step task: no task of its own to schedule, and no transfer of
             # it from the worker that ran that task (~8 ms of a 2-worker LocalCluster
             # iteration here).
-            h_arg, hht_arg, dsk = H, HHt, {}
+            h, hht = H, HHt
         else:
-            h_arg, hht_arg = (name, "H"), (name, "HHt")
-            dsk = {h_arg: H, hht_arg: HHt}
-        leaves = []
+            h, hht = graph.constant("H", H), graph.constant("HHt", HHt)
         # W_i from the previous step's (W_i, partials_i) results when there are any: the
         # kernels take either (see _w_of).
-        sources = [step.key for step in state.steps] if state.steps is not None else row_block_keys(W)
-        blocks = zip(self.matrix.block_inputs(), sources, mask_block_keys(self.mask, self.matrix))
-        for i, (vk, wk, mk) in enumerate(blocks):
-            w_i = (_w_of, wk) if state.steps is not None else wk
-            if self.masked:
-                dsk[(name, i)] = (masked.masked_step_block, vk, mk, w_i, h_arg, self.rule)
-            else:
-                dsk[(name, i)] = (kernels.step_block, vk, w_i, h_arg, hht_arg, self.rule, with_loss)
-            leaves.append((name, i))
-        if len(leaves) == 1:
-            dsk[(p_name, 0)] = (operator.getitem, leaves[0], 1)
-            leaves = [(p_name, 0)]
+        if state.steps is None:
+            w = row_block_keys(W)
+        else:
+            w = [(_w_of, step.key) for step in state.steps]
+        V = self.matrix.block_inputs()
+        if self.masked:
+            steps = graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), w, h, self.rule)
+        else:
+            steps = graph.map(kernels.step_block, V, w, h, hht, self.rule, with_loss)
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
         # one task fewer per block than a getitem for each partials_i.
-        root = tree_reduce(dsk, p_name, leaves, _add_step_partials)
-        # W: a getitem per block of the step results.
-        w_dsk = {(w_name, i, 0): (operator.getitem, (name, i), 0) for i in range(len(self.matrix.row_chunks))}
-        dependencies = self._dependencies(W) + list(state.steps or ())
+        parts = steps if len(steps) > 1 else graph.map(operator.getitem, steps, 1, label="partials")
+        total = graph.reduce(parts, _add_step_partials, label="partials")
         # No graph optimization: it would fuse and inline tasks across the collections, and
         # could run a step (a pass over V) twice.
         if shortcuts:
             # The step results are kept and the next step reads W_i from them; W's getitems
             # only run when W is read (checkpoint, re-rooting, the result).
-            graph = HighLevelGraph.from_collections(name, dsk, dependencies=dependencies)
-            steps = [Delayed((name, i), graph, layer=name) for i in range(len(self.matrix.row_chunks))]
-            steps, partials = dask.persist(steps, Delayed(root, graph, layer=name), optimize_graph=False)
-            w_graph = HighLevelGraph.from_collections(w_name, w_dsk, dependencies=steps)
-            W_new = da.Array(w_graph, w_name, chunks=W.chunks, dtype=W.dtype)
+            steps, partials = dask.persist(
+                [graph.delayed(key) for key in steps], graph.delayed(total), optimize_graph=False
+            )
+            W_new = map_blocks(
+                "dnmf-step-W", operator.getitem, [step.key for step in steps], 0,
+                chunks=W.chunks, dtype=W.dtype, dependencies=steps,
+            )
             return W_new, tuple(steps), dask.compute(partials)[0]
         # W's blocks are kept, and the step results (with their partials) freed once reduced.
-        graph = HighLevelGraph.from_collections(w_name, {**dsk, **w_dsk}, dependencies=dependencies)
-        W_new = da.Array(graph, w_name, chunks=W.chunks, dtype=W.dtype)
-        W_new, partials = dask.persist(W_new, Delayed(root, graph, layer=w_name), optimize_graph=False)
+        W_new = graph.array(graph.map_blocks(operator.getitem, steps, 0, array="W"), W.chunks, W.dtype)
+        W_new, partials = dask.persist(W_new, graph.delayed(total), optimize_graph=False)
         return W_new, None, dask.compute(partials)[0]
 
     def rerooted(self, state: SolverState, reroot) -> SolverState:
@@ -233,18 +224,11 @@ class Solver:
             self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in blocks]))
         return self._blocks["V"]
 
-    def _start_local(self, W: da.Array, H: np.ndarray) -> SolverState:
-        W_blocks = _w_blocks(W)
-        parts = [kernels.initial_partials_block(v, w, H, self.rule) for v, w in zip(self._v_blocks(), W_blocks)]
-        partials = tree_fold(parts, kernels.add_partials)
-        return SolverState(_blocks_array(W_blocks, W), H, partials, self._objective(partials, H, kernels.gram(H.T)))
-
     def _w_pass_local(
         self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True
     ) -> tuple[da.Array, Partials]:
-        blocks = zip(self._v_blocks(), _w_blocks(W))
-        results = [kernels.step_block(v, w, H, HHt, self.rule, with_loss) for v, w in blocks]
-        partials = tree_fold([part for _, part in results], kernels.add_partials)
+        results = IN_PROCESS.map(kernels.step_block, self._v_blocks(), _w_blocks(W), H, HHt, self.rule, with_loss)
+        partials = IN_PROCESS.reduce([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
 
 
@@ -270,6 +254,4 @@ def _w_blocks(W: da.Array) -> list[np.ndarray]:
 
 def _blocks_array(blocks: list[np.ndarray], like: da.Array) -> da.Array:
     """A dask array holding ``blocks`` (already computed) with ``like``'s chunks."""
-    name = f"dnmf-W-local-{uuid.uuid4().hex}"
-    dsk = {(name, i, 0): block for i, block in enumerate(blocks)}
-    return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=like.chunks, dtype=like.dtype)
+    return from_blocks("dnmf-W-local", [[block] for block in blocks], chunks=like.chunks, dtype=like.dtype)
