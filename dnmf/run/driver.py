@@ -161,15 +161,16 @@ def run(
         iteration = (history[-1].iteration if history else 0) + 1
         anchor = last_evaluated(history, start)
         step = solver.step(state, rules.evaluates(iteration))
-        state = step.state
+        state, w_change, h_change = step.state, step.w_change, step.h_change
+        del step  # a hook may replace the state (re-rooting): keep nothing of the one it replaces
         for hook in hooks:
             state = hook.on_step(state)
         record = IterationRecord(
             iteration=iteration,
             objective=state.objective,
             rel_decrease=decrease_since(anchor, iteration, state.objective),
-            w_change=step.w_change,
-            h_change=step.h_change,
+            w_change=w_change,
+            h_change=h_change,
             seconds=time.perf_counter() - tick,
         )
         history.append(record)
