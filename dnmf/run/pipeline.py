@@ -32,7 +32,7 @@ from ..errors import ParameterError
 from ..settings import FitSettings, iterate_settings
 from ..solvers.grid import GridSolver
 from ..solvers.init import make_start
-from ..solvers.rows import Solver
+from ..solvers.rows import MaskedSolver, Solver
 from . import checkpoint, driver
 from .plan import (
     CachePlan,
@@ -93,7 +93,7 @@ class Plan:
     cache: CachePlan
     stats: MatrixStats
     init_matrix: Matrix
-    solver: Solver | GridSolver
+    solver: Solver | MaskedSolver | GridSolver
 
     @property
     def matrix(self) -> Matrix:
@@ -146,9 +146,11 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     Returns (stats, the matrix the inits read, the solver).
     """
     if not settings.nan_is_missing and mask is None:
-        stats = scan_matrix(matrix, with_xlogx=settings.beta == kernels.KULLBACK_LEIBLER)
+        rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+        stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
-        rule = kernels.Rule(settings.solver, settings.beta, settings.eps, *settings.sweeps(matrix.shape, stats.nnz))
+        w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
+        rule = replace(rule, w_sweeps=w_sweeps, h_sweeps=h_sweeps)
         offset = stats.v_xlogx - stats.v_sum
         if matrix.is_grid:
             return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
@@ -168,7 +170,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     stats = scanned.imputed_stats()
     validate_stats(stats, settings.beta)
     rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
-    solver = Solver(matrix, rule, scanned.stats.v_sq, update_h=update_h, masked=True, mask=mask_da)
+    solver = MaskedSolver(matrix, rule, scanned.stats.v_sq, update_h=update_h, mask=mask_da)
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 
 

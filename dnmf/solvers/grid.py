@@ -90,7 +90,7 @@ class GridSolver:
         H = self._column_blocks(H)
         graph = TaskGraph("dnmf-grid-start", [self.matrix.data, W, H])
         w_keys, h_keys = row_block_keys(W), _col_keys(H)
-        w_parts = graph.map(_w_sums_at_start, w_keys, self.rule.beta, label="wsum")
+        w_parts = graph.map(_w_sums_at_start, w_keys, self.rule, label="wsum")
         w_sums = graph.reduce(w_parts, kernels.add_factor_sums, label="w")
         p_keys, terms = self._pass_a(graph, w_keys, h_keys)
         summary = graph.task("summary", tuple, [w_sums, terms, self._h_gram(graph, h_keys)])
@@ -104,7 +104,7 @@ class GridSolver:
 
         ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
         """
-        with_loss = evaluate or self.rule.beta == kernels.FROBENIUS
+        with_loss = evaluate or self.rule.frobenius
         W, H = state.W, state.H
         graph = TaskGraph("dnmf-grid-step", [self.matrix.data, W, H, *state.partials])
         rule = self.rule
@@ -176,17 +176,16 @@ class GridSolver:
         return da.from_array(H, chunks=chunks, name=f"dnmf-H0-{uuid.uuid4().hex}")
 
     def _objective(self, terms: float, w_gram, h_gram) -> float:
-        beta = self.rule.beta
-        offset = kl_offset(self.matrix, self.kl_offset, self._cache) if beta == kernels.KULLBACK_LEIBLER else 0.0
-        return kernels.objective_from_sums(terms, w_gram, h_gram, self.v_sq, beta, offset)
+        offset = kl_offset(self.matrix, self.kl_offset, self._cache) if self.rule.kullback_leibler else 0.0
+        return kernels.objective_from_sums(terms, w_gram, h_gram, self.v_sq, self.rule.beta, offset)
 
 
 def _col_keys(H: da.Array) -> list:
     return list(H.__dask_keys__()[0])
 
 
-def _w_sums_at_start(W_b: np.ndarray, beta: float) -> FactorSums:
-    gram = kernels.gram(W_b) if beta == kernels.FROBENIUS else 0.0
+def _w_sums_at_start(W_b: np.ndarray, rule: Rule) -> FactorSums:
+    gram = kernels.gram(W_b) if rule.frobenius else 0.0
     return FactorSums(gram, 0.0, float(np.vdot(W_b, W_b)), 0.0)
 
 

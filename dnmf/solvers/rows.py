@@ -84,9 +84,6 @@ class Solver:
     rule : which update (MU for any β, or HALS for β = 2) and ε.
     v_sq : ‖V‖², for the Frobenius objective.
     update_h : False to keep H fixed (``transform``: solve for W only).
-    masked : minimize the divergence over observed entries only (:mod:`dnmf.kernels.masked`): NaN
-        entries of V are missing, and so are the False entries of ``mask``.
-    mask : optional boolean dask array shaped and row-chunked like V (True = observed).
     kl_offset : Σ V log V − Σ V, the constant of the KL objective (β = 1 only); None to have
         it computed here by one extra scan of V when needed.
     local : run the same per-block kernels in this thread, block by block, instead of as a
@@ -99,15 +96,14 @@ class Solver:
     rule: Rule
     v_sq: float
     update_h: bool = True
-    masked: bool = False
-    mask: da.Array | None = None
     kl_offset: float | None = None
     local: bool = False
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        if self.local and self.masked:
-            raise ParameterError("The local path runs the unmasked kernels only; use local=False with a mask.")
+    @property
+    def _inputs(self) -> list:
+        """The collections every pass reads besides W (V)."""
+        return [self.matrix.data]
 
     def start(self, W: da.Array, H: np.ndarray) -> SolverState:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
@@ -118,7 +114,7 @@ class Solver:
             partials = self._initial_partials(IN_PROCESS, self._v_blocks(), W_blocks, H)
             W = _blocks_array(W_blocks, W)
         else:
-            graph = TaskGraph("dnmf-start", [self.matrix.data, W, self.mask])
+            graph = TaskGraph("dnmf-start", [*self._inputs, W])
             total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H)
             W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
             partials = dask.compute(partials)[0]
@@ -127,13 +123,19 @@ class Solver:
     def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray) -> Partials | Key:
         """The partials at (W, H): a task per row block of V, summed in the fixed tree, on a
         :class:`~dnmf.graph.TaskGraph` (V and W as keys) or in process (as blocks)."""
-        h = blocks.constant("H", H)
-        if self.masked:
-            mask = mask_block_keys(self.mask, self.matrix)
-            parts = blocks.map(masked.masked_initial_partials, V, mask, W, h, self.rule)
-        else:
-            parts = blocks.map(kernels.initial_partials_block, V, W, h, self.rule)
+        parts = blocks.map(kernels.initial_partials_block, V, W, blocks.constant("H", H), self.rule)
         return blocks.reduce(parts, kernels.add_partials)
+
+    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool) -> list[Key]:
+        """A step task per row block: W_i updated, then the partials at (W_i, H)."""
+        return graph.map(kernels.step_block, V, W, H, HHt, self.rule, with_loss)
+
+    def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
+        return kernels.update_h(H, partials, self.rule)
+
+    def _needs_loss(self, evaluate: bool) -> bool:
+        """Whether a step computes the objective's per-entry work (free for β = 2)."""
+        return evaluate or self.rule.frobenius
 
     def step(self, state: SolverState, evaluate: bool = True) -> Step:
         """One iteration: H from the partials, then one pass over V that updates W.
@@ -142,10 +144,9 @@ class Solver:
         unmasked): the new state's objective is then NaN.
         """
         H_old = state.H
-        update = masked.masked_update_h if self.masked else kernels.update_h
-        H = update(H_old, state.partials, self.rule) if self.update_h else H_old
+        H = self._update_h(H_old, state.partials) if self.update_h else H_old
         HHt = kernels.gram(H.T)
-        with_loss = evaluate or self.masked or self.rule.beta == kernels.FROBENIUS
+        with_loss = self._needs_loss(evaluate)
         if self.local:
             W, partials = self._w_pass_local(state.W, H, HHt, with_loss)
             steps = None
@@ -159,7 +160,7 @@ class Solver:
     def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True):
         """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
         W = state.W
-        graph = TaskGraph("dnmf-step", [self.matrix.data, W, self.mask, *(state.steps or ())])
+        graph = TaskGraph("dnmf-step", [*self._inputs, W, *(state.steps or ())])
         shortcuts = small_h(H.nbytes, len(self.matrix.row_chunks))
         if shortcuts:
             # H goes into every step task: no task of its own to schedule, and no transfer of
@@ -174,11 +175,7 @@ class Solver:
             w = row_block_keys(W)
         else:
             w = [(_w_of, step.key) for step in state.steps]
-        V = self.matrix.block_inputs()
-        if self.masked:
-            steps = graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), w, h, self.rule)
-        else:
-            steps = graph.map(kernels.step_block, V, w, h, hht, self.rule, with_loss)
+        steps = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss)
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
         # one task fewer per block than a getitem for each partials_i.
         parts = steps if len(steps) > 1 else graph.map(operator.getitem, steps, 1, label="partials")
@@ -207,12 +204,10 @@ class Solver:
         return replace(state, W=reroot(state.W, "W"), steps=None)
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
-        if self.masked:
-            return max(float(partials.loss), 0.0)
         return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset())
 
     def _kl_offset(self) -> float:
-        if self.rule.beta != kernels.KULLBACK_LEIBLER:
+        if not self.rule.kullback_leibler:
             return 0.0
         return kl_offset(self.matrix, self.kl_offset, self._blocks)
 
@@ -230,6 +225,45 @@ class Solver:
         results = IN_PROCESS.map(kernels.step_block, self._v_blocks(), _w_blocks(W), H, HHt, self.rule, with_loss)
         partials = IN_PROCESS.reduce([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
+
+
+@dataclass(frozen=True)
+class MaskedSolver(Solver):
+    """A :class:`Solver` that minimizes the divergence over the observed entries only
+    (:mod:`dnmf.kernels.masked`): NaN entries of V are missing, and so are the False entries
+    of ``mask``. MU for any β (the masked updates), HALS on V with its missing entries filled
+    by the current WH (an EM-style majorization). Always as Dask graphs; always evaluates
+    the (masked) objective, which the step computes anyway.
+
+    mask : optional boolean dask array shaped and row-chunked like V (True = observed).
+    """
+
+    mask: da.Array | None = None
+
+    def __post_init__(self):
+        if self.local:
+            raise ParameterError("The local path runs the unmasked kernels only; use local=False with a mask.")
+
+    @property
+    def _inputs(self) -> list:
+        return [self.matrix.data, self.mask]
+
+    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray) -> Partials | Key:
+        mask = mask_block_keys(self.mask, self.matrix)
+        parts = blocks.map(masked.masked_initial_partials, V, mask, W, blocks.constant("H", H), self.rule)
+        return blocks.reduce(parts, kernels.add_partials)
+
+    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool) -> list[Key]:
+        return graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), W, H, self.rule)
+
+    def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
+        return masked.masked_update_h(H, partials, self.rule)
+
+    def _needs_loss(self, evaluate: bool) -> bool:
+        return True
+
+    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
+        return max(float(partials.loss), 0.0)
 
 
 def _w_of(step_result) -> np.ndarray:
