@@ -24,6 +24,10 @@ class CheckpointMismatchError(DnmfError):
     """A checkpoint does not belong to this matrix or these settings."""
 
 
+class DivergenceError(DnmfError):
+    """The iterates became non-finite (NaN or Inf): the fit stopped, and nothing was reported as fitted."""
+
+
 class FormatError(DnmfError):
     """A file cannot be read as a matrix in the format its name or contents suggest."""
 

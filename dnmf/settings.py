@@ -92,7 +92,9 @@ def resolve_seed(random_state) -> int:
     """An integer seed from None, an int, or a numpy RandomState / Generator."""
     if random_state is None:
         return int(np.random.SeedSequence().generate_state(1)[0])
-    if isinstance(random_state, numbers.Integral):
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if not 0 <= random_state < 2**32:
+            raise ParameterError(expected("random_state an int from 0 to 2**32 - 1", random_state))
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(np.iinfo(np.int32).max))
@@ -108,7 +110,10 @@ def _init(value):
 
 
 def _eps(value):
-    return _nonnegative_real("eps")(DEFAULT_EPS if value is None else value)
+    eps = _nonnegative_real("eps")(DEFAULT_EPS if value is None else value)
+    if not np.isfinite(eps):
+        raise ParameterError(expected("eps a finite non-negative number (None: 1e-10)", value))
+    return eps
 
 
 def _chunks(value):
@@ -124,11 +129,13 @@ def _chunks(value):
 def _column_chunks(value):
     if value is None or value == "auto":
         return value
-    if isinstance(value, (tuple, list)) and not isinstance(value, str) and all(_is_int(v) for v in value):
+    if isinstance(value, (tuple, list)) and value and all(_is_int(v) and v >= 1 for v in value):
         return tuple(int(v) for v in value)
-    if _is_int(value):
+    if _is_int(value) and value >= 1:
         return int(value)
-    raise ParameterError(expected('column_chunks "auto", None, an int or a tuple of ints', value))
+    raise ParameterError(
+        expected('column_chunks "auto", None, a positive number of columns per chunk, or a tuple of them', value)
+    )
 
 
 def _callbacks(value) -> tuple:

@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
+from ..errors import DivergenceError
+
 
 @dataclass(frozen=True)
 class IterationRecord:
@@ -148,6 +150,7 @@ def run(
     are called in their order around every iteration (see :class:`Hook`).
     """
     history = list(history or [])
+    check_finite(history[-1].iteration if history else 0, 0.0, 0.0, state.objective)
     started = time.perf_counter()
     stop_reason = "max_iter"
     # A resumed run whose last recorded iteration already met the tolerances stops where the
@@ -163,6 +166,7 @@ def run(
         step = solver.step(state, rules.evaluates(iteration))
         state, w_change, h_change = step.state, step.w_change, step.h_change
         del step  # a hook may replace the state (re-rooting): keep nothing of the one it replaces
+        check_finite(iteration, w_change, h_change, state.objective if rules.evaluates(iteration) else 0.0)
         for hook in hooks:
             state = hook.on_step(state)
         record = IterationRecord(
@@ -191,6 +195,7 @@ def run(
         anchor = last_evaluated(history[:-1], start)
         state = solver.start(state.W, state.H)
         last = history[-1]
+        check_finite(last.iteration, 0.0, 0.0, state.objective)
         history[-1] = IterationRecord(
             last.iteration, state.objective, decrease_since(anchor, last.iteration, state.objective),
             last.w_change, last.h_change, last.seconds,
@@ -198,6 +203,25 @@ def run(
     for hook in hooks:
         hook.finish(state, history, stop_reason)
     return RunResult(state, history, stop_reason)
+
+
+def check_finite(iteration: int, w_change: float, h_change: float, objective: float) -> None:
+    """Raise :class:`~dnmf.errors.DivergenceError` when an iterate is no longer finite.
+
+    The relative changes of W and H are computed from sums over every entry (‖W‖², ‖ΔW‖²,
+    ‖H‖), so a single NaN or Inf in W or H makes them non-finite; the objective catches an
+    overflow of WH. Raised before the state reaches the hooks, so no checkpoint holds it
+    and the last good one stays.
+    """
+    if math.isfinite(w_change) and math.isfinite(h_change) and math.isfinite(objective):
+        return
+    where = "at the start" if iteration == 0 else f"at iteration {iteration}"
+    raise DivergenceError(
+        f"The fit diverged {where}: W, H or the objective became NaN or infinite (objective "
+        f"{objective!r}). Likely causes: eps=0 with all-zero rows or columns in V (0/0), or V or a "
+        "custom start so large or small that float arithmetic overflows. Try the default eps "
+        "(1e-10), float64 data, or V rescaled (e.g. divided by its largest entry)."
+    )
 
 
 def last_evaluated(history: list[IterationRecord], start: tuple[int, float]) -> tuple[int, float]:

@@ -188,6 +188,12 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
         checkpoint.check_compatible(snapshot, iterate_settings(settings), fingerprint, resume)
         start_W, start_H, history = snapshot.W, snapshot.H, snapshot.history
     else:
+        if (W is not None or H is not None) and settings.init != "custom":
+            warnings.warn(
+                f"init={settings.init!r} ignores the W and H passed to fit; set init='custom' to start from them.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         start = make_start(prepared.init_matrix, prepared.stats, settings.n_components, settings.init, settings.seed, W, H)
         start_W, start_H = start.W, start.H
     return settings, prepared.solver.start(start_W, start_H), history

@@ -70,16 +70,18 @@ def custom_start(matrix: Matrix, r: int, W, H) -> Start:
     if W is None or H is None:
         raise ParameterError("init='custom' needs both W and H; pass fit(X, W=..., H=...).")
     H = np.asarray(H)
+    W = W if isinstance(W, da.Array) else np.asarray(W)
     _check_factor("H", H.shape, (r, p))
     _check_factor("W", W.shape, (n, r))
-    H = _nonnegative("H", H).astype(matrix.dtype)
+    H = _nonzero("H", _nonnegative("H", H).astype(matrix.dtype))
     if isinstance(W, da.Array):
         W_dask = W.astype(matrix.dtype).rechunk((matrix.row_chunks, (r,)))
-        bad = dask.compute(((W_dask < 0) | ~da.isfinite(W_dask)).any())[0]
+        bad, nonzero = dask.compute(((W_dask < 0) | ~da.isfinite(W_dask)).any(), (W_dask != 0).any())
         if bad:
             raise InvalidMatrixError("W has negative or non-finite entries; a starting W must be non-negative.")
+        _nonzero("W", None, nonzero)
     else:
-        W_np = _nonnegative("W", np.asarray(W)).astype(matrix.dtype)
+        W_np = _nonzero("W", _nonnegative("W", W).astype(matrix.dtype))
         W_dask = da.from_array(W_np, chunks=(matrix.row_chunks, (r,)), name=f"dnmf-W0-{uuid.uuid4().hex}")
     return Start(W_dask, H, "custom")
 
@@ -87,6 +89,16 @@ def custom_start(matrix: Matrix, r: int, W, H) -> Start:
 def _check_factor(label: str, got: tuple, want: tuple) -> None:
     if tuple(got) != tuple(want):
         raise InvalidMatrixError(expected(f"{label} of shape {want}", f"shape {tuple(got)}"))
+
+
+def _nonzero(label: str, X: np.ndarray | None, nonzero: bool | None = None) -> np.ndarray | None:
+    """X, unless it is all zeros: every update keeps a zero factor at zero (0 · anything)."""
+    if not (X.any() if nonzero is None else nonzero):
+        raise InvalidMatrixError(
+            f"The starting {label} is all zeros, and every update would keep it so; pass a {label} with "
+            "positive entries, or another init."
+        )
+    return X
 
 
 def _nonnegative(label: str, X: np.ndarray) -> np.ndarray:
