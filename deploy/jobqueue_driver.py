@@ -23,7 +23,7 @@ sys.path.insert(0, HERE)
 import fit_zarr  # noqa: E402  (deploy/fit_zarr.py)
 
 
-def main(argv=None) -> int:
+def build_parser():
     parser = fit_zarr.job_parser(__doc__.splitlines()[0])
     parser.add_argument("--system", choices=("slurm", "pbs"), default="slurm", help="the batch system")
     parser.add_argument("--jobs", type=int, default=1, help="worker jobs to submit")
@@ -34,9 +34,17 @@ def main(argv=None) -> int:
     parser.add_argument("--account", default=None)
     parser.add_argument("--interface", default=None, help="network interface the workers reach (e.g. ib0, lo)")
     parser.add_argument("--python", default=sys.executable, help="python on the compute nodes")
-    parser.add_argument("--dashboard-address", default=":8787", help="where the scheduler serves its dashboard")
+    parser.add_argument(
+        "--dashboard-address", default="127.0.0.1:8787",
+        help="where the scheduler serves its dashboard (default: this machine only, reach it through "
+        "`ssh -L 8787:127.0.0.1:8787 LOGIN-NODE`; ':8787' serves every interface, to anyone who can connect)",
+    )
     parser.add_argument("--spill-dir", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     job_options = {
         "cores": args.cores, "processes": args.cores, "memory": args.memory, "walltime": args.walltime,
         "queue": args.queue, "account": args.account, "interface": args.interface, "python": args.python,

@@ -106,3 +106,22 @@ def test_w_and_h_with_another_init_are_ignored_with_a_warning():
 def test_values_that_used_to_fail_late_or_pass_silently_are_refused(name, value, match):
     with pytest.raises(ParameterError, match=match):
         dnmf.NMF(2, **{name: value}).fit(lowrank())
+
+
+def test_the_jobqueue_driver_serves_its_dashboard_on_this_machine_only():
+    # Issue 14, case 14: the dashboard (which can run code on the cluster) listens on loopback
+    # unless the user asks for every interface.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    deploy = Path(__file__).parent.parent / "deploy"
+    sys.path.insert(0, str(deploy))
+    try:
+        spec = importlib.util.spec_from_file_location("jobqueue_driver", deploy / "jobqueue_driver.py")
+        driver = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(driver)
+    finally:
+        sys.path.remove(str(deploy))
+    args = driver.build_parser().parse_args(["V.zarr", "out.zarr", "--rank", "3"])
+    assert args.dashboard_address.split(":")[0] == "127.0.0.1"
