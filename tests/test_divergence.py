@@ -125,3 +125,18 @@ def test_the_jobqueue_driver_serves_its_dashboard_on_this_machine_only():
         sys.path.remove(str(deploy))
     args = driver.build_parser().parse_args(["V.zarr", "out.zarr", "--rank", "3"])
     assert args.dashboard_address.split(":")[0] == "127.0.0.1"
+
+
+def test_a_damaged_chunk_of_v_is_named_with_the_remedy(tmp_path):
+    # Issue 14, case 12: a corrupt chunk file gives one error naming the array, the block and
+    # what to do, not a codec traceback.
+    import zarr
+
+    from dnmf.errors import StoreError
+
+    path = tmp_path / "V.zarr"
+    zarr.create_array(store=str(path), data=lowrank(80, 40), chunks=(20, 40))
+    chunk = path / "c" / "1" / "0"
+    chunk.write_bytes(b"\x28\xb5\x2f\xfd" + b"not zstd at all" * 4)
+    with pytest.raises(StoreError, match=r"Cannot read rows 20-40, columns 0-40 of the Zarr array .*V.zarr.*restore"):
+        dnmf.NMF(2, max_iter=2).fit(str(path))

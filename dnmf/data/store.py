@@ -19,7 +19,8 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 from dask._task_spec import DataNode, GraphNode, Task
-from dask.array.core import normalize_chunks
+from dask.array.core import getter, normalize_chunks
+from dask.base import tokenize
 
 from .. import kernels
 from ..errors import InvalidMatrixError, StoreError, expected, no_such_path
@@ -389,8 +390,24 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     # One task reads each block (the store's chunks it spans) from the Zarr array, a key of its
     # own, so that the tasks using a block can read it themselves (Matrix.reads_inline). With
     # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
-    blocks = da.from_zarr(arr, chunks=chunks)
+    blocks = da.from_array(arr, chunks, name=f"from-zarr-{tokenize(arr, chunks)}", getitem=_read_chunk)
     return Matrix(blocks, dtype, False, False, source, reads_inline=True)
+
+
+def _read_chunk(arr, index: tuple[slice, ...], asarray: bool = True, lock=None):
+    """Block ``index`` of the Zarr array ``arr`` (dask's getter), or a :class:`StoreError` naming
+    the array, the block and what to do when the store cannot give it (a damaged chunk file,
+    a codec error, a store gone away)."""
+    try:
+        return getter(arr, index, asarray=asarray, lock=lock)
+    except Exception as e:
+        rows, cols = index
+        raise StoreError(
+            f"Cannot read rows {rows.start}-{rows.stop}, columns {cols.start}-{cols.stop} of the Zarr "
+            f"array at {str(arr.store_path)!r} (stored in chunks of {arr.chunks}): {type(e).__name__}: {e}. "
+            "The store is damaged or unreachable there; restore it from a copy or write it again "
+            "(dnmf convert)."
+        ) from e
 
 
 def _check_2d(shape) -> None:
