@@ -145,3 +145,33 @@ def test_scan_source_finds_bad_entries(tmp_path, dense):
     assert (shape, fmt) == (X.shape, "npy")
     assert (stats.n_negative, stats.first_negative) == (1, (4, 2))
     assert (stats.n_nonfinite, stats.first_nonfinite) == (1, (9, 1))
+
+
+# Issue 14, cases 10 and 13: a data row is never taken for a header; bad files get one error.
+
+
+@pytest.mark.parametrize("first_line,line", [("1,2,NA", 1), ("1,,3", 1), ("7,8,9\n1,,3", 2)])
+def test_a_first_line_with_a_number_is_data_and_a_bad_entry_names_its_line(tmp_path, first_line, line):
+    (tmp_path / "V.csv").write_text(first_line + "\n4,5,6\n")
+    with pytest.raises(FormatError, match=rf"line {line} has an entry that is not a number"):
+        convert(tmp_path / "V.csv", tmp_path / "V.zarr")
+    assert sorted(os.listdir(tmp_path)) == ["V.csv"]
+
+
+def test_a_header_of_names_is_skipped_and_line_numbers_count_the_whole_file(tmp_path):
+    rows = "\n".join(f"{i},{i + 1}" for i in range(1, 5000))
+    (tmp_path / "V.csv").write_text("a,b\n" + rows + "\n5,x\n")
+    with pytest.raises(FormatError, match="line 5001 has an entry"):
+        convert(tmp_path / "V.csv", tmp_path / "V.zarr", chunks=100)
+    (tmp_path / "W.csv").write_text("a,b\n1,2\n3,4\n")
+    convert(tmp_path / "W.csv", tmp_path / "W.zarr")
+    assert zarr.open_array(str(tmp_path / "W.zarr"))[...].tolist() == [[1, 2], [3, 4]]
+
+
+def test_text_that_is_not_utf8_and_a_pickled_npz_get_one_error(tmp_path):
+    (tmp_path / "V.csv").write_bytes("1,2\n3,\xe9\n".encode("latin-1"))
+    with pytest.raises(FormatError, match="not UTF-8"):
+        convert(tmp_path / "V.csv", tmp_path / "V.zarr")
+    np.savez(tmp_path / "P.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(FormatError, match="not a numeric array"):
+        convert(tmp_path / "P.npz", tmp_path / "P.zarr")

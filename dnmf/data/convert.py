@@ -139,7 +139,11 @@ def _open_npz(path: str, dataset: str | None) -> Source:
         dataset = names[0]
     if dataset not in names:
         raise FormatError(expected(f"an array name in {names}", dataset))
-    return _dense_source(path, "npz", archive[dataset], note="an .npz member is read whole")
+    try:
+        X = archive[dataset]
+    except ValueError as e:  # an object (pickled) array: never unpickled, it could run code
+        raise FormatError(f"{path!r} member {dataset!r} is not a numeric array ({e}); save it with numpy.savez.") from e
+    return _dense_source(path, "npz", X, note="an .npz member is read whole")
 
 
 def _open_mtx(path: str) -> Source:
@@ -168,16 +172,28 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _text_layout(path: str, fmt: str) -> tuple[str | None, bool, int, int]:
-    """(separator, has_header, number of columns, bytes of the first data line)."""
-    sep = {"csv": ",", "tsv": "\t", "txt": None}[fmt]
+def _text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of the non-blank lines of a UTF-8 text file (gzip too)."""
     opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = [line for _, line in zip(range(2), (line for line in f if line.strip()))]
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield from ((number, line) for number, line in enumerate(f, 1) if line.strip())
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path!r} is not UTF-8 text ({e}); save it as UTF-8 or convert it with iconv.") from e
+
+
+def _text_layout(path: str, fmt: str) -> tuple[str | None, bool, int, int]:
+    """(separator, has_header, number of columns, bytes of the first data line).
+
+    The first line is a header only when none of its fields is a number: a line such as
+    ``1,2,NA`` or ``1,,3`` is data (and an error, naming its line), never silently dropped.
+    """
+    sep = {"csv": ",", "tsv": "\t", "txt": None}[fmt]
+    lines = [line for _, (_, line) in zip(range(2), _text_lines(path))]
     if not lines:
         raise FormatError(f"{path!r} is empty: there is no matrix in it.")
     tokens = [t.strip() for t in (lines[0].split(sep) if sep else lines[0].split())]
-    header = not all(_is_number(t) for t in tokens)
+    header = not any(_is_number(t) for t in tokens)
     data_line = lines[1] if header and len(lines) > 1 else lines[0]
     return sep, header, len(tokens), len(data_line.encode())
 
@@ -185,16 +201,33 @@ def _text_layout(path: str, fmt: str) -> tuple[str | None, bool, int, int]:
 def _text_chunks(path: str, fmt: str, rows: int) -> Iterator[np.ndarray]:
     """Row blocks of a delimited text file as float64 arrays (``rows`` lines at a time)."""
     sep, header, _, _ = _text_layout(path, fmt)
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        lines = (line for line in f if line.strip())
-        if header:
-            next(lines)
-        while block := list(itertools.islice(lines, rows)):
-            try:
-                yield np.loadtxt(block, delimiter=sep, dtype=np.float64, ndmin=2, comments=None)
-            except ValueError as e:
-                raise FormatError(f"{path!r} has an entry that is not a number, or a short line: {e}") from e
+    lines = _text_lines(path)
+    if header:
+        next(lines)
+    while block := list(itertools.islice(lines, rows)):
+        try:
+            yield np.loadtxt([line for _, line in block], delimiter=sep, dtype=np.float64, ndmin=2, comments=None)
+        except ValueError:
+            number, line, problem = _first_bad_line(block, sep)
+            raise FormatError(
+                f"{path!r} line {number} has an entry that is not a number, or a missing one ({problem}): "
+                f"{line.strip()[:80]!r}."
+            ) from None
+
+
+def _first_bad_line(block: list[tuple[int, str]], sep: str | None) -> tuple[int, str, str]:
+    """(line number, line, what is wrong) of the first line of ``block`` that is not a row of
+    numbers as long as the first."""
+    width = None
+    for number, line in block:
+        try:
+            values = np.loadtxt([line], delimiter=sep, dtype=np.float64, ndmin=2, comments=None)
+        except ValueError as e:
+            return number, line, str(e).split(" at row")[0]
+        if width is not None and values.shape[1] != width:
+            return number, line, f"{values.shape[1]} fields where the lines before have {width}"
+        width = values.shape[1]
+    return block[0][0], block[0][1], "the lines differ in length"
 
 
 # --- HDF5 / AnnData ----------------------------------------------------------------------
