@@ -41,10 +41,15 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     from sklearn.exceptions import ConvergenceWarning
 
     from ..data.convert import split_dataset
+    from ..data.outputs import check_output
     from ..data.results import save_result
     from ..estimator import NMF
 
-    check_fit_outputs(out, overwrite, log_json, {"input": split_dataset(input_path)[0], "checkpoint": params["checkpoint"]})
+    reads = {"input": split_dataset(input_path)[0], "checkpoint": params["checkpoint"]}
+    check_fit_outputs(out, overwrite, log_json, reads)
+    if params["checkpoint"] is not None:
+        check_output(params["checkpoint"], protected={"input": reads["input"], "result": out}, kind="folder",
+                     label="--checkpoint")
     params["init"] = None if params["init"] == "auto" else params["init"]
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()

@@ -7,6 +7,7 @@ refuses, before anything is written, an output that
 * is, lies inside, or holds (is a parent of) any path the command reads: its input matrix,
   the result it transforms, a checkpoint (compared as resolved real paths, so symlinks and
   ``..`` do not get around it; URLs are compared as strings);
+* lies inside an existing Zarr store or checkpoint, whoever's it is;
 * exists, unless ``overwrite`` is given and the path is provably dnmf's own: an earlier
   result, a Zarr array dnmf wrote (it carries the :data:`MARKER` attribute), or an empty
   folder. A checkpoint is never replaced.
@@ -32,6 +33,9 @@ MARKER = "dnmf"
 """The attribute of a Zarr array dnmf wrote: ``{"written_by": FUNCTION}``."""
 
 KINDS = ("store", "log", "folder")
+
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
+"""The files that make a folder a Zarr store (format 3, and format 2's array and group)."""
 
 
 def mark_written(node, written_by: str) -> None:
@@ -85,6 +89,16 @@ def _relation(out: str, other: str) -> str | None:
     return None
 
 
+def _enclosing_store(path: str) -> str | None:
+    """The nearest folder above the resolved ``path`` that is a Zarr store or a checkpoint, if any."""
+    from ..run.checkpoint import has_checkpoint
+
+    for folder in Path(path).parents:
+        if has_checkpoint(folder) or any((folder / name).exists() for name in ZARR_METADATA):
+            return str(folder)
+    return None
+
+
 def _is_json_lines(path: str) -> bool:
     """Whether the file at ``path`` is empty or starts with a JSON object line (a dnmf log)."""
     with open(path, encoding="utf-8", errors="replace") as file:
@@ -105,7 +119,7 @@ def check_output(
     kind: str = "store",
     label: str = "output",
     owned: Callable[[str], bool] = written_by_dnmf,
-) -> Path:
+) -> None:
     """Refuse an output path that could modify or delete anything the user owns.
 
     Call it for every output of a command, with every path the command reads, before
@@ -130,11 +144,6 @@ def check_output(
     owned : callable, default :func:`written_by_dnmf`
         Whether an existing ``path`` is dnmf's own, so that ``overwrite`` may replace it.
 
-    Returns
-    -------
-    Path
-        ``path``, unchanged.
-
     Raises
     ------
     StoreError
@@ -157,8 +166,13 @@ def check_output(
                 f"The {label} path {text!r} {relation} the {role} {os.fspath(other)!r}, and dnmf never writes "
                 "over, into or around what a command uses; choose a path beside it."
             )
+    if not _is_url(text) and (store := _enclosing_store(out)) is not None:
+        raise StoreError(
+            f"The {label} path {text!r} lies inside {store!r}, a Zarr store or checkpoint, and dnmf never writes "
+            "into one; choose a path beside it."
+        )
     if _is_url(text) or not os.path.lexists(text):
-        return Path(text)
+        return
     if kind == "log" and not (os.path.isfile(text) and _is_json_lines(text)):
         raise StoreError(f"The {label} path {text!r} exists and is not a JSON-lines log; choose a new file for the log.")
     if kind == "store" and not overwrite:
@@ -168,7 +182,6 @@ def check_output(
             f"{text!r} exists and is not something dnmf wrote (an earlier result or array, or an empty folder), "
             "so --overwrite will not replace it; move it away yourself or choose another output path."
         )
-    return Path(text)
 
 
 @contextlib.contextmanager
@@ -186,7 +199,8 @@ def atomic_directory(
     untouched. With ``overwrite``, an existing ``path`` is replaced only after the new one is
     complete.
     """
-    path = check_output(path, protected=protected, overwrite=overwrite, owned=owned).absolute()
+    check_output(path, protected=protected, overwrite=overwrite, owned=owned)
+    path = Path(path).absolute()
     if not path.parent.is_dir():
         raise StoreError(f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
