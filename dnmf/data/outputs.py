@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import ParameterError, StoreError, expected
 
 MARKER = "dnmf"
 """The attribute of a Zarr array dnmf wrote: ``{"written_by": FUNCTION}``."""
@@ -150,12 +150,12 @@ def check_output(
         One sentence naming the path, what is wrong and what to do.
     """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+        raise ParameterError(expected(f"kind one of {KINDS}", kind))
     text = os.fspath(path)
     if not text.strip():
         raise StoreError(f"The {label} path is empty ({text!r}), perhaps an unset shell variable; give the path to write.")
-    out = _real(text)
-    if not _is_url(text) and (out == (cwd := os.path.realpath(os.getcwd())) or _contains(out, cwd)):
+    out, local = _real(text), not _is_url(text)
+    if local and (out == (cwd := os.path.realpath(os.getcwd())) or _contains(out, cwd)):
         raise StoreError(f"The {label} path {text!r} is the current folder or holds it; give a new path to write.")
     for role, other in (protected or {}).items():
         if other is None or not os.fspath(other).strip():
@@ -166,12 +166,12 @@ def check_output(
                 f"The {label} path {text!r} {relation} the {role} {os.fspath(other)!r}, and dnmf never writes "
                 "over, into or around what a command uses; choose a path beside it."
             )
-    if not _is_url(text) and (store := _enclosing_store(out)) is not None:
+    if local and (store := _enclosing_store(out)) is not None:
         raise StoreError(
             f"The {label} path {text!r} lies inside {store!r}, a Zarr store or checkpoint, and dnmf never writes "
             "into one; choose a path beside it."
         )
-    if _is_url(text) or not os.path.lexists(text):
+    if not local or not os.path.lexists(text):
         return
     if kind == "log" and not (os.path.isfile(text) and _is_json_lines(text)):
         raise StoreError(f"The {label} path {text!r} exists and is not a JSON-lines log; choose a new file for the log.")
