@@ -31,6 +31,14 @@ def custom_start(shape, r, seed=0, dtype=np.float64):
     return (rng.uniform(0.1, 1, (n, r)).astype(dtype), rng.uniform(0.1, 1, (r, p)).astype(dtype))
 
 
+def one_line_error(stderr: str) -> str:
+    """The single 'Error: ...' line of a failed command (no traceback, nothing else)."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("Error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
 def best_cosines(H, H_true):
     """For each planted row of H_true, the best cosine similarity with a learned row of H."""
     Hn = H / np.linalg.norm(H, axis=1, keepdims=True)

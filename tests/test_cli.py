@@ -19,7 +19,7 @@ import dnmf
 from dnmf.cli import main
 from dnmf.data.results import load_result
 
-from conftest import best_cosines, planted_parts
+from conftest import best_cosines, one_line_error, planted_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--scheduler", "threads", "--quiet"]
@@ -35,14 +35,6 @@ def run_subprocess(*args: str, cwd=None, timeout=120) -> subprocess.CompletedPro
         [sys.executable, "-m", "dnmf", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
         timeout=timeout,
     )
-
-
-def one_line_error(stderr: str) -> str:
-    """The single 'Error: ...' line of a failed command (no traceback, nothing else)."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("Error: ") and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def tree_digest(path: Path) -> str:

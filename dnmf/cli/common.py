@@ -78,6 +78,27 @@ def zarr_input(path: str, dataset: str | None, quiet: bool):
         yield target
 
 
+def check_fit_outputs(out, overwrite: bool, log_json, reads: dict) -> None:
+    """Refuse, before any work, an --out or --log-json of a fit that could harm what the user owns.
+
+    Parameters
+    ----------
+    out : str
+        The result to write (see :func:`dnmf.data.outputs.check_output`, ``kind="store"``).
+    overwrite : bool
+        --overwrite: replace an existing ``out`` that dnmf wrote.
+    log_json : str or None
+        The JSON-lines log to append to; it may not be, lie inside or hold ``out`` or a read path.
+    reads : dict
+        What the command reads, by role (``{"input": ..., "checkpoint": ...}``).
+    """
+    from ..data.outputs import check_output
+
+    check_output(out, protected=reads, overwrite=overwrite, label="--out")
+    if log_json is not None:
+        check_output(log_json, protected={**reads, "result": out}, kind="log", label="--log-json")
+
+
 def make_callbacks(max_iter, quiet: bool, log_json) -> list:
     """A progress bar (hidden when ``quiet``) and, with ``log_json``, a JSON-lines log."""
     from ..run.progress import JsonLog, ProgressBar

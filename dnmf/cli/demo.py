@@ -13,7 +13,18 @@ import click
 from ..demo import best_matches, write_planted_matrix
 from ..errors import ParameterError, expected
 from .common import close_callbacks, dask_client, make_callbacks, say
-from .files import write_plots
+from .files import PLOT_NAMES, write_plots
+
+
+def is_demo_folder(path) -> bool:
+    """Whether ``path`` is what an earlier ``dnmf demo`` wrote (its result and plots) or an empty folder,
+    so that ``--overwrite`` may replace it."""
+    from ..data.results import is_result
+
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    return names <= {"result.zarr", *PLOT_NAMES} and (not names or is_result(os.path.join(path, "result.zarr")))
 
 
 @click.command()
@@ -27,7 +38,7 @@ from .files import write_plots
 @click.option("--threads-per-worker", type=int, default=1, help="Threads per worker.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="dnmf-demo", help="Folder for the result and the plots.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
-@click.option("--overwrite", is_flag=True, help="Replace --out-dir if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out-dir if an earlier demo wrote it.")
 def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_per_worker, out_dir, quiet, overwrite):
     """Factor a planted-parts matrix on a local Dask cluster and show what was recovered.
 
@@ -37,12 +48,13 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
     from sklearn.exceptions import ConvergenceWarning
 
     from ..cluster import dashboard_link
-    from ..data.results import atomic_directory, refuse_existing, save_result
+    from ..data.outputs import atomic_directory, check_output
+    from ..data.results import save_result
     from ..estimator import NMF
 
     if parts < 1 or n_features < parts or n_samples < parts:
         raise ParameterError(expected("--parts between 1 and min(--n-samples, --n-features)", parts))
-    refuse_existing(out_dir, overwrite)
+    check_output(out_dir, overwrite=overwrite, label="--out-dir", owned=is_demo_folder)
     with tempfile.TemporaryDirectory(prefix="dnmf-demo-") as tmp:
         say(quiet, f"Writing a {n_samples} x {n_features} planted-parts matrix ({parts} parts) to {tmp}/V.zarr…")
         planted = write_planted_matrix(
@@ -60,7 +72,7 @@ def demo(n_samples, n_features, parts, solver, max_iter, seed, workers, threads_
             finally:
                 close_callbacks(callbacks)
             seconds = time.perf_counter() - started
-            with atomic_directory(out_dir, overwrite) as target:
+            with atomic_directory(out_dir, overwrite, owned=is_demo_folder) as target:
                 target.mkdir()
                 save_result(target / "result.zarr", model, W, input_path="(temporary planted-parts matrix)")
                 write_plots(model.history_, model.components_, W, target, None, 400, False)

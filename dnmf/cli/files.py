@@ -13,6 +13,8 @@ import click
 
 from ..errors import DnmfError
 
+PLOT_NAMES = ("convergence.png", "parts.png", "w_heatmap.png")
+
 
 @click.command()
 @click.argument("path", type=click.Path())
@@ -38,7 +40,7 @@ def info(path, dataset, no_scan, as_json):
 @click.option("--chunks", type=int, default=None, help="Rows per Zarr chunk (default: ~64 MiB, at least 4 chunks).")
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 file (or SRC.h5:/dataset), or member of an .npz.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is an array or result dnmf wrote.")
 def convert(src, dst, chunks, dataset, quiet, overwrite):
     """Write SRC (.npy, .npz, .mtx(.gz), .csv/.tsv, HDF5, .h5ad) as a row-chunked Zarr array DST.
 
@@ -75,12 +77,14 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
 @click.option("--overwrite", is_flag=True, help="Replace PNGs that exist.")
 def plot(result, out_dir, image_shape, max_rows, overwrite):
     """Write PNGs of a result: convergence, the parts (rows of H), a sample of W."""
-    from ..plots import parse_image_shape
+    from ..data.outputs import check_output
     from ..data.results import load_result
+    from ..plots import parse_image_shape
 
     shape = parse_image_shape(image_shape) if image_shape else None
+    out_dir = Path(out_dir) if out_dir is not None else Path(str(result).rstrip("/").removesuffix(".zarr") + "-plots")
+    check_output(out_dir, protected={"result": result}, kind="folder", label="--out-dir")
     res = load_result(result)
-    out_dir = Path(out_dir) if out_dir else Path(str(result).rstrip("/").removesuffix(".zarr") + "-plots")
     paths = write_plots(res.history, res.H, res.W, out_dir, shape, max_rows, overwrite)
     for p in paths:
         click.echo(str(p))
@@ -90,8 +94,7 @@ def write_plots(history, H, W, out_dir: Path, image_shape, max_rows: int, overwr
     """convergence.png, parts.png and w_heatmap.png in ``out_dir``; existing ones only with overwrite."""
     from ..plots import plot_convergence, plot_parts, plot_w_heatmap
 
-    names = ("convergence.png", "parts.png", "w_heatmap.png")
-    existing = [n for n in names if (out_dir / n).exists()]
+    existing = [n for n in PLOT_NAMES if (out_dir / n).exists()]
     if existing and not overwrite:
         raise DnmfError(f"{existing[0]!r} already exists in {str(out_dir)!r}; choose another --out-dir or pass --overwrite.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def write_plots(history, H, W, out_dir: Path, image_shape, max_rows: int, overwr
         lambda p: plot_w_heatmap(W, p, max_rows=max_rows),
     )
     written = []
-    for name, draw in zip(names, drawers):
+    for name, draw in zip(PLOT_NAMES, drawers):
         tmp = out_dir / f".{name}.tmp.png"
         try:
             draw(tmp)

@@ -11,6 +11,7 @@ import click
 
 from ..errors import DnmfError, no_such_path
 from .common import (
+    check_fit_outputs,
     close_callbacks,
     dask_client,
     fit_options,
@@ -28,7 +29,8 @@ from .common import (
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
 @scheduler_options
 @report_options
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new result is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it is an earlier dnmf result (only once the new result is complete).")
 def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
         **params):
     """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
@@ -38,10 +40,16 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    from ..data.results import refuse_existing, save_result
+    from ..data.convert import split_dataset
+    from ..data.outputs import check_output
+    from ..data.results import save_result
     from ..estimator import NMF
 
-    refuse_existing(out, overwrite)
+    reads = {"input": split_dataset(input_path)[0], "checkpoint": params["checkpoint"]}
+    check_fit_outputs(out, overwrite, log_json, reads)
+    if params["checkpoint"] is not None:
+        check_output(params["checkpoint"], protected={"input": reads["input"], "result": out}, kind="folder",
+                     label="--checkpoint")
     params["init"] = None if params["init"] == "auto" else params["init"]
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
@@ -71,17 +79,19 @@ def _absolute(path: str) -> str:
 @click.option("--max-time", type=float, default=None, help="Stop after this many more seconds.")
 @scheduler_options
 @report_options
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an earlier dnmf result.")
 def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, workers, threads_per_worker,
            memory_limit, quiet, log_json, overwrite):
     """Continue a checkpointed fit from DIR (written by `dnmf fit --checkpoint DIR`)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from ..data.results import refuse_existing, save_result
+    from ..data.results import save_result
     from ..checkpoint import load as load_checkpoint
     from ..checkpoint import resume as resume_fit
+    from ..run.checkpoint import has_checkpoint
 
-    refuse_existing(out, overwrite)
+    recorded = load_checkpoint(checkpoint_dir).record.get("input_path") if has_checkpoint(checkpoint_dir) else None
+    check_fit_outputs(out, overwrite, log_json, {"checkpoint": checkpoint_dir, "input": input_path or recorded})
     if not os.path.exists(checkpoint_dir):
         raise DnmfError(no_such_path("checkpoint", checkpoint_dir))
     callbacks = make_callbacks(max_iter, quiet, log_json)
@@ -106,13 +116,16 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input.")
 @scheduler_options
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an array or result dnmf wrote.")
 def transform(result, input_path, out, chunks, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
     """W for the rows of INPUT with H fixed at RESULT's (same solver and loss)."""
-    from ..data.results import load_result, refuse_existing, save_array
+    from ..data.convert import split_dataset
+    from ..data.outputs import check_output
+    from ..data.results import load_result, save_array
     from ..estimator import NMF
 
-    refuse_existing(out, overwrite)
+    check_output(out, protected={"result": result, "input": split_dataset(input_path)[0]}, overwrite=overwrite,
+                 label="--out")
     model = NMF.from_result(load_result(result))
     if chunks is not None:
         model.chunks = chunks

@@ -27,7 +27,11 @@ def _open_input(path: str):
     return path
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
+def _prepare_out(out: str, input_path: str, overwrite: bool) -> None:
+    """Check the --out folder against INPUT and make it; survey files in it only with ``overwrite``."""
+    from ..data.outputs import check_output
+
+    check_output(out, protected={"input": input_path}, kind="folder", label="--out")
     existing = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out, name))]
     if existing and not overwrite:
         raise DnmfError(f"{os.path.join(out, existing[0])!r} already exists; choose another --out or pass --overwrite.")
@@ -63,7 +67,7 @@ def rank_command(input_path, ranks, n_runs, holdout_fraction, beta_loss, solver,
 
     try:
         if out is not None:
-            _prepare_out(out, overwrite)
+            _prepare_out(out, input_path, overwrite)
         survey = rank_survey(
             _open_input(input_path), ranks, n_runs=n_runs, holdout_fraction=holdout_fraction, beta_loss=beta_loss,
             solver=solver, max_iter=max_iter, tol=tol, random_state=seed, missing_values=missing_values,

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 
 from .. import kernels
 from ..errors import DnmfError, FormatError, StoreError, expected, no_such_path
-from .results import atomic_directory, refuse_existing
+from .outputs import atomic_directory, check_output, mark_written
 from .store import MatrixStats, auto_row_block
 from .zarrio import create_array
 
@@ -337,13 +337,16 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     src : str or Path
         A .npy, .npz, .mtx(.gz), .csv/.tsv/.txt, HDF5 (``FILE.h5:/dataset``) or .h5ad file.
     dst : str or Path
-        The Zarr array to create. It is written to a hidden sibling and renamed into place.
+        The Zarr array to create. It is written to a hidden sibling and renamed into place, and
+        carries the :data:`~dnmf.data.outputs.MARKER` attribute. It may not be, lie inside or
+        hold ``src``.
     chunks : int, optional
         Rows per chunk (default: about 64 MiB, at least four chunks).
     dataset : str, optional
         The dataset inside an HDF5 file, or the member of a numpy .npz archive.
     overwrite : bool
-        Replace an existing ``dst``.
+        Replace an existing ``dst`` that dnmf wrote (an earlier array or result, or an empty
+        folder); see :func:`dnmf.data.outputs.check_output`.
     progress : callable, optional
         Called with the number of rows written after each block.
 
@@ -351,16 +354,18 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     -------
     dict with shape, dtype, chunks, format and note (how the source was read).
     """
+    import zarr
+
     if chunks is not None and chunks < 1:
         raise DnmfError(expected("--chunks a positive number of rows", chunks))
-    refuse_existing(dst, overwrite)
     src_path, _ = split_dataset(os.fspath(src))
+    check_output(dst, protected={"source": src_path}, overwrite=overwrite, label="DST")
     if not os.path.exists(src_path):
         raise StoreError(no_such_path("file", src_path))
     fmt = detect_format(src_path)
     if fmt == "zarr":
         raise FormatError(f"{src_path!r} is already Zarr; dnmf reads it directly (rechunking it is not supported here).")
-    with atomic_directory(dst, overwrite) as tmp:
+    with atomic_directory(dst, overwrite, protected={"source": src_path}) as tmp:
         if fmt in ("csv", "tsv", "txt"):
             info = _convert_text(src_path, fmt, tmp, chunks, progress)
         else:
@@ -378,6 +383,7 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
                     source.close()
             info = {"shape": source.shape, "dtype": str(source.dtype), "chunks": (rows, source.shape[1]),
                     "format": fmt, "note": source.note}
+        mark_written(zarr.open_array(str(tmp), mode="r+"), "convert")
     return info
 
 

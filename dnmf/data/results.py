@@ -7,18 +7,13 @@ Layout of a result ``RESULT.zarr``::
     attrs    dnmf_result (format version), config, history, stop_reason, n_iter,
              reconstruction_err, data_norm, seed, init, input_path, versions, created
 
-Every directory dnmf writes goes to a hidden sibling first and is renamed into place only
-when complete, so a failed or interrupted write leaves the target as it was.
+A result is written through :func:`dnmf.data.outputs.atomic_directory`: to a hidden sibling
+first, renamed into place only when complete, and never over anything that is not dnmf's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,49 +21,10 @@ import dask.array as da
 import numpy as np
 
 from ..errors import StoreError, expected, no_such_path
+from .outputs import atomic_directory, mark_written
 from .zarrio import json_safe, library_versions, write_array
 
 RESULT_FORMAT = 1
-
-
-def refuse_existing(path, overwrite: bool) -> Path:
-    """``path`` as a Path; a StoreError when it exists and ``overwrite`` is False."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise StoreError(f"{str(path)!r} already exists; choose another output path or pass --overwrite.")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh hidden sibling of ``path`` to write into; rename it to ``path`` on success.
-
-    On an exception the sibling is removed and ``path`` (if it existed) is untouched. With
-    ``overwrite``, an existing ``path`` is replaced only after the new one is complete.
-    """
-    path = refuse_existing(path, overwrite).absolute()
-    if not path.parent.is_dir():
-        raise StoreError(f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _remove(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
 
 
 def model_config(model) -> dict:
@@ -90,16 +46,18 @@ def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Pat
     W : ndarray or dask array of shape (n_samples, n_components)
         What ``fit_transform`` returned. A dask W is written chunk by chunk, never gathered.
     input_path : str, optional
-        Where V came from, recorded for ``dnmf info`` and resume.
+        Where V came from, recorded for ``dnmf info`` and resume; ``path`` may not be, lie
+        inside or hold it.
     overwrite : bool
-        Replace an existing ``path`` (only once the new result is complete).
+        Replace an existing ``path`` that dnmf wrote (an earlier result or array, or an empty
+        folder), only once the new result is complete; see :func:`dnmf.data.outputs.check_output`.
     """
     import zarr
 
     H = np.asarray(model.components_)
     if W.ndim != 2 or W.shape[1] != H.shape[0]:
         raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, protected={"input": input_path}) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         write_array(group, "W", W)
         write_array(group, "H", H)
@@ -194,7 +152,17 @@ def load_result(path) -> Result:
 
 
 def save_array(path, X, overwrite: bool = False) -> Path:
-    """Write X (numpy or dask, 2-D) as a new Zarr array at ``path``, chunk by chunk for dask."""
+    """Write X (numpy or dask, 2-D) as a new Zarr array at ``path``, chunk by chunk for dask.
+
+    Parameters
+    ----------
+    path : str or Path
+        The array to create; it carries the :data:`~dnmf.data.outputs.MARKER` attribute.
+    X : ndarray or dask array of shape (n, p)
+        What to write.
+    overwrite : bool
+        Replace an existing ``path`` that dnmf wrote, only once the new array is complete.
+    """
     with atomic_directory(path, overwrite) as tmp:
-        write_array(str(tmp), None, X)
+        mark_written(write_array(str(tmp), None, X), "save_array")
     return Path(path)
