@@ -24,6 +24,10 @@ class CheckpointMismatchError(DnmfError):
     """A checkpoint does not belong to this matrix or these settings."""
 
 
+class LockedError(DnmfError):
+    """A folder a fit would write (its checkpoint, a spill folder) is locked by another run."""
+
+
 class FormatError(DnmfError):
     """A file cannot be read as a matrix in the format its name or contents suggest."""
 
