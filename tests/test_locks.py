@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_checkpoint import ROOT, lowrank, quiet_fit, tree_digest, write_zarr
 
 import dnmf
 from dnmf.errors import LockedError, ParameterError
 from dnmf.run import checkpoint, locks
-
-from test_checkpoint import ROOT, lowrank, quiet_fit, tree_digest, write_zarr
 
 RANK = 3
 
@@ -64,7 +63,7 @@ def test_a_dnmf_checkpoint_abandoned_before_its_first_pointer_is_removed(tmp_pat
 def test_a_foreign_file_in_an_old_version_stops_a_resume_before_it_writes(tmp_path):
     ckpt = tmp_path / "ck"
     quiet_fit(fast_model(checkpoint=str(ckpt), checkpoint_every=1), lowrank())
-    old = sorted(name for name in os.listdir(ckpt) if name.startswith("v"))[0]
+    old = min(name for name in os.listdir(ckpt) if name.startswith("v"))
     (ckpt / old / "notes.txt").write_text("mine")
     before = tree_digest(str(ckpt))
     with pytest.raises(ParameterError, match="holds files dnmf did not write"):
@@ -141,9 +140,9 @@ def test_a_spill_folder_in_use_refuses_a_second_fit(tmp_path, live_pid):
     (spill / "W-000000.zarr" / "zarr.json").write_text("{}")  # the running fit's spill
     write_lock(spill, live_pid)
     before = tree_digest(str(tmp_path))
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0"):
-        with pytest.raises(LockedError, match=rf"spill folder .* in use by another dnmf run .*pid {live_pid}"):
-            quiet_fit(fast_model(reroot_every=1, spill_dir=str(spill)), lowrank())
+    refused = pytest.raises(LockedError, match=rf"spill folder .* in use by another dnmf run .*pid {live_pid}")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0"), refused:
+        quiet_fit(fast_model(reroot_every=1, spill_dir=str(spill)), lowrank())
     assert tree_digest(str(tmp_path)) == before
 
 
