@@ -11,7 +11,7 @@ import os
 from .errors import CheckpointWarning, ParameterError
 from .estimator import NMF
 
-from .run.checkpoint import load
+from .run.checkpoint import load, locked
 from .settings import DEFAULTS
 
 __all__ = ["CheckpointWarning", "load", "resume"]
@@ -36,7 +36,8 @@ def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None) -> NMF
     The continued fit writes further checkpoints into ``path`` with the saved frequency,
     the last one at its end: ``load(path).W`` is the final W (a dask array read from it).
     """
-    snapshot = load(path)
+    with locked(path):  # not while another run prunes the versions it reads
+        snapshot = load(path)
     params = dict(snapshot.record["params"])
     for key in ("chunks", "column_chunks"):  # tuples come back from JSON as lists
         if isinstance(params.get(key), list):

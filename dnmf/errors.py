@@ -28,6 +28,10 @@ class DivergenceError(DnmfError):
     """The iterates became non-finite (NaN or Inf): the fit stopped, and nothing was reported as fitted."""
 
 
+class LockedError(DnmfError):
+    """A folder a fit would write (its checkpoint, a spill folder) is locked by another run."""
+
+
 class FormatError(DnmfError):
     """A file cannot be read as a matrix in the format its name or contents suggest."""
 

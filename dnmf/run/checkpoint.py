@@ -2,7 +2,8 @@
 
 A checkpoint directory ``PATH`` holds versions, each a complete Zarr group, and a pointer::
 
-    PATH/zarr.json        an empty Zarr group (so Zarr tools can browse PATH)
+    PATH/zarr.json        a Zarr group (so Zarr tools can browse PATH) whose attrs["dnmf_checkpoint_root"]
+                          marks PATH as dnmf's, written before the first version
     PATH/CURRENT          {"version": "v000007", ...}: the newest complete version
     PATH/v000006/         the previous good version (kept until the next one is complete)
     PATH/v000007/         arrays W (n, r; written block by block by the workers), H (r, p),
@@ -15,6 +16,13 @@ than the new one and the previous one are removed. A kill at any moment leaves `
 naming a complete version. Each array's CRC-32 (per stored block for W) is recorded, so a
 version damaged later is detected on resume; the previous good version is then used, with a
 :class:`CheckpointWarning`.
+
+dnmf deletes only what it provably wrote: version directories of a marked folder whose
+contents are exactly those of a version (Zarr metadata and numbered chunks of W, H and the
+history, and the temporary files of a write cut short). Anything else makes it refuse to write
+into the folder. A fit holds the lock of each checkpoint folder it reads or writes
+(:class:`~dnmf.run.locks.FolderLock`) from before it reads or writes anything to its end, so
+two runs never prune each other's versions.
 
 Resume starts the solver at the saved (W, H), with the saved history. The solver's ``start``
 recomputes the partials at (W, H) with the same kernel and the same summation order as a step,
@@ -42,6 +50,7 @@ import dask.array as da
 import numpy as np
 
 from .driver import Hook, IterationRecord, State
+from .locks import FolderLock
 from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats
 from ..data.zarrio import create_array, json_safe, library_versions, write_array
@@ -50,8 +59,16 @@ from ..graph import TaskGraph, row_block_keys
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
 ATTRS_KEY = "dnmf_checkpoint"
+ROOT_KEY = "dnmf_checkpoint_root"
 HISTORY_COLUMNS = ("iteration", "objective", "rel_decrease", "w_change", "h_change", "seconds")
 VERSION_PATTERN = re.compile(r"^v(\d{6,})$")
+# What dnmf writes into a checkpoint folder and its versions (Zarr's LocalStore writes each file
+# as NAME.<hex>.partial, then renames it; a kill can leave the temporary file).
+POINTER_TEMP = re.compile(rf"^\.{POINTER}\.[0-9a-f]{{32}}\.tmp$")
+METADATA = re.compile(r"^zarr\.(json|[0-9a-f]{32}\.partial)$")
+CHUNK_DIR = re.compile(r"^[0-9]+$")
+CHUNK = re.compile(r"^[0-9]+(\.[0-9a-f]{32}\.partial)?$")
+VERSION_ARRAYS = ("W", "H", "history")
 
 
 # ---------------------------------------------------------------------------
@@ -88,16 +105,31 @@ def has_checkpoint(path) -> bool:
 def check_target(path, resume) -> str:
     """The absolute checkpoint directory to write, refusing to overwrite anything.
 
-    A fresh fit needs a new or empty directory; a resumed fit may go on writing into the
-    checkpoint it resumes from.
+    A fresh fit needs a new or empty directory, or one a fit killed before its first
+    checkpoint left (which is removed); a resumed fit may go on writing into the checkpoint it
+    resumes from when everything in it is dnmf's. Call it holding the directory's lock
+    (:func:`locked`).
+
+    Raises
+    ------
+    ParameterError
+        When the directory holds a checkpoint (for a fresh fit) or anything dnmf did not write.
     """
     target = _local_path(path)
     if resume is not None and _local_path(resume) == target:
+        foreign = _foreign_entries(target)
+        if foreign:
+            raise ParameterError(
+                f"checkpoint={os.fspath(path)!r} holds files dnmf did not write ({_listing(foreign)}); "
+                "dnmf deletes old versions as it goes, so it will not write there. Move them out, or "
+                "resume into a new directory (checkpoint=NEW_PATH)."
+            )
         return target
     if _abandoned_start(target):
         shutil.rmtree(target)
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        what = "a checkpoint" if has_checkpoint(target) else "other files"
+        foreign = _foreign_entries(target) if os.path.isdir(target) else [os.path.basename(target)]
+        what = f"other files ({_listing(foreign)})" if foreign else "a checkpoint"
         raise ParameterError(
             f"checkpoint={os.fspath(path)!r} already holds {what}; resume from it with "
             "fit(X, resume=PATH), or choose a new or empty directory."
@@ -105,14 +137,81 @@ def check_target(path, resume) -> str:
     return target
 
 
+@contextlib.contextmanager
+def locked(*paths):
+    """Hold the locks of the checkpoint directories ``paths`` (None ignored) for a ``with`` block.
+
+    Raises
+    ------
+    LockedError
+        When another run holds one of them; then none is held.
+    """
+    with contextlib.ExitStack() as held:
+        for folder in sorted({_local_path(p) for p in paths if p is not None}):
+            held.enter_context(FolderLock(folder, "checkpoint folder"))
+        yield
+
+
 def _abandoned_start(path: str) -> bool:
     """A directory holding only the leftovers of a fit killed before its first checkpoint."""
     if not os.path.isdir(path) or has_checkpoint(path):
         return False
-    names = os.listdir(path)
-    versions = [name for name in names if VERSION_PATTERN.match(name)]
-    others = [name for name in names if name not in versions and name != "zarr.json" and not name.startswith(f".{POINTER}.")]
-    return bool(versions) and not others
+    return bool(_versions(path)) and not _foreign_entries(path)
+
+
+def _marked(root: str) -> bool:
+    """Whether ``root``'s Zarr group carries dnmf's checkpoint marker."""
+    try:
+        with open(os.path.join(root, "zarr.json")) as f:
+            return ROOT_KEY in json.load(f).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _mark(root: str) -> None:
+    """Create ``root`` as a Zarr group marked as a dnmf checkpoint (before any version)."""
+    import zarr
+
+    os.makedirs(root, exist_ok=True)
+    zarr.open_group(root, mode="a").attrs[ROOT_KEY] = {"format": FORMAT_VERSION}
+    _fsync_path(os.path.join(root, "zarr.json"))
+
+
+def _foreign_entries(root: str) -> list[str]:
+    """The entries of the checkpoint directory ``root`` that dnmf did not write: all of them
+    unless ``root`` carries dnmf's marker."""
+    names = sorted(os.listdir(root))
+    if not _marked(root):
+        return names
+    return [
+        name for name in names
+        if not (name == POINTER or METADATA.match(name) or POINTER_TEMP.match(name)
+                or (VERSION_PATTERN.match(name) and _written_by_dnmf(os.path.join(root, name))))
+    ]
+
+
+def _written_by_dnmf(vdir: str) -> bool:
+    """Whether the directory ``vdir`` holds exactly what dnmf writes into a version (maybe cut
+    short): Zarr metadata, and the arrays W, H and history with their numbered chunks."""
+    if os.path.islink(vdir) or not os.path.isdir(vdir):
+        return False
+    for dirpath, dirnames, filenames in os.walk(vdir):
+        depth = 0 if dirpath == vdir else os.path.relpath(dirpath, vdir).count(os.sep) + 1
+        if depth == 0:
+            dirs_ok = all(name in VERSION_ARRAYS for name in dirnames)
+        elif depth == 1:
+            dirs_ok = all(name == "c" for name in dirnames)
+        else:
+            dirs_ok = all(CHUNK_DIR.match(name) for name in dirnames)
+        files = METADATA if depth < 2 else CHUNK
+        if not (dirs_ok and all(files.match(name) for name in filenames)):
+            return False
+    return True
+
+
+def _listing(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 # ---------------------------------------------------------------------------
@@ -327,9 +426,8 @@ class Checkpointer(Hook):
         """Write one complete version, switch the pointer to it, prune; return its name."""
         import zarr
 
-        os.makedirs(self.root, exist_ok=True)
-        if not os.path.exists(os.path.join(self.root, "zarr.json")):
-            zarr.open_group(self.root, mode="a")
+        if not _marked(self.root):
+            _mark(self.root)
         existing = _versions(self.root)
         name = f"v{(existing[-1][0] + 1) if existing else 1:06d}"
         vdir = os.path.join(self.root, name)
@@ -372,12 +470,23 @@ class Checkpointer(Hook):
         return name
 
     def _prune(self, keep: set) -> None:
-        """Remove versions other than ``keep`` and pointer temp files left by a kill."""
+        """Remove versions other than ``keep`` and pointer temp files left by a kill.
+
+        Raises :class:`~dnmf.errors.StoreError`, removing nothing more, at a version directory
+        holding anything dnmf does not write there.
+        """
         for _, name in _versions(self.root):
-            if name not in keep:
-                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            if name in keep:
+                continue
+            vdir = os.path.join(self.root, name)
+            if not _written_by_dnmf(vdir):
+                raise StoreError(
+                    f"The checkpoint version {vdir!r} holds files dnmf did not write; dnmf leaves it alone "
+                    "and stops writing checkpoints here. Move those files out of the checkpoint directory."
+                )
+            shutil.rmtree(vdir, ignore_errors=True)
         for name in os.listdir(self.root):
-            if name.startswith(f".{POINTER}.") and name.endswith(".tmp"):
+            if POINTER_TEMP.match(name):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.root, name))
 

@@ -212,9 +212,20 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     mask : boolean, X's shape, True = observed (numpy, dask, Zarr); with ``settings.missing ==
         "nan"`` NaN entries are missing too. The fit then covers the observed entries only.
     resume : a checkpoint directory to continue from, bitwise as if never interrupted.
+
+    The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
+    ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
+    holds its folder's (see :class:`~dnmf.run.reroot.Rerooting`): another run on them raises
+    :class:`~dnmf.errors.LockedError` and touches nothing.
     """
     if resume is not None and (W is not None or H is not None):
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
+    with checkpoint.locked(settings.checkpoint, resume):
+        return _fit(X, settings, W, H, update_h, mask, resume)
+
+
+def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factorization:
+    """:func:`fit`, holding the locks of the checkpoint directories it reads and writes."""
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
     matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)

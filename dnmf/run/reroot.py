@@ -6,11 +6,20 @@ blocks lost with a worker: a few tasks per row block and iteration, growing with
 block by row block) to a Zarr array in a spill directory and reloads it, so nothing depends
 on older iterations any more. The values are bitwise the same, so re-rooting never changes a
 result.
+
+A user-given local spill folder is locked (:class:`~dnmf.run.locks.FolderLock`) from the
+hook's creation to :meth:`Rerooting.close`, for as long as W may read its spills: two runs
+sharing the folder would otherwise write the same spill names and delete each other's. (Each
+run could instead spill into a subfolder of its own, but then a killed run's spills would stay
+forever in a folder nothing tells apart from a live run's; the lock names the holder and is
+taken over once it is dead.) A run that takes the folder over from a killed one numbers its
+spills after the leftovers, which it leaves alone: it deletes only what it wrote.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -20,7 +29,10 @@ import dask.array as da
 
 from ..errors import ParameterError, expected
 from .driver import Hook, Solver, State
+from .locks import FolderLock
 from .plan import wait_until_persisted
+
+SPILL_NAME = re.compile(r"^[WH]-(\d{6,})\.zarr$")
 
 
 def reroot(X: da.Array, url: str) -> da.Array:
@@ -58,13 +70,19 @@ class Rerooting(Hook):
     recomputed from the reloaded W and H) comes from a fresh Zarr array in ``directory``
     (:meth:`Solver.rerooted <dnmf.run.driver.Solver.rerooted>`). The two latest spills are
     kept (a lost worker's blocks are re-read from the latest); older ones are deleted;
-    :meth:`close` deletes the directory if this object created it.
+    :meth:`close` deletes the directory if this object created it. A user-given local
+    directory is locked until :meth:`close` (see the module docstring).
 
     solver : the solver whose states are re-rooted.
     every : iterations between re-rootings (positive).
     directory : the spill directory, on a file system every worker can read and write (a
         shared one on a multi-node cluster), or an fsspec URL (``s3://bucket/spill``). None: a
         new temporary directory, deleted by :meth:`close`.
+
+    Raises
+    ------
+    LockedError
+        When another run holds the lock of ``directory``.
     """
 
     def __init__(self, solver: Solver, every: int, directory: str | os.PathLike | None = None):
@@ -76,18 +94,21 @@ class Rerooting(Hook):
         base = dask.config.get("temporary-directory", None) or None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="dnmf-reroot-", dir=base)
-        elif not _is_url(directory):
+        self._lock = None if self._owns_directory or _is_url(directory) else FolderLock(directory, "spill folder")
+        if self._lock is not None:
+            self._lock.acquire()
             os.makedirs(directory, exist_ok=True)
         self.directory = os.fspath(directory)
         self.n_steps = 0
         self.n_reroots = 0
+        self._first = _next_generation(self.directory)
         self._spills: list[int] = []
 
     def on_step(self, state: State) -> State:
         self.n_steps += 1
         if self.n_steps % self.every:
             return state
-        generation = self.n_reroots
+        generation = self._first + self.n_reroots
         self._spills.append(generation)
 
         def spill(X: da.Array, label: str) -> da.Array:
@@ -107,12 +128,24 @@ class Rerooting(Hook):
             _remove_tree(self._spill_url(label, generation))
 
     def close(self) -> None:
-        """Delete the spills (and the directory if this object created it); W must not need them."""
+        """Delete the spills (and the directory if this object created it) and release the
+        directory's lock; W must not need them."""
         for generation in self._spills:
             self._remove(generation)
         self._spills = []
         if self._owns_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _next_generation(directory: str) -> int:
+    """The first spill number free in a local ``directory`` (0 for a URL): after a killed run's
+    leftovers."""
+    if _is_url(directory):
+        return 0
+    taken = [int(match.group(1)) for match in map(SPILL_NAME.match, os.listdir(directory)) if match]
+    return max(taken, default=-1) + 1
 
 
 def _is_url(path) -> bool:

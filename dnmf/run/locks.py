@@ -1,0 +1,207 @@
+"""Exclusive locks on the folders a fit writes (its checkpoint, a user-given spill folder).
+
+The lock of ``FOLDER`` is the file ``FOLDER.lock`` beside it, created with
+``O_CREAT | O_EXCL`` (so exactly one process can create it) and holding JSON that names its
+holder: host, pid, when the process started and when it took the lock, and a random token.
+The file lies outside the folder so that it can be taken before the folder exists and is never
+mistaken for the folder's contents.
+
+A process killed while holding a lock leaves the file behind. A later run on the same host
+sees that the holder is gone (no process with that pid, or one started at another time: the
+pid was reused) and takes the lock over: it renames the stale file to a name of its own, an
+atomic step only one contender wins, checks that what it moved is the stale lock it read, and
+creates its own. A lock of another host is never taken over: its holder's liveness cannot be
+checked from here, so the error names the host and pid and says how to remove the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+import psutil
+
+from ..errors import LockedError
+
+SUFFIX = ".lock"
+ATTEMPTS = 10
+UNREADABLE_GRACE = 1.0  # seconds a just-created lock may still be empty (created, not yet written)
+
+
+def lock_path(folder: str | os.PathLike) -> str:
+    """The lock file of ``folder``: ``FOLDER.lock`` beside it."""
+    return os.path.abspath(os.fspath(folder)).rstrip(os.sep) + SUFFIX
+
+
+def holder_record(pid: int | None = None) -> dict:
+    """What a lock file holds for process ``pid`` (default: this one) on this host.
+
+    Parameters
+    ----------
+    pid : int, optional
+        The holder's process id; by default the calling process.
+
+    Returns
+    -------
+    dict
+        ``host``, ``pid``, ``process_started`` (the process's start, seconds since the epoch, to
+        tell a reused pid), ``locked`` (when the lock was taken) and a random ``token``.
+    """
+    pid = os.getpid() if pid is None else int(pid)
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "process_started": psutil.Process(pid).create_time(),
+        "locked": time.time(),
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process a lock of this host names still runs (not a zombie, not a reused pid)."""
+    try:
+        process = psutil.Process(int(holder["pid"]))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(process.create_time() - float(holder["process_started"])) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists, and may be the holder
+        return True
+
+
+class FolderLock:
+    """An exclusive, process-level lock on a folder; a context manager.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder to lock (it need not exist).
+    what : str
+        What the folder is, for messages ("checkpoint folder", "spill folder").
+
+    Raises
+    ------
+    LockedError
+        From :meth:`acquire` (and ``with``) when another live process holds the lock, or a
+        process of another host, or the lock file cannot be read.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.what = what
+        self.path = lock_path(folder)
+        self._token: str | None = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one of this host; raise :class:`LockedError` if held."""
+        for _ in range(ATTEMPTS):
+            if self._create():
+                return
+            holder = self._holder()
+            if holder is None:  # released (or taken over) meanwhile: try again
+                continue
+            if holder.get("host") != socket.gethostname() or _alive(holder):
+                raise LockedError(self._refusal(holder))
+            self._take_over(holder)
+        raise LockedError(
+            f"The {self.what} {self.folder!r} is contended: its lock {self.path!r} changed hands "
+            f"{ATTEMPTS} times while this run tried to take it. Try again."
+        )
+
+    def release(self) -> None:
+        """Remove the lock file if this object holds it (and it is still this object's)."""
+        token, self._token = self._token, None
+        if token is not None and (_read(self.path) or {}).get("token") == token:
+            os.remove(self.path)
+
+    def _create(self) -> bool:
+        """Create the lock file with this process's record; False when it exists."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        record = holder_record()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._token = record["token"]
+        return True
+
+    def _holder(self) -> dict | None:
+        """The record of the lock file (None once it is gone), waiting briefly for a lock that
+        was just created and is not yet written."""
+        deadline = time.monotonic() + UNREADABLE_GRACE
+        while True:
+            holder = _read(self.path)
+            if holder != {}:
+                return holder
+            if time.monotonic() > deadline:
+                raise LockedError(
+                    f"The {self.what} {self.folder!r} is locked by {self.path!r}, which does not name its "
+                    "holder. If no dnmf run uses the folder, delete that file."
+                )
+            time.sleep(0.05)
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove the stale lock ``stale``, unless another process replaced it meanwhile."""
+        moved = f"{self.path}.{uuid.uuid4().hex}.stale"
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:  # another run took it over first
+            return
+        if (_read(moved) or {}).get("token") != stale["token"]:
+            # Another run took the stale lock over between our read and our rename: give its
+            # lock back (unless a third one has created the file since).
+            try:
+                os.link(moved, self.path)
+            except FileExistsError:
+                pass
+        os.remove(moved)
+
+    def _refusal(self, holder: dict) -> str:
+        """The message of a refused lock."""
+        host, pid = holder.get("host"), holder.get("pid")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("locked", 0))))
+        where = f"{self.what} {self.folder!r}"
+        if host != socket.gethostname():
+            return (
+                f"The {where} is locked by a dnmf run on host {host!r} (pid {pid}, since {since}). If that run "
+                f"is no longer running, delete its lock file {self.path!r} and try again."
+            )
+        if pid == os.getpid():
+            return (
+                f"The {where} is in use by an earlier fit in this process (since {since}), e.g. one whose W "
+                "still reads its spills. Delete that estimator or W first, or use another folder."
+            )
+        return (
+            f"The {where} is in use by another dnmf run (host {host!r}, pid {pid}, since {since}). Wait "
+            "for it to finish, or use another folder."
+        )
+
+
+def _read(path: str) -> dict | None:
+    """A lock file's record: None when the file is gone, {} when it holds no (complete) record."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    complete = isinstance(record, dict) and record.keys() >= {"host", "pid", "process_started", "token"}
+    return record if complete else {}
