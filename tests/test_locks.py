@@ -160,3 +160,17 @@ def test_a_spill_folder_taken_over_from_a_killed_run_keeps_its_leftovers(tmp_pat
     assert isinstance(W, np.ndarray) and model.fit_info_["n_reroots"] == 3
     assert sorted(os.listdir(spill)) == ["W-000004.zarr"]  # its own spills deleted, the leftover kept
     assert not os.path.exists(locks.lock_path(spill))
+
+
+def test_a_checkpoint_written_before_roots_were_marked_resumes_in_place(tmp_path):
+    # A checkpoint of an earlier dnmf (complete versions, no marker on the root) is still
+    # provably dnmf's: its pointer names a version holding dnmf's record.
+    V = lowrank()
+    ck = tmp_path / "ck"
+    quiet_fit(fast_model(max_iter=4, checkpoint=str(ck), checkpoint_every=2), V)
+    root = json.loads((ck / "zarr.json").read_text())
+    root["attributes"].pop(checkpoint.ROOT_KEY)
+    (ck / "zarr.json").write_text(json.dumps(root))
+    model = fast_model(max_iter=6, checkpoint=str(ck), checkpoint_every=2)
+    quiet_fit(model, V, resume=str(ck))
+    assert model.n_iter_ == 6 and checkpoint.load(str(ck)).iteration == 6

@@ -168,6 +168,20 @@ def _marked(root: str) -> bool:
         return False
 
 
+def _complete_before_markers(root: str) -> bool:
+    """Whether ``root`` is a checkpoint written before roots carried the marker: a pointer
+    naming a version whose Zarr group holds dnmf's checkpoint record (written last, once the
+    version was complete)."""
+    version = str(read_pointer(root).get("version", ""))
+    if not VERSION_PATTERN.match(version):
+        return False
+    try:
+        with open(os.path.join(root, version, "zarr.json")) as f:
+            return ATTRS_KEY in json.load(f).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _mark(root: str) -> None:
     """Create ``root`` as a Zarr group marked as a dnmf checkpoint (before any version)."""
     import zarr
@@ -181,7 +195,7 @@ def _foreign_entries(root: str) -> list[str]:
     """The entries of the checkpoint directory ``root`` that dnmf did not write: all of them
     unless ``root`` carries dnmf's marker."""
     names = sorted(os.listdir(root))
-    if not _marked(root):
+    if not (_marked(root) or _complete_before_markers(root)):
         return names
     return [
         name for name in names
