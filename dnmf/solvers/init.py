@@ -216,7 +216,8 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
     """NNDSVD (zeros kept), NNDSVDa (zeros filled with mean(V)) or NNDSVDar (small random).
 
     At extreme scales all of it (the SVD, the threshold, the fills) runs on 2^-k V, and W and H
-    are scaled back by 2^(k/2) (see :func:`svd_exponent`); for moderate V, k = 0.
+    are scaled back by 2^(k/2) (see :func:`svd_exponent`); for moderate V, k = 0. So the fills
+    are mean(2^-k V) 2^(k/2): the start of 2^k V is exactly 2^(k/2) times the start of V.
     """
     k = svd_exponent(stats)
     U, s, Vt = randomized_svd(matrix, r, seed, scale=float(np.ldexp(1.0, -k)))
