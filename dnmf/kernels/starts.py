@@ -45,28 +45,40 @@ def random_cols(seed: int, start: int, stop: int, r: int, p: int, scale: float, 
     return out.astype(dtype)
 
 
-def block_times(V_b, M: np.ndarray) -> np.ndarray:
-    """V_b @ M for a dense or sparse block (the range finder's product)."""
-    return np.asarray(as_float_block(V_b, M.dtype) @ M)
+def _scaled(V_b, dtype, scale: float):
+    """V_b as a float block of ``dtype``, times ``scale`` (a power of two: exact) unless it is 1.
+    Never in place: the input block may be the caller's array."""
+    V_b = as_float_block(V_b, dtype)
+    return V_b if scale == 1 else V_b * dtype.type(scale)
 
 
-def block_transpose_times(Q_b: np.ndarray, V_b) -> np.ndarray:
-    """Q_bᵀ V_b for a dense or sparse block."""
-    return dot_t(Q_b, as_float_block(V_b, Q_b.dtype))
+def block_times(V_b, M: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """(scale V_b) @ M for a dense or sparse block (the range finder's product)."""
+    return np.asarray(_scaled(V_b, M.dtype, scale) @ M)
+
+
+def block_transpose_times(Q_b: np.ndarray, V_b, scale: float = 1.0) -> np.ndarray:
+    """Q_bᵀ (scale V_b) for a dense or sparse block."""
+    return dot_t(Q_b, _scaled(V_b, Q_b.dtype, scale))
 
 
 def nndsvd_w_block(
-    U_b: np.ndarray, signs: np.ndarray, scales: np.ndarray, fill, start: int, threshold: float
+    U_b: np.ndarray, signs: np.ndarray, scales: np.ndarray, fill, start: int, threshold: float,
+    unscale: float = 1.0,
 ) -> np.ndarray:
     """NNDSVD's W for one row block: the chosen sign part of each singular vector, scaled.
 
     ``signs[k]`` is +1 to keep the positive part of U[:, k], -1 for the negative part;
     ``scales[k]`` = sqrt(s_k σ_k) / ‖chosen part of U[:, k]‖. Entries below ``threshold``
     become 0, then ``fill`` replaces zeros: None (NNDSVD), a number (NNDSVDa), or
-    ``(seed, scale)`` for small random values (NNDSVDar).
+    ``(seed, scale)`` for small random values (NNDSVDar). Last, unless it is 1, the block is
+    multiplied by ``unscale`` (a power of two), undoing the scaling of V the SVD ran on.
     """
     W_b = np.maximum(U_b * signs, 0) * scales
-    return fill_zeros(W_b, fill, start, threshold)
+    W_b = fill_zeros(W_b, fill, start, threshold)
+    if unscale != 1:
+        W_b *= W_b.dtype.type(unscale)
+    return W_b
 
 
 def fill_zeros(X: np.ndarray, fill, start: int, threshold: float) -> np.ndarray:

@@ -111,13 +111,13 @@ def _nonnegative(label: str, X: np.ndarray) -> np.ndarray:
 # NNDSVD from a randomized SVD that streams V
 
 
-def _times(matrix: Matrix, M: np.ndarray) -> da.Array:
-    """V M (n x k) in V's row blocks: each a fixed-order sum over the column blocks."""
+def _times(matrix: Matrix, M: np.ndarray, scale: float = 1.0) -> da.Array:
+    """(scale V) M (n x k) in V's row blocks: each a fixed-order sum over the column blocks."""
     graph = TaskGraph("dnmf-vm", [matrix.data])
     cols = matrix.col_offsets
     M_blocks = [graph.constant(("M", j), M[a:b]) for j, (a, b) in enumerate(zip(cols, cols[1:]))]
     row_sums = [
-        graph.reduce(graph.map(kernels.block_times, row, M_blocks, label=("part", i)), _add, label=f"row{i}")
+        graph.reduce(graph.map(kernels.block_times, row, M_blocks, scale, label=("part", i)), _add, label=f"row{i}")
         for i, row in enumerate(matrix.grid_inputs())
     ]
     # Row i's sum under the array's key (i, 0): with one column block, the sum is the product itself.
@@ -125,11 +125,11 @@ def _times(matrix: Matrix, M: np.ndarray) -> da.Array:
     return graph.array(blocks, (matrix.row_chunks, (M.shape[1],)), matrix.dtype)
 
 
-def _transpose_times(Q: da.Array, matrix: Matrix) -> np.ndarray:
-    """Qᵀ V (k x p) as fixed-order sums of per-chunk products, on the client (k x p is small)."""
+def _transpose_times(Q: da.Array, matrix: Matrix, scale: float = 1.0) -> np.ndarray:
+    """Qᵀ (scale V) (k x p) as fixed-order sums of per-chunk products, on the client (k x p is small)."""
     graph = TaskGraph("dnmf-qtv", [Q, matrix.data])
     products = [
-        graph.map(kernels.block_transpose_times, qk, row, label=i)
+        graph.map(kernels.block_transpose_times, qk, row, scale, label=i)
         for i, (qk, row) in enumerate(zip(row_block_keys(Q), matrix.grid_inputs()))
     ]
     columns = [
@@ -157,20 +157,23 @@ def _orthonormalize(Y: da.Array) -> da.Array:
     return Y
 
 
-def randomized_svd(matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n_power_iter: int = 2):
-    """Top-r SVD of V streaming it by row blocks: U (dask, row blocks), s, Vt (numpy).
+def randomized_svd(
+    matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n_power_iter: int = 2, scale: float = 1.0
+):
+    """Top-r SVD of ``scale`` V streaming it by row blocks: U (dask, row blocks), s, Vt (numpy).
 
-    Costs 2 + 2 * n_power_iter passes over V.
+    ``scale`` (a power of two, so exact) brings V's entries near 1 when they are extreme, where
+    Gram matrices of V's products would overflow or underflow. Costs 2 + 2 * n_power_iter passes over V.
     """
     n, p = matrix.shape
     k = min(r + n_oversamples, n, p)
     omega = np.random.default_rng([seed, 2]).standard_normal((p, k)).astype(matrix.dtype)
-    Q = _orthonormalize(_times(matrix, omega).persist())
+    Q = _orthonormalize(_times(matrix, omega, scale).persist())
     for _ in range(n_power_iter):
-        Z = _transpose_times(Q, matrix)  # (k, p)
+        Z = _transpose_times(Q, matrix, scale)  # (k, p)
         Zq, _ = np.linalg.qr(Z.T.astype(np.float64))
-        Q = _orthonormalize(_times(matrix, Zq.astype(matrix.dtype)).persist())
-    B = _transpose_times(Q, matrix).astype(np.float64)
+        Q = _orthonormalize(_times(matrix, Zq.astype(matrix.dtype), scale).persist())
+    B = _transpose_times(Q, matrix, scale).astype(np.float64)
     Ub, s, Vt = np.linalg.svd(B, full_matrices=False)
     missing = r - len(s)
     if missing > 0:  # V has rank below r: the basis dropped null directions; pad with zeros
@@ -181,9 +184,43 @@ def randomized_svd(matrix: Matrix, r: int, seed: int, n_oversamples: int = 10, n
     return U, s[:r], Vt[:r]
 
 
+# V's typical entry within [2^-MODERATE_EXPONENT, 2^MODERATE_EXPONENT]: NNDSVD runs on V as is.
+MODERATE_EXPONENT = 32
+
+
+def svd_exponent(stats: MatrixStats) -> int:
+    """An even k with V's typical non-zero entry near 2^k, or 0 when it is moderate.
+
+    NNDSVD runs on 2^-k V and scales W and H back by 2^(k/2) (powers of two: exact), so its
+    start is scale-invariant where V's own products would overflow or underflow. The typical
+    entry is the root-mean-square non-zero from the scan, or the mean non-zero where ‖V‖²
+    overflowed or underflowed, or a bound where even ΣV overflowed (float64 near its maximum).
+    """
+    if stats.nnz <= 0:
+        return 0
+    if np.isfinite(stats.v_sq) and stats.v_sq > 0:
+        typical = float(np.sqrt(stats.v_sq / stats.nnz))
+    elif np.isfinite(stats.v_sum) and stats.v_sum > 0:
+        typical = stats.v_sum / stats.nnz
+    elif stats.v_sum > 0:  # ΣV overflowed: the mean non-zero is within a factor nnz of this
+        typical = np.finfo(np.float64).max / stats.nnz
+    else:
+        return 0
+    exponent = float(np.log2(typical))
+    if not np.isfinite(exponent) or abs(exponent) <= MODERATE_EXPONENT:
+        return 0
+    return 2 * int(round(exponent / 2))
+
+
 def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant: str) -> Start:
-    """NNDSVD (zeros kept), NNDSVDa (zeros filled with mean(V)) or NNDSVDar (small random)."""
-    U, s, Vt = randomized_svd(matrix, r, seed)
+    """NNDSVD (zeros kept), NNDSVDa (zeros filled with mean(V)) or NNDSVDar (small random).
+
+    At extreme scales all of it (the SVD, the threshold, the fills) runs on 2^-k V, and W and H
+    are scaled back by 2^(k/2) (see :func:`svd_exponent`); for moderate V, k = 0. So the fills
+    are mean(2^-k V) 2^(k/2): the start of 2^k V is exactly 2^(k/2) times the start of V.
+    """
+    k = svd_exponent(stats)
+    U, s, Vt = randomized_svd(matrix, r, seed, scale=float(np.ldexp(1.0, -k)))
     pos_sq, neg_sq = dask.compute((da.maximum(U, 0) ** 2).sum(axis=0), (da.minimum(U, 0) ** 2).sum(axis=0))
     u_pos, u_neg = np.sqrt(pos_sq.astype(np.float64)), np.sqrt(neg_sq.astype(np.float64))
     v_pos = np.linalg.norm(np.maximum(Vt, 0), axis=1)
@@ -198,7 +235,7 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
         h_scale = np.where(v_norm > 0, weight / v_norm, 0.0)
     H = np.maximum(Vt * signs[:, None], 0) * h_scale[:, None]
 
-    mean = stats.mean
+    mean = stats.mean if k == 0 else float(np.ldexp(stats.mean, -k))
     H = kernels.fill_zeros(H.astype(matrix.dtype), None, 0, NNDSVD_THRESHOLD)
     zeros = H == 0
     w_fill = {"nndsvd": None, "nndsvda": mean, "nndsvdar": (seed, mean / 100)}[variant]
@@ -206,11 +243,14 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
         H[zeros] = mean
     elif variant == "nndsvdar":
         H[zeros] = mean / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
+    unscale = float(np.ldexp(1.0, k // 2))
+    if k:
+        H *= H.dtype.type(unscale)
 
     signs_t, scales_t = signs.astype(matrix.dtype), w_scale.astype(matrix.dtype)
     W = map_blocks(
         "dnmf-init-nndsvd", kernels.nndsvd_w_block,
-        row_block_keys(U), signs_t, scales_t, w_fill, matrix.row_offsets[:-1], NNDSVD_THRESHOLD,
+        row_block_keys(U), signs_t, scales_t, w_fill, matrix.row_offsets[:-1], NNDSVD_THRESHOLD, unscale,
         chunks=(matrix.row_chunks, (r,)), dtype=matrix.dtype, dependencies=[U],
     )
     return Start(W, H, variant)
