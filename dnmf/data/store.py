@@ -44,6 +44,8 @@ class Matrix:
     reads_inline : each block of ``data`` is read from its store by a task that needs nothing
         but the store's array (a Zarr V), and the tasks that use a block read it themselves
         (see :meth:`grid_inputs`).
+    store_chunks : the chunk shape of the Zarr array V is read from, None for other inputs. A
+        task reads every stored chunk its block touches whole, even when the block is smaller.
     """
 
     data: da.Array
@@ -52,6 +54,7 @@ class Matrix:
     sparse: bool
     source: str
     reads_inline: bool = False
+    store_chunks: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -391,7 +394,7 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     # own, so that the tasks using a block can read it themselves (Matrix.reads_inline). With
     # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
     blocks = da.from_array(arr, chunks, name=f"from-zarr-{tokenize(arr, chunks)}", getitem=_read_chunk)
-    return Matrix(blocks, dtype, False, False, source, reads_inline=True)
+    return Matrix(blocks, dtype, False, False, source, reads_inline=True, store_chunks=tuple(arr.chunks))
 
 
 def _read_chunk(arr, index: tuple[slice, ...], asarray: bool = True, lock=None):
