@@ -214,16 +214,41 @@ def _from_sparse(X, layout: _Layout) -> da.Array:
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
 
 
+def open_zarr_node(path_or_url: str):
+    """The Zarr array or group at ``path_or_url``, read-only.
+
+    Raises :class:`StoreError` when nothing is there, or when what is there cannot be read as
+    Zarr (metadata missing a required field, unparsable, unsupported), naming the metadata
+    file and the problem.
+    """
+    import zarr
+
+    path = str(path_or_url)
+    local = "://" not in path
+    if local and not os.path.exists(path):
+        raise StoreError(no_such_path("Zarr array", path))
+    try:
+        return zarr.open(store=path, mode="r")
+    except Exception as e:  # zarr raises several types for a bad store
+        raise StoreError(f"Cannot open {path!r} as a Zarr array: {_zarr_problem(path, e)}") from e
+
+
+def _zarr_problem(path: str, error: Exception) -> str:
+    """What is wrong with the store at ``path``, from the error Zarr raised opening it."""
+    metadata = [name for name in ("zarr.json", ".zarray", ".zgroup") if os.path.isfile(os.path.join(path, name))]
+    where = repr(os.path.join(path, metadata[0])) if metadata else "its metadata"
+    if isinstance(error, KeyError):
+        return (
+            f"{where} lacks the required field {error.args[0]!r} (a damaged or hand-written store). "
+            "Write the store again (dnmf convert) or restore its metadata."
+        )
+    return f"{type(error).__name__}: {error}. Check {where}, or write the store again (dnmf convert)."
+
+
 def _open_zarr(path_or_url: str):
     import zarr
 
-    local = "://" not in str(path_or_url)
-    if local and not os.path.exists(path_or_url):
-        raise StoreError(no_such_path("Zarr array", path_or_url))
-    try:
-        node = zarr.open(store=str(path_or_url), mode="r")
-    except Exception as e:  # zarr raises several types for a bad store
-        raise StoreError(f"Cannot open {path_or_url!r} as a Zarr array: {e}") from e
+    node = open_zarr_node(path_or_url)
     if not isinstance(node, zarr.Array):
         raise StoreError(
             f"{path_or_url!r} is a Zarr group, not an array; give the path of the array inside it."
