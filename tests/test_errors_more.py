@@ -4,16 +4,19 @@ import hashlib
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cli import main
 from dnmf.data.results import save_result
-from dnmf.errors import StoreError
+from dnmf.errors import CheckpointWarning, StoreError
+from dnmf.run import checkpoint
 
 from conftest import one_line_error
 
@@ -121,3 +124,85 @@ def test_plot_max_rows_zero_is_a_usage_error(tmp_path):
     assert re.search(r"Invalid value for '--max-rows': 0 is not in the range x>=1", result.stderr)
     assert not (tmp_path / "plots").exists()
     assert tree_digest(out) == before
+
+
+# ---------------------------------------------------------------------------
+# Case 13 (c, e): a checkpoint with an incomplete record, a damaged CURRENT pointer
+
+CHECKPOINT_FIT = dict(init="random", random_state=0, tol=0, tol_x=0, solver="hals")
+
+
+def small_checkpoint(tmp_path):
+    """V and a checkpoint of 6 iterations written every 3 (the last two versions kept: iteration
+    6, and the end at iteration 6)."""
+    V = np.random.default_rng(3).random((40, 12))
+    ckpt = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        dnmf.NMF(3, max_iter=6, checkpoint=str(ckpt), checkpoint_every=3, **CHECKPOINT_FIT).fit(V)
+    return V, ckpt
+
+
+def versions_digest(ckpt):
+    return {name: tree_digest(ckpt / name) for name in os.listdir(ckpt) if name.startswith("v")}
+
+
+def drop_from_record(version_dir, key):
+    meta_path = version_dir / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"][checkpoint.ATTRS_KEY][key]
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("key", ["settings", "fingerprint"])
+def test_a_checkpoint_whose_records_are_incomplete_is_a_store_error(tmp_path, key):
+    V, ckpt = small_checkpoint(tmp_path)
+    for version in ckpt.glob("v*"):
+        drop_from_record(version, key)
+    before = versions_digest(ckpt)
+    with pytest.raises(StoreError, match=rf"(?s)damaged or incomplete .*its record is incomplete \(no '{key}'\).*"
+                       r"Start a new fit"), pytest.warns(CheckpointWarning):
+        dnmf.NMF(3, max_iter=8, **CHECKPOINT_FIT).fit(V, resume=str(ckpt))
+    assert versions_digest(ckpt) == before
+
+
+def test_an_incomplete_newest_record_falls_back_to_the_previous_version(tmp_path):
+    V, ckpt = small_checkpoint(tmp_path)
+    newest = checkpoint.read_pointer(str(ckpt))["version"]
+    drop_from_record(ckpt / newest, "settings")
+    with pytest.warns(CheckpointWarning, match=rf"{newest} .*its record is incomplete \(no 'settings'\)"):
+        snapshot = checkpoint.load(str(ckpt))
+    # The version before the end's: iteration 6 too, written before the stop was known.
+    assert snapshot.version != newest and snapshot.iteration == 6 and snapshot.record["stop_reason"] is None
+
+
+@pytest.mark.parametrize("pointer", ["{not json", '{"version": "v000099"}', '["v000001"]'])
+def test_a_damaged_pointer_falls_back_to_the_newest_intact_version(tmp_path, pointer):
+    V, ckpt = small_checkpoint(tmp_path)
+    newest = checkpoint.read_pointer(str(ckpt))["version"]
+    (ckpt / checkpoint.POINTER).write_text(pointer)
+    with pytest.warns(CheckpointWarning, match="pointer of the checkpoint .* using the newest intact version"):
+        snapshot = checkpoint.load(str(ckpt))
+    assert snapshot.version == newest and snapshot.iteration == 6
+
+    # The fit resumes (bitwise the uninterrupted one) and writes a sound pointer again.
+    reference = dnmf.NMF(3, max_iter=9, **CHECKPOINT_FIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        W_ref = reference.fit_transform(V)
+        resumed = dnmf.NMF(3, max_iter=9, checkpoint_every=3, **CHECKPOINT_FIT)
+        with pytest.warns(CheckpointWarning):
+            W = resumed.fit_transform(V, resume=str(ckpt))
+    np.testing.assert_array_equal(W, W_ref)
+    np.testing.assert_array_equal(resumed.components_, reference.components_)
+    assert checkpoint.load(str(ckpt)).iteration == 9
+
+
+def test_a_damaged_pointer_without_an_intact_version_is_a_store_error(tmp_path):
+    V, ckpt = small_checkpoint(tmp_path)
+    (ckpt / checkpoint.POINTER).write_text("{not json")
+    for version in ckpt.glob("v*"):
+        drop_from_record(version, "checksums")
+    with pytest.raises(StoreError, match="No usable checkpoint version .* damaged or incomplete"), \
+            pytest.warns(CheckpointWarning):
+        checkpoint.load(str(ckpt))
