@@ -73,7 +73,7 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the PNGs (default: RESULT's name with -plots).")
 @click.option("--image-shape", default=None, metavar="HxW", help="Show the parts as HxW images, e.g. 8x8.")
-@click.option("--max-rows", type=int, default=400, help="Rows of W sampled for the heatmap.")
+@click.option("--max-rows", type=click.IntRange(min=1), default=400, help="Rows of W sampled for the heatmap.")
 @click.option("--overwrite", is_flag=True, help="Replace PNGs that exist.")
 def plot(result, out_dir, image_shape, max_rows, overwrite):
     """Write PNGs of a result: convergence, the parts (rows of H), a sample of W."""

@@ -56,9 +56,9 @@ def describe_result(path) -> dict:
 def describe_zarr(path, scan: bool) -> dict:
     import zarr
 
-    from .store import open_matrix, scan_matrix
+    from .store import open_matrix, open_zarr_node, scan_matrix
 
-    node = zarr.open(store=str(path), mode="r")
+    node = open_zarr_node(str(path))
     if isinstance(node, zarr.Group):
         raise StoreError(f"{str(path)!r} is a Zarr group, not an array or a dnmf result; give the array inside it.")
     facts = {

@@ -44,6 +44,8 @@ class Matrix:
     reads_inline : each block of ``data`` is read from its store by a task that needs nothing
         but the store's array (a Zarr V), and the tasks that use a block read it themselves
         (see :meth:`grid_inputs`).
+    store_chunks : the chunk shape of the Zarr array V is read from, None for other inputs. A
+        task reads every stored chunk its block touches whole, even when the block is smaller.
     """
 
     data: da.Array
@@ -52,6 +54,7 @@ class Matrix:
     sparse: bool
     source: str
     reads_inline: bool = False
+    store_chunks: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -211,16 +214,41 @@ def _from_sparse(X, layout: _Layout) -> da.Array:
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
 
 
+def open_zarr_node(path_or_url: str):
+    """The Zarr array or group at ``path_or_url``, read-only.
+
+    Raises :class:`StoreError` when nothing is there, or when what is there cannot be read as
+    Zarr (metadata missing a required field, unparsable, unsupported), naming the metadata
+    file and the problem.
+    """
+    import zarr
+
+    path = str(path_or_url)
+    local = "://" not in path
+    if local and not os.path.exists(path):
+        raise StoreError(no_such_path("Zarr array", path))
+    try:
+        return zarr.open(store=path, mode="r")
+    except Exception as e:  # zarr raises several types for a bad store
+        raise StoreError(f"Cannot open {path!r} as a Zarr array: {_zarr_problem(path, e)}") from e
+
+
+def _zarr_problem(path: str, error: Exception) -> str:
+    """What is wrong with the store at ``path``, from the error Zarr raised opening it."""
+    metadata = [name for name in ("zarr.json", ".zarray", ".zgroup") if os.path.isfile(os.path.join(path, name))]
+    where = repr(os.path.join(path, metadata[0])) if metadata else "its metadata"
+    if isinstance(error, KeyError):
+        return (
+            f"{where} lacks the required field {error.args[0]!r} (a damaged or hand-written store). "
+            "Write the store again (dnmf convert) or restore its metadata."
+        )
+    return f"{type(error).__name__}: {error}. Check {where}, or write the store again (dnmf convert)."
+
+
 def _open_zarr(path_or_url: str):
     import zarr
 
-    local = "://" not in str(path_or_url)
-    if local and not os.path.exists(path_or_url):
-        raise StoreError(no_such_path("Zarr array", path_or_url))
-    try:
-        node = zarr.open(store=str(path_or_url), mode="r")
-    except Exception as e:  # zarr raises several types for a bad store
-        raise StoreError(f"Cannot open {path_or_url!r} as a Zarr array: {e}") from e
+    node = open_zarr_node(path_or_url)
     if not isinstance(node, zarr.Array):
         raise StoreError(
             f"{path_or_url!r} is a Zarr group, not an array; give the path of the array inside it."
@@ -391,7 +419,7 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     # own, so that the tasks using a block can read it themselves (Matrix.reads_inline). With
     # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
     blocks = da.from_array(arr, chunks, name=f"from-zarr-{tokenize(arr, chunks)}", getitem=_read_chunk)
-    return Matrix(blocks, dtype, False, False, source, reads_inline=True)
+    return Matrix(blocks, dtype, False, False, source, reads_inline=True, store_chunks=tuple(arr.chunks))
 
 
 def _read_chunk(arr, index: tuple[slice, ...], asarray: bool = True, lock=None):

@@ -69,6 +69,8 @@ METADATA = re.compile(r"^zarr\.(json|[0-9a-f]{32}\.partial)$")
 CHUNK_DIR = re.compile(r"^[0-9]+$")
 CHUNK = re.compile(r"^[0-9]+(\.[0-9a-f]{32}\.partial)?$")
 VERSION_ARRAYS = ("W", "H", "history")
+# What a version's record must hold to be resumed from (written by every version).
+RECORD_KEYS = ("iteration", "checksums", "storage_rows", "params", "settings", "fingerprint")
 
 
 # ---------------------------------------------------------------------------
@@ -565,12 +567,17 @@ def _load_version(root: str, name: str) -> Snapshot:
     try:
         group = zarr.open_group(vdir, mode="r")
         record = dict(group.attrs[ATTRS_KEY])
+        missing = [key for key in RECORD_KEYS if key not in record]
+        if missing:
+            raise _Corrupt(f"its record is incomplete (no {', '.join(map(repr, missing))})")
         sums = record["checksums"]
         h_arr = group["H"]
         by_columns = isinstance(sums["H"], list)  # the grid's H, stored by column blocks
         H = da.from_zarr(h_arr) if by_columns else np.asarray(h_arr[...])
         hist = np.asarray(group["history"][...])
         w_arr = group["W"]
+    except _Corrupt:
+        raise
     except Exception as e:  # a damaged version can fail in many ways
         raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
     if by_columns:
@@ -601,16 +608,31 @@ def load(path) -> Snapshot:
     """The newest good version of the checkpoint at ``path``.
 
     The version ``CURRENT`` names is tried first, then older ones, newest first; each
-    unusable one is reported with a :class:`CheckpointWarning`. Raises
+    unusable one (damaged, or its record incomplete) is reported with a
+    :class:`CheckpointWarning`. A damaged ``CURRENT`` (unreadable, or naming a missing version)
+    is reported likewise, and every version is tried, newest first. Raises
     :class:`~dnmf.errors.StoreError` when there is no checkpoint or no good version.
     """
     root = _local_path(path)
+    if not has_checkpoint(root):
+        raise StoreError(f"No checkpoint at {os.fspath(path)!r}: it has no {POINTER} pointer file.")
+    versions = [name for _, name in reversed(_versions(root))]
     pointer = read_pointer(root)
-    if not pointer:
-        raise StoreError(f"No checkpoint at {os.fspath(path)!r}: it has no readable {POINTER} pointer file.")
-    match = VERSION_PATTERN.match(str(pointer["version"]))
-    newest = int(match.group(1)) if match else -1
-    candidates = [name for seq, name in reversed(_versions(root)) if seq <= newest]
+    named = str(pointer.get("version", ""))
+    if named in versions:
+        # Versions newer than the pointer's may be incomplete: a kill before the switch.
+        candidates = versions[versions.index(named):]
+    else:
+        # A damaged pointer: every version is a candidate, newest first; verification tells
+        # complete ones (the record is written last) from the rest.
+        problem = f"names {named!r}, which is missing" if pointer else "cannot be read"
+        warnings.warn(
+            f"The {POINTER} pointer of the checkpoint {root!r} {problem}; using the newest "
+            "intact version instead.",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+        candidates = versions
     problems = []
     for name in candidates:
         try:
@@ -624,8 +646,11 @@ def load(path) -> Snapshot:
             )
             continue
         return snapshot
-    detail = "; ".join(problems) if problems else f"the pointer names {pointer['version']!r}, which is missing"
-    raise StoreError(f"No usable checkpoint version in {os.fspath(path)!r} ({detail}). Start a new fit.")
+    detail = "; ".join(problems) if problems else "it holds no versions"
+    raise StoreError(
+        f"No usable checkpoint version in {os.fspath(path)!r}: the checkpoint is damaged or incomplete "
+        f"({detail}). Start a new fit (without resume=), or restore the checkpoint from a copy."
+    )
 
 
 def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, path) -> None:

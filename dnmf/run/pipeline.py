@@ -39,11 +39,11 @@ from .plan import (
     apply_cache,
     blas_threads_for_scheduler,
     block_bytes_for_workers,
+    check_blocks_fit_workers,
     column_layout,
     plan_cache,
     reroot_interval,
     runs_locally,
-    warn_if_blocks_too_big,
 )
 from .reroot import Rerooting
 
@@ -122,7 +122,7 @@ def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, 
         if column_chunks == "auto" and "col_chunks" in saved:
             column_chunks = tuple(saved["col_chunks"])
     matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks)
-    warn_if_blocks_too_big(matrix, block_bytes)
+    check_blocks_fit_workers(matrix, current_client())
     return matrix
 
 

@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from ..cluster import worker_memory_limits, worker_threads, workers_share_this_machine
 from ..data.store import TARGET_BLOCK_BYTES, Matrix
+from ..errors import ParameterError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ CACHE_FRACTION = 0.5
 # the block, its read buffer and the next block queued on the worker stay well below the
 # limit, next to the ~100 MiB a worker process needs for itself.
 BLOCK_FRACTION_PER_THREAD = 1 / 32
+# A task reading more than this fraction of its worker's memory limit per thread at once (the
+# stored chunk, compressed and decoded, the block cut from it, its neighbours' on the other
+# threads) drives the worker past its limit: the nanny kills it, again on every retry, and the
+# fit ends in KilledWorker. Such a V is refused before any task runs.
+READ_FRACTION_PER_THREAD = 1 / 4
 MIN_BLOCK_BYTES = 2**20
 # Re-root W this often (iterations) under dask.distributed unless told otherwise.
 DEFAULT_REROOT_EVERY = 20
@@ -68,21 +74,80 @@ def block_bytes_for_workers(client) -> int | None:
     return int(max(MIN_BLOCK_BYTES, min(TARGET_BLOCK_BYTES, min(budgets))))
 
 
-def warn_if_blocks_too_big(matrix: Matrix, block_bytes: int | None) -> None:
-    """Log a warning when V's row blocks are far larger than the workers can hold comfortably.
+def read_bytes(matrix: Matrix) -> tuple[int, str]:
+    """The most bytes one task reads whole to get a block of V, and what it reads: the block,
+    or the stored chunk the block is cut from when that is larger (Zarr decodes whole chunks)."""
+    itemsize = matrix.data.dtype.itemsize
+    block = max(matrix.row_chunks) * max(matrix.col_chunks) * itemsize
+    if matrix.store_chunks is None:
+        return block, "block"
+    rows, cols = (min(c, s) for c, s in zip(matrix.store_chunks, matrix.shape))
+    chunk = rows * cols * itemsize
+    return (chunk, "chunk") if chunk >= block else (block, "block")
 
-    This happens when the store's chunks are larger than the budget (a task reads a whole chunk)
-    or when ``chunks`` was given explicitly.
+
+def _tightest_worker(client) -> tuple[int, int] | None:
+    """(memory limit, threads) of the worker with the least memory per thread; None when no
+    worker has a limit."""
+    workers = [(limit, n) for limit, n in zip(worker_memory_limits(client), worker_threads(client)) if limit > 0]
+    return min(workers, key=lambda w: w[0] / w[1]) if workers else None
+
+
+def check_blocks_fit_workers(matrix: Matrix, client) -> None:
+    """Refuse, before any task runs, a V whose blocks would kill ``client``'s workers: one task
+    reads more than ``READ_FRACTION_PER_THREAD`` of the smallest worker's memory limit per
+    thread; log a warning when the blocks are merely far larger than the workers hold
+    comfortably (more than 4 x :func:`block_bytes_for_workers`).
+
+    Raises
+    ------
+    StoreError
+        When the store's chunks are too big (rechunk the store, or use bigger workers).
+    ParameterError
+        When the row blocks asked for (``chunks``) are too big.
     """
-    if block_bytes is None:
+    if client is None or matrix.sparse:
         return
-    largest = max(matrix.row_chunks) * max(matrix.col_chunks) * matrix.data.dtype.itemsize
-    if not matrix.sparse and largest > 4 * block_bytes:
-        logger.warning(
-            "blocks of V take up to %.0f MiB, more than 4 x the %.0f MiB the workers' memory "
-            "limit suggests; rechunk the store to fewer rows per chunk or pass a smaller `chunks`",
-            largest / 2**20, block_bytes / 2**20,
+    worker = _tightest_worker(client)
+    if worker is None:
+        return
+    limit, threads = worker
+    largest, what = read_bytes(matrix)
+    mib = 2**20
+    budget = limit * READ_FRACTION_PER_THREAD / threads
+    comfortable = block_bytes_for_workers(client)
+    if largest <= budget:
+        if comfortable is not None and largest > 4 * comfortable:
+            logger.warning(
+                "blocks of V take up to %.0f MiB, more than 4 x the %.0f MiB the workers' memory "
+                "limit suggests; rechunk the store to fewer rows per chunk or pass a smaller `chunks`",
+                largest / mib, comfortable / mib,
+            )
+        return
+    worker_text = (
+        f"the {limit / mib:.0f} MiB memory limit of the smallest worker"
+        f" ({threads} thread{'s' if threads != 1 else ''})"
+    )
+    need = largest / READ_FRACTION_PER_THREAD
+    itemsize = matrix.data.dtype.itemsize
+    if what == "chunk":
+        rows, cols = (min(c, s) for c, s in zip(matrix.store_chunks, matrix.shape))
+        fit_rows = max(1, int((comfortable or budget) // (cols * itemsize)))
+        raise StoreError(
+            f"The Zarr array at {matrix.source!r} is stored in chunks of {rows} x {cols} "
+            f"({largest / mib:.0f} MiB decoded, read whole by each task), more than "
+            f"{READ_FRACTION_PER_THREAD:.0%} of {worker_text}: the workers would be killed "
+            f"reading it. Rechunk the store to at most {fit_rows} rows per chunk "
+            f"(dnmf convert SRC DST --chunks {fit_rows}, or dask's rechunk), or use workers "
+            f"with at least {need / mib:.0f} MiB of memory per thread."
         )
+    fit_rows = max(1, int((comfortable or budget) // (max(matrix.col_chunks) * itemsize)))
+    raise ParameterError(
+        f"Row blocks of {max(matrix.row_chunks)} rows take {largest / mib:.0f} MiB each, more than "
+        f"{READ_FRACTION_PER_THREAD:.0%} of {worker_text}: the workers would be killed reading them. "
+        f"Pass chunks={fit_rows} or fewer rows (or leave chunks to dnmf), or use workers with at "
+        f"least {need / mib:.0f} MiB of memory per thread."
+    )
 
 
 # ---------------------------------------------------------------------------
