@@ -143,6 +143,30 @@ class MatrixStats:
         return self.v_sum / (self.shape[0] * self.shape[1])
 
 
+def unit_exponent(stats: MatrixStats) -> int:
+    """An even k with V's typical non-zero entry near 2^k: V's units, as a power of 4.
+
+    The typical entry is the root-mean-square non-zero from the scan, or the mean non-zero
+    where ‖V‖² overflowed or underflowed, or a bound where even ΣV overflowed (float64 near
+    its maximum). k is 0 for entries near 1 (log2 of the typical entry in [-1, 1)) and for an
+    all-zero V. Being even, 2^(k/2) is a power of two too, so scaling by it is exact.
+    """
+    if stats.nnz <= 0:
+        return 0
+    if np.isfinite(stats.v_sq) and stats.v_sq > 0:
+        typical = float(np.sqrt(stats.v_sq / stats.nnz))
+    elif np.isfinite(stats.v_sum) and stats.v_sum > 0:
+        typical = stats.v_sum / stats.nnz
+    elif stats.v_sum > 0:  # ΣV overflowed: the mean non-zero is within a factor nnz of this
+        typical = np.finfo(np.float64).max / stats.nnz
+    else:
+        return 0
+    exponent = float(np.log2(typical))
+    if not np.isfinite(exponent):
+        return 0
+    return 2 * int(np.floor(exponent / 2 + 0.5))
+
+
 def factor_dtype(dtype) -> np.dtype:
     """float32 stays float32; everything else is factored in float64."""
     dtype = np.dtype(dtype)

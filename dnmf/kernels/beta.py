@@ -43,10 +43,18 @@ class Rule:
     beta : float
         β of the divergence the updates decrease.
     eps : float
-        ε of the MU denominators (and of WH where it is raised to a power).
+        ε of the MU denominators (and of WH where it is raised to a power), relative to V's
+        units: the kernels add :attr:`eps_wh` and :attr:`eps_denominator`.
     w_sweeps, h_sweeps : int
         The most HALS sweeps per half-step from the same products (accelerated HALS,
         Gillis & Glineur 2012; 1 is plain HALS). Ignored by "mu" and "bpp".
+    unit_exponent : int
+        An even k with V's typical entry near 2^k (see
+        :func:`dnmf.data.store.unit_exponent`). ε is taken in units of 2^k: added to WH
+        (which scales like V) it is ε 2^k, added to an MU denominator (which scales like
+        V^(β − 1/2) when W and H scale like √V, as every start does) it is ε 2^(k(β − 1/2)).
+        So a fit of 4^j V is exactly 2^j times the fit of V, and a fit's result does not
+        depend on V's units (k = 0 for entries near 1: ε as given).
 
     Notes
     -----
@@ -67,6 +75,17 @@ class Rule:
     eps: float
     w_sweeps: int = 1
     h_sweeps: int = 1
+    unit_exponent: int = 0
+
+    @property
+    def eps_wh(self) -> float:
+        """ε added to WH: ε 2^k."""
+        return _ldexp(self.eps, self.unit_exponent)
+
+    @property
+    def eps_denominator(self) -> float:
+        """ε added to an MU denominator: ε 2^(k(β − 1/2))."""
+        return _ldexp(self.eps, self.unit_exponent * (self.beta - 0.5))
 
     @property
     def frobenius(self) -> bool:
@@ -86,6 +105,18 @@ class Rule:
         if self.beta > 2:
             return 1.0 / (self.beta - 1.0)
         return 1.0
+
+
+def _ldexp(value: float, exponent: float) -> float:
+    """value 2^exponent (exact for an integer exponent), kept finite where it would overflow."""
+    if value == 0:
+        return 0.0
+    if float(exponent).is_integer():
+        scaled = float(np.ldexp(value, int(np.clip(exponent, -2000, 2000))))
+    else:
+        with np.errstate(over="ignore", under="ignore"):
+            scaled = float(value * np.exp2(exponent))
+    return min(scaled, float(np.finfo(np.float64).max))
 
 
 def kl_constant(V_b) -> float:

@@ -56,7 +56,7 @@ def _weighted_terms(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, rule:
 
     For β = 2 the denominator is M∘WH (no ε), for β = 1 it is M itself (as a float array).
     """
-    beta, eps = rule.beta, rule.eps
+    beta, eps = rule.beta, rule.eps_wh
     if rule.frobenius:
         return V_d, np.where(observed, WH, 0)
     shifted = WH + eps

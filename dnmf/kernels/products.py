@@ -122,7 +122,7 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
         denom = colsum(W_b) (β = 1); numer = W_bᵀ(V_b ∘ (W_b H + ε)^(β−2)) and
         denom = W_bᵀ(W_b H + ε)^(β−1) otherwise.
     """
-    beta, eps = rule.beta, rule.eps
+    beta, eps = rule.beta, rule.eps_wh
     if rule.frobenius:
         return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
     if rule.kullback_leibler and sp.issparse(V_b):
@@ -156,7 +156,7 @@ def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndar
         otherwise numer = (V ∘ (WH + ε)^(β−2)) Hᵀ and denom = (WH + ε)^(β−1) Hᵀ.
         Both are sums over V's columns, so on a grid of V the column blocks' products add up.
     """
-    beta, eps = rule.beta, rule.eps
+    beta, eps = rule.beta, rule.eps_wh
     if rule.frobenius or rule.solver != "mu":
         return _dot_ht(V_b, H), None
     if rule.kullback_leibler:

@@ -34,9 +34,9 @@ def mu_update(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -
     numer, denom : arrays that broadcast to (m, k)
         The numerator and denominator of the ratio, ε not yet added to ``denom``.
     rule : Rule
-        Gives ε and the exponent γ (:attr:`Rule.gamma`; 1 for 1 ≤ β ≤ 2).
+        Gives ε (:attr:`Rule.eps_denominator`) and the exponent γ (:attr:`Rule.gamma`; 1 for 1 ≤ β ≤ 2).
     """
-    ratio = numer / (denom + rule.eps)
+    ratio = numer / (denom + rule.eps_denominator)
     if rule.gamma != 1.0:
         ratio **= rule.gamma
     ratio *= X

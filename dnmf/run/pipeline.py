@@ -27,7 +27,7 @@ import numpy as np
 from .. import kernels
 from ..cluster import current_client, trim_freed_memory_on
 from ..data import missing
-from ..data.store import Matrix, MatrixStats, open_matrix, scan_matrix, validate_stats
+from ..data.store import Matrix, MatrixStats, open_matrix, scan_matrix, unit_exponent, validate_stats
 from ..errors import ParameterError
 from ..settings import FitSettings, iterate_settings
 from ..solvers.grid import GridSolver
@@ -150,7 +150,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
         stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
         w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
-        rule = replace(rule, w_sweeps=w_sweeps, h_sweeps=h_sweeps)
+        rule = replace(rule, w_sweeps=w_sweeps, h_sweeps=h_sweeps, unit_exponent=unit_exponent(stats))
         offset = stats.v_xlogx - stats.v_sum
         if matrix.is_grid:
             return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
@@ -169,7 +169,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     scanned = missing.scan_masked(matrix, mask_da, settings.nan_is_missing)
     stats = scanned.imputed_stats()
     validate_stats(stats, settings.beta)
-    rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+    rule = kernels.Rule(settings.solver, settings.beta, settings.eps, unit_exponent=unit_exponent(stats))
     solver = MaskedSolver(matrix, rule, scanned.stats.v_sq, update_h=update_h, mask=mask_da)
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 

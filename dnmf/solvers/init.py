@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import InvalidMatrixError, ParameterError, expected
-from ..data.store import Matrix, MatrixStats
+from ..data.store import Matrix, MatrixStats, unit_exponent
 from ..graph import TaskGraph, map_blocks, row_block_keys
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
@@ -189,37 +189,28 @@ MODERATE_EXPONENT = 32
 
 
 def svd_exponent(stats: MatrixStats) -> int:
-    """An even k with V's typical non-zero entry near 2^k, or 0 when it is moderate.
-
-    NNDSVD runs on 2^-k V and scales W and H back by 2^(k/2) (powers of two: exact), so its
-    start is scale-invariant where V's own products would overflow or underflow. The typical
-    entry is the root-mean-square non-zero from the scan, or the mean non-zero where ‖V‖²
-    overflowed or underflowed, or a bound where even ΣV overflowed (float64 near its maximum).
-    """
-    if stats.nnz <= 0:
-        return 0
-    if np.isfinite(stats.v_sq) and stats.v_sq > 0:
-        typical = float(np.sqrt(stats.v_sq / stats.nnz))
-    elif np.isfinite(stats.v_sum) and stats.v_sum > 0:
-        typical = stats.v_sum / stats.nnz
-    elif stats.v_sum > 0:  # ΣV overflowed: the mean non-zero is within a factor nnz of this
-        typical = np.finfo(np.float64).max / stats.nnz
-    else:
-        return 0
-    exponent = float(np.log2(typical))
-    if not np.isfinite(exponent) or abs(exponent) <= MODERATE_EXPONENT:
-        return 0
-    return 2 * int(round(exponent / 2))
+    """V's :func:`~dnmf.data.store.unit_exponent` k when V's typical entry is beyond
+    2^±MODERATE_EXPONENT, else 0: NNDSVD's SVD runs on 2^-k V, where V's own products
+    would overflow or underflow (and on V as it is otherwise, saving a copy of each block)."""
+    k = unit_exponent(stats)
+    return k if abs(k) > MODERATE_EXPONENT else 0
 
 
 def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant: str) -> Start:
-    """NNDSVD (zeros kept), NNDSVDa (zeros filled with mean(V)) or NNDSVDar (small random).
+    """NNDSVD (zeros kept), NNDSVDa (zeros filled) or NNDSVDar (zeros filled with small random
+    values).
 
-    At extreme scales all of it (the SVD, the threshold, the fills) runs on 2^-k V, and W and H
-    are scaled back by 2^(k/2) (see :func:`svd_exponent`); for moderate V, k = 0. So the fills
-    are mean(2^-k V) 2^(k/2): the start of 2^k V is exactly 2^(k/2) times the start of V.
+    NNDSVDa fills with sqrt(mean(V) / r), the scale of the random start (W and H entries whose
+    products sum to about mean(V)); NNDSVDar with that / 100 times U[0.5, 1.5). scikit-learn
+    fills with mean(V) itself, which does not scale like W and H (as √V), so its start, and
+    the fit, change with V's units; dnmf's start of c V is √c times the start of V.
+
+    The threshold and the fills act in V's units 2^u (u = :func:`~dnmf.data.store.unit_exponent`):
+    W and H of 2^-u V are thresholded and filled, then scaled back by 2^(u/2); so the start of
+    4^j V is exactly 2^j times the start of V. The SVD itself runs on 2^-k V only at extreme
+    scales (k = :func:`svd_exponent`, else 0), where V's products would overflow or underflow.
     """
-    k = svd_exponent(stats)
+    k, u = svd_exponent(stats), unit_exponent(stats)
     U, s, Vt = randomized_svd(matrix, r, seed, scale=float(np.ldexp(1.0, -k)))
     pos_sq, neg_sq = dask.compute((da.maximum(U, 0) ** 2).sum(axis=0), (da.minimum(U, 0) ** 2).sum(axis=0))
     u_pos, u_neg = np.sqrt(pos_sq.astype(np.float64)), np.sqrt(neg_sq.astype(np.float64))
@@ -233,18 +224,22 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
     with np.errstate(divide="ignore", invalid="ignore"):
         w_scale = np.where(u_norm > 0, weight / u_norm, 0.0)
         h_scale = np.where(v_norm > 0, weight / v_norm, 0.0)
+    # From the SVD's units 2^k to V's units 2^u (powers of two: exact).
+    to_units = float(np.ldexp(1.0, (k - u) // 2))
+    w_scale, h_scale = w_scale * to_units, h_scale * to_units
     H = np.maximum(Vt * signs[:, None], 0) * h_scale[:, None]
 
-    mean = stats.mean if k == 0 else float(np.ldexp(stats.mean, -k))
+    mean = float(np.ldexp(stats.mean, -u))
     H = kernels.fill_zeros(H.astype(matrix.dtype), None, 0, NNDSVD_THRESHOLD)
     zeros = H == 0
-    w_fill = {"nndsvd": None, "nndsvda": mean, "nndsvdar": (seed, mean / 100)}[variant]
+    fill = float(np.sqrt(mean / r))
+    w_fill = {"nndsvd": None, "nndsvda": fill, "nndsvdar": (seed, fill / 100)}[variant]
     if variant == "nndsvda":
-        H[zeros] = mean
+        H[zeros] = fill
     elif variant == "nndsvdar":
-        H[zeros] = mean / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
-    unscale = float(np.ldexp(1.0, k // 2))
-    if k:
+        H[zeros] = fill / 100 * (0.5 + np.random.default_rng([seed, 3]).random(int(zeros.sum())))
+    unscale = float(np.ldexp(1.0, u // 2))
+    if u:
         H *= H.dtype.type(unscale)
 
     signs_t, scales_t = signs.astype(matrix.dtype), w_scale.astype(matrix.dtype)
