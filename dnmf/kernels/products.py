@@ -48,13 +48,19 @@ def add_partials(a: Partials, b: Partials) -> Partials:
 
 
 def objective(
-    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0
+    partials: Partials, H: np.ndarray, HHt: np.ndarray, v_sq: float, beta: float, kl_offset: float = 0.0,
+    exact: bool = False,
 ) -> float:
     """D_β(V | WH) from the partials at (W, H) reduced over all row blocks.
 
     ``HHt`` is HHᵀ and ``v_sq`` ‖V‖² (used for β = 2 only); ``kl_offset`` is the constant the
-    KL partials leave out, Σ V log V − Σ V (used for β = 1 only).
+    KL partials leave out, Σ V log V − Σ V (used for β = 1 only). ``exact`` (β = 1, 2): the
+    partials' ``loss`` is the divergence itself, formed entry by entry
+    (:func:`frobenius_residual`, :func:`kl_divergence`), used instead of the Gram identity or
+    the constant.
     """
+    if exact and beta in (1, 2):
+        return max(float(partials.loss), 0.0)
     term = objective_term(partials.numer, partials.loss, H, beta)
     return objective_from_sums(term, partials.denom, HHt, v_sq, beta, kl_offset)
 
@@ -102,7 +108,31 @@ def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.nd
     return out
 
 
-def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True) -> Partials:
+def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
+    """½‖V_b − W_b H‖², formed tile by tile and summed in float64.
+
+    The Gram identity ½(‖V‖² − 2⟨WᵀV, H⟩ + ⟨WᵀW, HHᵀ⟩) subtracts numbers near ½‖V‖², each
+    rounded in V's dtype: near a good float32 fit what is left is rounding noise. The residual
+    formed entry by entry keeps its digits (one more product of the block's size).
+    """
+    if sp.issparse(V_b):
+        # ‖V − WH‖² = Σ_nz (V² − 2 V WH) + ‖WH‖²: WH at the non-zeros only, and
+        # ‖WH‖² = ⟨WᵀW, HHᵀ⟩ from the factors, every sum in float64.
+        wh = _wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
+        values = V_b.data.astype(np.float64)
+        W64, H64 = W_b.astype(np.float64), H.astype(np.float64)
+        wh_sq = float(np.vdot(W64.T @ W64, H64 @ H64.T))
+        return 0.5 * max(float(np.dot(values, values - 2.0 * wh)) + wh_sq, 0.0)
+    total = 0.0
+    for start, stop in row_tiles(V_b.shape[0], V_b.shape[1]):
+        residual = V_b[start:stop] - W_b[start:stop] @ H
+        total += float(np.sum(np.square(residual), dtype=np.float64))
+    return 0.5 * total
+
+
+def block_partials(
+    V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: bool = True, exact: bool = False
+) -> Partials:
     """The partials of one row block at (W_b, H), ``w_sq`` and ``dw_sq`` left at 0.
 
     Parameters
@@ -114,6 +144,10 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
     with_loss : bool
         False skips the divergence (β ≠ 2: a log or a power per entry), leaving ``loss`` at
         0, for iterations that do not evaluate the objective.
+    exact : bool
+        β = 2: ``loss`` is ½‖V_b − W_b H‖² (:func:`frobenius_residual`); β = 1: the whole
+        divergence entry by entry in float64 (no constant left out); for objectives too small
+        for the sums' rounding in V's dtype.
 
     Returns
     -------
@@ -124,12 +158,13 @@ def block_partials(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, with_loss: b
     """
     beta, eps = rule.beta, rule.eps_wh
     if rule.frobenius:
-        return Partials(dot_t(W_b, V_b), gram(W_b), 0.0, 0.0, 0.0)
+        loss = frobenius_residual(V_b, W_b, H) if exact else 0.0
+        return Partials(dot_t(W_b, V_b), gram(W_b), loss, 0.0, 0.0)
     if rule.kullback_leibler and sp.issparse(V_b):
-        return _kl_partials_sparse(V_b, W_b, H, eps, with_loss)
+        return _kl_partials_sparse(V_b, W_b, H, eps, with_loss, exact)
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     if rule.kullback_leibler:
-        return _kl_partials_dense(V_d, W_b, H, eps, with_loss)
+        return _kl_partials_dense(V_d, W_b, H, eps, with_loss, exact)
     wh = W_b @ H
     loss = beta_divergence_dense(V_d, wh, beta) if with_loss else 0.0
     wh += eps
@@ -176,14 +211,30 @@ def _kl_ratio_sparse(V_b: sp.csr_matrix, wh: np.ndarray, eps: float) -> sp.csr_m
     return ratio
 
 
-def _kl_partials_sparse(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool) -> Partials:
+def kl_terms(V: np.ndarray, wh: np.ndarray) -> float:
+    """Σ V log(V / WH) − V + WH over entries, each term in float64 (0 log 0 = 0)."""
+    V = V.astype(np.float64)
+    wh = wh.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = xlogy(V, V / wh)
+    terms += wh - V
+    return float(np.sum(terms))
+
+
+def _kl_partials_sparse(
+    V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool, exact: bool = False
+) -> Partials:
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
-    and the loss (less the constant, as in :func:`_kl_partials_dense`)."""
+    and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
+    divergence, the non-zeros' terms plus Σ WH over the zeros)."""
     wh = _wh_at_nonzeros(V_b, W_b, H)
     numer = dot_t(W_b, _kl_ratio_sparse(V_b, wh, eps))
     col_w = W_b.sum(axis=0)
     loss = 0.0
-    if with_loss:
+    if exact:
+        total_wh = float(np.dot(W_b.sum(axis=0, dtype=np.float64), H.sum(axis=1, dtype=np.float64)))
+        loss = kl_terms(V_b.data, wh) + total_wh - float(np.sum(wh, dtype=np.float64))
+    elif with_loss:
         np.log(wh, out=wh)
         loss = (
             -float(np.dot(V_b.data.astype(np.float64), wh))
@@ -215,23 +266,31 @@ def _kl_ratio_times_ht(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float
     return out
 
 
-def _kl_partials_dense(V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True) -> Partials:
+def _kl_partials_dense(
+    V: np.ndarray, W_b: np.ndarray, H: np.ndarray, eps: float, with_loss: bool = True, exact: bool = False
+) -> Partials:
     """KL partials of a dense block, tile by tile: Wᵀ(V / (WH + ε)), colsum(W) and the loss.
 
     The loss leaves out the constant Σ V log V − Σ V (added by :func:`~.beta.objective`):
-    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H).
+    −Σ V log(WH) + Σ WH, with Σ WH = colsum(W) · rowsum(H). ``exact``: the whole divergence,
+    entry by entry in float64 (:func:`kl_terms`).
     """
     numer = np.zeros(H.shape, dtype=np.result_type(W_b, H))
     cross = 0.0
+    divergence = 0.0
     for start, stop in row_tiles(V.shape[0], V.shape[1]):
         V_t, W_t = V[start:stop], W_b[start:stop]
         wh = W_t @ H
-        if with_loss:
+        if exact:
+            divergence += kl_terms(V_t, wh)
+        elif with_loss:
             cross += _v_log_wh(V_t, wh)
         wh += eps
         np.divide(V_t, wh, out=wh)
         numer += W_t.T @ wh
     col_w = W_b.sum(axis=0)
+    if exact:
+        return Partials(numer, col_w, divergence, 0.0, 0.0)
     total_wh = float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
     return Partials(numer, col_w, total_wh - cross, 0.0, 0.0)
 

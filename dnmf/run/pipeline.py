@@ -17,6 +17,7 @@ the CLI and a checkpoint resume. Its settings come validated (:class:`dnmf.setti
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -32,7 +33,7 @@ from ..errors import ParameterError
 from ..settings import FitSettings, iterate_settings
 from ..solvers.grid import GridSolver
 from ..solvers.init import make_start
-from ..solvers.rows import MaskedSolver, Solver
+from ..solvers.rows import MaskedSolver, Solver, exact_below
 from . import checkpoint, driver
 from .plan import (
     CachePlan,
@@ -155,7 +156,12 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
         if matrix.is_grid:
             return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
         local = runs_locally(matrix, settings.local)
-        return stats, matrix, Solver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local)
+        # The objective's digits matter only where the stop rule can fire on it (tol_x > 0).
+        size = 0.5 * stats.v_sq if rule.frobenius else abs(stats.v_xlogx) + stats.v_sum
+        below = exact_below(size, matrix.dtype, settings.tol) if settings.tol_x > 0 else 0.0
+        return stats, matrix, Solver(
+            matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below
+        )
     if settings.solver == "bpp":
         raise ParameterError(
             "solver='bpp' does not handle missing entries (a mask or NaN values); use solver='mu' or 'hals'."
@@ -196,7 +202,12 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
             )
         start = make_start(prepared.init_matrix, prepared.stats, settings.n_components, settings.init, settings.seed, W, H)
         start_W, start_H = start.W, start.H
-    return settings, prepared.solver.start(start_W, start_H), history
+    state = prepared.solver.start(start_W, start_H)
+    if history and math.isfinite(history[-1].objective):
+        # The objective as the interrupted run had it (recomputed, its last bits may differ,
+        # and the next step chooses how to evaluate the objective from it).
+        state = replace(state, objective=history[-1].objective)
+    return settings, state, history
 
 
 def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:

@@ -45,6 +45,24 @@ def small_h(h_bytes: int, n_blocks: int) -> bool:
     return h_bytes <= SMALL_H_BYTES and h_bytes * n_blocks <= SMALL_H_TOTAL_BYTES
 
 
+# The Gram identity's objective carries rounding of about ½‖V‖² × eps(dtype) × a small factor
+# (the products' sums), the KL objective as much of its constant; the stop rule compares
+# relative decreases with tol. Below this many eps(dtype) / tol of those sums that rounding
+# could reach a tenth of tol, and the objective is formed entry by entry instead. float32 with tol = 1e-4: below ~2% of ½‖V‖² (a relative
+# error under ~14%); float64: below ~4e-11 of it.
+EXACT_ROUNDING_FACTOR = 16
+
+
+def exact_below(size: float, dtype, tol: float) -> float:
+    """The objective below which β = 2 or 1 evaluates it entry by entry (see :class:`Solver`).
+
+    ``size`` is what the objective's sums are made of: ½‖V‖² for β = 2 (the Gram identity),
+    Σ V (1 + |log V|) for β = 1 (the constant Σ V log V − Σ V and the cross term).
+    """
+    eps = float(np.finfo(np.dtype(dtype)).eps)
+    return size * min(1.0, EXACT_ROUNDING_FACTOR * eps / max(tol, 1e-12))
+
+
 @dataclass(frozen=True)
 class SolverState:
     """An iterate and what the next step needs from it.
@@ -90,6 +108,10 @@ class Solver:
         Dask graph (for small in-memory V, where the graph's overhead would dominate). The
         blocks, their order and the reduction tree are the graph's, so the results are the
         same bit for bit.
+    exact_below : β = 2 and 1: once the objective is below this, it is evaluated entry by
+        entry (the residual V − WH, or the KL terms in float64) rather than from the Gram
+        identity or the KL constant, whose rounding in V's dtype would then swamp the stop
+        rule's relative decreases (see :func:`exact_below`); 0 never.
     """
 
     matrix: Matrix
@@ -98,6 +120,7 @@ class Solver:
     update_h: bool = True
     kl_offset: float | None = None
     local: bool = False
+    exact_below: float = 0.0
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -106,29 +129,43 @@ class Solver:
         return [self.matrix.data]
 
     def start(self, W: da.Array, H: np.ndarray) -> SolverState:
-        """The state at a starting point: one pass over V for the partials at (W, H)."""
+        """The state at a starting point: one pass over V for the partials at (W, H) (two
+        when the objective turns out below :attr:`exact_below`)."""
         H = np.ascontiguousarray(H, dtype=self.matrix.dtype)
         W = W.rechunk((self.matrix.row_chunks, (H.shape[0],)))
+        W, partials = self._start_pass(W, H, exact=False)
+        HHt = kernels.gram(H.T)
+        objective = self._objective(partials, H, HHt)
+        if self._exact(objective):
+            W, partials = self._start_pass(W, H, exact=True)
+            objective = self._objective(partials, H, HHt, exact=True)
+        return SolverState(W, H, partials, objective)
+
+    def _start_pass(self, W: da.Array, H: np.ndarray, exact: bool):
+        """(W laid out for the steps, the partials at (W, H)) from one pass over V."""
         if self.local:
             W_blocks = _w_blocks(W)
-            partials = self._initial_partials(IN_PROCESS, self._v_blocks(), W_blocks, H)
-            W = _blocks_array(W_blocks, W)
-        else:
-            graph = TaskGraph("dnmf-start", [*self._inputs, W])
-            total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H)
-            W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
-            partials = dask.compute(partials)[0]
-        return SolverState(W, H, partials, self._objective(partials, H, kernels.gram(H.T)))
+            partials = self._initial_partials(IN_PROCESS, self._v_blocks(), W_blocks, H, exact)
+            return _blocks_array(W_blocks, W), partials
+        graph = TaskGraph("dnmf-start", [*self._inputs, W])
+        total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H, exact)
+        W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
+        return W, dask.compute(partials)[0]
 
-    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray) -> Partials | Key:
+    def _exact(self, objective: float) -> bool:
+        """Whether the objective is too small for the Gram identity (β = 2) or for the KL
+        constant's cancellation (β = 1), unmasked."""
+        return (self.rule.frobenius or self.rule.kullback_leibler) and objective < self.exact_below
+
+    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> Partials | Key:
         """The partials at (W, H): a task per row block of V, summed in the fixed tree, on a
         :class:`~dnmf.graph.TaskGraph` (V and W as keys) or in process (as blocks)."""
-        parts = blocks.map(kernels.initial_partials_block, V, W, blocks.constant("H", H), self.rule)
+        parts = blocks.map(kernels.initial_partials_block, V, W, blocks.constant("H", H), self.rule, exact)
         return blocks.reduce(parts, kernels.add_partials)
 
-    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool) -> list[Key]:
+    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool, exact: bool = False) -> list[Key]:
         """A step task per row block: W_i updated, then the partials at (W_i, H)."""
-        return graph.map(kernels.step_block, V, W, H, HHt, self.rule, with_loss)
+        return graph.map(kernels.step_block, V, W, H, HHt, self.rule, with_loss, exact)
 
     def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
         return kernels.update_h(H, partials, self.rule)
@@ -147,17 +184,18 @@ class Solver:
         H = self._update_h(H_old, state.partials) if self.update_h else H_old
         HHt = kernels.gram(H.T)
         with_loss = self._needs_loss(evaluate)
+        exact = evaluate and self._exact(state.objective)
         if self.local:
-            W, partials = self._w_pass_local(state.W, H, HHt, with_loss)
+            W, partials = self._w_pass_local(state.W, H, HHt, with_loss, exact)
             steps = None
         else:
-            W, steps, partials = self._w_pass(state, H, HHt, with_loss)
+            W, steps, partials = self._w_pass(state, H, HHt, with_loss, exact)
         h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
         w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
-        objective = self._objective(partials, H, HHt) if with_loss else float("nan")
+        objective = self._objective(partials, H, HHt, exact) if with_loss else float("nan")
         return Step(SolverState(W, H, partials, objective, steps), w_change, h_change)
 
-    def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True):
+    def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False):
         """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
         W = state.W
         graph = TaskGraph("dnmf-step", [*self._inputs, W, *(state.steps or ())])
@@ -175,7 +213,7 @@ class Solver:
             w = row_block_keys(W)
         else:
             w = [(_w_of, step.key) for step in state.steps]
-        steps = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss)
+        steps = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss, exact)
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
         # one task fewer per block than a getitem for each partials_i.
         parts = steps if len(steps) > 1 else graph.map(operator.getitem, steps, 1, label="partials")
@@ -203,8 +241,8 @@ class Solver:
         and no step results to read W from: nothing depends on earlier iterations."""
         return replace(state, W=reroot(state.W, "W"), steps=None)
 
-    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
-        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset())
+    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray, exact: bool = False) -> float:
+        return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset(), exact)
 
     def _kl_offset(self) -> float:
         if not self.rule.kullback_leibler:
@@ -220,9 +258,11 @@ class Solver:
         return self._blocks["V"]
 
     def _w_pass_local(
-        self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True
+        self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False
     ) -> tuple[da.Array, Partials]:
-        results = IN_PROCESS.map(kernels.step_block, self._v_blocks(), _w_blocks(W), H, HHt, self.rule, with_loss)
+        results = IN_PROCESS.map(
+            kernels.step_block, self._v_blocks(), _w_blocks(W), H, HHt, self.rule, with_loss, exact
+        )
         partials = IN_PROCESS.reduce([part for _, part in results], kernels.add_partials)
         return _blocks_array([w for w, _ in results], W), partials
 
@@ -248,12 +288,12 @@ class MaskedSolver(Solver):
     def _inputs(self) -> list:
         return [self.matrix.data, self.mask]
 
-    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray) -> Partials | Key:
+    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> Partials | Key:
         mask = mask_block_keys(self.mask, self.matrix)
         parts = blocks.map(masked.masked_initial_partials, V, mask, W, blocks.constant("H", H), self.rule)
         return blocks.reduce(parts, kernels.add_partials)
 
-    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool) -> list[Key]:
+    def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool, exact: bool = False) -> list[Key]:
         return graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), W, H, self.rule)
 
     def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
@@ -262,7 +302,10 @@ class MaskedSolver(Solver):
     def _needs_loss(self, evaluate: bool) -> bool:
         return True
 
-    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray) -> float:
+    def _exact(self, objective: float) -> bool:
+        return False  # the masked objective is the divergence summed entry by entry already
+
+    def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray, exact: bool = False) -> float:
         return max(float(partials.loss), 0.0)
 
 
