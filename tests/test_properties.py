@@ -124,20 +124,19 @@ def test_fit_fails_cleanly_or_returns_valid_factors(data, kind, solver_loss, ini
     assert W.min() >= 0 and H.min() >= 0
 
 
-# (c) restricted to init random / nndsvd: nndsvda and nndsvdar fill zeros with mean(V) in both
-# W and H (scikit-learn's choice, pinned by tests/test_pinned.py), which is not covariant with
-# the scale (W and H scale as sqrt(scale)), so their starts, and fits, differ by design.
+# (c) every solver, loss and start: ε, the NNDSVD fills and thresholds work in V's units
+# (tests/test_units.py checks the planted case at every scale of the issue).
 @settings(max_examples=60, **SETTINGS)
 @given(
-    data=matrices(max_exp64=3, max_exp32=3),
+    data=matrices(),
     sparse=st.booleans(),
-    solver=st.sampled_from(["hals", "bpp"]),
-    init=st.sampled_from(["random", "nndsvd"]),
+    solver_loss=st.sampled_from(SOLVER_LOSS),
+    init=st.sampled_from(INITS),
     rank_frac=st.floats(0, 1),
     max_iter=st.integers(1, 20),
     seed=st.integers(0, 1000),
 )
-def test_fit_is_scale_invariant(data, sparse, solver, init, rank_frac, max_iter, seed):
+def test_fit_is_scale_invariant(data, sparse, solver_loss, init, rank_frac, max_iter, seed):
     """(c): relative errors of V 10^k and V (same seed) agree within 1%."""
     V, k = data
     unit = (V.astype(np.float64) / 10.0**k).astype(V.dtype)  # V at unit scale, same pattern
@@ -148,12 +147,17 @@ def test_fit_is_scale_invariant(data, sparse, solver, init, rank_frac, max_iter,
     # WᵀW is singular, BPP's NNLS solutions are not unique and the rounding of 10^k V (not
     # exactly 10^k times V) sends the two fits to different points: ill-posed, not a scale bug.
     r = 1 + int(rank_frac * max(min(n, p) // 2 - 1, 0))
-    params = dict(n_components=r, solver=solver, init=init, max_iter=max_iter, tol=0, tol_x=0, random_state=seed)
+    solver, loss = solver_loss
+    params = dict(
+        n_components=r, solver=solver, beta_loss=loss, init=init, max_iter=max_iter, tol=0, tol_x=0, random_state=seed
+    )
     errors = []
     for X in (unit, V):
         try:
             W, H = _fit(sp.csr_matrix(X) if sparse else X, **params)
         except DnmfError:
+            if X is V:
+                raise  # what fits at unit scale must fit at 10^k
             return  # (a) covers the failures
         X64 = X.astype(np.float64)
         errors.append(np.linalg.norm(X64 - W.astype(np.float64) @ H.astype(np.float64)) / np.linalg.norm(X64))
