@@ -268,15 +268,22 @@ class NMF(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "components_")
         return self._solve_w(X, self.components_)[0]
 
-    def _solve_w(self, X, H, W=None):
+    def _solve_w(self, X, H, W=None, fixed_h: bool = False):
         """(W, n_iter) for X with H fixed; W starts from ``W`` if given, else flat (scikit-learn's
-        transform start: every entry sqrt(mean(X) / r))."""
+        transform start: every entry sqrt(mean(X) / r)). ``fixed_h``: H is the user's (from
+        ``non_negative_factorization(update_H=False)``), not the fit's."""
         settings = FitSettings.from_params(
             self.get_params(), n_components=H.shape[0], init="custom", checkpoint=None, n_runs=1
         )
         block_bytes = block_bytes_for_workers(current_client())
         matrix = pipeline.open_v(X, settings, block_bytes=block_bytes)
         if matrix.shape[1] != H.shape[1]:
+            if fixed_h:
+                raise ParameterError(
+                    f"Array with wrong shape passed to non_negative_factorization (input H, fixed by "
+                    f"update_H=False). Expected ({H.shape[0]}, {matrix.shape[1]}): one column per column of X, "
+                    f"but got {H.shape}."
+                )
             raise ParameterError(expected(f"X with {H.shape[1]} features, as in fit", f"{matrix.shape[1]} features"))
         if W is None:
             W = _flat_w(matrix, H.shape[0], settings.nan_is_missing)
@@ -358,5 +365,11 @@ def non_negative_factorization(
     if H is None:
         raise ParameterError("update_H=False needs H.")
     H = np.asarray(H)
-    W_out, n_iter = est._solve_w(X, H, W if init == "custom" else None)
+    if H.ndim != 2 or (n_components is not None and H.shape[0] != n_components):
+        rows = "n_components" if n_components is None else n_components
+        raise ParameterError(
+            "Array with wrong shape passed to non_negative_factorization (input H, fixed by update_H=False). "
+            f"Expected ({rows}, n_features of X), but got {H.shape}."
+        )
+    W_out, n_iter = est._solve_w(X, H, W if init == "custom" else None, fixed_h=True)
     return W_out, H, n_iter

@@ -206,3 +206,42 @@ def test_a_damaged_pointer_without_an_intact_version_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="No usable checkpoint version .* damaged or incomplete"), \
             pytest.warns(CheckpointWarning):
         checkpoint.load(str(ckpt))
+
+
+# ---------------------------------------------------------------------------
+# Case 13, misleading messages: a fixed H of the wrong shape; the CLI's names for parameters
+
+
+@pytest.mark.parametrize(
+    "H, expected_shape",
+    [(np.ones((3, 29)), r"Expected \(3, 30\)"), (np.ones((30, 3)), r"Expected \(3, n_features"),
+     (np.ones((4, 30)), r"Expected \(3, n_features"), (np.ones(30), r"Expected \(3, n_features")],
+)
+def test_a_fixed_h_of_the_wrong_shape_is_named_as_h(H, expected_shape):
+    """update_H=False once answered "Expected X with 29 features, as in fit": X was right."""
+    X = np.random.default_rng(0).random((20, 30))
+    with pytest.raises(dnmf.errors.ParameterError, match=r"input H, fixed by update_H=False") as info:
+        dnmf.non_negative_factorization(X, H=H, n_components=3, update_H=False)
+    assert re.search(expected_shape, str(info.value)) and str(H.shape) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-r", "-1"], "Expected --rank/-r a positive integer. Got -1 instead."),
+        (["-r", "2", "--eps", "-1"], "Expected --eps a non-negative number"),
+        (["-r", "2", "--seed", "-3"], "--seed"),
+        (["-r", "2", "--solver", "bpp", "--beta-loss", "itakura-saito"], "--beta-loss='itakura-saito'"),
+    ],
+)
+def test_cli_refuses_bad_options_by_their_flags_before_any_work(tmp_path, args, message):
+    """`dnmf fit -r -1` was refused as "n_components", after converting the input and starting
+    Dask; now the settings table checks the options first and the error names the flag."""
+    np.save(tmp_path / "V.npy", np.random.default_rng(0).random((20, 6)))
+    before = tree_digest(tmp_path)
+    result = CliRunner().invoke(main, ["fit", str(tmp_path / "V.npy"), *args, "-o", str(tmp_path / "o.zarr")])
+    assert result.exit_code == 1
+    line = one_line_error(result.stderr)
+    assert message in line and "n_components" not in line and "random_state" not in line
+    assert "Converting" not in result.stderr and "Starting Dask" not in result.stderr
+    assert tree_digest(tmp_path) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 
 import click
@@ -170,6 +171,27 @@ CLI_OPTIONS = {
     "inner_sweeps": dict(type=_auto_or_int, metavar="auto|N"),
     "local": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),
 }
+
+
+def option_flag(name: str) -> str:
+    """How the fit parameter ``name`` is written on the command line (``--rank/-r``)."""
+    flags = CLI_OPTIONS.get(name, {}).get("flags", ("--" + name.replace("_", "-"),))
+    return "/".join(flags)
+
+
+def check_fit_params(params: dict) -> None:
+    """Validate the fit options with the settings table before any work (conversion, Dask),
+    naming each parameter as the command line writes it (--rank for n_components)."""
+    from ..errors import ParameterError
+    from ..settings import FitSettings
+
+    try:
+        FitSettings.from_params(params)
+    except ParameterError as error:
+        message = str(error)
+        for name in sorted(CLI_OPTIONS, key=len, reverse=True):
+            message = re.sub(rf"(?<![\w-]){name}(?![\w])", option_flag(name), message)
+        raise ParameterError(message) from None
 
 
 def fit_options(func):

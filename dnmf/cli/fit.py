@@ -12,6 +12,7 @@ import click
 from ..errors import DnmfError, no_such_path
 from .common import (
     check_fit_outputs,
+    check_fit_params,
     close_callbacks,
     dask_client,
     fit_options,
@@ -51,6 +52,7 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
         check_output(params["checkpoint"], protected={"input": reads["input"], "result": out}, kind="folder",
                      label="--checkpoint")
     params["init"] = None if params["init"] == "auto" else params["init"]
+    check_fit_params(params)
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
