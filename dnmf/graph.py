@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, Protocol
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
@@ -43,6 +44,39 @@ Label = str | int | tuple
 
 SPLIT_EVERY = 8
 """How many values each node of a reduction tree combines."""
+
+
+def realign(value: Any, depth: int = 2) -> Any:
+    """``value`` with each numpy array in it (itself, or inside tuples and lists up to ``depth``
+    levels) aligned to its item size, copying only those that are not.
+
+    An array that a distributed worker receives from another one can sit at any byte offset of
+    the message's buffer. numpy hands only aligned arrays to BLAS and its vector loops, and
+    computes products of unaligned ones with plain loops that round differently; so without
+    this a result would depend on which worker ran which task.
+    """
+    if isinstance(value, np.ndarray):
+        return value if value.flags.aligned else value.copy()
+    if depth > 0 and isinstance(value, (tuple, list)):
+        items = [realign(item, depth - 1) for item in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
+def call_aligned(func: Callable, *args: Any) -> Any:
+    """``func(*args)`` with the arrays of ``args`` aligned (:func:`realign`): the form of every
+    task a :class:`TaskGraph` adds."""
+    return func(*[realign(arg) for arg in args])
+
+
+def compute(*collections: Any) -> tuple:
+    """``dask.compute`` with the arrays of the results aligned (:func:`realign`), for the
+    client's own products (the H update, the objective)."""
+    return tuple(realign(value) for value in dask.compute(*collections))
 
 
 def tree_reduce(dsk: dict, name: str, keys: list, combine: Callable, split_every: int = SPLIT_EVERY) -> Key:
@@ -105,6 +139,7 @@ def tree_fold(values: list, combine: Callable, split_every: int = SPLIT_EVERY) -
 
 
 def _fold(combine: Callable, values: list) -> Any:
+    values = [realign(value) for value in values]
     total = values[0]
     for value in values[1:]:
         total = combine(total, value)
@@ -182,7 +217,7 @@ class TaskGraph:
 
     def task(self, label: Label, func: Callable, *args: Any) -> Key:
         """One task ``func(*args)`` with key ``(name, *label)``; ``args`` go in as they are."""
-        return self._add((self.name, *_parts(label)), (func, *args))
+        return self._add((self.name, *_parts(label)), (call_aligned, func, *args))
 
     def map(self, func: Callable, *args: Any, label: Label = ()) -> list[Key]:
         """Add a task per block, ``func(*args_b)``.
@@ -203,7 +238,7 @@ class TaskGraph:
             ``(name, *label, b)`` for each block b, in order.
         """
         prefix = (self.name, *_parts(label))
-        return [self._add((*prefix, b), (func, *block)) for b, block in enumerate(_per_block(args))]
+        return [self._add((*prefix, b), (call_aligned, func, *block)) for b, block in enumerate(_per_block(args))]
 
     def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0) -> list[Key]:
         """Add a task per block of a dask array, ``func(*args_b)`` (see :meth:`map`); the
@@ -226,7 +261,7 @@ class TaskGraph:
         """
         name = self.name if array is None else f"{self.name}-{array}"
         return [
-            self._add((name, b, 0) if axis == 0 else (name, 0, b), (func, *block))
+            self._add((name, b, 0) if axis == 0 else (name, 0, b), (call_aligned, func, *block))
             for b, block in enumerate(_per_block(args))
         ]
 

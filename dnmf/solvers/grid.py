@@ -34,7 +34,7 @@ from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
 from .rows import Step
 from ..data.store import Matrix, kl_offset
-from ..graph import Key, TaskGraph, row_block_keys
+from ..graph import Key, TaskGraph, compute, row_block_keys
 
 TINY = np.finfo(float).tiny
 
@@ -96,7 +96,7 @@ class GridSolver:
         summary = graph.task("summary", tuple, [w_sums, terms, self._h_gram(graph, h_keys)])
         partials = [graph.delayed(key) for key in p_keys]
         W, H, partials, summary = dask.persist(W, H, partials, graph.delayed(summary), optimize_graph=False)
-        w_sums, terms, h_gram = dask.compute(summary)[0]
+        w_sums, terms, h_gram = compute(summary)[0]
         return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
 
     def step(self, state: GridState, evaluate: bool = True) -> Step:
@@ -136,7 +136,7 @@ class GridSolver:
         W_new, H_new, partials, summary = dask.persist(
             W_new, H_new, partials, graph.delayed(summary), optimize_graph=False
         )
-        w_sums, terms, h_sums = dask.compute(summary)[0]
+        w_sums, terms, h_sums = compute(summary)[0]
         objective = self._objective(terms, w_sums.gram, h_sums.gram) if with_loss else float("nan")
         new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective)
         w_change = float(np.sqrt(w_sums.d_sq / max(w_sums.sq, TINY)))

@@ -16,14 +16,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-import dask
 import dask.array as da
 import numpy as np
 
 from .. import kernels
 from ..errors import InvalidMatrixError, ParameterError, expected
 from ..data.store import Matrix, MatrixStats, unit_exponent
-from ..graph import TaskGraph, map_blocks, row_block_keys
+from ..graph import TaskGraph, compute, map_blocks, row_block_keys
 
 INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 NNDSVD_THRESHOLD = 1e-6
@@ -76,7 +75,7 @@ def custom_start(matrix: Matrix, r: int, W, H) -> Start:
     H = _nonzero("H", _nonnegative("H", H).astype(matrix.dtype))
     if isinstance(W, da.Array):
         W_dask = W.astype(matrix.dtype).rechunk((matrix.row_chunks, (r,)))
-        bad, nonzero = dask.compute(((W_dask < 0) | ~da.isfinite(W_dask)).any(), (W_dask != 0).any())
+        bad, nonzero = compute(((W_dask < 0) | ~da.isfinite(W_dask)).any(), (W_dask != 0).any())
         if bad:
             raise InvalidMatrixError("W has negative or non-finite entries; a starting W must be non-negative.")
         _nonzero("W", None, nonzero)
@@ -135,7 +134,7 @@ def _transpose_times(Q: da.Array, matrix: Matrix, scale: float = 1.0) -> np.ndar
     columns = [
         graph.reduce([row[j] for row in products], _add, label=f"col{j}") for j in range(len(matrix.col_chunks))
     ]
-    return dask.compute(graph.delayed(graph.task("all", np.hstack, columns)))[0]
+    return compute(graph.delayed(graph.task("all", np.hstack, columns)))[0]
 
 
 def _identity(x):
@@ -149,7 +148,7 @@ def _add(a, b):
 def _orthonormalize(Y: da.Array) -> da.Array:
     """An orthonormal basis of the columns of a tall Y, by two rounds of Gram-matrix QR."""
     for _ in range(2):
-        gram = dask.compute(Y.T @ Y)[0].astype(np.float64)
+        gram = compute(Y.T @ Y)[0].astype(np.float64)
         values, vectors = np.linalg.eigh(gram)
         keep = values > values.max() * 1e-12
         transform = (vectors[:, keep] / np.sqrt(values[keep])).astype(Y.dtype)
@@ -212,7 +211,7 @@ def nndsvd_start(matrix: Matrix, stats: MatrixStats, r: int, seed: int, variant:
     """
     k, u = svd_exponent(stats), unit_exponent(stats)
     U, s, Vt = randomized_svd(matrix, r, seed, scale=float(np.ldexp(1.0, -k)))
-    pos_sq, neg_sq = dask.compute((da.maximum(U, 0) ** 2).sum(axis=0), (da.minimum(U, 0) ** 2).sum(axis=0))
+    pos_sq, neg_sq = compute((da.maximum(U, 0) ** 2).sum(axis=0), (da.minimum(U, 0) ** 2).sum(axis=0))
     u_pos, u_neg = np.sqrt(pos_sq.astype(np.float64)), np.sqrt(neg_sq.astype(np.float64))
     v_pos = np.linalg.norm(np.maximum(Vt, 0), axis=1)
     v_neg = np.linalg.norm(np.maximum(-Vt, 0), axis=1)

@@ -26,7 +26,7 @@ from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset
-from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, from_blocks, map_blocks, row_block_keys
+from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -150,7 +150,7 @@ class Solver:
         graph = TaskGraph("dnmf-start", [*self._inputs, W])
         total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H, exact)
         W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
-        return W, dask.compute(partials)[0]
+        return W, compute(partials)[0]
 
     def _exact(self, objective: float) -> bool:
         """Whether the objective is too small for the Gram identity (β = 2) or for the KL
@@ -230,11 +230,11 @@ class Solver:
                 "dnmf-step-W", operator.getitem, [step.key for step in steps], 0,
                 chunks=W.chunks, dtype=W.dtype, dependencies=steps,
             )
-            return W_new, tuple(steps), dask.compute(partials)[0]
+            return W_new, tuple(steps), compute(partials)[0]
         # W's blocks are kept, and the step results (with their partials) freed once reduced.
         W_new = graph.array(graph.map_blocks(operator.getitem, steps, 0, array="W"), W.chunks, W.dtype)
         W_new, partials = dask.persist(W_new, graph.delayed(total), optimize_graph=False)
-        return W_new, None, dask.compute(partials)[0]
+        return W_new, None, compute(partials)[0]
 
     def rerooted(self, state: SolverState, reroot) -> SolverState:
         """The state with W replaced by ``reroot(W, "W")`` (its values, read back from a store)
@@ -254,7 +254,7 @@ class Solver:
     def _v_blocks(self) -> list:
         if "V" not in self._blocks:
             blocks = range(len(self.matrix.row_chunks))
-            self._blocks["V"] = list(dask.compute(*[self.matrix.data.blocks[i, 0] for i in blocks]))
+            self._blocks["V"] = list(compute(*[self.matrix.data.blocks[i, 0] for i in blocks]))
         return self._blocks["V"]
 
     def _w_pass_local(
@@ -326,7 +326,7 @@ def _w_blocks(W: da.Array) -> list[np.ndarray]:
     values = [graph.get(key) for key in keys]
     if all(isinstance(v, np.ndarray) for v in values):
         return values
-    return list(dask.compute(*[W.blocks[i, 0] for i in range(len(keys))]))
+    return list(compute(*[W.blocks[i, 0] for i in range(len(keys))]))
 
 
 def _blocks_array(blocks: list[np.ndarray], like: da.Array) -> da.Array:
