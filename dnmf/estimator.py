@@ -116,6 +116,21 @@ class NMF(TransformerMixin, BaseEstimator):
     local : "auto" or bool, default="auto"
         Run the per-block kernels directly instead of as Dask graphs; "auto" does so for an
         in-memory X of at most 16 MiB under dask's default scheduler. Same results either way.
+    alpha_W : float, default=0.0
+        Constant of the penalty of W (scikit-learn's, >= 1.2); 0: no penalty on W.
+    alpha_H : float or "same", default="same"
+        Constant of the penalty of H; "same" takes ``alpha_W``.
+    l1_ratio : float, default=0.0
+        Mix of L1 and L2 in the penalties, from 0 (L2 only) to 1 (L1 only). With them the
+        objective is, as in scikit-learn,
+
+        .. math::
+            D_\beta(X \| WH) + \alpha_W \rho\, p \|W\|_1 + \alpha_H \rho\, n \|H\|_1
+            + \tfrac12 \alpha_W (1-\rho)\, p \|W\|_F^2 + \tfrac12 \alpha_H (1-\rho)\, n \|H\|_F^2
+
+        with ρ = ``l1_ratio``, n = n_samples and p = n_features. Every solver, layout and
+        input takes them; the objective (history, stop rule) includes them,
+        ``reconstruction_err_`` does not.
 
     Attributes
     ----------
@@ -181,6 +196,9 @@ class NMF(TransformerMixin, BaseEstimator):
         local="auto",
         column_chunks="auto",
         objective_every=1,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -206,6 +224,9 @@ class NMF(TransformerMixin, BaseEstimator):
         self.local = local
         self.column_chunks = column_chunks
         self.objective_every = objective_every
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
 
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
@@ -254,7 +275,8 @@ class NMF(TransformerMixin, BaseEstimator):
         self.n_components_ = fact.settings.n_components
         self.n_features_in_ = fact.matrix.shape[1]
         self.n_iter_ = result.n_iter
-        self.reconstruction_err_ = float(np.sqrt(2.0 * result.state.objective))
+        divergence = result.state.objective - getattr(result.state, "penalty", 0.0)
+        self.reconstruction_err_ = float(np.sqrt(2.0 * max(divergence, 0.0)))
         self.history_ = [{**record.as_dict(), "v_storage": fact.info.get("v_storage")} for record in result.history]
         self.cache_used_ = fact.info.get("v_storage") != V_STREAMED
         self.fit_info_ = dict(fact.info)

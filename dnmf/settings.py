@@ -138,6 +138,31 @@ def _column_chunks(value):
     )
 
 
+def _alpha_h(value):
+    if isinstance(value, str) and value == "same":
+        return value
+    try:
+        return _nonnegative_real("alpha_H")(value)
+    except ParameterError:
+        raise ParameterError(expected('alpha_H "same" or a non-negative number', value)) from None
+
+
+def _l1_ratio(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ParameterError(expected("l1_ratio a number from 0 to 1", value))
+    return float(value)
+
+
+def _finite(parse: Callable[[Any], Any], name: str, what: str) -> Callable[[Any], Any]:
+    def check(value):
+        parsed = parse(value)
+        if isinstance(parsed, float) and not np.isfinite(parsed):
+            raise ParameterError(expected(f"{name} {what}", value))
+        return parsed
+
+    return check
+
+
 def _callbacks(value) -> tuple:
     callbacks = tuple(value or ())
     for callback in callbacks:
@@ -223,6 +248,13 @@ TABLE: tuple[Setting, ...] = (
     Setting("max_time", None, _nonnegative_real("max_time", allow_none=True), help="Stop after this many seconds."),
     Setting("random_state", None, resolve_seed, iterates=True, field="seed",
             help="Random seed (same seed and chunks: same result, bit for bit)."),
+    Setting("alpha_W", 0.0, _finite(_nonnegative_real("alpha_W"), "alpha_W", "a finite non-negative number"),
+            iterates=True,
+            help="Penalty of W (scikit-learn's): L1 alpha_W*l1_ratio*n_features, L2 alpha_W*(1-l1_ratio)*n_features."),
+    Setting("alpha_H", "same", _finite(_alpha_h, "alpha_H", '"same" or a finite non-negative number'), iterates=True,
+            help="Penalty of H, scaled by n_samples; 'same' (default): alpha_W."),
+    Setting("l1_ratio", 0.0, _l1_ratio, iterates=True,
+            help="Mix of the penalties: 0 is L2 only, 1 is L1 only (sparse factors)."),
     Setting("eps", None, _eps, iterates=True, help=f"Added to every denominator of the updates (default {DEFAULT_EPS:g})."),
     Setting("chunks", None, _chunks, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks)."),
     Setting("callbacks", None, _callbacks),
@@ -286,6 +318,9 @@ class FitSettings:
     local: str | bool
     column_chunks: Any
     objective_every: int
+    alpha_W: float = 0.0
+    alpha_H: float | str = "same"
+    l1_ratio: float = 0.0
     params: Mapping = None
 
     @classmethod
@@ -321,6 +356,11 @@ class FitSettings:
         return replace(self, n_components=int(r), init=init)
 
     @property
+    def alpha_H_value(self) -> float:
+        """alpha_H resolved: alpha_W when "same"."""
+        return self.alpha_W if self.alpha_H == "same" else self.alpha_H
+
+    @property
     def nan_is_missing(self) -> bool:
         return self.missing == "nan"
 
@@ -334,8 +374,15 @@ class FitSettings:
 
 
 def iterate_settings(settings: FitSettings) -> dict:
-    """The resolved values of the parameters that change the iterates, as a checkpoint records them."""
-    return {setting.attribute: _plain(getattr(settings, setting.attribute)) for setting in TABLE if setting.iterates}
+    """The resolved values of the parameters that change the iterates, as a checkpoint records them
+    (alpha_H "same" resolved to alpha_W's value)."""
+    values = {setting.attribute: _plain(getattr(settings, setting.attribute)) for setting in TABLE if setting.iterates}
+    values["alpha_H"] = float(settings.alpha_H_value)
+    return values
+
+
+# What a checkpoint written before a setting existed meant by its absence.
+ITERATE_SETTINGS_BEFORE = {"alpha_W": 0.0, "alpha_H": 0.0, "l1_ratio": 0.0}
 
 
 def _plain(value):

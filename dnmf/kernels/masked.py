@@ -32,9 +32,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import FROBENIUS, Rule, beta_divergence_dense
-from .products import Partials
+from .products import Partials, l1_norm
 from .scans import BlockStats, add_stats, block_stats
-from .updates import mu_update, update_h, update_w
+from .updates import mu_penalized, mu_update, update_h, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +75,7 @@ def masked_loss(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, beta: flo
 def masked_update_w(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> np.ndarray:
     """Masked multiplicative update of one row block of W (a new array), see the module docstring."""
     numer, denom = _weighted_terms(V_d, observed, W_b @ H, rule)
-    return mu_update(W_b, numer @ H.T, denom @ H.T, rule)
+    return mu_update(W_b, numer @ H.T, mu_penalized(denom @ H.T, W_b, rule.l1_w, rule.l2_w), rule)
 
 
 def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
@@ -141,14 +141,16 @@ def masked_step_block(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
         W_new = masked_update_w(V_d, observed, W_b, H, rule)
     partials = _partials(V_d, observed, W_new, H, rule)
     delta = W_new - W_b
-    return W_new, partials._replace(w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)))
+    return W_new, partials._replace(
+        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
+    )
 
 
 def masked_initial_partials(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
     """Partials at a starting point (no W update), with ‖W_b‖²."""
     V_d, observed = observed_block(V_b, M_b, W_b.dtype)
     partials = _partials(V_d, observed, W_b, H, rule)
-    return partials._replace(w_sq=float(np.vdot(W_b, W_b)))
+    return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import Rule
-from .products import Partials, as_float_block, block_partials
+from .products import Partials, as_float_block, block_partials, l1_norm
 from .updates import update_w
 
 
@@ -35,7 +35,7 @@ def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule,
         W_b after the W half-step of ``rule`` (:func:`~.updates.update_w`).
     partials : Partials
         The partials at (W_b_new, H) (:func:`~.products.block_partials`), with
-        ‖W_b_new‖² and ‖W_b_new − W_b‖².
+        ‖W_b_new‖², ‖W_b_new − W_b‖² and ‖W_b_new‖₁.
     """
     V_b = as_float_block(V_b, W_b.dtype)
     if _fuses_in_tiles(V_b, rule):
@@ -45,7 +45,7 @@ def step_block(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule,
         partials = block_partials(V_b, W_new, H, rule, with_loss)
     delta = W_new - W_b
     return W_new, partials._replace(
-        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta))
+        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
     )
 
 
@@ -81,4 +81,4 @@ def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> P
     """Partials at a starting point (no W update), with ‖W_b‖²."""
     V_b = as_float_block(V_b, W_b.dtype)
     partials = block_partials(V_b, W_b, H, rule)
-    return partials._replace(w_sq=float(np.vdot(W_b, W_b)))
+    return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))

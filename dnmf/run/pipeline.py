@@ -140,13 +140,22 @@ def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: boo
     return Plan(cache, stats, init_matrix, solver)
 
 
+def _rule(settings: FitSettings, shape: tuple[int, int], update_h: bool) -> kernels.Rule:
+    """The update rule of ``settings`` for V of ``shape``, with its penalties scaled as
+    scikit-learn scales them; with H fixed (``update_h=False``) H's penalty, a constant, is
+    left out of the objective."""
+    penalties = kernels.penalties(settings.alpha_W, settings.alpha_H_value, settings.l1_ratio, shape)
+    rule = kernels.Rule(settings.solver, settings.beta, settings.eps, **penalties)
+    return rule if update_h else rule.without_h_penalty()
+
+
 def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     """Scan and validate V, and build the solver: masked when entries are missing.
 
     Returns (stats, the matrix the inits read, the solver).
     """
     if not settings.nan_is_missing and mask is None:
-        rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+        rule = _rule(settings, matrix.shape, update_h)
         stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
         w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
@@ -169,7 +178,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     scanned = missing.scan_masked(matrix, mask_da, settings.nan_is_missing)
     stats = scanned.imputed_stats()
     validate_stats(stats, settings.beta)
-    rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+    rule = _rule(settings, matrix.shape, update_h)
     solver = MaskedSolver(matrix, rule, scanned.stats.v_sq, update_h=update_h, mask=mask_da)
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 
