@@ -228,6 +228,13 @@ class NMF(TransformerMixin, BaseEstimator):
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
 
