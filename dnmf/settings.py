@@ -163,6 +163,14 @@ def _finite(parse: Callable[[Any], Any], name: str, what: str) -> Callable[[Any]
     return check
 
 
+def _verbose(value):
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if not _is_int(value) or value < 0:
+        raise ParameterError(expected("verbose a non-negative integer or a bool", value))
+    return int(value)
+
+
 def _callbacks(value) -> tuple:
     callbacks = tuple(value or ())
     for callback in callbacks:
@@ -235,7 +243,7 @@ class Setting:
 
 
 TABLE: tuple[Setting, ...] = (
-    Setting("n_components", None, _positive_int("n_components", allow_none=True), iterates=True,
+    Setting("n_components", None, _positive_int("n_components", allow_none=True, allow=("auto",)), iterates=True,
             help="Number of components (rank of the factorization)."),
     Setting("solver", "mu", _choice("solver", SOLVERS), iterates=True,
             help="Multiplicative updates (any β), HALS or block principal pivoting (Frobenius)."),
@@ -274,6 +282,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("column_chunks", "auto", _column_chunks,
             help="Columns per chunk: a number for a 2-D grid of chunks (W by row blocks, H by column blocks), "
                  "'none' for row blocks holding all columns, 'auto' (default): the grid only for a very wide V."),
+    Setting("verbose", 0, _verbose),
     Setting("objective_every", 1, _positive_int("objective_every"),
             help="Evaluate the objective (and check --tol) every this many iterations; for KL and other β it costs a log per entry."),
 )
@@ -321,6 +330,7 @@ class FitSettings:
     alpha_W: float = 0.0
     alpha_H: float | str = "same"
     l1_ratio: float = 0.0
+    verbose: int = 0
     params: Mapping = None
 
     @classmethod
@@ -342,17 +352,26 @@ class FitSettings:
                 "Use solver='mu' for other β-divergences."
             )
 
-    def for_shape(self, shape: tuple[int, int]) -> FitSettings:
-        """The settings with the rank (None: p) and the init (None: scikit-learn's default,
-        NNDSVDa when the rank allows, else random) resolved for V of ``shape``."""
+    def for_shape(self, shape: tuple[int, int], start_rank: int | None = None) -> FitSettings:
+        """The settings with the rank and the init resolved for V of ``shape``.
+
+        The rank: None is p; "auto" is ``start_rank`` (the rank of a custom W or H, as
+        scikit-learn reads it) or p without one. The init: None is scikit-learn's default,
+        NNDSVDa when the rank allows, else random. A rank above min(n, p) is allowed, as in
+        scikit-learn, with any init but the NNDSVD ones (an SVD has only min(n, p) factors).
+        """
         n, p = shape
-        r = p if self.n_components is None else self.n_components
-        if r > min(n, p):
-            raise ParameterError(
-                f"n_components={r} is larger than min(n_samples, n_features) = {min(n, p)} for a "
-                f"{n} x {p} matrix; choose a rank between 1 and {min(n, p)}."
-            )
+        if self.n_components == "auto":
+            r = p if start_rank is None else start_rank
+        else:
+            r = p if self.n_components is None else self.n_components
         init = self.init if self.init is not None else ("nndsvda" if r <= min(shape) else "random")
+        if r > min(n, p) and init.startswith("nndsvd"):
+            raise ParameterError(
+                f"init = {init!r} can only be used when n_components <= min(n_samples, n_features): got "
+                f"n_components={r} for a {n} x {p} matrix. Choose a rank between 1 and {min(n, p)}, or "
+                "init='random'."
+            )
         return replace(self, n_components=int(r), init=init)
 
     @property

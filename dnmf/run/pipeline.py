@@ -45,6 +45,7 @@ from .plan import (
     reroot_interval,
     runs_locally,
 )
+from .progress import VerboseLog
 from .reroot import Rerooting
 
 
@@ -140,6 +141,17 @@ def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: boo
     return Plan(cache, stats, init_matrix, solver)
 
 
+def _start_rank(settings: FitSettings, W, H, update_h: bool) -> int | None:
+    """The rank of a custom start (H's rows, else W's columns), for n_components="auto"."""
+    if settings.init != "custom" and update_h:
+        return None
+    if H is not None and len(np.shape(H)) == 2:
+        return int(np.shape(H)[0])
+    if W is not None and len(np.shape(W)) == 2:
+        return int(np.shape(W)[1])
+    return None
+
+
 def _rule(settings: FitSettings, shape: tuple[int, int], update_h: bool) -> kernels.Rule:
     """The update rule of ``settings`` for V of ``shape``, with its penalties scaled as
     scikit-learn scales them; with H fixed (``update_h=False``) H's penalty, a constant, is
@@ -199,7 +211,8 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
     else:
         if (W is not None or H is not None) and settings.init != "custom":
             warnings.warn(
-                f"init={settings.init!r} ignores the W and H passed to fit; set init='custom' to start from them.",
+                "When init!='custom', provided W or H are ignored. Set init='custom' to use them as "
+                f"initialization (init={settings.init!r} ignores the W and H passed to fit).",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -238,7 +251,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
     matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)
-    settings = settings.for_shape(matrix.shape)
+    settings = settings.for_shape(matrix.shape, _start_rank(settings, W, H, update_h))
     if not update_h:
         settings = replace(settings, init="custom")
     target = settings.checkpoint or resume
@@ -250,20 +263,21 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
         settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
         spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
         hooks = [] if spill is None else [spill]
+        callbacks = settings.callbacks + ((VerboseLog(settings.verbose),) if settings.verbose else ())
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
             hooks.append(checkpoint.start_writer(target, schedule, meta, state, snapshot))
         try:
-            result = driver.run(prepared.solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
+            result = driver.run(prepared.solver, state, settings.rules, callbacks, history, tuple(hooks))
         except BaseException:
             if spill is not None:
                 spill.close()
             raise
-    if result.stop_reason == "max_iter" and settings.max_iter > 1 and update_h:
+    if result.stop_reason == "max_iter" and update_h:
         warnings.warn(
-            f"Maximum number of iterations {settings.max_iter} reached before convergence "
-            "(tol, tol_x). Increase max_iter or loosen tol / tol_x.",
+            f"Maximum number of iterations {settings.max_iter} reached. Increase it to improve convergence "
+            "(or loosen tol / tol_x: the fit stops when both are met).",
             ConvergenceWarning,
             stacklevel=3,
         )
