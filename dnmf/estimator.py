@@ -82,7 +82,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Each gets every :class:`~dnmf.run.driver.IterationRecord`; returning True stops the fit.
     missing : {None, "nan"}, default=None
         "nan": NaN entries of X are missing; the objective and the (MU) updates then cover the
-        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS fills
+        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS and BPP fill
         the missing entries with the current WH before each step (an EM-style majorization).
     n_runs : int, default=1
         Random restarts: fit this many seeds spawned from ``random_state`` (concurrently where

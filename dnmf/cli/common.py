@@ -140,7 +140,7 @@ def _auto_or_int(text: str):
     return text if text == "auto" else int(text)
 
 
-def _same_or_float(text):
+def same_or_float(text):
     """"same" or a number (the library checks the value)."""
     if isinstance(text, str) and text.strip().lower() == "same":
         return "same"
@@ -180,7 +180,7 @@ CLI_OPTIONS = {
     "inner_sweeps": dict(type=_auto_or_int, metavar="auto|N"),
     "local": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),
     "alpha_W": dict(flags=("--alpha-w",), type=float),
-    "alpha_H": dict(flags=("--alpha-h",), type=_same_or_float, metavar="same|X"),
+    "alpha_H": dict(flags=("--alpha-h",), type=same_or_float, metavar="same|X"),
     "l1_ratio": dict(type=float),
 }
 

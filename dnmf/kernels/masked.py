@@ -17,9 +17,9 @@ here ``numer`` and ``denom`` are both (r, p) (no Gram shortcut exists under a ma
 ``loss`` is the masked divergence of the block. The ratios are those of
 :func:`~.updates.mu_update`, the H half-step is :func:`~.updates.update_h`'s.
 
-With ``solver="hals"`` (Frobenius only) the missing entries are filled with the current WH
-and an ordinary HALS step is taken (a majorization of the masked objective; see
-:func:`filled_hals_partials`).
+With ``solver="hals"`` or ``"bpp"`` (Frobenius only) the missing entries are filled with the
+current WH and an ordinary HALS (or BPP) step is taken (a majorization of the masked
+objective; see :func:`filled_hals_partials`).
 
 Sparse blocks are made dense one block at a time (a mask is dense anyway).
 """
@@ -105,6 +105,11 @@ def masked_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray
 # speed; the cost per block is two W_b H products, as for KL.
 
 
+# The least-squares solvers, which step on the filled-in block: every step decreases the
+# surrogate, HALS by its sweep, BPP by solving it exactly for one factor.
+FILLED_SOLVERS = ("hals", "bpp")
+
+
 def filled_block(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray) -> np.ndarray:
     """M ∘ V + (1 − M) ∘ WH (a new array)."""
     return np.where(observed, V_d, WH)
@@ -121,7 +126,7 @@ def filled_hals_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray,
 
 def _partials(V_d, observed, W_b, H, rule: Rule) -> Partials:
     """The masked partials of ``rule`` at (W_b, H): filled-in for HALS, weighted for MU."""
-    if rule.solver == "hals":
+    if rule.solver in FILLED_SOLVERS:
         return filled_hals_partials(V_d, observed, W_b, H)
     return masked_partials(V_d, observed, W_b, H, rule)
 
@@ -134,7 +139,7 @@ def masked_step_block(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
     like :func:`dnmf.kernels.step_block`.
     """
     V_d, observed = observed_block(V_b, M_b, W_b.dtype)
-    if rule.solver == "hals":
+    if rule.solver in FILLED_SOLVERS:
         V_hat = filled_block(V_d, observed, W_b @ H)
         W_new = update_w(V_hat, W_b, H, H @ H.T, replace(rule, w_sweeps=1))
     else:

@@ -177,10 +177,6 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
             return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
         local = runs_locally(matrix, settings.local)
         return stats, matrix, Solver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local)
-    if settings.solver == "bpp":
-        raise ParameterError(
-            "solver='bpp' does not handle missing entries (a mask or NaN values); use solver='mu' or 'hals'."
-        )
     if matrix.is_grid:
         raise ParameterError(
             "Missing entries (a mask or missing='nan') need V in row blocks holding all columns; "
