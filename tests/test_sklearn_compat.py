@@ -226,3 +226,9 @@ def test_the_function_equals_the_estimator(params):
         warnings.simplefilter("ignore", ConvergenceWarning)
         W, H, n_iter = dnmf.non_negative_factorization(X, n_components=3, **common, **params)
     assert np.array_equal(W, W_est) and np.array_equal(H, model.components_) and n_iter == model.n_iter_ == 15
+
+
+def test_restarts_take_n_components_auto():
+    model = dnmf.NMF("auto", n_runs=2, init="random", random_state=0, max_iter=5)
+    quiet(model, V())
+    assert model.n_components_ == 12 and len(model.run_losses_) == 2
