@@ -273,7 +273,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
     if result.stop_reason == "max_iter" and update_h:
         warnings.warn(
             f"Maximum number of iterations {settings.max_iter} reached. Increase it to improve convergence "
-            "(or loosen tol / tol_x: the fit stops when both are met).",
+            "(max_iter; or loosen tol / tol_x: the fit stops when both are met).",
             ConvergenceWarning,
             stacklevel=3,
         )
