@@ -141,6 +141,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     components_ : ndarray of shape (n_components, n_features)
         H.
     n_components_ : int
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        The column names of X, when X was a DataFrame with string column names.
     reconstruction_err_ : float
         sqrt(2 D_β(X | WH)), the Frobenius norm of X - WH for β = 2.
     n_iter_ : int
