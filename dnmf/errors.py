@@ -36,6 +36,14 @@ class FormatError(DnmfError):
     """A file cannot be read as a matrix in the format its name or contents suggest."""
 
 
+class MatrixTypeError(InvalidMatrixError, TypeError):
+    """The input's entries are not numbers (an object array holding other things)."""
+
+
+class DtypeMismatchError(ParameterError, TypeError):
+    """A custom W or H has another dtype than the one X is factored in (scikit-learn raises TypeError)."""
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint version was unusable and an older one was used instead."""
 

@@ -12,12 +12,12 @@ import weakref
 import dask
 import dask.array as da
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import _check_feature_names, check_is_fitted
 
 from .cluster import current_client
-from .data.store import Matrix, scan_matrix
-from .errors import ParameterError, expected
+from .data.store import Matrix, factor_dtype, scan_matrix
+from .errors import DtypeMismatchError, ParameterError
 from .run import pipeline
 from .run.pipeline import Factorization
 from .run.plan import V_STREAMED, block_bytes_for_workers
@@ -25,7 +25,7 @@ from .run.restarts import fit_runs
 from .settings import DEFAULTS, FitSettings
 
 
-class NMF(TransformerMixin, BaseEstimator):
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     r"""Non-negative matrix factorization of a possibly out-of-core matrix on Dask.
 
     Finds non-negative W (n_samples, n_components) and H (n_components, n_features) whose
@@ -40,8 +40,10 @@ class NMF(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_components : int or None
-        The rank r. None uses n_features.
+    n_components : int, "auto" or None
+        The rank r. None uses n_features; "auto" takes the rank of the custom W or H
+        (``init="custom"``), else n_features. A rank above min(n_samples, n_features) is
+        allowed, except with the NNDSVD inits.
     solver : {"mu", "hals", "bpp"}, default="mu"
         Lee-Seung multiplicative updates (any β), hierarchical ALS (Frobenius only), or
         alternating NNLS solved exactly by block principal pivoting (Frobenius only; the
@@ -80,7 +82,7 @@ class NMF(TransformerMixin, BaseEstimator):
         Each gets every :class:`~dnmf.run.driver.IterationRecord`; returning True stops the fit.
     missing : {None, "nan"}, default=None
         "nan": NaN entries of X are missing; the objective and the (MU) updates then cover the
-        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS fills
+        observed entries only. ``fit(X, mask=M)`` hides more entries (M False). HALS and BPP fill
         the missing entries with the current WH before each step (an EM-style majorization).
     n_runs : int, default=1
         Random restarts: fit this many seeds spawned from ``random_state`` (concurrently where
@@ -116,12 +118,32 @@ class NMF(TransformerMixin, BaseEstimator):
     local : "auto" or bool, default="auto"
         Run the per-block kernels directly instead of as Dask graphs; "auto" does so for an
         in-memory X of at most 16 MiB under dask's default scheduler. Same results either way.
+    alpha_W : float, default=0.0
+        Constant of the penalty of W (scikit-learn's, >= 1.2); 0: no penalty on W.
+    alpha_H : float or "same", default="same"
+        Constant of the penalty of H; "same" takes ``alpha_W``.
+    l1_ratio : float, default=0.0
+        Mix of L1 and L2 in the penalties, from 0 (L2 only) to 1 (L1 only). With them the
+        objective is, as in scikit-learn,
+
+        .. math::
+            D_\beta(X \| WH) + \alpha_W \rho\, p \|W\|_1 + \alpha_H \rho\, n \|H\|_1
+            + \tfrac12 \alpha_W (1-\rho)\, p \|W\|_F^2 + \tfrac12 \alpha_H (1-\rho)\, n \|H\|_F^2
+
+        with ρ = ``l1_ratio``, n = n_samples and p = n_features. Every solver, layout and
+        input takes them; the objective (history, stop rule) includes them,
+        ``reconstruction_err_`` does not.
+    verbose : int or bool, default=0
+        Write a line on stderr every 10th iteration (every iteration for 2 and above).
 
     Attributes
     ----------
     components_ : ndarray of shape (n_components, n_features)
         H.
     n_components_ : int
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        The column names of X, when X was a DataFrame with string column names.
     reconstruction_err_ : float
         sqrt(2 D_β(X | WH)), the Frobenius norm of X - WH for β = 2.
     n_iter_ : int
@@ -181,6 +203,10 @@ class NMF(TransformerMixin, BaseEstimator):
         local="auto",
         column_chunks="auto",
         objective_every=1,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
+        verbose=0,
     ):
         self.n_components = n_components
         self.solver = solver
@@ -206,6 +232,17 @@ class NMF(TransformerMixin, BaseEstimator):
         self.local = local
         self.column_chunks = column_chunks
         self.objective_every = objective_every
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
 
     def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
@@ -220,6 +257,9 @@ class NMF(TransformerMixin, BaseEstimator):
     def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
         settings = FitSettings.from_params(self.get_params())
+        _check_feature_names(self, X, reset=True)
+        if settings.init == "custom" and resume is None:
+            _check_start_dtypes(X, W=W, H=H)
         if settings.n_runs == 1:
             fact = pipeline.fit(X, settings, W=W, H=H, mask=mask, resume=resume)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.settings.seed]
@@ -254,7 +294,8 @@ class NMF(TransformerMixin, BaseEstimator):
         self.n_components_ = fact.settings.n_components
         self.n_features_in_ = fact.matrix.shape[1]
         self.n_iter_ = result.n_iter
-        self.reconstruction_err_ = float(np.sqrt(2.0 * result.state.objective))
+        divergence = result.state.objective - getattr(result.state, "penalty", 0.0)
+        self.reconstruction_err_ = float(np.sqrt(2.0 * max(divergence, 0.0)))
         self.history_ = [{**record.as_dict(), "v_storage": fact.info.get("v_storage")} for record in result.history]
         self.cache_used_ = fact.info.get("v_storage") != V_STREAMED
         self.fit_info_ = dict(fact.info)
@@ -266,6 +307,7 @@ class NMF(TransformerMixin, BaseEstimator):
     def transform(self, X):
         """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
         check_is_fitted(self, "components_")
+        _check_feature_names(self, X, reset=False)
         return self._solve_w(X, self.components_)[0]
 
     def _solve_w(self, X, H, W=None, fixed_h: bool = False):
@@ -284,7 +326,10 @@ class NMF(TransformerMixin, BaseEstimator):
                     f"update_H=False). Expected ({H.shape[0]}, {matrix.shape[1]}): one column per column of X, "
                     f"but got {H.shape}."
                 )
-            raise ParameterError(expected(f"X with {H.shape[1]} features, as in fit", f"{matrix.shape[1]} features"))
+            raise ParameterError(
+                f"X has {matrix.shape[1]} features, but NMF is expecting {H.shape[1]} features as input "
+                f"(H has {H.shape[1]} columns)."
+            )
         if W is None:
             W = _flat_w(matrix, H.shape[0], settings.nan_is_missing)
         fact = pipeline.fit(matrix, settings, W=W, H=H, update_h=False)
@@ -301,10 +346,30 @@ class NMF(TransformerMixin, BaseEstimator):
         model.n_features_in_ = result.H.shape[1]
         return model
 
+    @property
+    def _n_features_out(self):
+        """The number of transformed output features (``get_feature_names_out``: nmf0, nmf1, ...)."""
+        return self.components_.shape[0]
+
     def inverse_transform(self, W):
         """W @ H: the reconstruction (numpy for numpy W, dask for dask W)."""
         check_is_fitted(self, "components_")
         return W @ self.components_
+
+
+def _check_start_dtypes(X, W=None, H=None) -> None:
+    """scikit-learn's rule: a custom W and H have the dtype X is factored in (TypeError otherwise)."""
+    dtype = getattr(X, "dtype", None)
+    if dtype is None or (np.dtype(dtype).kind not in "biuf"):
+        return  # a path (its dtype is read with V), or a dtype open_matrix reports on its own
+    want = factor_dtype(dtype)
+    got = {name: np.dtype(getattr(F, "dtype", np.asarray(F).dtype)) for name, F in (("H", H), ("W", W)) if F is not None}
+    if any(d != want for d in got.values()):
+        listed = " and ".join(f"{name}.dtype = {d}" for name, d in got.items())
+        raise DtypeMismatchError(
+            f"H and W should have the same dtype as X. Got {listed}; X is factored in {want}: pass W and "
+            f"H as {want}."
+        )
 
 
 def _flat_w(matrix: Matrix, r: int, nan_is_missing: bool) -> da.Array:
@@ -331,11 +396,16 @@ def non_negative_factorization(
     tol_x=1e-3,
     max_iter=200,
     max_time=None,
+    alpha_W=0.0,
+    alpha_H="same",
+    l1_ratio=0.0,
     random_state=None,
+    verbose=0,
     eps=None,
     chunks=None,
     callbacks=None,
     missing=None,
+    n_runs=1,
     checkpoint=None,
     checkpoint_every=10,
     checkpoint_interval=None,
@@ -349,21 +419,19 @@ def non_negative_factorization(
 ):
     """Functional form of :class:`NMF`: returns ``(W, H, n_iter)`` like scikit-learn's.
 
-    The parameters are :class:`NMF`'s. With ``update_H=False``, H is fixed and only W is
-    fitted, as :meth:`NMF.transform` does: W starts from ``W`` with init="custom", else flat.
+    It takes every parameter of :class:`NMF` (same names, defaults and meaning) and runs the
+    same code path: ``NMF(...).fit_transform(X, W=W, H=H)``. With ``update_H=False``, H is
+    fixed and only W is fitted, as :meth:`NMF.transform` does: W starts from ``W`` with
+    init="custom", else flat.
     """
-    est = NMF(
-        n_components, solver=solver, beta_loss=beta_loss, init=init, max_iter=max_iter, tol=tol, tol_x=tol_x,
-        max_time=max_time, random_state=random_state, eps=eps, chunks=chunks, callbacks=callbacks,
-        missing=missing, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        checkpoint_interval=checkpoint_interval, cache=cache, reroot_every=reroot_every, spill_dir=spill_dir,
-        inner_sweeps=inner_sweeps, local=local, column_chunks=column_chunks, objective_every=objective_every,
-    )
+    given = locals()
+    est = NMF(**{name: given[name] for name in DEFAULTS})
     if update_H:
         W_out = est.fit_transform(X, W=W, H=H)
         return W_out, est.components_, est.n_iter_
     if H is None:
         raise ParameterError("update_H=False needs H.")
+    _check_start_dtypes(X, H=H)
     H = np.asarray(H)
     if H.ndim != 2 or (n_components is not None and H.shape[0] != n_components):
         rows = "n_components" if n_components is None else n_components

@@ -138,6 +138,39 @@ def _column_chunks(value):
     )
 
 
+def _alpha_h(value):
+    if isinstance(value, str) and value == "same":
+        return value
+    try:
+        return _nonnegative_real("alpha_H")(value)
+    except ParameterError:
+        raise ParameterError(expected('alpha_H "same" or a non-negative number', value)) from None
+
+
+def _l1_ratio(value):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ParameterError(expected("l1_ratio a number from 0 to 1", value))
+    return float(value)
+
+
+def _finite(parse: Callable[[Any], Any], name: str, what: str) -> Callable[[Any], Any]:
+    def check(value):
+        parsed = parse(value)
+        if isinstance(parsed, float) and not np.isfinite(parsed):
+            raise ParameterError(expected(f"{name} {what}", value))
+        return parsed
+
+    return check
+
+
+def _verbose(value):
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if not _is_int(value) or value < 0:
+        raise ParameterError(expected("verbose a non-negative integer or a bool", value))
+    return int(value)
+
+
 def _callbacks(value) -> tuple:
     callbacks = tuple(value or ())
     for callback in callbacks:
@@ -210,7 +243,7 @@ class Setting:
 
 
 TABLE: tuple[Setting, ...] = (
-    Setting("n_components", None, _positive_int("n_components", allow_none=True), iterates=True,
+    Setting("n_components", None, _positive_int("n_components", allow_none=True, allow=("auto",)), iterates=True,
             help="Number of components (rank of the factorization)."),
     Setting("solver", "mu", _choice("solver", SOLVERS), iterates=True,
             help="Multiplicative updates (any β), HALS or block principal pivoting (Frobenius)."),
@@ -223,6 +256,13 @@ TABLE: tuple[Setting, ...] = (
     Setting("max_time", None, _nonnegative_real("max_time", allow_none=True), help="Stop after this many seconds."),
     Setting("random_state", None, resolve_seed, iterates=True, field="seed",
             help="Random seed (same seed and chunks: same result, bit for bit)."),
+    Setting("alpha_W", 0.0, _finite(_nonnegative_real("alpha_W"), "alpha_W", "a finite non-negative number"),
+            iterates=True,
+            help="Penalty of W (scikit-learn's): L1 alpha_W*l1_ratio*n_features, L2 alpha_W*(1-l1_ratio)*n_features."),
+    Setting("alpha_H", "same", _finite(_alpha_h, "alpha_H", '"same" or a finite non-negative number'), iterates=True,
+            help="Penalty of H, scaled by n_samples; 'same' (default): alpha_W."),
+    Setting("l1_ratio", 0.0, _l1_ratio, iterates=True,
+            help="Mix of the penalties: 0 is L2 only, 1 is L1 only (sparse factors)."),
     Setting("eps", None, _eps, iterates=True, help=f"Added to every denominator of the updates (default {DEFAULT_EPS:g})."),
     Setting("chunks", None, _chunks, help="Rows per block of V (default: ~64 MiB blocks, aligned with the Zarr chunks)."),
     Setting("callbacks", None, _callbacks),
@@ -242,6 +282,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("column_chunks", "auto", _column_chunks,
             help="Columns per chunk: a number for a 2-D grid of chunks (W by row blocks, H by column blocks), "
                  "'none' for row blocks holding all columns, 'auto' (default): the grid only for a very wide V."),
+    Setting("verbose", 0, _verbose),
     Setting("objective_every", 1, _positive_int("objective_every"),
             help="Evaluate the objective (and check --tol) every this many iterations; for KL and other β it costs a log per entry."),
 )
@@ -286,6 +327,10 @@ class FitSettings:
     local: str | bool
     column_chunks: Any
     objective_every: int
+    alpha_W: float = 0.0
+    alpha_H: float | str = "same"
+    l1_ratio: float = 0.0
+    verbose: int = 0
     params: Mapping = None
 
     @classmethod
@@ -307,18 +352,32 @@ class FitSettings:
                 "Use solver='mu' for other β-divergences."
             )
 
-    def for_shape(self, shape: tuple[int, int]) -> FitSettings:
-        """The settings with the rank (None: p) and the init (None: scikit-learn's default,
-        NNDSVDa when the rank allows, else random) resolved for V of ``shape``."""
+    def for_shape(self, shape: tuple[int, int], start_rank: int | None = None) -> FitSettings:
+        """The settings with the rank and the init resolved for V of ``shape``.
+
+        The rank: None is p; "auto" is ``start_rank`` (the rank of a custom W or H, as
+        scikit-learn reads it) or p without one. The init: None is scikit-learn's default,
+        NNDSVDa when the rank allows, else random. A rank above min(n, p) is allowed, as in
+        scikit-learn, with any init but the NNDSVD ones (an SVD has only min(n, p) factors).
+        """
         n, p = shape
-        r = p if self.n_components is None else self.n_components
-        if r > min(n, p):
-            raise ParameterError(
-                f"n_components={r} is larger than min(n_samples, n_features) = {min(n, p)} for a "
-                f"{n} x {p} matrix; choose a rank between 1 and {min(n, p)}."
-            )
+        if self.n_components == "auto":
+            r = p if start_rank is None else start_rank
+        else:
+            r = p if self.n_components is None else self.n_components
         init = self.init if self.init is not None else ("nndsvda" if r <= min(shape) else "random")
+        if r > min(n, p) and init.startswith("nndsvd"):
+            raise ParameterError(
+                f"init = {init!r} can only be used when n_components <= min(n_samples, n_features): got "
+                f"n_components={r} for a {n} x {p} matrix. Choose a rank between 1 and {min(n, p)}, or "
+                "init='random'."
+            )
         return replace(self, n_components=int(r), init=init)
+
+    @property
+    def alpha_H_value(self) -> float:
+        """alpha_H resolved: alpha_W when "same"."""
+        return self.alpha_W if self.alpha_H == "same" else self.alpha_H
 
     @property
     def nan_is_missing(self) -> bool:
@@ -334,8 +393,15 @@ class FitSettings:
 
 
 def iterate_settings(settings: FitSettings) -> dict:
-    """The resolved values of the parameters that change the iterates, as a checkpoint records them."""
-    return {setting.attribute: _plain(getattr(settings, setting.attribute)) for setting in TABLE if setting.iterates}
+    """The resolved values of the parameters that change the iterates, as a checkpoint records them
+    (alpha_H "same" resolved to alpha_W's value)."""
+    values = {setting.attribute: _plain(getattr(settings, setting.attribute)) for setting in TABLE if setting.iterates}
+    values["alpha_H"] = float(settings.alpha_H_value)
+    return values
+
+
+# What a checkpoint written before a setting existed meant by its absence.
+ITERATE_SETTINGS_BEFORE = {"alpha_W": 0.0, "alpha_H": 0.0, "l1_ratio": 0.0}
 
 
 def _plain(value):

@@ -27,11 +27,19 @@ CHUNKS = 25
 RANK = 4
 
 
+# "alpha_W,alpha_H,l1_ratio" in this variable regularizes the fits (parent and child alike).
+PENALTY_ENV = "DNMF_TEST_PENALTY"
+
+
 def estimator_kwargs(solver: str, beta_loss: str, max_iter: int) -> dict:
-    return dict(
+    kwargs = dict(
         solver=solver, beta_loss=beta_loss, init="random", random_state=0, max_iter=max_iter,
         tol=0, tol_x=0, chunks=CHUNKS,
     )
+    if os.environ.get(PENALTY_ENV):
+        alpha_W, alpha_H, l1_ratio = (float(x) for x in os.environ[PENALTY_ENV].split(","))
+        kwargs.update(alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio)
+    return kwargs
 
 
 def _die_on_call(count: int, original):

@@ -23,7 +23,7 @@ from dnmf.errors import CheckpointMismatchError, ParameterError, StoreError
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).resolve().parent / "checkpoint_child.py"
 sys.path.insert(0, str(CHILD.parent))
-from checkpoint_child import RANK, estimator_kwargs  # noqa: E402
+from checkpoint_child import PENALTY_ENV, RANK, estimator_kwargs  # noqa: E402
 
 SOLVERS = [("mu", "frobenius"), ("mu", "kullback-leibler"), ("hals", "frobenius")]
 
@@ -94,6 +94,20 @@ IN_WRITE_DEATHS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("solver,beta_loss", SOLVERS)
 def test_killed_and_resumed_fit_is_bitwise_equal(tmp_path, solver, beta_loss):
+    kill_and_resume(tmp_path, solver, beta_loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver,beta_loss", [("mu", "kullback-leibler"), ("hals", "frobenius")])
+def test_killed_and_resumed_regularized_fit_is_bitwise_equal(tmp_path, monkeypatch, solver, beta_loss):
+    monkeypatch.setenv(PENALTY_ENV, "0.002,0.001,0.5")
+    kill_and_resume(tmp_path, solver, beta_loss)
+    assert estimator_kwargs(solver, beta_loss, 1)["alpha_W"] == 0.002
+
+
+def kill_and_resume(tmp_path, solver, beta_loss):
+    """Kill a fit inside a checkpoint write and at random moments, resume it: W, H and the
+    objectives are bitwise those of the uninterrupted fit."""
     max_iter = 40
     V = lowrank()
     v_path = write_zarr(tmp_path / "V.zarr", V)

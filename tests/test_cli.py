@@ -150,7 +150,7 @@ def bad_matrix(tmp_path: Path, value: float) -> Path:
         (lambda t: ["fit", bad_matrix(t, -1.0), "-r", 2, "-o", t / "o.zarr"], "1 negative entries"),
         (lambda t: ["fit", bad_matrix(t, np.nan), "-r", 2, "-o", t / "o.zarr"], "NaN or infinite"),
         (lambda t: ["fit", t / "V.npy", "-r", 0, "-o", t / "o.zarr"], "--rank/-r a positive integer"),
-        (lambda t: ["fit", t / "V.npy", "-r", 9, "-o", t / "o.zarr"], "choose a rank between 1 and 6"),
+        (lambda t: ["fit", t / "V.npy", "-r", 9, "-o", t / "o.zarr", "--init", "nndsvd"], "Choose a rank between 1 and 6"),
         (lambda t: ["fit", t / "V.npy", "-r", 2, "-o", t / "o.zarr", "--beta-loss", "bogus"], "--beta-loss"),
         (lambda t: ["fit", t / "V.npy", "-r", 2, "-o", t / "o.zarr", "--solver", "hals", "--beta-loss",
                     "kullback-leibler"], "Frobenius loss only"),

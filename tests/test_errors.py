@@ -32,10 +32,16 @@ def test_not_2d():
         dnmf.NMF(2).fit(np.ones(5))
 
 
-@pytest.mark.parametrize("rank", [0, 11, -1])
+@pytest.mark.parametrize("rank", [0, -1, "two"])
 def test_bad_rank(rank):
     with pytest.raises(DnmfError, match="n_components"):
         dnmf.NMF(rank).fit(good())
+
+
+def test_rank_above_min_n_p_needs_an_init_other_than_nndsvd():
+    # As in scikit-learn: allowed (a random start by default), except with an SVD-based init.
+    with pytest.raises(DnmfError, match="n_components <= min"):
+        dnmf.NMF(11, init="nndsvda").fit(good())
 
 
 def test_hals_with_kl():

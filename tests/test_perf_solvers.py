@@ -25,7 +25,7 @@ def lowrank_noisy(n=150, p=80, r=6, seed=0):
 
 def fit(V, r, max_iter, W0=None, H0=None, **kw):
     if W0 is None:
-        W0, H0 = custom_start(V.shape, r)
+        W0, H0 = custom_start(V.shape, r, dtype=V.dtype)  # a custom start has X's dtype (TypeError otherwise)
     model = dnmf.NMF(r, init="custom", max_iter=max_iter, tol=0, tol_x=0, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)

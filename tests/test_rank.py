@@ -230,3 +230,36 @@ def test_restarts_refuse_a_shared_checkpoint(tmp_path):
     with pytest.raises(ParameterError, match="one checkpoint directory"):
         dnmf.NMF(2, init="random", n_runs=3, checkpoint=str(tmp_path / "ck")).fit(V)
     assert not (tmp_path / "ck").exists()
+
+
+def test_rank_command_with_bpp_and_penalties(tmp_path):
+    import zarr
+    from click.testing import CliRunner
+
+    from dnmf.cli.rank import rank_command
+
+    path = str(tmp_path / "v.zarr")
+    V = planted(3, n=60, p=30)
+    zarr.create_array(path, shape=V.shape, chunks=(30, 30), dtype="f8")[:] = V
+    out = tmp_path / "survey"
+    args = [path, "--ranks", "2:4", "--runs", "2", "--max-iter", "100", "--tol", "1e-4", "--solver", "bpp",
+            "--alpha-w", "0.001", "--l1-ratio", "0.5", "--out", str(out)]
+    result = CliRunner().invoke(rank_command, args)
+    assert result.exit_code == 0, result.output
+    assert "Suggested rank: 3." in result.output
+    saved = RankSurvey.load(out / "survey.json")
+    assert saved.settings["solver"] == "bpp" and saved.settings["alpha_W"] == saved.settings["alpha_H"] == 0.001
+    assert saved.settings["l1_ratio"] == 0.5
+
+
+def test_survey_with_bpp_equals_its_fits_and_penalties_change_them():
+    V = planted(3, n=60, p=30)
+    common = dict(n_runs=2, max_iter=60, tol=1e-6, random_state=0, solver="bpp")
+    plain = rank_survey(V, [3], **common)
+    again = rank_survey(V, [3], **common)
+    penalized = rank_survey(V, [3], alpha_W=0.01, l1_ratio=1.0, **common)
+    assert plain.results[1].run_losses == again.results[1].run_losses  # reproducible
+    assert plain.results[1].relative_error < 0.1  # the planted noise's level
+    # The penalized objective counts its penalty; the relative error leaves it out.
+    assert penalized.results[1].objective > plain.results[1].objective
+    assert plain.results[1].relative_error <= penalized.results[1].relative_error < 0.15

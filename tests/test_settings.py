@@ -61,6 +61,7 @@ def test_the_checkpoint_records_the_iterate_settings_of_the_table():
     settings = FitSettings.from_params(n_components=3, random_state=4, beta_loss="kullback-leibler").for_shape((10, 8))
     assert iterate_settings(settings) == {
         "n_components": 3, "solver": "mu", "beta": 1.0, "init": "nndsvda", "seed": 4, "eps": 1e-10,
+        "alpha_W": 0.0, "alpha_H": 0.0, "l1_ratio": 0.0,
     }
     assert set(iterate_settings(settings)) == {s.field or s.name for s in TABLE if s.iterates}
 
@@ -69,7 +70,7 @@ def test_every_parameter_with_help_is_an_option_of_dnmf_fit():
     text = CliRunner().invoke(main, ["fit", "--help"]).output
     for setting in TABLE:
         if setting.help:
-            flag = {"n_components": "--rank", "random_state": "--seed"}.get(setting.name, "--" + setting.name.replace("_", "-"))
+            flag = {"n_components": "--rank", "random_state": "--seed", "alpha_W": "--alpha-w", "alpha_H": "--alpha-h"}.get(setting.name, "--" + setting.name.replace("_", "-"))
             assert flag in text and setting.help.split()[0] in text, setting.name
 
 
@@ -86,3 +87,26 @@ def test_the_cli_fit_equals_the_library_fit_with_options_from_the_table(tmp_path
     with pytest.warns(Warning):
         model.fit(V)
     assert np.array_equal(dnmf.results.load_result(out).H, model.components_)
+
+
+def test_the_cli_regularization_flags_equal_the_library_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    V = 10 * rng.random((60, 4)) @ rng.random((4, 30))
+    np.save(tmp_path / "V.npy", V)
+    out = tmp_path / "r.zarr"
+    args = ["fit", str(tmp_path / "V.npy"), "-r", "3", "-o", str(out), "--solver", "hals", "--init", "random",
+            "--max-iter", "8", "--tol-x", "0", "--seed", "5", "--alpha-w", "0.2", "--alpha-h", "0.05",
+            "--l1-ratio", "0.5", "--scheduler", "threads", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    model = dnmf.NMF(3, solver="hals", init="random", max_iter=8, tol_x=0, random_state=5, alpha_W=0.2, alpha_H=0.05,
+                     l1_ratio=0.5)
+    with pytest.warns(Warning):
+        model.fit(V)
+    assert np.array_equal(dnmf.results.load_result(out).H, model.components_)
+    plain = dnmf.NMF(3, solver="hals", init="random", max_iter=8, tol_x=0, random_state=5)
+    with pytest.warns(Warning):
+        plain.fit(V)
+    assert not np.array_equal(plain.components_, model.components_)
+    bad = CliRunner().invoke(main, [*args[:-1], "--alpha-h", "lots", "-q"])
+    assert bad.exit_code != 0 and "same" in bad.output

@@ -141,6 +141,16 @@ def _auto_or_int(text: str):
     return text if text == "auto" else int(text)
 
 
+def same_or_float(text):
+    """"same" or a number (the library checks the value)."""
+    if isinstance(text, str) and text.strip().lower() == "same":
+        return "same"
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f'expected "same" or a number, got {text!r}') from None
+
+
 _BOOLEAN_OR_AUTO = {"auto": "auto", "true": True, "false": False}
 
 # How each fit parameter is written on the command line: its click type, and where it differs
@@ -170,6 +180,9 @@ CLI_OPTIONS = {
     "spill_dir": dict(type=click.Path()),
     "inner_sweeps": dict(type=_auto_or_int, metavar="auto|N"),
     "local": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),
+    "alpha_W": dict(flags=("--alpha-w",), type=float),
+    "alpha_H": dict(flags=("--alpha-h",), type=same_or_float, metavar="same|X"),
+    "l1_ratio": dict(type=float),
 }
 
 

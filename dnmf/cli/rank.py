@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from ..errors import DnmfError, StoreError, no_such_path
+from .common import same_or_float
 
 OUTPUT_FILES = ("survey.json", "survey.png")
 
@@ -44,7 +45,7 @@ def _prepare_out(out: str, input_path: str, overwrite: bool) -> None:
 @click.option("--runs", "n_runs", default=10, type=click.IntRange(min=1), help="Runs per rank (each with its own hold-out mask and random start).")
 @click.option("--holdout", "holdout_fraction", default=0.1, type=float, help="Fraction of entries hidden and scored in each run.")
 @click.option("--beta-loss", default="frobenius", type=click.Choice(["frobenius", "kullback-leibler", "itakura-saito"]), help="Divergence to minimize.")
-@click.option("--solver", default=None, type=click.Choice(["hals", "mu"]), help="Default: hals for Frobenius, mu otherwise.")
+@click.option("--solver", default=None, type=click.Choice(["hals", "bpp", "mu"]), help="Default: hals for Frobenius, mu otherwise (bpp: Frobenius).")
 @click.option("--max-iter", default=500, type=click.IntRange(min=1), help="Iterations per fit at most.")
 @click.option("--tol", default=1e-5, type=float, help="Relative objective decrease at which a fit stops.")
 @click.option("--seed", default=0, type=int, help="Seed of every mask and start.")
@@ -53,8 +54,11 @@ def _prepare_out(out: str, input_path: str, overwrite: bool) -> None:
 @click.option("--margin", default=0.02, type=float, help="Held-out improvement over rank 1 needed to claim structure.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Directory for survey.json and survey.png.")
 @click.option("--overwrite", is_flag=True, help="Replace survey.json / survey.png in --out.")
+@click.option("--alpha-w", "alpha_W", default=0.0, type=float, help="Penalty of W in every fit (as dnmf fit --alpha-w).")
+@click.option("--alpha-h", "alpha_H", default="same", type=same_or_float, metavar="same|X", help="Penalty of H in every fit; 'same': alpha-w.")
+@click.option("--l1-ratio", default=0.0, type=float, help="Mix of the penalties: 0 is L2 only, 1 is L1 only.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every fit.")
-def rank_command(input_path, ranks, n_runs, holdout_fraction, beta_loss, solver, max_iter, tol, seed, missing_values, chunks, margin, out, overwrite, verbose):
+def rank_command(input_path, ranks, n_runs, holdout_fraction, beta_loss, solver, max_iter, tol, seed, missing_values, chunks, margin, out, overwrite, alpha_W, alpha_H, l1_ratio, verbose):
     """Survey the ranks of the matrix INPUT (a Zarr array path or a .npy file).
 
     For each rank, fit --runs masked NMFs that each hide a random --holdout fraction of the
@@ -71,7 +75,7 @@ def rank_command(input_path, ranks, n_runs, holdout_fraction, beta_loss, solver,
         survey = rank_survey(
             _open_input(input_path), ranks, n_runs=n_runs, holdout_fraction=holdout_fraction, beta_loss=beta_loss,
             solver=solver, max_iter=max_iter, tol=tol, random_state=seed, missing_values=missing_values,
-            chunks=chunks, margin=margin,
+            chunks=chunks, margin=margin, alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio,
         )
         click.echo(survey.to_table())
         if out is not None:

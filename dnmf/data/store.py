@@ -23,7 +23,7 @@ from dask.array.core import getter, normalize_chunks
 from dask.base import tokenize
 
 from .. import kernels
-from ..errors import InvalidMatrixError, StoreError, expected, no_such_path
+from ..errors import InvalidMatrixError, MatrixTypeError, StoreError, expected, no_such_path
 from ..graph import from_blocks, map_reduce
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
@@ -174,7 +174,25 @@ def factor_dtype(dtype) -> np.dtype:
         return dtype
     if dtype.kind in "biuf":
         return np.dtype(np.float64)
+    if dtype.kind == "c":
+        raise InvalidMatrixError(
+            "Complex data not supported: " + expected("a numeric matrix (bool, integer or float)", str(dtype))
+        )
     raise InvalidMatrixError(expected("a numeric matrix (bool, integer or float)", str(dtype)))
+
+
+def numeric_array(X) -> np.ndarray:
+    """X as a numpy array; an object array of numbers becomes float64 (as scikit-learn reads it),
+    and one holding anything else is a :class:`~dnmf.errors.MatrixTypeError`."""
+    X = np.asarray(X)
+    if X.dtype != object:
+        return X
+    try:
+        return X.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise MatrixTypeError(
+            f"Expected a matrix of numbers; an entry of the object array cannot be read as one ({e})."
+        ) from e
 
 
 def auto_row_block(
@@ -348,8 +366,8 @@ def open_matrix(
     if sp.issparse(X):
         _check_2d(X.shape)
         return Matrix(_from_sparse(X, layout), factor_dtype(X.dtype), True, True, "scipy.sparse")
-    if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
-        X = np.asarray(X)
+    if isinstance(X, (np.ndarray, list, tuple)) or hasattr(X, "__array__"):
+        X = numeric_array(X)
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
         cols = layout.columns(X.shape, X.dtype.itemsize)
@@ -361,7 +379,7 @@ def open_matrix(
             rows = layout.rows(X.shape, X.dtype.itemsize, cols)
         return Matrix(_block_views(X, rows, cols), dtype, True, False, "numpy")
     raise InvalidMatrixError(
-        expected("a numpy array, scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
+        expected("a numpy array (or nested lists of numbers), scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
     )
 
 
@@ -463,10 +481,19 @@ def _read_chunk(arr, index: tuple[slice, ...], asarray: bool = True, lock=None):
 
 
 def _check_2d(shape) -> None:
+    """One error for a V that is not 2-D or is empty, in scikit-learn's words first."""
     if len(shape) != 2:
-        raise InvalidMatrixError(expected("a 2-D matrix (n_samples, n_features)", f"shape {tuple(shape)}"))
-    if shape[0] < 1 or shape[1] < 1:
-        raise InvalidMatrixError(expected("a non-empty matrix", f"shape {tuple(shape)}"))
+        raise InvalidMatrixError(
+            expected("a 2-D matrix (n_samples, n_features)", f"shape {tuple(shape)}")
+            + " Reshape your data either using array.reshape(-1, 1) if it has a single feature "
+            "or array.reshape(1, -1) if it is a single sample."
+        )
+    for size, what in ((shape[0], "sample(s)"), (shape[1], "feature(s)")):
+        if size < 1:
+            raise InvalidMatrixError(
+                f"Found array with 0 {what} (shape={tuple(shape)}) while a minimum of 1 is required. "
+                + expected("a non-empty matrix", f"shape {tuple(shape)}")
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -511,8 +538,8 @@ def validate_stats(stats: MatrixStats, beta: float) -> None:
         )
     if stats.n_negative:
         raise InvalidMatrixError(
-            f"The matrix has {stats.n_negative} negative entries (first at row, column "
-            f"{stats.first_negative}); NMF needs non-negative values."
+            f"Negative values in data passed to NMF (input X): the matrix has {stats.n_negative} negative "
+            f"entries (first at row, column {stats.first_negative}); NMF needs non-negative values."
         )
     n_cells = stats.shape[0] * stats.shape[1]
     if beta <= 0 and stats.nnz < n_cells:

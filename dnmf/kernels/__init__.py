@@ -30,6 +30,7 @@ from .beta import (
     KULLBACK_LEIBLER,
     Rule,
     objective_from_sums,
+    penalties,
 )
 from .grid import (
     FactorSums,
@@ -42,7 +43,7 @@ from .grid import (
     grid_update_h,
     grid_update_w,
 )
-from .products import Partials, add_partials, gram, objective
+from .products import Partials, add_partials, gram, l1_norm, objective
 from .scans import BlockStats, add_stats, block_stats
 from .starts import (
     block_times,
@@ -79,9 +80,11 @@ __all__ = [
     "grid_update_h",
     "grid_update_w",
     "initial_partials_block",
+    "l1_norm",
     "nndsvd_w_block",
     "objective",
     "objective_from_sums",
+    "penalties",
     "random_cols",
     "random_rows",
     "step_block",

@@ -21,7 +21,7 @@ and the functions below that take β alone dispatch on it here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -55,6 +55,15 @@ class Rule:
         V^(β − 1/2) when W and H scale like √V, as every start does) it is ε 2^(k(β − 1/2)).
         So a fit of 4^j V is exactly 2^j times the fit of V, and a fit's result does not
         depend on V's units (k = 0 for entries near 1: ε as given).
+    l1_w, l2_w, l1_h, l2_h : float
+        The L1 and L2 penalties of W and H, already scaled as scikit-learn (>= 1.2) scales
+        them (:func:`penalties`): the objective gains
+
+            l1_W ‖W‖₁ + ½ l2_W ‖W‖²_F + l1_H ‖H‖₁ + ½ l2_H ‖H‖²_F.
+
+        MU adds ``l1 + l2 X`` to the denominator of X's update; HALS and BPP add ``l2`` to the
+        Gram matrix's diagonal and subtract ``l1`` from the cross term. All 0: no penalty, and
+        the kernels take exactly the unpenalized path.
 
     Notes
     -----
@@ -76,6 +85,10 @@ class Rule:
     w_sweeps: int = 1
     h_sweeps: int = 1
     unit_exponent: int = 0
+    l1_w: float = 0.0
+    l2_w: float = 0.0
+    l1_h: float = 0.0
+    l2_h: float = 0.0
 
     @property
     def eps_wh(self) -> float:
@@ -86,6 +99,23 @@ class Rule:
     def eps_denominator(self) -> float:
         """ε added to an MU denominator: ε 2^(k(β − 1/2))."""
         return _ldexp(self.eps, self.unit_exponent * (self.beta - 0.5))
+
+    @property
+    def regularized(self) -> bool:
+        """Whether any penalty is set."""
+        return bool(self.l1_w or self.l2_w or self.l1_h or self.l2_h)
+
+    def without_h_penalty(self) -> Rule:
+        """The rule with H's penalty dropped (H fixed: its penalty is a constant)."""
+        return replace(self, l1_h=0.0, l2_h=0.0)
+
+    def penalty(self, w_l1: float, w_sq: float, h_l1: float, h_sq: float) -> float:
+        """The penalty terms of the objective from ‖W‖₁, ‖W‖², ‖H‖₁ and ‖H‖² (0 when unregularized)."""
+        if not self.regularized:
+            return 0.0
+        return float(
+            self.l1_w * w_l1 + 0.5 * self.l2_w * w_sq + self.l1_h * h_l1 + 0.5 * self.l2_h * h_sq
+        )
 
     @property
     def frobenius(self) -> bool:
@@ -167,3 +197,19 @@ def objective_from_sums(term: float, w_gram, h_gram, v_sq: float, beta: float, k
         return max(term, 0.0)
     gram_term = float(np.vdot(np.asarray(w_gram, dtype=np.float64), np.asarray(h_gram, dtype=np.float64)))
     return max(0.5 * (v_sq - 2.0 * term + gram_term), 0.0)
+
+
+def penalties(alpha_W: float, alpha_H: float, l1_ratio: float, shape: tuple[int, int]) -> dict:
+    """The scaled penalties of :class:`Rule` for V of ``shape`` (n_samples, n_features), as
+    scikit-learn (>= 1.2) defines them: W's scaled by n_features, H's by n_samples::
+
+        l1_W = alpha_W · l1_ratio · p          l2_W = alpha_W · (1 − l1_ratio) · p
+        l1_H = alpha_H · l1_ratio · n          l2_H = alpha_H · (1 − l1_ratio) · n
+    """
+    n, p = shape
+    return {
+        "l1_w": float(p * alpha_W * l1_ratio),
+        "l2_w": float(p * alpha_W * (1.0 - l1_ratio)),
+        "l1_h": float(n * alpha_H * l1_ratio),
+        "l2_h": float(n * alpha_H * (1.0 - l1_ratio)),
+    }

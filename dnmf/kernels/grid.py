@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .beta import Rule, objective_term
-from .products import Partials, as_float_block, block_partials, dot_t, gram, w_products
+from .products import Partials, as_float_block, block_partials, dot_t, gram, l1_norm, w_products
 from .updates import apply_w_update, update_h
 
 
@@ -52,12 +52,14 @@ class FactorSums(NamedTuple):
     gram : WᵀW (W's row blocks, β = 2 only, else 0) or HHᵀ (H's column blocks).
     rowsum : H's row sums (H only: the KL W update's denominator), else 0.
     sq, d_sq : ‖X_new‖² and ‖X_new − X_old‖², for the relative change.
+    l1 : ‖X_new‖₁ = ΣX_new, for the L1 penalty of the objective.
     """
 
     gram: np.ndarray | float
     rowsum: np.ndarray | float
     sq: float
     d_sq: float
+    l1: float = 0.0
 
 
 def add_factor_sums(a: FactorSums, b: FactorSums) -> FactorSums:
@@ -75,7 +77,7 @@ def grid_update_w(W_b: np.ndarray, products: WProducts, h_sums: FactorSums, rule
     """W_i's update from its products summed over the column blocks, and its :class:`FactorSums`."""
     W_new = apply_w_update(W_b, products.numer, products.denom, h_sums.gram, h_sums.rowsum, rule)
     gram_w = gram(W_new) if rule.frobenius else 0.0
-    return W_new, FactorSums(gram_w, 0.0, *_change(W_new, W_b))
+    return W_new, FactorSums(gram_w, 0.0, *_change(W_new, W_b), l1_norm(W_new))
 
 
 def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, update: bool = True):
@@ -87,7 +89,7 @@ def grid_update_h(H_b: np.ndarray, partials: Partials, w_gram, rule: Rule, updat
         H_new = update_h(H_b, partials, rule)
     else:
         H_new = H_b
-    return H_new, FactorSums(gram(H_new.T), H_new.sum(axis=1), *_change(H_new, H_b))
+    return H_new, FactorSums(gram(H_new.T), H_new.sum(axis=1), *_change(H_new, H_b), l1_norm(H_new))
 
 
 def column_objective_term(partials: Partials, H_b: np.ndarray, beta: float) -> float:

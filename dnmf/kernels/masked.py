@@ -17,9 +17,9 @@ here ``numer`` and ``denom`` are both (r, p) (no Gram shortcut exists under a ma
 ``loss`` is the masked divergence of the block. The ratios are those of
 :func:`~.updates.mu_update`, the H half-step is :func:`~.updates.update_h`'s.
 
-With ``solver="hals"`` (Frobenius only) the missing entries are filled with the current WH
-and an ordinary HALS step is taken (a majorization of the masked objective; see
-:func:`filled_hals_partials`).
+With ``solver="hals"`` or ``"bpp"`` (Frobenius only) the missing entries are filled with the
+current WH and an ordinary HALS (or BPP) step is taken (a majorization of the masked
+objective; see :func:`filled_hals_partials`).
 
 Sparse blocks are made dense one block at a time (a mask is dense anyway).
 """
@@ -32,9 +32,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import FROBENIUS, Rule, beta_divergence_dense
-from .products import Partials
+from .products import Partials, l1_norm
 from .scans import BlockStats, add_stats, block_stats
-from .updates import mu_update, update_h, update_w
+from .updates import mu_penalized, mu_update, update_h, update_w
 
 
 def observed_block(V_b, M_b, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +75,7 @@ def masked_loss(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray, beta: flo
 def masked_update_w(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> np.ndarray:
     """Masked multiplicative update of one row block of W (a new array), see the module docstring."""
     numer, denom = _weighted_terms(V_d, observed, W_b @ H, rule)
-    return mu_update(W_b, numer @ H.T, denom @ H.T, rule)
+    return mu_update(W_b, numer @ H.T, mu_penalized(denom @ H.T, W_b, rule.l1_w, rule.l2_w), rule)
 
 
 def masked_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
@@ -105,6 +105,11 @@ def masked_update_h(H: np.ndarray, partials: Partials, rule: Rule) -> np.ndarray
 # speed; the cost per block is two W_b H products, as for KL.
 
 
+# The least-squares solvers, which step on the filled-in block: every step decreases the
+# surrogate, HALS by its sweep, BPP by solving it exactly for one factor.
+FILLED_SOLVERS = ("hals", "bpp")
+
+
 def filled_block(V_d: np.ndarray, observed: np.ndarray, WH: np.ndarray) -> np.ndarray:
     """M ∘ V + (1 − M) ∘ WH (a new array)."""
     return np.where(observed, V_d, WH)
@@ -121,7 +126,7 @@ def filled_hals_partials(V_d: np.ndarray, observed: np.ndarray, W_b: np.ndarray,
 
 def _partials(V_d, observed, W_b, H, rule: Rule) -> Partials:
     """The masked partials of ``rule`` at (W_b, H): filled-in for HALS, weighted for MU."""
-    if rule.solver == "hals":
+    if rule.solver in FILLED_SOLVERS:
         return filled_hals_partials(V_d, observed, W_b, H)
     return masked_partials(V_d, observed, W_b, H, rule)
 
@@ -134,21 +139,23 @@ def masked_step_block(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule):
     like :func:`dnmf.kernels.step_block`.
     """
     V_d, observed = observed_block(V_b, M_b, W_b.dtype)
-    if rule.solver == "hals":
+    if rule.solver in FILLED_SOLVERS:
         V_hat = filled_block(V_d, observed, W_b @ H)
         W_new = update_w(V_hat, W_b, H, H @ H.T, replace(rule, w_sweeps=1))
     else:
         W_new = masked_update_w(V_d, observed, W_b, H, rule)
     partials = _partials(V_d, observed, W_new, H, rule)
     delta = W_new - W_b
-    return W_new, partials._replace(w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)))
+    return W_new, partials._replace(
+        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
+    )
 
 
 def masked_initial_partials(V_b, M_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> Partials:
     """Partials at a starting point (no W update), with ‖W_b‖²."""
     V_d, observed = observed_block(V_b, M_b, W_b.dtype)
     partials = _partials(V_d, observed, W_b, H, rule)
-    return partials._replace(w_sq=float(np.vdot(W_b, W_b)))
+    return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))
 
 
 # ---------------------------------------------------------------------------

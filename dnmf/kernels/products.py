@@ -33,6 +33,8 @@ class Partials(NamedTuple):
         β = 2, whose objective comes from the Gram identity.
     w_sq, dw_sq : float
         ‖W‖² and ‖W_new − W_old‖² (0 when not part of a step).
+    w_l1 : float
+        ‖W‖₁ = ΣW (for the L1 penalty of the objective).
     """
 
     numer: np.ndarray
@@ -40,6 +42,12 @@ class Partials(NamedTuple):
     loss: float
     w_sq: float
     dw_sq: float
+    w_l1: float = 0.0
+
+
+def l1_norm(X: np.ndarray) -> float:
+    """‖X‖₁ of a non-negative factor block, ΣX, accumulated in float64."""
+    return float(np.sum(X, dtype=np.float64))
 
 
 def add_partials(a: Partials, b: Partials) -> Partials:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import Rule
-from .products import Partials, as_float_block, block_partials, frobenius_residual
+from .products import Partials, as_float_block, block_partials, frobenius_residual, l1_norm
 from .updates import update_w
 
 
@@ -40,7 +40,7 @@ def step_block(
         W_b after the W half-step of ``rule`` (:func:`~.updates.update_w`).
     partials : Partials
         The partials at (W_b_new, H) (:func:`~.products.block_partials`), with
-        ‖W_b_new‖² and ‖W_b_new − W_b‖².
+        ‖W_b_new‖², ‖W_b_new − W_b‖² and ‖W_b_new‖₁.
     """
     V_b = as_float_block(V_b, W_b.dtype)
     if _fuses_in_tiles(V_b, rule):
@@ -50,7 +50,7 @@ def step_block(
         partials = block_partials(V_b, W_new, H, rule, with_loss, exact)
     delta = W_new - W_b
     return W_new, partials._replace(
-        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta))
+        w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
     )
 
 
@@ -92,4 +92,4 @@ def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exac
     """Partials at a starting point (no W update), with ‖W_b‖²."""
     V_b = as_float_block(V_b, W_b.dtype)
     partials = block_partials(V_b, W_b, H, rule, exact=exact)
-    return partials._replace(w_sq=float(np.vdot(W_b, W_b)))
+    return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))

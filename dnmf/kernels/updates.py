@@ -11,6 +11,12 @@ Three solvers, each a rule for the factor X being updated given the other factor
 HALS and BPP minimize the Frobenius loss only. The H half-step is :func:`update_h`, the W
 half-step of a row block :func:`update_w` (or :func:`apply_w_update` from products summed
 elsewhere, as on a grid).
+
+The L1 / L2 penalties of the :class:`~.beta.Rule` (scikit-learn's ``alpha_W``, ``alpha_H``,
+``l1_ratio``) enter each rule where scikit-learn puts them: MU adds ``l1 + l2 X`` to the
+denominator (:func:`mu_penalized`); HALS and BPP solve the penalized least squares
+½⟨X, (G + l2 I) X⟩ − ⟨C − l1, X⟩ (:func:`ls_penalized`). Without a penalty both return their
+inputs untouched.
 """
 
 from __future__ import annotations
@@ -41,6 +47,27 @@ def mu_update(X: np.ndarray, numer: np.ndarray, denom: np.ndarray, rule: Rule) -
         ratio **= rule.gamma
     ratio *= X
     return ratio.astype(X.dtype, copy=False)
+
+
+def mu_penalized(denom, X: np.ndarray, l1: float, l2: float):
+    """The MU denominator of X with its penalties, ``denom + l1 + l2 X`` (``denom`` itself,
+    untouched, when both are 0)."""
+    if l1:
+        denom = denom + l1
+    if l2:
+        denom = denom + l2 * X
+    return denom
+
+
+def ls_penalized(gram: np.ndarray, cross: np.ndarray, l1: float, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram matrix and cross term of a penalized least-squares half-step (HALS, BPP):
+    ``gram + l2 I`` and ``cross − l1`` (new arrays; the inputs themselves when both are 0)."""
+    if l2:
+        gram = np.array(gram, copy=True)
+        gram.flat[:: gram.shape[0] + 1] += l2
+    if l1:
+        cross = cross - l1
+    return gram, cross
 
 
 def hals_sweep(X: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
@@ -103,14 +130,16 @@ def update_h(H: np.ndarray, partials: Partials, rule: Rule, *, whole_denominator
 
     Notes
     -----
-    MU: H ← H ∘ [numer / (D + ε)]^γ with D = WᵀW H (β = 2), colsum(W) 1ᵀ (β = 1), or
-    ``denom`` itself. HALS: up to ``rule.h_sweeps`` sweeps over the rows of H minimizing
-    ½⟨H, WᵀW H⟩ − ⟨WᵀV, H⟩. BPP: each column of H the exact NNLS solution given W.
+    MU: H ← H ∘ [numer / (D + l1_H + l2_H H + ε)]^γ with D = WᵀW H (β = 2), colsum(W) 1ᵀ
+    (β = 1), or ``denom`` itself. HALS: up to ``rule.h_sweeps`` sweeps over the rows of H
+    minimizing ½⟨H, (WᵀW + l2_H I) H⟩ − ⟨WᵀV − l1_H, H⟩. BPP: each column of H the exact
+    solution of that problem given W.
     """
-    if rule.solver == "hals":
-        return hals_sweeps(H.copy(), partials.denom, partials.numer, rule.h_sweeps)
-    if rule.solver == "bpp":
-        return nnls_bpp(partials.denom, partials.numer, H > 0).astype(H.dtype, copy=False)
+    if rule.solver in ("hals", "bpp"):
+        gram, cross = ls_penalized(partials.denom, partials.numer, rule.l1_h, rule.l2_h)
+        if rule.solver == "hals":
+            return hals_sweeps(H.copy(), gram, cross, rule.h_sweeps)
+        return nnls_bpp(gram, cross, H > 0).astype(H.dtype, copy=False)
     denom = partials.denom
     if not whole_denominator:
         if rule.frobenius:
@@ -120,7 +149,7 @@ def update_h(H: np.ndarray, partials: Partials, rule: Rule, *, whole_denominator
             # the other β, even where WᵀV is F-ordered (sparse V), and the products that use
             # it round the same.
             denom = np.repeat(denom[:, None], H.shape[1], axis=1)
-    return mu_update(H, partials.numer, denom, rule)
+    return mu_update(H, partials.numer, mu_penalized(denom, H, rule.l1_h, rule.l2_h), rule)
 
 
 def apply_w_update(
@@ -146,22 +175,23 @@ def apply_w_update(
 
     Notes
     -----
-    MU: W ← W ∘ [numer / (D + ε)]^γ with D = W HHᵀ (β = 2), 1 rowsum(H)ᵀ (β = 1), or
-    ``denom``. HALS: up to ``rule.w_sweeps`` sweeps over the columns of W. BPP: each row of
-    W the exact NNLS solution given H.
+    MU: W ← W ∘ [numer / (D + l1_W + l2_W W + ε)]^γ with D = W HHᵀ (β = 2), 1 rowsum(H)ᵀ
+    (β = 1), or ``denom``. HALS: up to ``rule.w_sweeps`` sweeps over the columns of W. BPP:
+    each row of W the exact solution given H. Both with HHᵀ + l2_W I and V Hᵀ − l1_W.
     """
-    if rule.solver == "hals":
-        Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
-        hals_sweeps(Wt, HHt, np.ascontiguousarray(numer.T), rule.w_sweeps)
-        return np.ascontiguousarray(Wt.T)
-    if rule.solver == "bpp":
-        solution = nnls_bpp(HHt, numer.T, W_b.T > 0)
+    if rule.solver in ("hals", "bpp"):
+        gram, cross = ls_penalized(HHt, numer.T, rule.l1_w, rule.l2_w)
+        if rule.solver == "hals":
+            Wt = W_b.T.copy()  # a copy even when W_b.T is contiguous (r = 1): W_b is not ours
+            hals_sweeps(Wt, gram, np.ascontiguousarray(cross), rule.w_sweeps)
+            return np.ascontiguousarray(Wt.T)
+        solution = nnls_bpp(gram, cross, W_b.T > 0)
         return np.ascontiguousarray(solution.T.astype(W_b.dtype, copy=False))
     if rule.frobenius:
         denom = W_b @ HHt
     elif rule.kullback_leibler:
         denom = h_rowsum
-    return mu_update(W_b, numer, denom, rule)
+    return mu_update(W_b, numer, mu_penalized(denom, W_b, rule.l1_w, rule.l2_w), rule)
 
 
 def update_w(V_b, W_b: np.ndarray, H: np.ndarray, HHt: np.ndarray, rule: Rule) -> np.ndarray:

@@ -51,6 +51,7 @@ class _RunOutcome:
     heldout_error: float
     labels: np.ndarray
     H: np.ndarray
+    divergence: float  # the objective less its penalty terms (the objective itself unregularized)
 
 
 def rank_survey(
@@ -71,6 +72,9 @@ def rank_survey(
     max_samples: int = 1000,
     margin: float = 0.02,
     max_concurrent: int | None = None,
+    alpha_W: float = 0.0,
+    alpha_H="same",
+    l1_ratio: float = 0.0,
 ) -> RankSurvey:
     """Fit ``n_runs`` masked NMFs per rank and measure which rank the data support.
 
@@ -85,8 +89,9 @@ def rank_survey(
     holdout_fraction : float in (0, 1), default=0.1
         Fraction of entries hidden in each run and scored after the fit.
     beta_loss : as in :class:`dnmf.NMF`.
-    solver : "hals" or "mu"; default HALS for Frobenius (missing entries filled with the
-        current WH at each step), MU otherwise.
+    solver : "hals", "bpp" or "mu"; default HALS for Frobenius, MU otherwise. HALS and BPP
+        fill the hidden entries with the current WH at each step (an EM-style majorization);
+        MU weights them out.
     max_iter, tol, tol_x : stopping rules of each fit.
     random_state : int or None; every mask and start derives from it reproducibly.
     missing_values : None or "nan" (NaN entries of X are missing: neither fitted nor scored).
@@ -94,6 +99,8 @@ def rank_survey(
     chunks : rows per block.
     max_samples : rows subsampled for the consensus matrix.
     margin : relative held-out improvement over rank 1 needed to claim structure.
+    alpha_W, alpha_H, l1_ratio : the penalties of every fit, as in :class:`dnmf.NMF`; the
+        relative error leaves them out.
     max_concurrent : fits in flight at once (default: as many as memory allows, see
         :func:`dnmf.run.restarts.concurrent_runs`).
 
@@ -109,6 +116,7 @@ def rank_survey(
     base = FitSettings.from_params(
         solver=solver or ("hals" if beta_value(beta_loss) == 2.0 else "mu"), beta_loss=beta_loss, init="random",
         max_iter=max_iter, tol=tol, tol_x=tol_x, chunks=chunks, missing=missing_values,
+        alpha_W=alpha_W, alpha_H=alpha_H, l1_ratio=l1_ratio,
     )
     matrix = open_matrix(X, chunks)
     n, p = matrix.shape
@@ -129,7 +137,9 @@ def rank_survey(
         score = missing.score_holdout(matrix, user_mask, trains[k], W, fact.H, fact.settings.beta)
         labels = np.argmax(W[rows].compute(), axis=1)
         logger.info("rank %d run %d: objective %.6g, held-out error %.4g", rank, k, fact.result.state.objective, score.relative_error)
-        return _RunOutcome(float(fact.result.state.objective), score.train_v_sq, score.relative_error, labels, fact.H)
+        state = fact.result.state
+        divergence = float(state.objective - state.penalty)
+        return _RunOutcome(float(state.objective), score.train_v_sq, score.relative_error, labels, fact.H, divergence)
 
     jobs = [(rank, k, s) for rank in all_ranks for k, s in enumerate(spawn_seeds(seed, n_runs, key=(rank,)))]
     workers = max_concurrent or concurrent_runs(len(jobs), matrix.shape, max(all_ranks), matrix.dtype.itemsize)
@@ -147,6 +157,7 @@ def rank_survey(
         "shape": [n, p], "ranks": wanted, "n_runs": n_runs, "holdout_fraction": holdout_fraction,
         "beta_loss": beta_loss, "solver": base.solver, "max_iter": max_iter, "tol": tol, "tol_x": tol_x, "seed": seed,
         "margin": margin, "max_samples": int(len(rows)), "missing": missing_values, "source": matrix.source,
+        "alpha_W": base.alpha_W, "alpha_H": base.alpha_H_value, "l1_ratio": base.l1_ratio,
     }
     return RankSurvey(tuple(results), suggested, reason, settings)
 
@@ -156,7 +167,7 @@ def _summarize(rank: int, runs: list[_RunOutcome]) -> RankResult:
     best = int(np.argmin(losses))
     heldout = np.array([run.heldout_error for run in runs])
     se = float(heldout.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan")
-    relative_error = float(np.sqrt(2.0 * losses[best] / max(runs[best].train_v_sq, np.finfo(float).tiny)))
+    relative_error = float(np.sqrt(2.0 * max(runs[best].divergence, 0.0) / max(runs[best].train_v_sq, np.finfo(float).tiny)))
     if rank > 1 and len(runs) > 1:
         coph = cophenetic_correlation(consensus_matrix([run.labels for run in runs]))
         sil = factor_silhouette([run.H for run in runs], reference=best)

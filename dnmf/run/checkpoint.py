@@ -55,6 +55,7 @@ from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError,
 from ..data.store import Matrix, MatrixStats
 from ..data.zarrio import create_array, json_safe, library_versions, write_array
 from ..graph import TaskGraph, row_block_keys
+from ..settings import ITERATE_SETTINGS_BEFORE
 
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
@@ -671,8 +672,9 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
                 )
                 break
     for key in settings:
-        if saved_settings[key] != settings[key]:
-            differences.append(f"{key}: checkpoint {saved_settings[key]!r}, now {settings[key]!r}")
+        saved = saved_settings.get(key, ITERATE_SETTINGS_BEFORE.get(key))
+        if saved != settings[key]:
+            differences.append(f"{key}: checkpoint {saved!r}, now {settings[key]!r}")
     if differences:
         raise CheckpointMismatchError(
             f"Cannot resume from {os.fspath(path)!r}: it was made for a different matrix or with "

@@ -46,6 +46,7 @@ from .plan import (
     reroot_interval,
     runs_locally,
 )
+from .progress import VerboseLog
 from .reroot import Rerooting
 
 
@@ -141,13 +142,33 @@ def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: boo
     return Plan(cache, stats, init_matrix, solver)
 
 
+def _start_rank(settings: FitSettings, W, H, update_h: bool) -> int | None:
+    """The rank of a custom start (H's rows, else W's columns), for n_components="auto"."""
+    if settings.init != "custom" and update_h:
+        return None
+    if H is not None and len(np.shape(H)) == 2:
+        return int(np.shape(H)[0])
+    if W is not None and len(np.shape(W)) == 2:
+        return int(np.shape(W)[1])
+    return None
+
+
+def _rule(settings: FitSettings, shape: tuple[int, int], update_h: bool) -> kernels.Rule:
+    """The update rule of ``settings`` for V of ``shape``, with its penalties scaled as
+    scikit-learn scales them; with H fixed (``update_h=False``) H's penalty, a constant, is
+    left out of the objective."""
+    penalties = kernels.penalties(settings.alpha_W, settings.alpha_H_value, settings.l1_ratio, shape)
+    rule = kernels.Rule(settings.solver, settings.beta, settings.eps, **penalties)
+    return rule if update_h else rule.without_h_penalty()
+
+
 def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     """Scan and validate V, and build the solver: masked when entries are missing.
 
     Returns (stats, the matrix the inits read, the solver).
     """
     if not settings.nan_is_missing and mask is None:
-        rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
+        rule = _rule(settings, matrix.shape, update_h)
         stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
         w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
@@ -162,10 +183,6 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
         return stats, matrix, Solver(
             matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below
         )
-    if settings.solver == "bpp":
-        raise ParameterError(
-            "solver='bpp' does not handle missing entries (a mask or NaN values); use solver='mu' or 'hals'."
-        )
     if matrix.is_grid:
         raise ParameterError(
             "Missing entries (a mask or missing='nan') need V in row blocks holding all columns; "
@@ -175,7 +192,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
     scanned = missing.scan_masked(matrix, mask_da, settings.nan_is_missing)
     stats = scanned.imputed_stats()
     validate_stats(stats, settings.beta)
-    rule = kernels.Rule(settings.solver, settings.beta, settings.eps, unit_exponent=unit_exponent(stats))
+    rule = replace(_rule(settings, matrix.shape, update_h), unit_exponent=unit_exponent(stats))
     solver = MaskedSolver(matrix, rule, scanned.stats.v_sq, update_h=update_h, mask=mask_da)
     return stats, missing.filled_matrix(matrix, mask_da, scanned.observed_mean), solver
 
@@ -196,7 +213,8 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
     else:
         if (W is not None or H is not None) and settings.init != "custom":
             warnings.warn(
-                f"init={settings.init!r} ignores the W and H passed to fit; set init='custom' to start from them.",
+                "When init!='custom', provided W or H are ignored. Set init='custom' to use them as "
+                f"initialization (init={settings.init!r} ignores the W and H passed to fit).",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -240,7 +258,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
     matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)
-    settings = settings.for_shape(matrix.shape)
+    settings = settings.for_shape(matrix.shape, _start_rank(settings, W, H, update_h))
     if not update_h:
         settings = replace(settings, init="custom")
     target = settings.checkpoint or resume
@@ -252,20 +270,21 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
         settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
         spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
         hooks = [] if spill is None else [spill]
+        callbacks = settings.callbacks + ((VerboseLog(settings.verbose),) if settings.verbose else ())
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
             hooks.append(checkpoint.start_writer(target, schedule, meta, state, snapshot))
         try:
-            result = driver.run(prepared.solver, state, settings.rules, settings.callbacks, history, tuple(hooks))
+            result = driver.run(prepared.solver, state, settings.rules, callbacks, history, tuple(hooks))
         except BaseException:
             if spill is not None:
                 spill.close()
             raise
-    if result.stop_reason == "max_iter" and settings.max_iter > 1 and update_h:
+    if result.stop_reason == "max_iter" and update_h:
         warnings.warn(
-            f"Maximum number of iterations {settings.max_iter} reached before convergence "
-            "(tol, tol_x). Increase max_iter or loosen tol / tol_x.",
+            f"Maximum number of iterations {settings.max_iter} reached. Increase it to improve convergence "
+            "(max_iter; or loosen tol / tol_x: the fit stops when both are met).",
             ConvergenceWarning,
             stacklevel=3,
         )

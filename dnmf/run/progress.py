@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from tqdm.auto import tqdm
 
@@ -89,3 +90,28 @@ class JsonLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class VerboseLog:
+    """``NMF(verbose=k)``: a line on stderr every 10th iteration (every one for k >= 2), and
+    the first, with the objective, its relative decrease and the seconds so far.
+
+    scikit-learn's NMF prints such lines ("Epoch 10 reached after ..."); here they go to stderr,
+    beside the progress bar, so that stdout stays the caller's.
+    """
+
+    def __init__(self, verbose: int = 1, file=None):
+        self.every = 1 if verbose >= 2 else 10
+        self.file = file
+        self.seconds = 0.0
+
+    def __call__(self, record: IterationRecord) -> None:
+        self.seconds += record.seconds
+        if record.iteration == 1 or record.iteration % self.every == 0:
+            objective = "not evaluated" if math.isnan(record.objective) else f"{record.objective:.6g}"
+            print(
+                f"NMF iteration {record.iteration}: objective {objective}, relative decrease "
+                f"{record.rel_decrease:.3g}, change {max(record.w_change, record.h_change):.3g}, "
+                f"{self.seconds:.3f} s",
+                file=self.file or sys.stderr,
+            )

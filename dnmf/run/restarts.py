@@ -144,7 +144,7 @@ def fit_runs(
                 f"every time; use init in {RESTART_INITS}."
             )
         settings = replace(settings, init=init)
-    r = settings.n_components or matrix.shape[1]
+    r = settings.n_components if isinstance(settings.n_components, int) else matrix.shape[1]  # None, "auto": p
     workers = max_concurrent or concurrent_runs(n_runs, matrix.shape, r, matrix.dtype.itemsize)
 
     def one(run_seed: int):

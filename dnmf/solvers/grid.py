@@ -32,12 +32,9 @@ import numpy as np
 from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
-from .rows import Step
+from .rows import Step, relative_change
 from ..data.store import Matrix, kl_offset
 from ..graph import Key, TaskGraph, compute, row_block_keys
-
-TINY = np.finfo(float).tiny
-
 
 @dataclass(frozen=True)
 class GridState:
@@ -48,7 +45,8 @@ class GridState:
     partials : persisted Delayed objects, one per column block: the
         :class:`~dnmf.kernels.Partials` of column block j at (W, H), summed over row blocks.
     w_gram : WᵀW (r, r) (β = 2; else 0).
-    objective : D_β(V | WH) at (W, H).
+    objective : D_β(V | WH) at (W, H), with the penalty terms.
+    penalty : the L1 / L2 penalty terms included in ``objective`` (0 unregularized).
     """
 
     W: da.Array
@@ -56,6 +54,7 @@ class GridState:
     partials: tuple
     w_gram: np.ndarray | float
     objective: float
+    penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,11 +92,13 @@ class GridSolver:
         w_parts = graph.map(_w_sums_at_start, w_keys, self.rule, label="wsum")
         w_sums = graph.reduce(w_parts, kernels.add_factor_sums, label="w")
         p_keys, terms = self._pass_a(graph, w_keys, h_keys)
-        summary = graph.task("summary", tuple, [w_sums, terms, self._h_gram(graph, h_keys)])
+        summary = graph.task("summary", tuple, [w_sums, terms, self._h_sums(graph, h_keys)])
         partials = [graph.delayed(key) for key in p_keys]
         W, H, partials, summary = dask.persist(W, H, partials, graph.delayed(summary), optimize_graph=False)
-        w_sums, terms, h_gram = compute(summary)[0]
-        return GridState(W, H, tuple(partials), w_sums.gram, self._objective(terms, w_sums.gram, h_gram))
+        w_sums, terms, h_sums = compute(summary)[0]
+        penalty = self._penalty(w_sums, h_sums)
+        objective = self._objective(terms, w_sums.gram, h_sums.gram) + penalty
+        return GridState(W, H, tuple(partials), w_sums.gram, objective, penalty)
 
     def step(self, state: GridState, evaluate: bool = True) -> Step:
         """One iteration: H_j from the partials, pass B updating W, pass A for the next partials.
@@ -137,10 +138,11 @@ class GridSolver:
             W_new, H_new, partials, graph.delayed(summary), optimize_graph=False
         )
         w_sums, terms, h_sums = compute(summary)[0]
-        objective = self._objective(terms, w_sums.gram, h_sums.gram) if with_loss else float("nan")
-        new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective)
-        w_change = float(np.sqrt(w_sums.d_sq / max(w_sums.sq, TINY)))
-        h_change = float(np.sqrt(h_sums.d_sq / max(h_sums.sq, TINY)))
+        penalty = self._penalty(w_sums, h_sums)
+        objective = self._objective(terms, w_sums.gram, h_sums.gram) + penalty if with_loss else float("nan")
+        new_state = GridState(W_new, H_new, tuple(partials), w_sums.gram, objective, penalty)
+        w_change = relative_change(w_sums.d_sq, w_sums.sq)
+        h_change = relative_change(h_sums.d_sq, h_sums.sq)
         return Step(new_state, w_change, h_change)
 
     def rerooted(self, state: GridState, reroot) -> GridState:
@@ -163,9 +165,14 @@ class GridSolver:
         terms = graph.map(kernels.column_objective_term, p_keys, h_keys, self.rule.beta, label="term")
         return p_keys, graph.reduce(terms, operator.add, label="terms")
 
-    def _h_gram(self, graph: TaskGraph, h_keys: list) -> Key:
-        """Add HHᵀ, summed over the column blocks, to ``graph``."""
-        return graph.reduce(graph.map(_h_gram, h_keys, label="hgram"), operator.add, label="hgram")
+    def _h_sums(self, graph: TaskGraph, h_keys: list) -> Key:
+        """Add H's :class:`~dnmf.kernels.FactorSums` (HHᵀ, ‖H‖², ‖H‖₁), summed over the column
+        blocks, to ``graph``."""
+        return graph.reduce(graph.map(_h_sums_at_start, h_keys, label="hgram"), kernels.add_factor_sums, label="hgram")
+
+    def _penalty(self, w_sums: FactorSums, h_sums: FactorSums) -> float:
+        """The rule's L1 / L2 penalty terms from the factors' sums (0 unregularized)."""
+        return self.rule.penalty(w_sums.l1, w_sums.sq, h_sums.l1, h_sums.sq)
 
     def _column_blocks(self, H) -> da.Array:
         """H as a dask array in V's column blocks (from numpy without holding a second copy)."""
@@ -186,8 +193,8 @@ def _col_keys(H: da.Array) -> list:
 
 def _w_sums_at_start(W_b: np.ndarray, rule: Rule) -> FactorSums:
     gram = kernels.gram(W_b) if rule.frobenius else 0.0
-    return FactorSums(gram, 0.0, float(np.vdot(W_b, W_b)), 0.0)
+    return FactorSums(gram, 0.0, float(np.vdot(W_b, W_b)), 0.0, kernels.l1_norm(W_b))
 
 
-def _h_gram(H_b: np.ndarray) -> np.ndarray:
-    return kernels.gram(H_b.T)
+def _h_sums_at_start(H_b: np.ndarray) -> FactorSums:
+    return FactorSums(kernels.gram(H_b.T), 0.0, float(np.vdot(H_b, H_b)), 0.0, kernels.l1_norm(H_b))

@@ -146,13 +146,23 @@ def _add(a, b):
 
 
 def _orthonormalize(Y: da.Array) -> da.Array:
-    """An orthonormal basis of the columns of a tall Y, by two rounds of Gram-matrix QR."""
+    """An orthonormal basis of the columns of a tall Y, by two rounds of Gram-matrix QR.
+
+    The products are tasks of their own graphs (a Gram per row block in the fixed-order tree,
+    then each block times the transform), whose arguments are realigned like every dnmf task,
+    so the basis does not depend on which worker holds which block.
+    """
     for _ in range(2):
-        gram = compute(Y.T @ Y)[0].astype(np.float64)
+        graph = TaskGraph("dnmf-gram", [Y])
+        total = graph.reduce(graph.map(kernels.gram, row_block_keys(Y)), _add)
+        gram = compute(graph.delayed(total))[0].astype(np.float64)
         values, vectors = np.linalg.eigh(gram)
         keep = values > values.max() * 1e-12
         transform = (vectors[:, keep] / np.sqrt(values[keep])).astype(Y.dtype)
-        Y = (Y @ transform).persist()
+        Y = map_blocks(
+            "dnmf-rotate", np.matmul, row_block_keys(Y), transform,
+            chunks=(Y.chunks[0], (transform.shape[1],)), dtype=Y.dtype, dependencies=[Y],
+        ).persist()
     return Y
 
 

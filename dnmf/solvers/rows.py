@@ -75,6 +75,8 @@ class SolverState:
     steps : after a step on a graph, the persisted ``(W_i, partials_i)`` results of its row
         blocks: the next step reads W_i from them directly, one task per block fewer than
         through W's chunks. None otherwise (replace W, and set this to None).
+    penalty : the L1 / L2 penalty terms included in ``objective`` (0 unregularized), so that
+        ``objective - penalty`` is the divergence alone.
     """
 
     W: da.Array
@@ -82,6 +84,7 @@ class SolverState:
     partials: Partials
     objective: float
     steps: tuple | None = None
+    penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ class Solver:
         if self._exact(objective):
             W, partials = self._start_pass(W, H, exact=True)
             objective = self._objective(partials, H, HHt, exact=True)
-        return SolverState(W, H, partials, objective)
+        penalty = self._penalty(partials, H)
+        return SolverState(W, H, partials, objective + penalty, penalty=penalty)
 
     def _start_pass(self, W: da.Array, H: np.ndarray, exact: bool):
         """(W laid out for the steps, the partials at (W, H)) from one pass over V."""
@@ -184,16 +188,18 @@ class Solver:
         H = self._update_h(H_old, state.partials) if self.update_h else H_old
         HHt = kernels.gram(H.T)
         with_loss = self._needs_loss(evaluate)
-        exact = evaluate and self._exact(state.objective)
+        exact = evaluate and self._exact(state.objective - state.penalty)
         if self.local:
             W, partials = self._w_pass_local(state.W, H, HHt, with_loss, exact)
             steps = None
         else:
             W, steps, partials = self._w_pass(state, H, HHt, with_loss, exact)
-        h_change = float(np.linalg.norm(H - H_old) / max(np.linalg.norm(H), np.finfo(float).tiny))
-        w_change = float(np.sqrt(partials.dw_sq / max(partials.w_sq, np.finfo(float).tiny)))
-        objective = self._objective(partials, H, HHt, exact) if with_loss else float("nan")
-        return Step(SolverState(W, H, partials, objective, steps), w_change, h_change)
+        h_norm, h_delta = np.linalg.norm(H), np.linalg.norm(H - H_old)
+        h_change = float(h_delta / max(h_norm, np.finfo(float).tiny)) if h_norm else relative_change(float(h_delta), 0.0)
+        w_change = relative_change(partials.dw_sq, partials.w_sq)
+        penalty = self._penalty(partials, H)
+        objective = self._objective(partials, H, HHt, exact) + penalty if with_loss else float("nan")
+        return Step(SolverState(W, H, partials, objective, steps, penalty), w_change, h_change)
 
     def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False):
         """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
@@ -242,7 +248,14 @@ class Solver:
         return replace(state, W=reroot(state.W, "W"), steps=None)
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray, exact: bool = False) -> float:
+        """D_β(V | WH) at (W, H), the divergence alone."""
         return kernels.objective(partials, H, HHt, self.v_sq, self.rule.beta, self._kl_offset(), exact)
+
+    def _penalty(self, partials: Partials, H: np.ndarray) -> float:
+        """The rule's L1 / L2 penalty terms at (W, H) (0 unregularized)."""
+        if not self.rule.regularized:
+            return 0.0
+        return self.rule.penalty(partials.w_l1, partials.w_sq, kernels.l1_norm(H), float(np.vdot(H, H)))
 
     def _kl_offset(self) -> float:
         if not self.rule.kullback_leibler:
@@ -307,6 +320,14 @@ class MaskedSolver(Solver):
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray, exact: bool = False) -> float:
         return max(float(partials.loss), 0.0)
+
+
+def relative_change(d_sq: float, sq: float) -> float:
+    """‖X_new − X_old‖ / ‖X_new‖ from ‖X_new − X_old‖² and ‖X_new‖². A factor that became all
+    zero (a strong L1 penalty can do that) moved by 1; one that stayed zero, by 0."""
+    if sq == 0.0:
+        return 0.0 if d_sq == 0.0 else 1.0
+    return float(np.sqrt(d_sq / max(sq, np.finfo(float).tiny)))
 
 
 def _w_of(step_result) -> np.ndarray:
