@@ -433,8 +433,8 @@ def non_negative_factorization(
         raise ParameterError("update_H=False needs H.")
     _check_start_dtypes(X, H=H)
     H = np.asarray(H)
-    if H.ndim != 2 or (n_components is not None and H.shape[0] != n_components):
-        rows = "n_components" if n_components is None else n_components
+    if H.ndim != 2 or (n_components not in (None, "auto") and H.shape[0] != n_components):
+        rows = n_components if isinstance(n_components, int) else "n_components"
         raise ParameterError(
             "Array with wrong shape passed to non_negative_factorization (input H, fixed by update_H=False). "
             f"Expected ({rows}, n_features of X), but got {H.shape}."
