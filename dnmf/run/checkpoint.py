@@ -261,7 +261,7 @@ def _jsonable(value):
 
 def saved_params(params: dict, seed: int) -> dict:
     """The estimator's parameters as JSON, with the resolved seed as ``random_state``."""
-    skip = {"callbacks"}
+    skip = {"callbacks", "resume"}  # how this run was started is no property of the fit
     out = {k: _jsonable(v) for k, v in params.items() if k not in skip}
     out["random_state"] = int(seed)
     return out
@@ -435,6 +435,8 @@ class Checkpointer(Hook):
 
     def finish(self, state: State, history: list[IterationRecord], stop_reason: str) -> None:
         iteration = history[-1].iteration if history else 0
+        if stop_reason == "signal" and self.last_saved is not None and self.last_saved[0] == iteration:
+            return  # this iteration is saved already: exit without writing it again
         if self.last_saved != (iteration, stop_reason):
             self.save(state, history, stop_reason)
 
@@ -677,5 +679,5 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
         raise CheckpointMismatchError(
             f"Cannot resume from {os.fspath(path)!r}: it was made for a different matrix or with "
             f"settings that change the iterates ({'; '.join(differences)}). Resume with the "
-            "checkpoint's matrix and settings, or start a new fit."
+            "checkpoint's matrix and settings, or start a new fit in another checkpoint folder."
         )
