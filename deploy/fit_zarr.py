@@ -20,6 +20,7 @@ job on that status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -55,6 +56,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from dnmf.run.signals import exit_on_signals_outside_fits
+
+    args = parse_args(argv)
+    if args.scheduler == "mpi" and args.checkpoint:
+        # srun / mpirun pass a forwarded SIGUSR1 to every rank: only the client rank acts on it
+        # (its fit installs its own handler); the scheduler and worker ranks must not die of it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    with exit_on_signals_outside_fits() if args.checkpoint and args.scheduler != "mpi" else contextlib.nullcontext():
+        # (A signal before or after the fit: exit 75 as well, so the batch script requeues.)
+        return _fit(args)
+
+
+def _fit(args) -> int:
     import dask.array as da
     import zarr
 
@@ -63,11 +77,6 @@ def main(argv=None) -> int:
     from dnmf.errors import FitInterrupted
     from dnmf.run.signals import EXIT_INTERRUPTED
 
-    args = parse_args(argv)
-    if args.scheduler == "mpi" and args.checkpoint:
-        # srun / mpirun pass a forwarded SIGUSR1 to every rank: only the client rank acts on it
-        # (its fit installs its own handler); the scheduler and worker ranks must not die of it.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cache = {"auto": "auto", "true": True, "false": False}[args.cache]
     job_options = json.loads(args.job_options)

@@ -613,6 +613,51 @@ def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(slurm, recipe_problem, tm
     assert_the_local_fit(output, recipe_problem, n_workers=1)
 
 
+REQUEUE_ITER = int(os.environ.get("DNMF_TEST_REQUEUE_ITER", "4000"))
+
+
+@pytest.mark.slow
+def test_the_slurm_recipe_outlives_its_time_limit_by_requeueing_and_ends_bitwise_equal(slurm, recipe_problem, tmp_path):
+    """deploy/slurm/dnmf-single-node.sbatch with a 1-minute time limit and a fit that needs
+    several: Slurm signals the job (USR1 before the limit, SIGTERM at it), the fit checkpoints
+    and exits 75, the script requeues the job, and the last run ends the fit bitwise equal to
+    an uninterrupted one."""
+    _wait_for_idle_node(slurm)
+    output, log = tmp_path / "result.zarr", tmp_path / "job.out"
+    with dask.config.set(scheduler="threads"):
+        here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=REQUEUE_ITER, tol=0, tol_x=0).fit(
+            str(recipe_problem.input_path)
+        )
+    env = {**slurm, **recipe_job_env(recipe_problem, output), "DNMF_MAX_ITER": str(REQUEUE_ITER),
+           "DNMF_CHECKPOINT_EVERY": "100"}
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1", "--mem=1500M", "--time=1",
+         "--signal=B:USR1@45", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
+        env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+    started, state = time.monotonic(), ""
+    while time.monotonic() - started < 900:
+        show = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True)
+        state = show.stdout
+        if any(f"JobState={s}" in state for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
+            break
+        time.sleep(2)
+    else:
+        subprocess.run(["scancel", job_id], env=slurm)
+        pytest.fail(f"the job did not end in 15 minutes:\n{state}\n{_job_log(log)[-3000:]}")
+    text = _job_log(log)
+    print(f"job {job_id}: {time.monotonic() - started:.0f} s; {state.split('Restarts=')[1].split()[0]} requeues")
+    print("\n".join(line for line in text.splitlines() if line.startswith("dnmf")))
+    assert "JobState=COMPLETED" in state, f"{state}\n{text[-3000:]}"
+    assert text.count("requeueing job") >= 2 and "Restarts=0 " not in state, text[-3000:]
+    result = zarr.open_group(str(output), mode="r")
+    assert result.attrs["n_iter"] == REQUEUE_ITER
+    assert np.array_equal(result["H"][:], here.components_)
+    assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
+
+
 @pytest.mark.slow
 def test_the_jobqueue_recipe_runs_its_workers_as_slurm_jobs(slurm, recipe_problem, tmp_path):
     """deploy/jobqueue_driver.py: SLURMCluster submits two worker jobs that connect back on lo."""

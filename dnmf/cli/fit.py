@@ -3,6 +3,7 @@ checkpointed fit, and compute W for new rows with a result's H."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -10,6 +11,7 @@ import warnings
 import click
 
 from ..errors import DnmfError, no_such_path
+from ..run.signals import exit_on_signals_outside_fits
 from .common import (
     check_fit_outputs,
     close_callbacks,
@@ -54,7 +56,8 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
-        with zarr_input(input_path, dataset, quiet) as path, \
+        with exit_on_signals_outside_fits() if params["checkpoint"] else contextlib.nullcontext(), \
+                zarr_input(input_path, dataset, quiet) as path, \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -97,7 +100,8 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
     callbacks = make_callbacks(max_iter, quiet, log_json)
     started = time.perf_counter()
     try:
-        with dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), warnings.catch_warnings():
+        with exit_on_signals_outside_fits(), \
+                dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = resume_fit(checkpoint_dir, input_path, max_iter=max_iter, max_time=max_time, callbacks=callbacks)
             close_callbacks(callbacks)

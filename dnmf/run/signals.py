@@ -67,3 +67,29 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopReq
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _exit_interrupted(signum, frame) -> None:
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def exit_on_signals_outside_fits(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """For a command that fits with checkpoints, for a ``with`` block: SIGTERM / SIGUSR1
+    arriving outside the fit (while the command starts up, or writes its result) end it with
+    :data:`EXIT_INTERRUPTED` too (``SystemExit``), so a batch script requeues it; nothing is
+    lost, as the rerun starts or resumes and a result is written whole or not at all. During
+    the fit :func:`stop_on_signals` takes over. The previous handlers come back at the end;
+    outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for signum in signals:
+            previous[signum] = signal.signal(signum, _exit_interrupted)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
