@@ -25,6 +25,7 @@ import uuid
 import psutil
 
 from ..errors import LockedError
+from . import folders
 
 SUFFIX = ".lock"
 ATTEMPTS = 10
@@ -122,8 +123,15 @@ class FolderLock:
     def release(self) -> None:
         """Remove the lock file if this object holds it (and it is still this object's)."""
         token, self._token = self._token, None
-        if token is not None and (_read(self.path) or {}).get("token") == token:
-            os.remove(self.path)
+        if token is not None and (self._read_record() or {}).get("token") == token:
+            self._remove()
+
+    def _read_record(self) -> dict | None:
+        """The lock's record: None when it is gone, {} when it holds no (complete) record."""
+        return _read(self.path)
+
+    def _remove(self) -> None:
+        os.remove(self.path)
 
     def _create(self) -> bool:
         """Create the lock file with this process's record; False when it exists."""
@@ -145,7 +153,7 @@ class FolderLock:
         was just created and is not yet written."""
         deadline = time.monotonic() + UNREADABLE_GRACE
         while True:
-            holder = _read(self.path)
+            holder = self._read_record()
             if holder != {}:
                 return holder
             if time.monotonic() > deadline:
@@ -192,6 +200,49 @@ class FolderLock:
         )
 
 
+class ObjectLock(FolderLock):
+    """The lock of a folder given as an fsspec URL (a checkpoint on an object store).
+
+    The lock is the object ``URL.lock``, created by a conditional write that fails when it
+    exists (``If-None-Match: *``: atomic on S3, GCS and Azure), holding the same record as a
+    :class:`FolderLock`'s file. A stale lock of this host (its process gone) is taken over: it is
+    deleted if it still holds the record read (an object store has no atomic rename, so two
+    runs taking the same stale lock over at the same instant could both delete it; only one
+    of them can then create the new one). A lock of another host is refused, naming it: delete
+    the object ``URL.lock`` when no run uses the folder.
+    """
+
+    def __init__(self, folder: str, what: str):
+        self.folder = os.fspath(folder).rstrip("/")
+        self.what = what
+        self.path = self.folder + SUFFIX
+        self._token = None
+
+    def _create(self) -> bool:
+        record = holder_record()
+        if not folders.create_exclusive(self.path, json.dumps(record).encode()):
+            return False
+        self._token = record["token"]
+        return True
+
+    def _read_record(self) -> dict | None:
+        try:
+            text = folders.read_bytes(self.path).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        return _parse(text)
+
+    def _remove(self) -> None:
+        try:
+            folders.remove_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _take_over(self, stale: dict) -> None:
+        if (self._read_record() or {}).get("token") == stale["token"]:
+            self._remove()
+
+
 def _read(path: str) -> dict | None:
     """A lock file's record: None when the file is gone, {} when it holds no (complete) record."""
     try:
@@ -199,6 +250,10 @@ def _read(path: str) -> dict | None:
             text = f.read()
     except FileNotFoundError:
         return None
+    return _parse(text)
+
+
+def _parse(text: str) -> dict:
     try:
         record = json.loads(text)
     except ValueError:
