@@ -21,7 +21,8 @@ pytest.importorskip("s3fs", reason="the object-store tests need s3fs")
 
 import dnmf  # noqa: E402
 from dnmf.errors import LockedError, ParameterError  # noqa: E402
-from dnmf.run import checkpoint, folders  # noqa: E402
+from dnmf.data import folders  # noqa: E402
+from dnmf.run import checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -217,11 +218,25 @@ def test_the_cli_starts_or_resumes_a_checkpoint_on_s3(s3, prefix, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     common = ["-r", RANK, "--init", "random", "--seed", 0, "--tol", 0, "--tol-x", 0, "--chunks", 25,
               "--scheduler", "threads", "-q", "--checkpoint", ckpt, "--resume", "auto", "--checkpoint-every", 3]
-    for max_iter, out in ((5, "a.zarr"), (11, "b.zarr")):
-        done = subprocess.run([sys.executable, "-m", "dnmf", "fit", X, "-o", str(tmp_path / out), "--max-iter",
-                               str(max_iter), *map(str, common)], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
+    out = f"{prefix}/result.zarr"
+    s3.pipe_file(f"{prefix[5:]}/mine.zarr/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
+
+    def dnmf_fit(max_iter, out, *extra):
+        return subprocess.run([sys.executable, "-m", "dnmf", "fit", X, "-o", out, "--max-iter", str(max_iter),
+                               *map(str, common), *extra], env=env, capture_output=True, text=True, timeout=120)
+
+    first = dnmf_fit(5, out)
+    assert first.returncode == 0, first.stderr
+    assert dnmf.results.load_result(out).n_iter == 5
+    again = dnmf_fit(11, out)  # the result exists: refused before any work
+    assert again.returncode == 1 and "already exists" in again.stderr and checkpoint.load(ckpt).iteration == 5
+    again = dnmf_fit(11, out, "--overwrite")  # resumes at 5, replaces dnmf's own result
+    assert again.returncode == 0, again.stderr
+    refused = dnmf_fit(11, f"{prefix}/mine.zarr", "--overwrite")  # not dnmf's: never replaced
+    assert refused.returncode == 1 and "not something dnmf wrote" in refused.stderr
+    assert s3.exists(f"{prefix[5:]}/mine.zarr/zarr.json")
     ref = dnmf.NMF(RANK, init="random", random_state=0, tol=0, tol_x=0, chunks=25, max_iter=11)
-    fit(ref, V)
-    assert same_bits(dnmf.results.load_result(tmp_path / "b.zarr").H, ref.components_)
-    assert checkpoint.load(ckpt).iteration == 11
+    W_ref = fit(ref, V)
+    result = dnmf.results.load_result(out)
+    assert result.n_iter == 11 and checkpoint.load(ckpt).iteration == 11
+    assert same_bits(result.H, ref.components_) and same_bits(result.W.compute(), W_ref)

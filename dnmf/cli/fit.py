@@ -10,6 +10,7 @@ import warnings
 
 import click
 
+from ..data import folders
 from ..errors import DnmfError, no_such_path
 from ..run.signals import exit_on_signals_outside_fits
 from .common import (
@@ -95,7 +96,7 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 
     recorded = load_checkpoint(checkpoint_dir).record.get("input_path") if has_checkpoint(checkpoint_dir) else None
     check_fit_outputs(out, overwrite, log_json, {"checkpoint": checkpoint_dir, "input": input_path or recorded})
-    if not os.path.exists(checkpoint_dir):
+    if not folders.exists(checkpoint_dir):
         raise DnmfError(no_such_path("checkpoint", checkpoint_dir))
     callbacks = make_callbacks(max_iter, quiet, log_json)
     started = time.perf_counter()

@@ -48,7 +48,7 @@ import dask.array as da
 import numpy as np
 
 from .driver import Hook, IterationRecord, State
-from . import folders
+from ..data import folders
 from .locks import FolderLock, ObjectLock
 from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats

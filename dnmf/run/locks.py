@@ -25,7 +25,7 @@ import uuid
 import psutil
 
 from ..errors import LockedError
-from . import folders
+from ..data import folders
 
 SUFFIX = ".lock"
 ATTEMPTS = 10
