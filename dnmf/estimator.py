@@ -87,7 +87,9 @@ class NMF(TransformerMixin, BaseEstimator):
         memory allows) and keep the run with the lowest final objective. Needs a random init.
     checkpoint : str or os.PathLike or None
         A directory to write crash-safe checkpoints into (new or empty; see
-        :mod:`dnmf.run.checkpoint`): at the start, on the schedule below, and at the end.
+        :mod:`dnmf.run.checkpoint`): at the start, on the schedule below, and at the end. A
+        local or shared path, or an fsspec URL (``s3://bucket/ckpt``; the pointer to the newest
+        version is then switched by a single-object write).
         ``fit(X, resume=PATH)`` or :func:`dnmf.checkpoint.resume` continues from it, bitwise
         as if never interrupted. While a fit writes checkpoints, SIGTERM or SIGUSR1 (a batch
         system's pre-emption or wall-time warning) make it finish the current iteration,

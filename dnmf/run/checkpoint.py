@@ -12,7 +12,11 @@ A checkpoint directory ``PATH`` holds versions, each a complete Zarr group, and 
 
 A version is written into a fresh directory, every file in it is fsynced, then ``CURRENT`` is
 replaced atomically (temp file, fsync, ``os.replace``, fsync of ``PATH``), then versions other
-than the new one and the previous one are removed. A kill at any moment leaves ``CURRENT``
+than the new one and the previous one are removed. ``PATH`` may also be an fsspec URL
+(``s3://bucket/ckpt``, ``gs://...``; :mod:`dnmf.data.folders`): a version is then a key prefix
+written object by object, and ``CURRENT`` is switched by one PUT, atomic on object stores, so
+readers see a complete version or the previous one, never half of one; the lock is the object
+``PATH.lock`` created by a conditional write (:class:`~dnmf.run.locks.ObjectLock`). A kill at any moment leaves ``CURRENT``
 naming a complete version. Each array's CRC-32 (per stored block for W) is recorded, so a
 version damaged later is detected on resume; the previous good version is then used, with a
 :class:`CheckpointWarning`.
