@@ -69,6 +69,16 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _url_exists(url: str) -> bool:
+    """Whether ``url`` exists, as far as can be told before the command starts: a store that
+    cannot be reached yet (no credentials, no network) is checked again when it is written
+    (:func:`object_store_directory`), which reports what is wrong."""
+    try:
+        return folders.exists(url)
+    except Exception:  # noqa: BLE001 - any error of the store's client library
+        return False
+
+
 def _real(path: str) -> str:
     """The resolved real path (a URL as it is, without a trailing slash)."""
     return path.rstrip("/") if _is_url(path) else os.path.realpath(path)
@@ -173,7 +183,7 @@ def check_output(
             "into one; choose a path beside it."
         )
     if not local:
-        if kind == "store" and folders.exists(text):
+        if kind == "store" and _url_exists(text):
             if not overwrite:
                 raise StoreError(f"{text!r} already exists; choose another output path or pass --overwrite.")
             if not owned(text):
