@@ -13,6 +13,7 @@ Skipped, with the reason printed, where the machine cannot create network namesp
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 import dnmf
+from dnmf.run import checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -253,8 +255,13 @@ def test_a_lost_scheduler_is_replaced_and_the_same_command_resumes_bitwise(hosts
     hosts.worker("w1")
     hosts.worker("w2")
     hosts.wait_for_workers(2)
+    saved = checkpoint.load(ckpt).iteration
+    logged = len(log.read_text().splitlines())
     again = hosts.start("s", command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
-    print(f"scheduler killed after iteration {lost_at}; first driver exited {driver.returncode}")
+    print(f"scheduler killed after iteration {lost_at}; first driver exited {driver.returncode}; "
+          f"resumed from iteration {saved}")
+    rerun = [json.loads(line) for line in log.read_text().splitlines()[logged:]]
+    assert saved >= 5 and rerun[0]["iteration"] == saved + 1  # resumed, not restarted
     assert_same_result(out, ref)
