@@ -247,6 +247,7 @@ def test_sigterm_ends_the_command_within_an_iteration_and_a_checkpoint_write(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_same_command_killed_or_terminated_at_random_moments_ends_bitwise_equal(tmp_path, big_zarr):
     digest = tree_digest(big_zarr)
     ref = subprocess.run(fit_command(big_zarr, tmp_path / "ref.zarr", tmp_path / "ref-ckpt", tmp_path / "ref.jsonl"),

@@ -209,6 +209,7 @@ def assert_same_result(out: Path, ref) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_worker_host_cut_off_the_network_mid_fit_changes_nothing(hosts, problem, tmp_path):
     _, V_path = problem
     ref = reference(V_path, tmp_path)
@@ -230,6 +231,7 @@ def test_a_worker_host_cut_off_the_network_mid_fit_changes_nothing(hosts, proble
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_lost_scheduler_is_replaced_and_the_same_command_resumes_bitwise(hosts, problem, tmp_path):
     _, V_path = problem
     ref = reference(V_path, tmp_path)

@@ -617,6 +617,7 @@ REQUEUE_ITER = int(os.environ.get("DNMF_TEST_REQUEUE_ITER", "700"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1000)
 def test_the_slurm_recipe_outlives_its_time_limit_by_requeueing_and_ends_bitwise_equal(slurm, recipe_problem, tmp_path):
     """deploy/slurm/dnmf-single-node.sbatch with a 1-minute time limit and a fit that needs
     several: Slurm signals the job (USR1 before the limit, SIGTERM at it), the fit checkpoints

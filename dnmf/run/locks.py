@@ -10,8 +10,11 @@ A process killed while holding a lock leaves the file behind. A later run on the
 sees that the holder is gone (no process with that pid, or one started at another time: the
 pid was reused) and takes the lock over: it renames the stale file to a name of its own, an
 atomic step only one contender wins, checks that what it moved is the stale lock it read, and
-creates its own. A lock of another host is never taken over: its holder's liveness cannot be
-checked from here, so the error names the host and pid and says how to remove the lock.
+creates its own. A lock of another host is not taken over: its holder's liveness cannot be checked
+from here, so the error names the host and pid and says how to remove the lock. One exception:
+a lock held by an earlier run of the same Slurm batch job (the same ``SLURM_JOB_ID``, a lower
+``SLURM_RESTART_COUNT``), which a requeued job may meet on another node after its previous run
+was killed: Slurm runs one instance of a job at a time, so that holder is gone.
 """
 
 from __future__ import annotations
@@ -52,13 +55,38 @@ def holder_record(pid: int | None = None) -> dict:
         tell a reused pid), ``locked`` (when the lock was taken) and a random ``token``.
     """
     pid = os.getpid() if pid is None else int(pid)
-    return {
+    record = {
         "host": socket.gethostname(),
         "pid": pid,
         "process_started": psutil.Process(pid).create_time(),
         "locked": time.time(),
         "token": uuid.uuid4().hex,
     }
+    job = batch_job()
+    if job is not None:
+        record["batch_job"] = job
+    return record
+
+
+def batch_job() -> dict | None:
+    """This process's Slurm job and run (``SLURM_JOB_ID``, ``SLURM_RESTART_COUNT``), if any."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        run = 0
+    return {"system": "slurm", "id": job_id, "run": run}
+
+
+def _earlier_run_of_this_job(holder: dict) -> bool:
+    """Whether ``holder`` is an earlier run of this process's batch job (requeued since)."""
+    mine, theirs = batch_job(), holder.get("batch_job")
+    if mine is None or not isinstance(theirs, dict):
+        return False
+    same_job = theirs.get("system") == mine["system"] and str(theirs.get("id")) == mine["id"]
+    return same_job and isinstance(theirs.get("run"), int) and theirs["run"] < mine["run"]
 
 
 def _alive(holder: dict) -> bool:
@@ -112,7 +140,9 @@ class FolderLock:
             holder = self._holder()
             if holder is None:  # released (or taken over) meanwhile: try again
                 continue
-            if holder.get("host") != socket.gethostname() or _alive(holder):
+            here = holder.get("host") == socket.gethostname()
+            stale = (here and not _alive(holder)) or _earlier_run_of_this_job(holder)
+            if not stale:
                 raise LockedError(self._refusal(holder))
             self._take_over(holder)
         raise LockedError(
