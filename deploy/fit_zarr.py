@@ -52,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint folder or URL: start the fit there, or resume the one it holds")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints")
+    parser.add_argument("--status-file", default=None,
+                        help="write the fit's exit status here (under MPI only the client rank does): "
+                             "0 done, 75 stopped by a signal with a checkpoint, 1 failed")
     return parser.parse_args(argv)
 
 
@@ -63,12 +66,25 @@ def main(argv=None) -> int:
         # srun / mpirun pass a forwarded SIGUSR1 to every rank: only the client rank acts on it
         # (its fit installs its own handler); the scheduler and worker ranks must not die of it.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    with exit_on_signals_outside_fits() if args.checkpoint and args.scheduler != "mpi" else contextlib.nullcontext():
-        # (A signal before or after the fit: exit 75 as well, so the batch script requeues.)
-        return _fit(args)
+    status, client = 1, []
+    try:
+        with exit_on_signals_outside_fits() if args.checkpoint and args.scheduler != "mpi" else contextlib.nullcontext():
+            # (A signal before or after the fit: exit 75 as well, so the batch script requeues.)
+            status = _fit(args, client)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        # Under MPI only the client rank: the scheduler and worker ranks end inside connect().
+        if args.status_file and client:
+            with open(args.status_file, "w") as f:
+                f.write(f"{status}\n")
+    return status
 
 
-def _fit(args) -> int:
+def _fit(args, client_rank: list) -> int:
+    """Connect, fit, write the result; ``client_rank`` gets an entry once connected (the MPI
+    rank that runs the fit)."""
     import dask.array as da
     import zarr
 
@@ -86,6 +102,7 @@ def _fit(args) -> int:
         args.scheduler, n_workers=args.n_workers, memory_limit=args.memory_limit,
         job_options=job_options,
     ) as client:
+        client_rank.append(True)
         if client is not None:
             client.wait_for_workers(1)
         model = NMF(
