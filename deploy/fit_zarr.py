@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         raise
     finally:
         # Under MPI only the client rank: the scheduler and worker ranks end inside connect().
-        if args.status_file and client:
+        if args.status_file and (client or args.scheduler != "mpi"):
             with open(args.status_file, "w") as f:
                 f.write(f"{status}\n")
     return status
