@@ -838,3 +838,27 @@ def test_the_recipes_that_cannot_run_here_parse_and_carry_dnmfs_worker_settings(
     for name, value in WORKER_JOB_ENV.items():
         assert f"{name}={value}" in dockerfile or f'{name}="{value}"' in dockerfile, name
     assert "env=dict(WORKER_JOB_ENV)" in (deploy / "kubernetes" / "operator_driver.py").read_text()
+
+
+def test_the_recipes_checkpoint_and_requeue_on_the_documented_status():
+    """Every batch recipe checkpoints with start-or-resume and reruns itself on exit status 75."""
+    import yaml
+
+    from dnmf.run.signals import EXIT_INTERRUPTED
+
+    deploy = REPO / "deploy"
+    assert EXIT_INTERRUPTED == 75
+    for script in deploy.glob("slurm/*.sbatch"):
+        text = script.read_text()
+        for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "--checkpoint", "scontrol requeue",
+                       "trap 'kill -USR1", "INTERRUPTED=75"):
+            assert needle in text, f"{script.name}: {needle}"
+    pbs = (deploy / "pbs" / "dnmf-pbs.qsub").read_text()
+    for needle in ("#PBS -r y", "--checkpoint", "kill -USR1", "INTERRUPTED=75", "qsub -v"):
+        assert needle in pbs, needle
+    (job,) = yaml.safe_load_all((deploy / "kubernetes" / "fit-job.yaml").read_text())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "dnmf", "operator": "In", "values": [75]}} in rules
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
+    assert any(arg.startswith("--checkpoint=s3://") for arg in pod["containers"][0]["command"])
