@@ -58,9 +58,7 @@ def filesystem(url: str):
     """(fsspec file system, path within it) of ``url``; listings never cached."""
     import fsspec
 
-    protocol = url.split("://", 1)[0]
-    fs = _filesystem(protocol)
-    return fs, fs._strip_protocol(url) if hasattr(fs, "_strip_protocol") else fsspec.core.strip_protocol(url)
+    return _filesystem(url.split("://", 1)[0]), fsspec.core.strip_protocol(url)
 
 
 def isfile(path: str) -> bool:
@@ -94,11 +92,7 @@ def listdir(path: str) -> list[str]:
     except FileNotFoundError:
         return []
     names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
-    return [name for name in names if name and entry_is_inside(name)]
-
-
-def entry_is_inside(name: str) -> bool:
-    return name not in (".", "..")
+    return [name for name in names if name not in ("", ".", "..")]
 
 
 def files_under(path: str) -> list[str] | None:
