@@ -803,6 +803,52 @@ def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path
     assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_pbs_recipe_stops_before_its_walltime_with_status_75_and_the_rerun_ends_bitwise_equal(
+        recipe_problem, tmp_path):
+    """deploy/pbs/dnmf-pbs.qsub (by bash under mpirun, as above) with a 25 s walltime: its timer
+    sends USR1 to mpirun 10 s before it, the client rank checkpoints and the script exits 75
+    (qsub would resubmit it here); the same script again ends the fit bitwise equal."""
+    _skip(_mpi_unavailable_reason())
+    env = recipe_env()
+    if shutil.which("mpirun", path=env["PATH"]) is None:
+        _skip("no mpirun on PATH (the mpich wheel brings one)")
+    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
+        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    max_iter = 600
+    with dask.config.set(scheduler="threads"):
+        here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=max_iter, tol=0, tol_x=0).fit(
+            str(recipe_problem.input_path)
+        )
+    output = tmp_path / "result.zarr"
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\n" * MPI_RANKS)
+    env = {
+        **recipe_job_env(recipe_problem, output, DNMF_EXTRA_ARGS="--interface lo"), **MPI_LOOPBACK_ENV,
+        "PBS_NODEFILE": str(nodefile), "PBS_O_WORKDIR": str(tmp_path), "DNMF_MAX_ITER": str(max_iter),
+    }
+
+    def job(**extra):
+        return subprocess.run(
+            ["unshare", "--net", "bash", "-c", 'ip link set lo up && exec bash "$0"',
+             str(REPO / "deploy" / "pbs" / "dnmf-pbs.qsub")],
+            env={**env, **extra}, capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+        )
+
+    first = job(DNMF_WALLTIME_SECONDS="25", DNMF_STOP_MARGIN="10")
+    assert first.returncode == 75, f"{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
+    saved = json.loads((tmp_path / "result.zarr.checkpoint" / "CURRENT").read_text())["iteration"]
+    assert 0 < saved < max_iter and not output.exists()
+    second = job()
+    assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}"
+    result = zarr.open_group(str(output), mode="r")
+    print(f"PBS recipe stopped by its timer after iteration {saved}, then finished")
+    assert result.attrs["n_iter"] == max_iter
+    assert np.array_equal(result["H"][:], here.components_)
+    assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
+
+
 # ---------------------------------------------------------------------------
 # Recipes that cannot run here (no PBS server, no Kubernetes, no image registry): checked statically
 
