@@ -9,13 +9,21 @@ INPUT is the path or fsspec URL of a 2-D Zarr array (``/scratch/me/V.zarr``,
 system or an object store. OUTPUT is a directory (or URL) that receives a Zarr group with the
 arrays ``W`` (written by the workers, row block by row block) and ``H``, and attributes with
 the settings and the history.
+
+With ``--checkpoint DIR`` (a shared path or an fsspec URL) the fit checkpoints there and starts
+or resumes (``resume="auto"``): the same command serves the first run and every rerun of a
+pre-empted or timed-out job. On SIGTERM or SIGUSR1 it finishes the iteration, checkpoints and
+exits with status 75 (``dnmf.run.signals.EXIT_INTERRUPTED``): the batch scripts requeue the
+job on that status.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 
 
@@ -41,17 +49,50 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="auto", choices=("auto", "true", "false"))
     parser.add_argument("--spill-dir", default=None, help="shared directory for re-rooting W")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint folder or URL: start the fit there, or resume the one it holds")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="iterations between checkpoints")
+    parser.add_argument("--status-file", default=None,
+                        help="write the fit's exit status here (under MPI only the client rank does): "
+                             "0 done, 75 stopped by a signal with a checkpoint, 1 failed")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    from dnmf.run.signals import exit_on_signals_outside_fits
+
+    args = parse_args(argv)
+    if args.scheduler == "mpi" and args.checkpoint:
+        # srun / mpirun pass a forwarded SIGUSR1 to every rank: only the client rank acts on it
+        # (its fit installs its own handler); the scheduler and worker ranks must not die of it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    status, client = 1, []
+    try:
+        with exit_on_signals_outside_fits() if args.checkpoint and args.scheduler != "mpi" else contextlib.nullcontext():
+            # (A signal before or after the fit: exit 75 as well, so the batch script requeues.)
+            status = _fit(args, client)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        # Under MPI only the client rank: the scheduler and worker ranks end inside connect().
+        if args.status_file and (client or args.scheduler != "mpi"):
+            with open(args.status_file, "w") as f:
+                f.write(f"{status}\n")
+    return status
+
+
+def _fit(args, client_rank: list) -> int:
+    """Connect, fit, write the result; ``client_rank`` gets an entry once connected (the MPI
+    rank that runs the fit)."""
     import dask.array as da
     import zarr
 
     from dnmf import NMF
     from dnmf.cluster import connect
+    from dnmf.errors import FitInterrupted
+    from dnmf.run.signals import EXIT_INTERRUPTED
 
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cache = {"auto": "auto", "true": True, "false": False}[args.cache]
     job_options = json.loads(args.job_options)
@@ -61,13 +102,19 @@ def main(argv=None) -> int:
         args.scheduler, n_workers=args.n_workers, memory_limit=args.memory_limit,
         job_options=job_options,
     ) as client:
+        client_rank.append(True)
         if client is not None:
             client.wait_for_workers(1)
         model = NMF(
             args.rank, solver=args.solver, init=args.init, max_iter=args.max_iter, tol=0, tol_x=0,
-            random_state=args.seed, cache=cache, spill_dir=args.spill_dir,
+            random_state=args.seed, cache=cache, spill_dir=args.spill_dir, checkpoint=args.checkpoint,
+            resume="auto" if args.checkpoint else None, checkpoint_every=args.checkpoint_every,
         )
-        W = model.fit_transform(args.input)
+        try:
+            W = model.fit_transform(args.input)
+        except FitInterrupted as stopped:
+            logging.getLogger("dnmf.deploy").warning("%s", stopped)
+            return EXIT_INTERRUPTED
         group = zarr.open_group(args.output, mode="w")
         group.attrs.update(
             {

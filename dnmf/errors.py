@@ -44,6 +44,22 @@ class DtypeMismatchError(ParameterError, TypeError):
     """A custom W or H has another dtype than the one X is factored in (scikit-learn raises TypeError)."""
 
 
+class FitInterrupted(Exception):
+    """A fit stopped on a signal (SIGTERM, SIGUSR1) after writing a checkpoint of its last
+    iteration; the same call with ``resume="auto"`` continues it.
+
+    Not a :class:`DnmfError`: nothing is wrong with the inputs. ``signal_name``, ``iteration``
+    and ``checkpoint`` say what stopped it, after which iteration, and where its state is.
+    """
+
+    def __init__(self, signal_name: str, iteration: int, checkpoint: str):
+        self.signal_name, self.iteration, self.checkpoint = signal_name, int(iteration), str(checkpoint)
+        super().__init__(
+            f"The fit stopped on {signal_name} after iteration {iteration} and saved it in the checkpoint "
+            f"{checkpoint!r}; run it again with resume=\"auto\" (dnmf fit ... --resume auto) to continue."
+        )
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint version was unusable and an older one was used instead."""
 

@@ -89,9 +89,20 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         memory allows) and keep the run with the lowest final objective. Needs a random init.
     checkpoint : str or os.PathLike or None
         A directory to write crash-safe checkpoints into (new or empty; see
-        :mod:`dnmf.run.checkpoint`): at the start, on the schedule below, and at the end.
+        :mod:`dnmf.run.checkpoint`): at the start, on the schedule below, and at the end. A
+        local or shared path, or an fsspec URL (``s3://bucket/ckpt``; the pointer to the newest
+        version is then switched by a single-object write).
         ``fit(X, resume=PATH)`` or :func:`dnmf.checkpoint.resume` continues from it, bitwise
-        as if never interrupted.
+        as if never interrupted. While a fit writes checkpoints, SIGTERM or SIGUSR1 (a batch
+        system's pre-emption or wall-time warning) make it finish the current iteration,
+        write a checkpoint and raise :class:`~dnmf.errors.FitInterrupted`.
+    resume : None, "auto" or str, default=None
+        "auto": continue the fit saved in ``checkpoint`` when it holds one of this fit (same
+        matrix and iterate-altering settings), start it there when it holds none (or only the
+        leftovers of a fit killed before its first checkpoint), and raise
+        :class:`~dnmf.errors.CheckpointMismatchError` listing the differences when it holds
+        another fit's: one call for a first run and every rerun of a pre-empted job. A
+        directory: continue the checkpoint saved there (as ``fit(X, resume=PATH)``).
     checkpoint_every : int or None, default=10
         Write a checkpoint after every ``checkpoint_every``-th iteration.
     checkpoint_interval : float or None
@@ -194,6 +205,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         missing=None,
         n_runs=1,
         checkpoint=None,
+        resume=None,
         checkpoint_every=10,
         checkpoint_interval=None,
         cache="auto",
@@ -223,6 +235,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.missing = missing
         self.n_runs = n_runs
         self.checkpoint = checkpoint
+        self.resume = resume
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.cache = cache
@@ -249,22 +262,22 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
         ``mask`` (boolean, X's shape, True = observed; numpy, dask, Zarr) fits the observed
         entries only. ``resume`` is a checkpoint directory of an earlier fit of X to continue
-        from.
+        from, or "auto" (see the ``resume`` parameter, which it replaces for this call).
         """
         self.fit_transform(X, W=W, H=H, mask=mask, resume=resume)
         return self
 
     def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
-        settings = FitSettings.from_params(self.get_params())
+        settings = FitSettings.from_params(self.get_params(), **({} if resume is None else {"resume": resume}))
         _check_feature_names(self, X, reset=True)
         if settings.init == "custom" and resume is None:
             _check_start_dtypes(X, W=W, H=H)
         if settings.n_runs == 1:
-            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask, resume=resume)
+            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.settings.seed]
         else:
-            if W is not None or H is not None or resume is not None:
+            if W is not None or H is not None or settings.resume is not None:
                 raise ParameterError("n_runs > 1 restarts from random starts; do not pass W, H or resume.")
             if settings.checkpoint is not None:
                 raise ParameterError(
@@ -315,7 +328,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         transform start: every entry sqrt(mean(X) / r)). ``fixed_h``: H is the user's (from
         ``non_negative_factorization(update_H=False)``), not the fit's."""
         settings = FitSettings.from_params(
-            self.get_params(), n_components=H.shape[0], init="custom", checkpoint=None, n_runs=1
+            self.get_params(), n_components=H.shape[0], init="custom", checkpoint=None, resume=None, n_runs=1
         )
         block_bytes = block_bytes_for_workers(current_client())
         matrix = pipeline.open_v(X, settings, block_bytes=block_bytes)
@@ -339,7 +352,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def from_result(cls, result) -> NMF:
         """An estimator with a saved result's H (:func:`dnmf.data.results.load_result`), ready
         for ``transform``, with the fit's settings except those that would make it write."""
-        run_only = ("checkpoint", "checkpoint_every", "callbacks")
+        run_only = ("checkpoint", "resume", "checkpoint_every", "callbacks")
         model = cls(**{k: v for k, v in result.config.items() if k in DEFAULTS and k not in run_only})
         model.components_ = result.H
         model.n_components_ = result.H.shape[0]
@@ -407,6 +420,7 @@ def non_negative_factorization(
     missing=None,
     n_runs=1,
     checkpoint=None,
+    resume=None,
     checkpoint_every=10,
     checkpoint_interval=None,
     cache="auto",

@@ -190,6 +190,16 @@ def _path(name: str) -> Callable[[Any], Any]:
     return parse
 
 
+def _resume(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if not isinstance(value, (str, os.PathLike)):
+        raise ParameterError(expected('resume None, "auto" or a checkpoint directory', value))
+    return os.fspath(value)
+
+
 def _reroot_every(value):
     if value is not None and (not _is_int(value) or value < 0):
         raise ParameterError(expected("reroot_every None, 0 (never) or a positive integer", value))
@@ -269,6 +279,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("missing", None, _choice("missing", MISSING_VALUES), help="nan: NaN entries of V are missing, fit the observed ones."),
     Setting("n_runs", 1, _positive_int("n_runs"), help="Random restarts: fit this many seeds, keep the lowest objective."),
     Setting("checkpoint", None, _path("checkpoint"), help="Checkpoint folder, so `dnmf resume` can continue a killed fit."),
+    Setting("resume", None, _resume,
+            help="auto: continue the fit saved in --checkpoint when it holds one of this fit, start it when it "
+                 "holds none; one command for every (re)submission of a batch job."),
     Setting("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, _checkpoint_every, help="Iterations between checkpoints."),
     Setting("checkpoint_interval", None, _checkpoint_interval, help="Also checkpoint when this many seconds have passed."),
     Setting("cache", "auto", _choice("cache", CACHE_CHOICES),
@@ -318,6 +331,7 @@ class FitSettings:
     missing: str | None
     n_runs: int
     checkpoint: str | None
+    resume: str | None
     checkpoint_every: int | None
     checkpoint_interval: float | None
     cache: str | bool
@@ -346,6 +360,11 @@ class FitSettings:
         return settings
 
     def _check_together(self) -> None:
+        if self.resume == "auto" and self.checkpoint is None:
+            raise ParameterError(
+                'resume="auto" continues the fit saved in the checkpoint folder, or starts it there; '
+                "give that folder too (checkpoint=PATH, --checkpoint DIR)."
+            )
         if self.solver in ("hals", "bpp") and self.beta != 2.0:
             raise ParameterError(
                 f"solver={self.solver!r} minimizes the Frobenius loss only; got beta_loss={self.params['beta_loss']!r}. "

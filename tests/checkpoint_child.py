@@ -2,7 +2,7 @@
 
 Usage: python checkpoint_child.py MODE V_PATH CKPT_PATH OUT_DIR SOLVER BETA_LOSS MAX_ITER [--die-in NAME:N]
 
-MODE is "fit", "resume-api" (dnmf.checkpoint.resume(path), X from the checkpoint) or
+MODE is "fit", "auto" (NMF(checkpoint=CKPT_PATH, resume="auto"): start or resume), "resume-api" (dnmf.checkpoint.resume(path), X from the checkpoint) or
 "resume-fit" (NMF(...).fit(X, resume=path)). Prints "iterating" once the first iteration of
 this run is done. ``--die-in NAME:N`` SIGKILLs the process at the N-th call of a step of the
 checkpoint write: "store" (a block of W being written), "fsync" (the version written, not yet
@@ -83,6 +83,9 @@ def main(argv: list[str]) -> None:
     kwargs = estimator_kwargs(solver, beta_loss, int(max_iter))
     if mode == "fit":
         model = dnmf.NMF(RANK, checkpoint=ckpt, checkpoint_every=1, callbacks=[announce], **kwargs)
+        W = model.fit_transform(v_path)
+    elif mode == "auto":
+        model = dnmf.NMF(RANK, checkpoint=ckpt, resume="auto", checkpoint_every=1, callbacks=[announce], **kwargs)
         W = model.fit_transform(v_path)
     elif mode == "resume-api":
         model = checkpoint.resume(ckpt, callbacks=[announce])

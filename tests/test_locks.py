@@ -174,3 +174,20 @@ def test_a_checkpoint_written_before_roots_were_marked_resumes_in_place(tmp_path
     model = fast_model(max_iter=6, checkpoint=str(ck), checkpoint_every=2)
     quiet_fit(model, V, resume=str(ck))
     assert model.n_iter_ == 6 and checkpoint.load(str(ck)).iteration == 6
+
+
+def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_run_on_another_node(tmp_path, live_pid, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    V = lowrank()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    # Run 0 of this job, killed on another node: taken over.
+    write_lock(ckpt, live_pid, host="node-a", batch_job={"system": "slurm", "id": "4242", "run": 0})
+    quiet_fit(fast_model(checkpoint=str(ckpt), resume="auto"), V)
+    assert checkpoint.load(ckpt).iteration == 3 and not os.path.exists(locks.lock_path(ckpt))
+    # The same run (another step of it), another job, or no job: refused.
+    for job in ({"system": "slurm", "id": "4242", "run": 1}, {"system": "slurm", "id": "99", "run": 0}, None):
+        write_lock(ckpt, live_pid, host="node-a", **({} if job is None else {"batch_job": job}))
+        with pytest.raises(LockedError, match="node-a"):
+            quiet_fit(fast_model(checkpoint=str(ckpt), resume="auto", max_iter=4), V)
+        os.remove(locks.lock_path(ckpt))

@@ -613,6 +613,55 @@ def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(slurm, recipe_problem, tm
     assert_the_local_fit(output, recipe_problem, n_workers=1)
 
 
+REQUEUE_ITER = int(os.environ.get("DNMF_TEST_REQUEUE_ITER", "700"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1000)
+def test_the_slurm_recipe_outlives_its_time_limit_by_requeueing_and_ends_bitwise_equal(slurm, recipe_problem, tmp_path):
+    """deploy/slurm/dnmf-single-node.sbatch with a 1-minute time limit and a fit that needs
+    several: Slurm signals the job (USR1 before the limit, SIGTERM at it), the fit checkpoints
+    and exits 75, the script requeues the job, and the last run ends the fit bitwise equal to
+    an uninterrupted one."""
+    _wait_for_idle_node(slurm)
+    output, log = tmp_path / "result.zarr", tmp_path / "job.out"
+    with dask.config.set(scheduler="threads"):
+        here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=REQUEUE_ITER, tol=0, tol_x=0).fit(
+            str(recipe_problem.input_path)
+        )
+    env = {**slurm, **recipe_job_env(recipe_problem, output), "DNMF_MAX_ITER": str(REQUEUE_ITER),
+           "DNMF_CHECKPOINT_EVERY": "100"}
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=1", "--mem=1500M", "--time=1",
+         "--signal=B:USR1@45", str(REPO / "deploy" / "slurm" / "dnmf-single-node.sbatch")],
+        env=env, capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().split(";")[0]
+    started, state = time.monotonic(), ""
+    while time.monotonic() - started < 900:
+        show = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True)
+        state = show.stdout
+        if any(f"JobState={s}" in state for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
+            break
+        if "JobState=PENDING" in state and "Reason=BeginTime" in state:
+            # Slurm holds a requeued job back for 2 minutes: let it start at once.
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
+        time.sleep(2)
+    else:
+        subprocess.run(["scancel", job_id], env=slurm)
+        pytest.fail(f"the job did not end in 15 minutes:\n{state}\n{_job_log(log)[-3000:]}")
+    text = _job_log(log)
+    print(f"job {job_id}: {time.monotonic() - started:.0f} s; {state.split('Restarts=')[1].split()[0]} requeues")
+    print("\n".join(line for line in text.splitlines() if line.startswith("dnmf")))
+    assert "JobState=COMPLETED" in state, f"{state}\n{text[-3000:]}"
+    assert text.count("requeueing job") >= 2 and "Restarts=0 " not in state, text[-3000:]
+    result = zarr.open_group(str(output), mode="r")
+    assert result.attrs["n_iter"] == REQUEUE_ITER
+    assert np.array_equal(result["H"][:], here.components_)
+    assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
+
+
 @pytest.mark.slow
 def test_the_jobqueue_recipe_runs_its_workers_as_slurm_jobs(slurm, recipe_problem, tmp_path):
     """deploy/jobqueue_driver.py: SLURMCluster submits two worker jobs that connect back on lo."""
@@ -754,6 +803,52 @@ def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path
     assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_pbs_recipe_stops_before_its_walltime_with_status_75_and_the_rerun_ends_bitwise_equal(
+        recipe_problem, tmp_path):
+    """deploy/pbs/dnmf-pbs.qsub (by bash under mpirun, as above) with a 25 s walltime: its timer
+    sends USR1 to mpirun 10 s before it, the client rank checkpoints and the script exits 75
+    (qsub would resubmit it here); the same script again ends the fit bitwise equal."""
+    _skip(_mpi_unavailable_reason())
+    env = recipe_env()
+    if shutil.which("mpirun", path=env["PATH"]) is None:
+        _skip("no mpirun on PATH (the mpich wheel brings one)")
+    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
+        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    max_iter = 600
+    with dask.config.set(scheduler="threads"):
+        here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=max_iter, tol=0, tol_x=0).fit(
+            str(recipe_problem.input_path)
+        )
+    output = tmp_path / "result.zarr"
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("localhost\n" * MPI_RANKS)
+    env = {
+        **recipe_job_env(recipe_problem, output, DNMF_EXTRA_ARGS="--interface lo"), **MPI_LOOPBACK_ENV,
+        "PBS_NODEFILE": str(nodefile), "PBS_O_WORKDIR": str(tmp_path), "DNMF_MAX_ITER": str(max_iter),
+    }
+
+    def job(**extra):
+        return subprocess.run(
+            ["unshare", "--net", "bash", "-c", 'ip link set lo up && exec bash "$0"',
+             str(REPO / "deploy" / "pbs" / "dnmf-pbs.qsub")],
+            env={**env, **extra}, capture_output=True, text=True, timeout=240, cwd=str(tmp_path),
+        )
+
+    first = job(DNMF_WALLTIME_SECONDS="25", DNMF_STOP_MARGIN="10")
+    assert first.returncode == 75, f"{first.stdout[-3000:]}\n{first.stderr[-3000:]}"
+    saved = json.loads((tmp_path / "result.zarr.checkpoint" / "CURRENT").read_text())["iteration"]
+    assert 0 < saved < max_iter and not output.exists()
+    second = job()
+    assert second.returncode == 0, f"{second.stdout[-3000:]}\n{second.stderr[-3000:]}"
+    result = zarr.open_group(str(output), mode="r")
+    print(f"PBS recipe stopped by its timer after iteration {saved}, then finished")
+    assert result.attrs["n_iter"] == max_iter
+    assert np.array_equal(result["H"][:], here.components_)
+    assert result.attrs["history"][-1]["objective"] == here.history_[-1]["objective"]
+
+
 # ---------------------------------------------------------------------------
 # Recipes that cannot run here (no PBS server, no Kubernetes, no image registry): checked statically
 
@@ -789,3 +884,27 @@ def test_the_recipes_that_cannot_run_here_parse_and_carry_dnmfs_worker_settings(
     for name, value in WORKER_JOB_ENV.items():
         assert f"{name}={value}" in dockerfile or f'{name}="{value}"' in dockerfile, name
     assert "env=dict(WORKER_JOB_ENV)" in (deploy / "kubernetes" / "operator_driver.py").read_text()
+
+
+def test_the_recipes_checkpoint_and_requeue_on_the_documented_status():
+    """Every batch recipe checkpoints with start-or-resume and reruns itself on exit status 75."""
+    import yaml
+
+    from dnmf.run.signals import EXIT_INTERRUPTED
+
+    deploy = REPO / "deploy"
+    assert EXIT_INTERRUPTED == 75
+    for script in deploy.glob("slurm/*.sbatch"):
+        text = script.read_text()
+        for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@", "--checkpoint", "scontrol requeue",
+                       "trap 'kill -USR1", "INTERRUPTED=75"):
+            assert needle in text, f"{script.name}: {needle}"
+    pbs = (deploy / "pbs" / "dnmf-pbs.qsub").read_text()
+    for needle in ("#PBS -r y", "--checkpoint", "kill -USR1", "INTERRUPTED=75", "qsub -v"):
+        assert needle in pbs, needle
+    (job,) = yaml.safe_load_all((deploy / "kubernetes" / "fit-job.yaml").read_text())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "dnmf", "operator": "In", "values": [75]}} in rules
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
+    assert any(arg.startswith("--checkpoint=s3://") for arg in pod["containers"][0]["command"])

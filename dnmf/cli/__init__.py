@@ -8,6 +8,11 @@ dask, zarr, scikit-learn and matplotlib when they run, so ``dnmf --help`` starts
 Errors about the user's input (a :class:`~dnmf.errors.DnmfError`, a missing file, a format
 problem) print one red line on stderr and exit with status 1; ``dnmf --debug ...`` shows the
 traceback instead.
+
+A ``dnmf fit --checkpoint DIR`` (or ``dnmf resume``) stopped by SIGTERM or SIGUSR1 finishes its
+iteration, writes a checkpoint, prints one line and exits with status 75
+(:data:`~dnmf.run.signals.EXIT_INTERRUPTED`): run the same command again (``--resume auto``)
+to continue.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import os
 
 import click
 
-from ..errors import DnmfError
+from ..errors import DnmfError, FitInterrupted
+from ..run.signals import EXIT_INTERRUPTED
 from . import demo, files, fit, rank
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -35,6 +41,9 @@ class DnmfGroup(click.Group):
                 raise
             click.secho(f"Error: {_one_line(e)}", fg="red", err=True)
             ctx.exit(1)
+        except FitInterrupted as e:
+            click.secho(f"Stopped: {_one_line(e)}", fg="yellow", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         except KeyboardInterrupt:
             click.secho("Interrupted.", fg="red", err=True)
             ctx.exit(130)

@@ -173,6 +173,7 @@ CLI_OPTIONS = {
     "missing": dict(type=click.Choice(["nan"])),
     "n_runs": dict(type=int),
     "checkpoint": dict(type=click.Path()),
+    "resume": dict(type=click.Choice(["auto"])),
     "checkpoint_every": dict(type=int),
     "checkpoint_interval": dict(type=float),
     "cache": dict(type=click.Choice(list(_BOOLEAN_OR_AUTO)), callback=lambda ctx, param, value: _BOOLEAN_OR_AUTO[value]),

@@ -3,13 +3,16 @@ checkpointed fit, and compute W for new rows with a result's H."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
 
 import click
 
+from ..data import folders
 from ..errors import DnmfError, no_such_path
+from ..run.signals import exit_on_signals_outside_fits
 from .common import (
     check_fit_outputs,
     check_fit_params,
@@ -56,7 +59,8 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
-        with zarr_input(input_path, dataset, quiet) as path, \
+        with exit_on_signals_outside_fits() if params["checkpoint"] else contextlib.nullcontext(), \
+                zarr_input(input_path, dataset, quiet) as path, \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -94,12 +98,13 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 
     recorded = load_checkpoint(checkpoint_dir).record.get("input_path") if has_checkpoint(checkpoint_dir) else None
     check_fit_outputs(out, overwrite, log_json, {"checkpoint": checkpoint_dir, "input": input_path or recorded})
-    if not os.path.exists(checkpoint_dir):
+    if not folders.exists(checkpoint_dir):
         raise DnmfError(no_such_path("checkpoint", checkpoint_dir))
     callbacks = make_callbacks(max_iter, quiet, log_json)
     started = time.perf_counter()
     try:
-        with dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), warnings.catch_warnings():
+        with exit_on_signals_outside_fits(), \
+                dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = resume_fit(checkpoint_dir, input_path, max_iter=max_iter, max_time=max_time, callbacks=callbacks)
             close_callbacks(callbacks)

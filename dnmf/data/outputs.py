@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from ..errors import ParameterError, StoreError, expected
+from . import folders
 
 MARKER = "dnmf"
 """The attribute of a Zarr array dnmf wrote: ``{"written_by": FUNCTION}``."""
@@ -66,6 +67,16 @@ def written_by_dnmf(path) -> bool:
 
 def _is_url(path: str) -> bool:
     return "://" in path
+
+
+def _url_exists(url: str) -> bool:
+    """Whether ``url`` exists, as far as can be told before the command starts: a store that
+    cannot be reached yet (no credentials, no network) is checked again when it is written
+    (:func:`object_store_directory`), which reports what is wrong."""
+    try:
+        return folders.exists(url)
+    except Exception:  # noqa: BLE001 - any error of the store's client library
+        return False
 
 
 def _real(path: str) -> str:
@@ -171,7 +182,17 @@ def check_output(
             f"The {label} path {text!r} lies inside {store!r}, a Zarr store or checkpoint, and dnmf never writes "
             "into one; choose a path beside it."
         )
-    if not local or not os.path.lexists(text):
+    if not local:
+        if kind == "store" and _url_exists(text):
+            if not overwrite:
+                raise StoreError(f"{text!r} already exists; choose another output path or pass --overwrite.")
+            if not owned(text):
+                raise StoreError(
+                    f"{text!r} exists and is not something dnmf wrote (an earlier result or array), so --overwrite "
+                    "will not replace it; move it away yourself or choose another output path."
+                )
+        return
+    if not os.path.lexists(text):
         return
     if kind == "log" and not (os.path.isfile(text) and _is_json_lines(text)):
         raise StoreError(f"The {label} path {text!r} exists and is not a JSON-lines log; choose a new file for the log.")
@@ -215,6 +236,44 @@ def atomic_directory(
             os.rename(tmp, path)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def object_store_directory(
+    url: str,
+    overwrite: bool = False,
+    *,
+    protected: Mapping[str, object] | None = None,
+    written_by: str = "save_result",
+) -> Iterator[str]:
+    """:func:`atomic_directory` for an fsspec URL (``s3://bucket/result.zarr``), where nothing
+    can be renamed: yield ``url`` itself, a Zarr group already marked as dnmf's.
+
+    ``url`` is checked by :func:`check_output` (with ``protected``); an existing ``url`` is
+    refused unless ``overwrite`` is given and it is dnmf's own (:func:`written_by_dnmf`, a
+    result cut short included: the group carries :data:`MARKER` from its first write), and is
+    then deleted first. Write the attribute that makes the group complete (a result's
+    ``dnmf_result``) last: until then no reader takes it for a finished result. On an
+    exception what was written is removed.
+    """
+    import zarr
+
+    check_output(url, protected=protected, overwrite=overwrite)
+    if folders.exists(url):
+        if not overwrite:
+            raise StoreError(f"{url!r} already exists; choose another output path or pass --overwrite.")
+        if not written_by_dnmf(url):
+            raise StoreError(
+                f"{url!r} exists and is not something dnmf wrote (an earlier result or array), so --overwrite "
+                "will not replace it; move it away yourself or choose another output path."
+            )
+        folders.remove_tree(url)
+    mark_written(zarr.open_group(url, mode="w"), written_by)
+    try:
+        yield url
+    except BaseException:
+        folders.remove_tree(url)
         raise
 
 

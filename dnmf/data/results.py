@@ -9,6 +9,9 @@ Layout of a result ``RESULT.zarr``::
 
 A result is written through :func:`dnmf.data.outputs.atomic_directory`: to a hidden sibling
 first, renamed into place only when complete, and never over anything that is not dnmf's own.
+On an object store (an fsspec URL) it is written in place
+(:func:`dnmf.data.outputs.object_store_directory`), its ``dnmf_result`` attribute last, so a
+result cut short is never read as one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import StoreError, expected, no_such_path
-from .outputs import atomic_directory, mark_written
+from .outputs import atomic_directory, mark_written, object_store_directory
 from .zarrio import json_safe, library_versions, write_array
 
 RESULT_FORMAT = 1
@@ -34,7 +37,7 @@ def model_config(model) -> dict:
     return json_safe(params)
 
 
-def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Path:
+def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Path | str:
     """Write a fitted model's W and H and its record to the Zarr group ``path``.
 
     Parameters
@@ -57,8 +60,13 @@ def save_result(path, model, W, input_path=None, overwrite: bool = False) -> Pat
     H = np.asarray(model.components_)
     if W.ndim != 2 or W.shape[1] != H.shape[0]:
         raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
-    with atomic_directory(path, overwrite, protected={"input": input_path}) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
+    url = "://" in str(path)
+    if url:  # an object store: no rename; written in place, "dnmf_result" last
+        target = object_store_directory(str(path), overwrite, protected={"input": input_path})
+    else:
+        target = atomic_directory(path, overwrite, protected={"input": input_path})
+    with target as tmp:
+        group = zarr.open_group(str(tmp), mode="a")
         write_array(group, "W", W)
         write_array(group, "H", H)
         data_norm = getattr(model, "data_norm_", None)

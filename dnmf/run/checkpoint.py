@@ -12,7 +12,11 @@ A checkpoint directory ``PATH`` holds versions, each a complete Zarr group, and 
 
 A version is written into a fresh directory, every file in it is fsynced, then ``CURRENT`` is
 replaced atomically (temp file, fsync, ``os.replace``, fsync of ``PATH``), then versions other
-than the new one and the previous one are removed. A kill at any moment leaves ``CURRENT``
+than the new one and the previous one are removed. ``PATH`` may also be an fsspec URL
+(``s3://bucket/ckpt``, ``gs://...``; :mod:`dnmf.data.folders`): a version is then a key prefix
+written object by object, and ``CURRENT`` is switched by one PUT, atomic on object stores, so
+readers see a complete version or the previous one, never half of one; the lock is the object
+``PATH.lock`` created by a conditional write (:class:`~dnmf.run.locks.ObjectLock`). A kill at any moment leaves ``CURRENT``
 naming a complete version. Each array's CRC-32 (per stored block for W) is recorded, so a
 version damaged later is detected on resume; the previous good version is then used, with a
 :class:`CheckpointWarning`.
@@ -37,9 +41,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable
@@ -50,7 +52,8 @@ import dask.array as da
 import numpy as np
 
 from .driver import Hook, IterationRecord, State
-from .locks import FolderLock
+from ..data import folders
+from .locks import FolderLock, ObjectLock
 from ..errors import CheckpointMismatchError, CheckpointWarning, ParameterError, StoreError
 from ..data.store import Matrix, MatrixStats
 from ..data.zarrio import create_array, json_safe, library_versions, write_array
@@ -92,17 +95,13 @@ class Schedule:
 
 
 def _local_path(path) -> str:
-    path = os.fspath(path)
-    if "://" in path:
-        raise ParameterError(
-            f"Checkpoints need a local or shared file-system path (atomic rename and fsync); got {path!r}."
-        )
-    return os.path.abspath(path)
+    """The checkpoint folder ``path``: a local path made absolute, or an fsspec URL."""
+    return folders.normalized(path)
 
 
 def has_checkpoint(path) -> bool:
     """True when ``path`` holds a checkpoint pointer."""
-    return os.path.isfile(os.path.join(os.fspath(path), POINTER))
+    return folders.isfile(folders.join(folders.normalized(path), POINTER))
 
 
 def check_target(path, resume) -> str:
@@ -129,9 +128,9 @@ def check_target(path, resume) -> str:
             )
         return target
     if _abandoned_start(target):
-        shutil.rmtree(target)
-    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        foreign = _foreign_entries(target) if os.path.isdir(target) else [os.path.basename(target)]
+        folders.remove_tree(target)
+    if folders.exists(target) and (not folders.isdir(target) or folders.listdir(target)):
+        foreign = _foreign_entries(target) if folders.isdir(target) else [folders.basename(target)]
         what = f"other files ({_listing(foreign)})" if foreign else "a checkpoint"
         raise ParameterError(
             f"checkpoint={os.fspath(path)!r} already holds {what}; resume from it with "
@@ -151,13 +150,14 @@ def locked(*paths):
     """
     with contextlib.ExitStack() as held:
         for folder in sorted({_local_path(p) for p in paths if p is not None}):
-            held.enter_context(FolderLock(folder, "checkpoint folder"))
+            lock = ObjectLock if folders.is_url(folder) else FolderLock
+            held.enter_context(lock(folder, "checkpoint folder"))
         yield
 
 
 def _abandoned_start(path: str) -> bool:
     """A directory holding only the leftovers of a fit killed before its first checkpoint."""
-    if not os.path.isdir(path) or has_checkpoint(path):
+    if not folders.isdir(path) or has_checkpoint(path):
         return False
     return bool(_versions(path)) and not _foreign_entries(path)
 
@@ -165,8 +165,7 @@ def _abandoned_start(path: str) -> bool:
 def _marked(root: str) -> bool:
     """Whether ``root``'s Zarr group carries dnmf's checkpoint marker."""
     try:
-        with open(os.path.join(root, "zarr.json")) as f:
-            return ROOT_KEY in json.load(f).get("attributes", {})
+        return ROOT_KEY in json.loads(folders.read_bytes(folders.join(root, "zarr.json"))).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -179,8 +178,7 @@ def _complete_before_markers(root: str) -> bool:
     if not VERSION_PATTERN.match(version):
         return False
     try:
-        with open(os.path.join(root, version, "zarr.json")) as f:
-            return ATTRS_KEY in json.load(f).get("attributes", {})
+        return ATTRS_KEY in json.loads(folders.read_bytes(folders.join(root, version, "zarr.json"))).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -189,41 +187,47 @@ def _mark(root: str) -> None:
     """Create ``root`` as a Zarr group marked as a dnmf checkpoint (before any version)."""
     import zarr
 
-    os.makedirs(root, exist_ok=True)
+    folders.makedirs(root)
     zarr.open_group(root, mode="a").attrs[ROOT_KEY] = {"format": FORMAT_VERSION}
-    _fsync_path(os.path.join(root, "zarr.json"))
+    folders.fsync_path(folders.join(root, "zarr.json"))
 
 
 def _foreign_entries(root: str) -> list[str]:
     """The entries of the checkpoint directory ``root`` that dnmf did not write: all of them
     unless ``root`` carries dnmf's marker."""
-    names = sorted(os.listdir(root))
+    names = sorted(folders.listdir(root))
     if not (_marked(root) or _complete_before_markers(root)):
         return names
     return [
         name for name in names
         if not (name == POINTER or METADATA.match(name) or POINTER_TEMP.match(name)
-                or (VERSION_PATTERN.match(name) and _written_by_dnmf(os.path.join(root, name))))
+                or (VERSION_PATTERN.match(name) and _written_by_dnmf(folders.join(root, name))))
     ]
 
 
 def _written_by_dnmf(vdir: str) -> bool:
-    """Whether the directory ``vdir`` holds exactly what dnmf writes into a version (maybe cut
+    """Whether the folder ``vdir`` holds exactly what dnmf writes into a version (maybe cut
     short): Zarr metadata, and the arrays W, H and history with their numbered chunks."""
-    if os.path.islink(vdir) or not os.path.isdir(vdir):
+    entries = folders.files_under(vdir)
+    return entries is not None and all(_version_entry(entry) for entry in entries)
+
+
+def _version_entry(entry: str) -> bool:
+    """Whether ``entry`` (relative to a version; a trailing ``/``: an empty folder) is one that
+    dnmf writes: ``zarr.json``, ``A/zarr.json``, ``A/c/I/J`` for A in W, H, history (or Zarr's
+    temporary files of those, or the folders on the way)."""
+    folder = entry.endswith("/")
+    parts = entry.rstrip("/").split("/")
+    if parts[0] not in VERSION_ARRAYS:
+        return len(parts) == 1 and not folder and bool(METADATA.match(parts[0]))
+    if len(parts) == 1:
+        return folder
+    if len(parts) == 2 and not folder and METADATA.match(parts[1]):
+        return True
+    if parts[1] != "c" or not all(CHUNK_DIR.match(part) for part in parts[2:-1]):
         return False
-    for dirpath, dirnames, filenames in os.walk(vdir):
-        depth = 0 if dirpath == vdir else os.path.relpath(dirpath, vdir).count(os.sep) + 1
-        if depth == 0:
-            dirs_ok = all(name in VERSION_ARRAYS for name in dirnames)
-        elif depth == 1:
-            dirs_ok = all(name == "c" for name in dirnames)
-        else:
-            dirs_ok = all(CHUNK_DIR.match(name) for name in dirnames)
-        files = METADATA if depth < 2 else CHUNK
-        if not (dirs_ok and all(files.match(name) for name in filenames)):
-            return False
-    return True
+    last = parts[-1] if len(parts) > 2 else "0"
+    return bool((CHUNK_DIR if folder else CHUNK).match(last))
 
 
 def _listing(names: list[str], shown: int = 3) -> str:
@@ -262,7 +266,7 @@ def _jsonable(value):
 
 def saved_params(params: dict, seed: int) -> dict:
     """The estimator's parameters as JSON, with the resolved seed as ``random_state``."""
-    skip = {"callbacks"}
+    skip = {"callbacks", "resume"}  # how this run was started is no property of the fit
     out = {k: _jsonable(v) for k, v in params.items() if k not in skip}
     out["random_state"] = int(seed)
     return out
@@ -272,37 +276,20 @@ def saved_params(params: dict, seed: int) -> dict:
 # Low-level file safety
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: str) -> None:
-    """fsync every file and directory under ``root`` (and ``root`` itself)."""
-    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
+    """fsync every file and directory under ``root`` (and ``root`` itself); nothing for a URL."""
+    folders.fsync_tree(root)
 
 
 def write_pointer(root: str, content: dict) -> None:
-    """Atomically replace ``root/CURRENT``: temp file, fsync, ``os.replace``, fsync of ``root``."""
-    tmp = os.path.join(root, f".{POINTER}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(content, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, POINTER))
-    _fsync_path(root)
+    """Switch ``root/CURRENT`` atomically: locally a temp file, fsync, ``os.replace``, fsync of
+    ``root``; on an object store a single-object write."""
+    folders.replace_file(folders.join(root, POINTER), json.dumps(content).encode(), folders.temp_name(POINTER))
 
 
 def read_pointer(root: str) -> dict:
     try:
-        with open(os.path.join(root, POINTER)) as f:
-            content = json.load(f)
+        content = json.loads(folders.read_bytes(folders.join(root, POINTER)))
         return content if isinstance(content, dict) and "version" in content else {}
     except (OSError, ValueError):
         return {}
@@ -316,9 +303,9 @@ def crc32(array: np.ndarray) -> int:
 def _versions(root: str) -> list[tuple[int, str]]:
     """(sequence number, name) of the version directories under ``root``, oldest first."""
     found = []
-    for name in os.listdir(root) if os.path.isdir(root) else []:
+    for name in folders.listdir(root):
         match = VERSION_PATTERN.match(name)
-        if match and os.path.isdir(os.path.join(root, name)):
+        if match and folders.isdir(folders.join(root, name)):
             found.append((int(match.group(1)), name))
     return sorted(found)
 
@@ -436,6 +423,8 @@ class Checkpointer(Hook):
 
     def finish(self, state: State, history: list[IterationRecord], stop_reason: str) -> None:
         iteration = history[-1].iteration if history else 0
+        if stop_reason == "signal" and self.last_saved is not None and self.last_saved[0] == iteration:
+            return  # this iteration is saved already: exit without writing it again
         if self.last_saved != (iteration, stop_reason):
             self.save(state, history, stop_reason)
 
@@ -447,16 +436,16 @@ class Checkpointer(Hook):
             _mark(self.root)
         existing = _versions(self.root)
         name = f"v{(existing[-1][0] + 1) if existing else 1:06d}"
-        vdir = os.path.join(self.root, name)
+        vdir = folders.join(self.root, name)
         group = zarr.open_group(vdir, mode="w-")
         n, r = state.W.shape
         rows = storage_rows(state.W.chunks[0])
         create_array(group, "W", (n, r), (rows, r), state.W.dtype, compressed=False)
-        w_sums = write_blocks(state.W, os.path.join(vdir, "W"), rows)
+        w_sums = write_blocks(state.W, folders.join(vdir, "W"), rows)
         if isinstance(state.H, da.Array):  # the grid's H: written by the workers, column blocks
             cols = storage_rows(state.H.chunks[1])
             create_array(group, "H", state.H.shape, (state.H.shape[0], cols), state.H.dtype, compressed=False)
-            h_sums = write_blocks(state.H, os.path.join(vdir, "H"), cols, axis=1)
+            h_sums = write_blocks(state.H, folders.join(vdir, "H"), cols, axis=1)
         else:
             H = np.ascontiguousarray(state.H)
             write_array(group, "H", H, compressed=False)
@@ -495,17 +484,17 @@ class Checkpointer(Hook):
         for _, name in _versions(self.root):
             if name in keep:
                 continue
-            vdir = os.path.join(self.root, name)
+            vdir = folders.join(self.root, name)
             if not _written_by_dnmf(vdir):
                 raise StoreError(
                     f"The checkpoint version {vdir!r} holds files dnmf did not write; dnmf leaves it alone "
                     "and stops writing checkpoints here. Move those files out of the checkpoint directory."
                 )
-            shutil.rmtree(vdir, ignore_errors=True)
-        for name in os.listdir(self.root):
+            folders.remove_tree(vdir)
+        for name in folders.listdir(self.root):
             if POINTER_TEMP.match(name):
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(self.root, name))
+                    folders.remove_file(folders.join(self.root, name))
 
 
 def version_record(params: dict, settings: dict, matrix_print: dict, X) -> dict:
@@ -564,7 +553,7 @@ class Snapshot:
 def _load_version(root: str, name: str) -> Snapshot:
     import zarr
 
-    vdir = os.path.join(root, name)
+    vdir = folders.join(root, name)
     try:
         group = zarr.open_group(vdir, mode="r")
         record = dict(group.attrs[ATTRS_KEY])
@@ -583,7 +572,7 @@ def _load_version(root: str, name: str) -> Snapshot:
         raise _Corrupt(f"cannot be read ({type(e).__name__}: {e})") from e
     if by_columns:
         try:
-            verify_blocks(os.path.join(vdir, "H"), h_arr.shape[1], h_arr.chunks[1], sums["H"], axis=1)
+            verify_blocks(folders.join(vdir, "H"), h_arr.shape[1], h_arr.chunks[1], sums["H"], axis=1)
         except _Corrupt:
             raise
         except Exception as e:
@@ -593,7 +582,7 @@ def _load_version(root: str, name: str) -> Snapshot:
     if crc32(hist) != sums["history"]:
         raise _Corrupt("the history fails its checksum")
     try:
-        verify_blocks(os.path.join(vdir, "W"), w_arr.shape[0], record["storage_rows"], sums["W"])
+        verify_blocks(folders.join(vdir, "W"), w_arr.shape[0], record["storage_rows"], sums["W"])
     except _Corrupt:
         raise
     except Exception as e:
@@ -679,5 +668,5 @@ def check_compatible(snapshot: Snapshot, settings: dict, matrix_print: dict, pat
         raise CheckpointMismatchError(
             f"Cannot resume from {os.fspath(path)!r}: it was made for a different matrix or with "
             f"settings that change the iterates ({'; '.join(differences)}). Resume with the "
-            "checkpoint's matrix and settings, or start a new fit."
+            "checkpoint's matrix and settings, or start a new fit in another checkpoint folder."
         )

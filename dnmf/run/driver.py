@@ -6,7 +6,9 @@ Each iteration appends an :class:`IterationRecord`. The loop stops when
   iterate change max(‖ΔW‖/‖W‖, ‖ΔH‖/‖H‖) < ``tol_x`` ("converged"), or
 - ``max_iter`` iterations have run in all ("max_iter"), or
 - ``max_time`` seconds have passed in this run ("max_time"), or
-- a callback returned True ("callback").
+- a callback returned True ("callback"), or
+- a hook asked to stop (``Hook.stop_reason``; "signal": a batch system's SIGTERM / SIGUSR1,
+  see :mod:`dnmf.run.signals`), checked before every iteration.
 
 Like scikit-learn's ``tol``, both tolerances are relative, so they do not depend on the scale
 of V; ``tol_x=0`` turns the convergence stop off. The checks run after every iteration that
@@ -98,9 +100,13 @@ class Hook:
 
     ``on_step`` sees each new state before it is recorded and may replace it by an equal one
     (re-rooting does); ``after_iteration`` sees the state and the history once the iteration
-    is recorded; ``finish`` sees the last state and why the run stopped. The defaults do
-    nothing.
+    is recorded; ``finish`` sees the last state and why the run stopped; ``stop_reason``,
+    asked before every iteration, returns a reason to stop now (else None). The
+    defaults do nothing.
     """
+
+    def stop_reason(self) -> str | None:
+        return None
 
     def on_step(self, state: State) -> State:
         return state
@@ -160,6 +166,9 @@ def run(
     if already_converged:
         stop_reason = "converged"
     while not already_converged and (history[-1].iteration if history else 0) < rules.max_iter:
+        if (asked := _asked_to_stop(hooks)) is not None:
+            stop_reason = asked
+            break
         tick = time.perf_counter()
         iteration = (history[-1].iteration if history else 0) + 1
         anchor = last_evaluated(history, start)
@@ -190,8 +199,10 @@ def run(
         if rules.max_time is not None and time.perf_counter() - started >= rules.max_time:
             stop_reason = "max_time"
             break
-    if history and math.isnan(state.objective):
+    if history and math.isnan(state.objective) and stop_reason != "signal":
         # Stopped (time, callback) on an iteration that skipped the objective: one more pass.
+        # Not for a signal: that run is continued later, and the pass would put an objective
+        # into the history that the uninterrupted run does not have.
         anchor = last_evaluated(history[:-1], start)
         state = solver.start(state.W, state.H)
         last = history[-1]
@@ -203,6 +214,15 @@ def run(
     for hook in hooks:
         hook.finish(state, history, stop_reason)
     return RunResult(state, history, stop_reason)
+
+
+def _asked_to_stop(hooks: tuple[Hook, ...]) -> str | None:
+    """The first stop reason a hook gives, if any."""
+    for hook in hooks:
+        reason = hook.stop_reason()
+        if reason is not None:
+            return reason
+    return None
 
 
 def check_finite(iteration: int, w_change: float, h_change: float, objective: float) -> None:

@@ -10,8 +10,11 @@ A process killed while holding a lock leaves the file behind. A later run on the
 sees that the holder is gone (no process with that pid, or one started at another time: the
 pid was reused) and takes the lock over: it renames the stale file to a name of its own, an
 atomic step only one contender wins, checks that what it moved is the stale lock it read, and
-creates its own. A lock of another host is never taken over: its holder's liveness cannot be
-checked from here, so the error names the host and pid and says how to remove the lock.
+creates its own. A lock of another host is not taken over: its holder's liveness cannot be checked
+from here, so the error names the host and pid and says how to remove the lock. One exception:
+a lock held by an earlier run of the same Slurm batch job (the same ``SLURM_JOB_ID``, a lower
+``SLURM_RESTART_COUNT``), which a requeued job may meet on another node after its previous run
+was killed: Slurm runs one instance of a job at a time, so that holder is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import uuid
 import psutil
 
 from ..errors import LockedError
+from ..data import folders
 
 SUFFIX = ".lock"
 ATTEMPTS = 10
@@ -51,13 +55,38 @@ def holder_record(pid: int | None = None) -> dict:
         tell a reused pid), ``locked`` (when the lock was taken) and a random ``token``.
     """
     pid = os.getpid() if pid is None else int(pid)
-    return {
+    record = {
         "host": socket.gethostname(),
         "pid": pid,
         "process_started": psutil.Process(pid).create_time(),
         "locked": time.time(),
         "token": uuid.uuid4().hex,
     }
+    job = batch_job()
+    if job is not None:
+        record["batch_job"] = job
+    return record
+
+
+def batch_job() -> dict | None:
+    """This process's Slurm job and run (``SLURM_JOB_ID``, ``SLURM_RESTART_COUNT``), if any."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        run = 0
+    return {"system": "slurm", "id": job_id, "run": run}
+
+
+def _earlier_run_of_this_job(holder: dict) -> bool:
+    """Whether ``holder`` is an earlier run of this process's batch job (requeued since)."""
+    mine, theirs = batch_job(), holder.get("batch_job")
+    if mine is None or not isinstance(theirs, dict):
+        return False
+    same_job = theirs.get("system") == mine["system"] and str(theirs.get("id")) == mine["id"]
+    return same_job and isinstance(theirs.get("run"), int) and theirs["run"] < mine["run"]
 
 
 def _alive(holder: dict) -> bool:
@@ -111,7 +140,9 @@ class FolderLock:
             holder = self._holder()
             if holder is None:  # released (or taken over) meanwhile: try again
                 continue
-            if holder.get("host") != socket.gethostname() or _alive(holder):
+            here = holder.get("host") == socket.gethostname()
+            stale = (here and not _alive(holder)) or _earlier_run_of_this_job(holder)
+            if not stale:
                 raise LockedError(self._refusal(holder))
             self._take_over(holder)
         raise LockedError(
@@ -122,8 +153,15 @@ class FolderLock:
     def release(self) -> None:
         """Remove the lock file if this object holds it (and it is still this object's)."""
         token, self._token = self._token, None
-        if token is not None and (_read(self.path) or {}).get("token") == token:
-            os.remove(self.path)
+        if token is not None and (self._read_record() or {}).get("token") == token:
+            self._remove()
+
+    def _read_record(self) -> dict | None:
+        """The lock's record: None when it is gone, {} when it holds no (complete) record."""
+        return _read(self.path)
+
+    def _remove(self) -> None:
+        os.remove(self.path)
 
     def _create(self) -> bool:
         """Create the lock file with this process's record; False when it exists."""
@@ -145,7 +183,7 @@ class FolderLock:
         was just created and is not yet written."""
         deadline = time.monotonic() + UNREADABLE_GRACE
         while True:
-            holder = _read(self.path)
+            holder = self._read_record()
             if holder != {}:
                 return holder
             if time.monotonic() > deadline:
@@ -192,6 +230,49 @@ class FolderLock:
         )
 
 
+class ObjectLock(FolderLock):
+    """The lock of a folder given as an fsspec URL (a checkpoint on an object store).
+
+    The lock is the object ``URL.lock``, created by a conditional write that fails when it
+    exists (``If-None-Match: *``: atomic on S3, GCS and Azure), holding the same record as a
+    :class:`FolderLock`'s file. A stale lock of this host (its process gone) is taken over: it is
+    deleted if it still holds the record read (an object store has no atomic rename, so two
+    runs taking the same stale lock over at the same instant could both delete it; only one
+    of them can then create the new one). A lock of another host is refused, naming it: delete
+    the object ``URL.lock`` when no run uses the folder.
+    """
+
+    def __init__(self, folder: str, what: str):
+        self.folder = os.fspath(folder).rstrip("/")
+        self.what = what
+        self.path = self.folder + SUFFIX
+        self._token = None
+
+    def _create(self) -> bool:
+        record = holder_record()
+        if not folders.create_exclusive(self.path, json.dumps(record).encode()):
+            return False
+        self._token = record["token"]
+        return True
+
+    def _read_record(self) -> dict | None:
+        try:
+            text = folders.read_bytes(self.path).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        return _parse(text)
+
+    def _remove(self) -> None:
+        try:
+            folders.remove_file(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _take_over(self, stale: dict) -> None:
+        if (self._read_record() or {}).get("token") == stale["token"]:
+            self._remove()
+
+
 def _read(path: str) -> dict | None:
     """A lock file's record: None when the file is gone, {} when it holds no (complete) record."""
     try:
@@ -199,6 +280,10 @@ def _read(path: str) -> dict | None:
             text = f.read()
     except FileNotFoundError:
         return None
+    return _parse(text)
+
+
+def _parse(text: str) -> dict:
     try:
         record = json.loads(text)
     except ValueError:

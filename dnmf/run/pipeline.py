@@ -17,6 +17,7 @@ the CLI and a checkpoint resume. Its settings come validated (:class:`dnmf.setti
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from .. import kernels
 from ..cluster import current_client, trim_freed_memory_on
 from ..data import missing
 from ..data.store import Matrix, MatrixStats, open_matrix, scan_matrix, unit_exponent, validate_stats
-from ..errors import ParameterError
+from ..errors import FitInterrupted, ParameterError
 from ..settings import FitSettings, iterate_settings
 from ..solvers.grid import GridSolver
 from ..solvers.init import make_start
@@ -48,6 +49,7 @@ from .plan import (
 )
 from .progress import VerboseLog
 from .reroot import Rerooting
+from .signals import stop_on_signals
 
 
 @dataclass(frozen=True)
@@ -240,16 +242,28 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     update_h : False keeps H fixed at ``H`` and solves for W only (``transform``).
     mask : boolean, X's shape, True = observed (numpy, dask, Zarr); with ``settings.missing ==
         "nan"`` NaN entries are missing too. The fit then covers the observed entries only.
-    resume : a checkpoint directory to continue from, bitwise as if never interrupted.
+    resume : a checkpoint directory to continue from, bitwise as if never interrupted, or
+        "auto": continue from ``settings.checkpoint`` when it holds a checkpoint, else start
+        there (a custom W, H is then the start). Default: ``settings.resume``.
 
     The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
     ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
     holds its folder's (see :class:`~dnmf.run.reroot.Rerooting`): another run on them raises
     :class:`~dnmf.errors.LockedError` and touches nothing.
+
+    While it writes checkpoints, and when called in the main thread, SIGTERM and SIGUSR1 make
+    the fit finish its iteration, write a checkpoint and raise
+    :class:`~dnmf.errors.FitInterrupted` (see :mod:`dnmf.run.signals`).
     """
-    if resume is not None and (W is not None or H is not None):
+    resume = settings.resume if resume is None else resume
+    if resume == "auto" and settings.checkpoint is None:
+        raise ParameterError('resume="auto" needs the checkpoint folder (checkpoint=PATH) to continue from or start in.')
+    if resume not in (None, "auto") and (W is not None or H is not None):
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
-    with checkpoint.locked(settings.checkpoint, resume):
+    with checkpoint.locked(settings.checkpoint, None if resume == "auto" else resume):
+        if resume == "auto":  # decided holding the lock: no other run writes the folder meanwhile
+            resume = settings.checkpoint if checkpoint.has_checkpoint(settings.checkpoint) else None
+            W, H = (None, None) if resume is not None else (W, H)
         return _fit(X, settings, W, H, update_h, mask, resume)
 
 
@@ -264,7 +278,10 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
     target = settings.checkpoint or resume
     if target is not None:
         target = checkpoint.check_target(target, resume)
-    with blas_threads_for_scheduler(where.client):
+    # A checkpointed fit stops cleanly on a batch system's signal: one arriving during the
+    # set-up stops it before its first iteration (a fresh fit's start saved first).
+    with stop_on_signals() if target is not None else contextlib.nullcontext() as stop, \
+            blas_threads_for_scheduler(where.client):
         prepared = plan(matrix, settings, where.client, mask, update_h)
         fingerprint = checkpoint.fingerprint(prepared.matrix, prepared.stats) if target is not None else None
         settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
@@ -274,13 +291,17 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
-            hooks.append(checkpoint.start_writer(target, schedule, meta, state, snapshot))
+            hooks += [checkpoint.start_writer(target, schedule, meta, state, snapshot), stop]
         try:
             result = driver.run(prepared.solver, state, settings.rules, callbacks, history, tuple(hooks))
         except BaseException:
             if spill is not None:
                 spill.close()
             raise
+    if result.stop_reason == "signal":
+        if spill is not None:
+            spill.close()
+        raise FitInterrupted(stop.signal_name, result.n_iter, target)
     if result.stop_reason == "max_iter" and update_h:
         warnings.warn(
             f"Maximum number of iterations {settings.max_iter} reached. Increase it to improve convergence "
