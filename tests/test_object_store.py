@@ -240,3 +240,34 @@ def test_the_cli_starts_or_resumes_a_checkpoint_on_s3(s3, prefix, tmp_path):
     result = dnmf.results.load_result(out)
     assert result.n_iter == 11 and checkpoint.load(ckpt).iteration == 11
     assert same_bits(result.H, ref.components_) and same_bits(result.W.compute(), W_ref)
+
+
+def test_a_spill_folder_on_s3_is_locked_and_continues_after_leftovers(s3, prefix):
+    """Issue 14, case 4 for object stores: a spill folder given as a URL is locked like a local
+    one (a second run sharing it is refused while W still reads its spills), and a run after a
+    killed one's leftover spills numbers its own after them and leaves the leftovers alone."""
+    from dnmf.cluster import connect
+
+    V = lowrank()
+    spill = f"{prefix}/spill"
+    s3.pipe_file(f"{spill[5:]}/W-000000.zarr/zarr.json", b"{}")  # a killed run's leftover
+    kw = dict(estimator_kwargs("mu", "frobenius", 8), reroot_every=3, local=False)
+    ref = dnmf.NMF(RANK, **kw)
+    W_ref = fit(ref, V)
+    with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"):
+        model = dnmf.NMF(RANK, **kw, spill_dir=spill)
+        W = fit(model, V)
+        assert same_bits(W, W_ref) and model.fit_info_["n_reroots"] == 2
+        assert s3.cat_file(f"{spill[5:]}/W-000000.zarr/zarr.json") == b"{}"
+    assert not s3.exists(f"{spill[5:]}.lock")  # released with the spills (W is in memory)
+    from dnmf.run.locks import ObjectLock
+
+    other = ObjectLock(spill, "spill folder")  # another run using the folder
+    other.acquire()
+    try:
+        with connect("local", n_workers=1, threads_per_worker=1, memory_limit="1GiB"):
+            with pytest.raises(LockedError, match="spill folder"):
+                fit(dnmf.NMF(RANK, **kw, spill_dir=spill), V)
+    finally:
+        other.release()
+    assert s3.cat_file(f"{spill[5:]}/W-000000.zarr/zarr.json") == b"{}"

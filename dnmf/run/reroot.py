@@ -7,7 +7,8 @@ block by row block) to a Zarr array in a spill directory and reloads it, so noth
 on older iterations any more. The values are bitwise the same, so re-rooting never changes a
 result.
 
-A user-given local spill folder is locked (:class:`~dnmf.run.locks.FolderLock`) from the
+A user-given spill folder is locked (:class:`~dnmf.run.locks.FolderLock`, or
+:class:`~dnmf.run.locks.ObjectLock` for a URL) from the
 hook's creation to :meth:`Rerooting.close`, for as long as W may read its spills: two runs
 sharing the folder would otherwise write the same spill names and delete each other's. (Each
 run could instead spill into a subfolder of its own, but then a killed run's spills would stay
@@ -29,7 +30,7 @@ import dask.array as da
 
 from ..errors import ParameterError, expected
 from .driver import Hook, Solver, State
-from .locks import FolderLock
+from .locks import FolderLock, ObjectLock
 from .plan import wait_until_persisted
 
 SPILL_NAME = re.compile(r"^[WH]-(\d{6,})\.zarr$")
@@ -94,10 +95,12 @@ class Rerooting(Hook):
         base = dask.config.get("temporary-directory", None) or None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="dnmf-reroot-", dir=base)
-        self._lock = None if self._owns_directory or _is_url(directory) else FolderLock(directory, "spill folder")
-        if self._lock is not None:
+        self._lock = None
+        if not self._owns_directory:
+            self._lock = (ObjectLock if _is_url(directory) else FolderLock)(directory, "spill folder")
             self._lock.acquire()
-            os.makedirs(directory, exist_ok=True)
+            if not _is_url(directory):
+                os.makedirs(directory, exist_ok=True)
         self.directory = os.fspath(directory)
         self.n_steps = 0
         self.n_reroots = 0
@@ -140,11 +143,19 @@ class Rerooting(Hook):
 
 
 def _next_generation(directory: str) -> int:
-    """The first spill number free in a local ``directory`` (0 for a URL): after a killed run's
-    leftovers."""
+    """The first spill number free in ``directory`` (a local folder or a URL prefix): after a
+    killed run's leftovers."""
     if _is_url(directory):
-        return 0
-    taken = [int(match.group(1)) for match in map(SPILL_NAME.match, os.listdir(directory)) if match]
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(directory)
+        try:
+            names = [os.path.basename(entry.rstrip("/")) for entry in fs.ls(root, detail=False, refresh=True)]
+        except FileNotFoundError:
+            names = []
+    else:
+        names = os.listdir(directory)
+    taken = [int(match.group(1)) for match in map(SPILL_NAME.match, names) if match]
     return max(taken, default=-1) + 1
 
 
