@@ -613,7 +613,7 @@ def test_the_slurm_sbatch_recipe_factors_a_zarr_matrix(slurm, recipe_problem, tm
     assert_the_local_fit(output, recipe_problem, n_workers=1)
 
 
-REQUEUE_ITER = int(os.environ.get("DNMF_TEST_REQUEUE_ITER", "700"))
+REQUEUE_ITER = int(os.environ.get("DNMF_TEST_REQUEUE_ITER", "1500"))  # ~70 s of iterations: several 1-minute job runs
 
 
 @pytest.mark.slow
