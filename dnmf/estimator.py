@@ -207,21 +207,24 @@ class NMF(TransformerMixin, BaseEstimator):
         self.column_chunks = column_chunks
         self.objective_every = objective_every
 
-    def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
+    def fit(self, X, y=None, W=None, H=None, mask=None, resume=None, layer=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
 
+        X is a matrix (numpy, scipy.sparse, dask, Zarr), an AnnData object (in memory or
+        backed), or the path of a Zarr store or an AnnData ``.h5ad`` file; a sparse matrix on
+        disk is read by row blocks. ``layer`` factors that AnnData layer instead of X.
         ``mask`` (boolean, X's shape, True = observed; numpy, dask, Zarr) fits the observed
         entries only. ``resume`` is a checkpoint directory of an earlier fit of X to continue
         from.
         """
-        self.fit_transform(X, W=W, H=H, mask=mask, resume=resume)
+        self.fit_transform(X, W=W, H=H, mask=mask, resume=resume, layer=layer)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None):
+    def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None, layer=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
         settings = FitSettings.from_params(self.get_params())
         if settings.n_runs == 1:
-            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask, resume=resume)
+            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask, resume=resume, layer=layer)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.settings.seed]
         else:
             if W is not None or H is not None or resume is not None:
@@ -231,7 +234,7 @@ class NMF(TransformerMixin, BaseEstimator):
                     "n_runs > 1 would write every run into one checkpoint directory; checkpoint a single "
                     "run (n_runs=1, random_state=model.run_seeds_[k]) instead."
                 )
-            runs = fit_runs(X, settings, mask=mask)
+            runs = fit_runs(X, settings, mask=mask, layer=layer)
             fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)
         self.run_losses_, self.best_run_, self.run_seeds_ = losses, best, seeds
@@ -263,19 +266,20 @@ class NMF(TransformerMixin, BaseEstimator):
         self.init_ = fact.settings.init
         self.data_norm_ = float(np.sqrt(fact.stats.v_sq))  # ‖X‖_F, for relative errors
 
-    def transform(self, X):
-        """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
+    def transform(self, X, layer=None):
+        """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping);
+        ``layer``: that layer of an AnnData X."""
         check_is_fitted(self, "components_")
-        return self._solve_w(X, self.components_)[0]
+        return self._solve_w(X, self.components_, layer=layer)[0]
 
-    def _solve_w(self, X, H, W=None):
+    def _solve_w(self, X, H, W=None, layer=None):
         """(W, n_iter) for X with H fixed; W starts from ``W`` if given, else flat (scikit-learn's
         transform start: every entry sqrt(mean(X) / r))."""
         settings = FitSettings.from_params(
             self.get_params(), n_components=H.shape[0], init="custom", checkpoint=None, n_runs=1
         )
         block_bytes = block_bytes_for_workers(current_client())
-        matrix = pipeline.open_v(X, settings, block_bytes=block_bytes)
+        matrix = pipeline.open_v(X, settings, block_bytes=block_bytes, layer=layer)
         if matrix.shape[1] != H.shape[1]:
             raise ParameterError(expected(f"X with {H.shape[1]} features, as in fit", f"{matrix.shape[1]} features"))
         if W is None:

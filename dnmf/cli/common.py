@@ -61,16 +61,20 @@ def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet
 
 
 @contextlib.contextmanager
-def zarr_input(path: str, dataset: str | None, quiet: bool):
-    """The path of a Zarr array holding the input: itself, or a temporary conversion."""
+def zarr_input(path: str, dataset: str | None, quiet: bool, layer: str | None = None):
+    """The path dnmf reads the input from: itself (a Zarr store, an AnnData .h5ad file), or a
+    temporary conversion to Zarr (other formats)."""
     from ..data import convert
 
-    src, _ = convert.split_dataset(path)
+    src, inline = convert.split_dataset(path)
     if not os.path.exists(src) and "://" not in src:
         raise DnmfError(no_such_path("input", src))
-    if convert.detect_format(src) == "zarr":
+    fmt = convert.detect_format(src)
+    if fmt == "zarr" or (fmt == "h5ad" and dataset is None and inline is None):
         yield path
         return
+    if layer is not None:
+        raise DnmfError(f"--layer picks a layer of an AnnData input (.h5ad or AnnData .zarr), not of {path!r}.")
     with tempfile.TemporaryDirectory(prefix="dnmf-input-") as tmp:
         target = os.path.join(tmp, "V.zarr")
         say(quiet, f"Converting {path} to a temporary Zarr array…")

@@ -19,13 +19,15 @@ PLOT_NAMES = ("convergence.png", "parts.png", "w_heatmap.png")
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 file.")
+@click.option("--layer", default=None, help="Layer of an AnnData store (.h5ad or .zarr) instead of X.")
 @click.option("--no-scan", is_flag=True, help="Skip the pass over a matrix's values (nnz, negative, NaN).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def info(path, dataset, no_scan, as_json):
-    """Describe a matrix (shape, dtype, chunks, size, nnz, bad entries) or a dnmf result."""
+def info(path, dataset, layer, no_scan, as_json):
+    """Describe a matrix (shape, dtype, chunks, size, whether it is sparse on disk, density, bad
+    entries) or a dnmf result."""
     from ..data.inspect import describe
 
-    facts = describe(path, dataset=dataset, scan=not no_scan)
+    facts = describe(path, dataset=dataset, scan=not no_scan, layer=layer)
     if as_json:
         click.echo(json.dumps(facts, indent=2, default=str))
         return

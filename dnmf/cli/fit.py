@@ -27,14 +27,16 @@ from .common import (
 @click.option("--out", "-o", type=click.Path(), required=True, help="Result to write (a Zarr group, e.g. result.zarr).")
 @fit_options
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
+@click.option("--layer", default=None, help="Layer of an AnnData input (.h5ad or .zarr) to factor instead of X.")
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is an earlier dnmf result (only once the new result is complete).")
-def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
+def fit(input_path, out, dataset, layer, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
         **params):
-    """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
-    those are converted to a temporary Zarr array under $TMPDIR first).
+    """Factor the matrix INPUT: a Zarr store (an array, a sparse matrix, an AnnData store) or an
+    AnnData .h5ad file, read by row blocks (sparse stays sparse); or any file `dnmf convert`
+    reads, converted to a temporary Zarr store under $TMPDIR first.
 
     Writes W, H and the fit's record (configuration, history, stop reason, versions) to --out.
     """
@@ -54,12 +56,12 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
-        with zarr_input(input_path, dataset, quiet) as path, \
+        with zarr_input(input_path, dataset, quiet, layer) as path, \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = NMF(**params, callbacks=callbacks)
-            W = model.fit_transform(path)
+            W = model.fit_transform(path, layer=layer)
             close_callbacks(callbacks)
             save_result(out, model, W, input_path=_absolute(input_path), overwrite=overwrite)
     finally:
@@ -114,10 +116,11 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 @click.option("--out", "-o", type=click.Path(), required=True, help="Zarr array to write W to.")
 @click.option("--chunks", type=int, default=None, help="Rows per block of INPUT.")
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input.")
+@click.option("--layer", default=None, help="Layer of an AnnData input (.h5ad or .zarr) instead of X.")
 @scheduler_options
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it is an array or result dnmf wrote.")
-def transform(result, input_path, out, chunks, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
+def transform(result, input_path, out, chunks, dataset, layer, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
     """W for the rows of INPUT with H fixed at RESULT's (same solver and loss)."""
     from ..data.convert import split_dataset
     from ..data.outputs import check_output
@@ -130,9 +133,9 @@ def transform(result, input_path, out, chunks, dataset, scheduler, workers, thre
     if chunks is not None:
         model.chunks = chunks
     started = time.perf_counter()
-    with zarr_input(input_path, dataset, quiet) as path, \
+    with zarr_input(input_path, dataset, quiet, layer) as path, \
             dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet):
-        W = model.transform(path)
+        W = model.transform(path, layer=layer)
         save_array(out, W, overwrite=overwrite)
     click.echo(f"W {W.shape[0]} x {W.shape[1]}, {time.perf_counter() - started:.1f} s -> {out}")
 

@@ -108,11 +108,15 @@ def place(settings: FitSettings) -> Placement:
     return Placement(client, block_bytes_for_workers(client), reroot_interval(settings.reroot_every, client))
 
 
-def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, saved: dict | None = None) -> Matrix:
+def open_v(
+    X, settings: FitSettings, mask=None, block_bytes: int | None = None, saved: dict | None = None,
+    layer: str | None = None,
+) -> Matrix:
     """Phase 2: V in row blocks (a grid when asked or very wide), unless already a Matrix.
 
     ``saved`` is a checkpoint's fingerprint: a resume keeps the checkpoint's blocks where the
-    settings leave them to the default (which depends on the workers).
+    settings leave them to the default (which depends on the workers). ``layer`` picks a layer
+    of an AnnData input instead of its X.
     """
     chunks = settings.chunks
     column_chunks = column_layout(settings.column_chunks, mask, settings.nan_is_missing)
@@ -121,7 +125,7 @@ def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, 
             chunks = tuple(saved["row_chunks"])
         if column_chunks == "auto" and "col_chunks" in saved:
             column_chunks = tuple(saved["col_chunks"])
-    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks)
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks, layer=layer)
     check_blocks_fit_workers(matrix, current_client())
     return matrix
 
@@ -199,19 +203,22 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
     return settings, prepared.solver.start(start_W, start_H), history
 
 
-def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:
+def fit(
+    X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None, layer: str | None = None,
+) -> Factorization:
     """Factor X with ``settings``: the one code path of every fit.
 
     Parameters
     ----------
-    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, Zarr path/URL or an open Matrix
-        V, of shape (n_samples, n_features).
+    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, AnnData, the path/URL of a Zarr
+        store or a .h5ad file, or an open Matrix: V, of shape (n_samples, n_features).
     settings : validated settings (:meth:`FitSettings.from_params`).
     W, H : a custom start, of shapes (n_samples, n_components) and (n_components, n_features).
     update_h : False keeps H fixed at ``H`` and solves for W only (``transform``).
     mask : boolean, X's shape, True = observed (numpy, dask, Zarr); with ``settings.missing ==
         "nan"`` NaN entries are missing too. The fit then covers the observed entries only.
     resume : a checkpoint directory to continue from, bitwise as if never interrupted.
+    layer : for an AnnData input, the layer to factor instead of X.
 
     The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
     ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
@@ -221,14 +228,15 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     if resume is not None and (W is not None or H is not None):
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     with checkpoint.locked(settings.checkpoint, resume):
-        return _fit(X, settings, W, H, update_h, mask, resume)
+        return _fit(X, settings, W, H, update_h, mask, resume, layer)
 
 
-def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factorization:
+def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, layer) -> Factorization:
     """:func:`fit`, holding the locks of the checkpoint directories it reads and writes."""
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
-    matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)
+    saved = snapshot.record["fingerprint"] if snapshot else None
+    matrix = open_v(X, settings, mask, where.block_bytes, saved, layer)
     settings = settings.for_shape(matrix.shape)
     if not update_h:
         settings = replace(settings, init="custom")
@@ -243,7 +251,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
         hooks = [] if spill is None else [spill]
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
-            meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
+            meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X, layer)
             hooks.append(checkpoint.start_writer(target, schedule, meta, state, snapshot))
         try:
             result = driver.run(prepared.solver, state, settings.rules, settings.callbacks, history, tuple(hooks))

@@ -1,0 +1,280 @@
+"""Matrices on disk in AnnData's encoding, read by row blocks without loading them whole.
+
+AnnData (``.h5ad`` through HDF5, ``.zarr`` in Zarr formats 2 and 3) stores a sparse matrix as
+a group holding three 1-D arrays, ``data``, ``indices`` and ``indptr``, with the attributes
+``encoding-type`` (``csr_matrix`` or ``csc_matrix``) and ``shape``; its ``X`` sits at the root
+and other matrices under ``layers/NAME``. dnmf's own sparse stores (``dnmf convert`` of a
+sparse input) are such a group at the root of a Zarr store.
+
+:class:`DiskMatrix` names one such matrix (or a dense 2-D dataset inside a ``.h5ad`` file) by
+path, without holding an open file, so it can travel to Dask workers: a task given rows
+``a:b`` reads ``indptr[a:b+1]``, then its slices of ``data`` and ``indices``, and returns
+them as a CSR block. No task holds more than its block (and the stored chunks its slices
+touch). Each process opens the file once (:func:`_open_arrays`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import FormatError, InvalidMatrixError, ParameterError, StoreError, expected
+
+CSR, CSC, DENSE = "csr", "csc", "dense"
+ANNDATA_SUFFIXES = (".h5ad",)
+
+
+@dataclass(frozen=True)
+class DiskMatrix:
+    """A 2-D matrix inside an HDF5 file or a Zarr store, read by row blocks.
+
+    path : the file (HDF5) or the store (Zarr).
+    group : the matrix inside it: "X", "layers/NAME", "" (the root of a dnmf sparse store).
+    backend : "hdf5" or "zarr".
+    encoding : "csr", "csc" or "dense" (a 2-D array; HDF5 only, a dense Zarr array is read
+        as a Zarr array).
+    shape, dtype : the matrix's.
+    nnz : the stored entries (n·p for a dense matrix).
+    stamp : the file's (size, mtime) when opened: the key of the per-process open file.
+    """
+
+    path: str
+    group: str
+    backend: str
+    encoding: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    nnz: int
+    stamp: tuple = ()
+
+    ndim = 2
+
+    @property
+    def sparse(self) -> bool:
+        return self.encoding != DENSE
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:/{self.group}" if self.group else self.path
+
+    def __getitem__(self, index):
+        """Rows (and columns) ``index`` as a CSR matrix (sparse) or an ndarray (dense)."""
+        rows, cols = _slices(index, self.shape)
+        if self.encoding == CSC:
+            raise FormatError(
+                f"{self.where!r} is stored as CSC (by columns): reading rows would read it all. "
+                "Convert it once to CSR with `dnmf convert`."
+            )
+        arrays = _open_arrays(self)
+        if self.encoding == DENSE:
+            return np.asarray(arrays[0][rows, cols])
+        block = read_csr_rows(*arrays, rows.start, rows.stop, self.shape[1])
+        return block if cols == slice(0, self.shape[1]) else block[:, cols]  # a grid's tile
+
+    def row_nnz(self, offsets) -> np.ndarray:
+        """The stored entries of the row blocks between ``offsets`` (a few reads of indptr)."""
+        if self.encoding == DENSE:
+            return np.diff(np.asarray(offsets)) * self.shape[1]
+        indptr = _open_arrays(self)[2]
+        ptr = np.array([int(indptr[int(i)]) for i in offsets], dtype=np.int64)
+        return np.diff(ptr)
+
+
+def read_csr_rows(data, indices, indptr, start: int, stop: int, n_cols: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of the CSR matrix stored as ``data``, ``indices``, ``indptr``
+    (array-likes that slice: numpy, Zarr, h5py): indptr first, then only the entries of
+    those rows."""
+    ptr = np.asarray(indptr[start : stop + 1]).astype(np.int64, copy=False)
+    lo, hi = int(ptr[0]), int(ptr[-1])
+    values, columns = np.asarray(data[lo:hi]), np.asarray(indices[lo:hi])
+    return sp.csr_matrix((values, columns, ptr - lo), shape=(stop - start, n_cols))
+
+
+def _slices(index, shape) -> tuple[slice, slice]:
+    if not isinstance(index, tuple):
+        index = (index,)
+    index = index + (slice(None),) * (2 - len(index))
+    out = []
+    for i, n in zip(index, shape):
+        if not isinstance(i, slice) or i.step not in (None, 1):
+            raise TypeError(f"DiskMatrix reads contiguous blocks only, not {i!r}")
+        out.append(slice(*i.indices(n)[:2]))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Opening, once per process
+
+
+_OPEN: dict = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_arrays(matrix: DiskMatrix) -> tuple:
+    """(data, indices, indptr), or (the dense dataset,), of ``matrix``, opened once per process."""
+    key = (matrix.backend, matrix.path, matrix.group, matrix.stamp)
+    with _OPEN_LOCK:
+        arrays = _OPEN.get(key)
+        if arrays is None:
+            node = _open_node(matrix.path, matrix.group, matrix.backend)
+            arrays = (node,) if matrix.encoding == DENSE else (node["data"], node["indices"], node["indptr"])
+            _OPEN[key] = arrays
+    return arrays
+
+
+def _open_node(path: str, group: str, backend: str):
+    if backend == "hdf5":
+        import h5py
+
+        f = h5py.File(path, "r")
+        return f[group] if group else f
+    import zarr
+
+    root = zarr.open_group(store=path, mode="r")
+    return root[group] if group else root
+
+
+def _stamp(path: str) -> tuple:
+    if "://" in path:
+        return ()
+    try:
+        if os.path.isdir(path):
+            meta = [os.path.join(path, m) for m in ("zarr.json", ".zgroup", ".zattrs") if os.path.exists(os.path.join(path, m))]
+            return tuple((os.stat(m).st_size, os.stat(m).st_mtime_ns) for m in meta)
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:
+        return ()
+
+
+# ---------------------------------------------------------------------------
+# Finding the matrix
+
+
+def encoding_of(attrs) -> str | None:
+    """"csr", "csc" or None from a group's attributes."""
+    kind = attrs.get("encoding-type", attrs.get("h5sparse_format"))
+    if kind is None:
+        return None
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind in ("csr_matrix", "csr"):
+        return CSR
+    if kind in ("csc_matrix", "csc"):
+        return CSC
+    return None
+
+
+def is_anndata_path(path) -> bool:
+    """A ``.h5ad`` file name."""
+    return os.fspath(path).lower().endswith(ANNDATA_SUFFIXES)
+
+
+def matrix_name(layer: str | None) -> str:
+    """Where AnnData keeps ``layer`` (None: X)."""
+    return "X" if layer is None else f"layers/{layer}"
+
+
+def open_h5ad(path: str, layer: str | None = None) -> DiskMatrix:
+    """X (or ``layer``) of the ``.h5ad`` file at ``path``: a CSR, CSC or dense matrix.
+
+    Raises :class:`StoreError` when the file is missing or not HDF5, :class:`FormatError` when
+    the matrix is not there or is not a matrix.
+    """
+    try:
+        import h5py
+    except ImportError as e:  # pragma: no cover - an optional dependency
+        raise FormatError(f"Reading {path!r} needs h5py: pip install h5py.") from e
+    if not os.path.exists(path):
+        raise StoreError(f"No AnnData file at {path!r}: the path does not exist.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreError(f"{path!r} is not a readable HDF5 (.h5ad) file: {e}.") from e
+    with f:
+        name = matrix_name(layer)
+        if name not in f:
+            raise FormatError(_missing_matrix(path, layer, list(f.get("layers", {}).keys())))
+        node = f[name]
+        if isinstance(node, h5py.Dataset):
+            shape = _check_shape(path, name, node.shape)
+            return DiskMatrix(path, name, "hdf5", DENSE, shape, np.dtype(node.dtype), shape[0] * shape[1], _stamp(path))
+        return _sparse_group(path, name, "hdf5", node)
+
+
+def open_zarr_group(path: str, node, layer: str | None = None):
+    """The matrix a Zarr group holds: a :class:`DiskMatrix` (a sparse group: dnmf's own sparse
+    store, or an AnnData store's X or ``layer`` encoded sparse), or a ``zarr.Array`` (an
+    AnnData store's dense X or layer).
+
+    Raises :class:`FormatError` when the group holds no matrix dnmf can read.
+    """
+    import zarr
+
+    if encoding_of(node.attrs) is not None:
+        if layer is not None:
+            raise ParameterError(f"{path!r} holds one sparse matrix, not an AnnData store: do not pass layer={layer!r}.")
+        return _sparse_group(path, "", "zarr", node)
+    name = matrix_name(layer)
+    is_anndata = str(node.attrs.get("encoding-type", "")) == "anndata" or "X" in node or "layers" in node
+    if not is_anndata:
+        raise FormatError(
+            f"{path!r} is a Zarr group, but neither a sparse matrix (data, indices, indptr and "
+            "encoding-type csr_matrix) nor an AnnData store; give the path of the array inside it."
+        )
+    try:
+        inner = node[name]
+    except KeyError:
+        layers = list(node["layers"].keys()) if "layers" in node else []
+        raise FormatError(_missing_matrix(path, layer, layers)) from None
+    if isinstance(inner, zarr.Array):
+        return inner
+    return _sparse_group(path, name, "zarr", inner)
+
+
+def _missing_matrix(path: str, layer: str | None, layers: list) -> str:
+    if layer is None:
+        return f"The AnnData store {path!r} has no X; pick a layer with layer=NAME (it has {sorted(layers)})."
+    return f"The AnnData store {path!r} has no layer {layer!r}; its layers are {sorted(layers)}."
+
+
+def _sparse_group(path: str, name: str, backend: str, node) -> DiskMatrix:
+    where = f"{path}:/{name}" if name else path
+    encoding = encoding_of(node.attrs)
+    missing = [part for part in ("data", "indices", "indptr") if part not in node]
+    if encoding is None or missing:
+        raise FormatError(
+            f"{where!r} is a group, not a matrix dnmf reads: expected arrays data, indices, indptr and the "
+            f"attribute encoding-type csr_matrix or csc_matrix (missing: {missing or 'encoding-type'})."
+        )
+    shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+    if shape is None:
+        raise FormatError(f"The sparse matrix {where!r} has no 'shape' attribute.")
+    shape = _check_shape(path, name, tuple(int(s) for s in shape))
+    data, indptr = node["data"], node["indptr"]
+    major = shape[0] if encoding == CSR else shape[1]
+    if tuple(indptr.shape) != (major + 1,):
+        raise FormatError(
+            expected(f"indptr of length {major + 1} in {where!r} (shape {shape}, {encoding.upper()})", f"length {indptr.shape[0]}")
+        )
+    nnz = int(indptr[major])
+    if nnz > data.shape[0] or nnz > node["indices"].shape[0]:
+        raise FormatError(
+            f"The sparse matrix {where!r} is damaged: indptr ends at {nnz} but data holds {data.shape[0]} "
+            f"and indices {node['indices'].shape[0]} entries."
+        )
+    return DiskMatrix(path, name, backend, encoding, shape, np.dtype(data.dtype), nnz, _stamp(path))
+
+
+def _check_shape(path: str, name: str, shape) -> tuple[int, int]:
+    if len(shape) != 2 or min(shape) < 1:
+        where = f"{path}:/{name}" if name else path
+        raise InvalidMatrixError(expected(f"a non-empty 2-D matrix at {where!r}", f"shape {tuple(shape)}"))
+    return int(shape[0]), int(shape[1])
