@@ -278,3 +278,135 @@ def _check_shape(path: str, name: str, shape) -> tuple[int, int]:
         where = f"{path}:/{name}" if name else path
         raise InvalidMatrixError(expected(f"a non-empty 2-D matrix at {where!r}", f"shape {tuple(shape)}"))
     return int(shape[0]), int(shape[1])
+
+
+# ---------------------------------------------------------------------------
+# Writing: dnmf's sparse stores, and rows gathered out of core
+
+
+ENTRIES_PER_CHUNK = 2**20  # the Zarr chunk of data and indices: 4-8 MiB
+
+
+def create_csr_store(path, shape: tuple[int, int], dtype, index_dtype=np.int32):
+    """A new Zarr group at ``path`` in AnnData's CSR encoding (``data``, ``indices``, ``indptr``,
+    ``encoding-type: csr_matrix``, ``shape``), empty, to fill with :class:`CSRWriter`."""
+    import zarr
+
+    from .zarrio import default_compressors
+
+    group = zarr.open_group(store=str(path), mode="w")
+    group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [int(s) for s in shape]})
+    spec = {"chunks": (ENTRIES_PER_CHUNK,), "compressors": default_compressors()}
+    group.create_array("data", shape=(0,), dtype=np.dtype(dtype), **spec)
+    group.create_array("indices", shape=(0,), dtype=np.dtype(index_dtype), **spec)
+    group.create_array("indptr", shape=(shape[0] + 1,), dtype=np.int64, chunks=(ENTRIES_PER_CHUNK,),
+                       compressors=default_compressors())
+    return group
+
+
+class CSRWriter:
+    """Appends row blocks, top to bottom, to a sparse store made by :func:`create_csr_store`.
+
+    The entries are buffered up to a whole Zarr chunk, so every chunk is written once.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.n_rows, self.n_cols = (int(s) for s in group.attrs["shape"])
+        self.rows = 0  # rows written
+        self.nnz = 0  # entries written to the arrays
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_nnz = 0
+        self._indptr = [np.zeros(1, dtype=np.int64)]
+
+    def append(self, block) -> None:
+        """Append the rows of ``block`` (CSR, or dense: its non-zeros are kept)."""
+        block = sp.csr_matrix(block)
+        if block.shape[1] != self.n_cols or self.rows + block.shape[0] > self.n_rows:
+            raise FormatError(expected(f"rows of {self.n_cols} columns, {self.n_rows} rows in all", block.shape))
+        block.sum_duplicates()  # sorted column indices, duplicates summed (as scipy does)
+        start = self.nnz + self._pending_nnz
+        self._indptr.append(start + block.indptr[1:].astype(np.int64))
+        self._pending.append((block.data, block.indices))
+        self._pending_nnz += block.nnz
+        self.rows += block.shape[0]
+        if self._pending_nnz >= ENTRIES_PER_CHUNK:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        data = np.concatenate([d for d, _ in self._pending])
+        indices = np.concatenate([i for _, i in self._pending])
+        keep = len(data) if final else (len(data) // ENTRIES_PER_CHUNK) * ENTRIES_PER_CHUNK
+        if keep:
+            new = self.nnz + keep
+            for name, values in (("data", data), ("indices", indices)):
+                array = self.group[name]
+                array.resize((new,))
+                array[self.nnz : new] = values[:keep].astype(array.dtype, copy=False)
+            self.nnz = new
+        self._pending = [(data[keep:], indices[keep:])] if keep < len(data) else []
+        self._pending_nnz = len(data) - keep
+
+    def close(self) -> int:
+        """Write what is buffered and indptr; return the entries stored."""
+        if self.rows != self.n_rows:
+            raise FormatError(expected(f"{self.n_rows} rows", f"{self.rows} rows"))
+        self._flush(final=True)
+        indptr = np.concatenate(self._indptr)
+        self.group["indptr"][:] = indptr
+        return self.nnz
+
+
+class RowBuckets:
+    """Entries (row, column, value) in any order, gathered into row bands out of core.
+
+    :meth:`add` appends each entry to the raw files of its band (of ``band_rows`` rows) in
+    ``folder``; :meth:`bands` then reads one band at a time and returns it as CSR rows
+    (duplicates summed, as scipy does). Two passes over the entries, and at most one band in
+    memory: the way to turn a file ordered by columns (CSC, a Matrix Market file written
+    column by column) into row blocks.
+    """
+
+    def __init__(self, folder, shape: tuple[int, int], band_rows: int, dtype):
+        self.folder = str(folder)
+        self.shape = shape
+        self.band_rows = max(1, int(band_rows))
+        self.dtype = np.dtype(dtype)
+        self.n_bands = -(-shape[0] // self.band_rows)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _file(self, band: int, part: str) -> str:
+        return os.path.join(self.folder, f"band{band:06d}.{part}")
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        band = rows // self.band_rows
+        order = np.argsort(band, kind="stable")
+        band, rows = band[order], rows[order]
+        cols, values = np.asarray(cols, dtype=np.int64)[order], np.asarray(values, dtype=self.dtype)[order]
+        cuts = np.flatnonzero(np.diff(band)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(band)]):
+            if hi <= lo:
+                continue
+            b = int(band[lo])
+            for part, values_ in (("rows", rows[lo:hi]), ("cols", cols[lo:hi]), ("vals", values[lo:hi])):
+                with open(self._file(b, part), "ab") as f:
+                    values_.tofile(f)
+
+    def bands(self):
+        """(first row, CSR rows of the band), top to bottom."""
+        n, p = self.shape
+        for b in range(self.n_bands):
+            start, stop = b * self.band_rows, min(n, (b + 1) * self.band_rows)
+            if os.path.exists(self._file(b, "rows")):
+                rows = np.fromfile(self._file(b, "rows"), dtype=np.int64) - start
+                cols = np.fromfile(self._file(b, "cols"), dtype=np.int64)
+                vals = np.fromfile(self._file(b, "vals"), dtype=self.dtype)
+                for part in ("rows", "cols", "vals"):
+                    os.remove(self._file(b, part))
+                block = sp.csr_matrix((vals, (rows, cols)), shape=(stop - start, p))
+            else:
+                block = sp.csr_matrix((stop - start, p), dtype=self.dtype)
+            yield start, block
