@@ -189,3 +189,69 @@ def test_cli_fit_h5ad_layer_and_info(stores, tmp_path):
     assert info.returncode == 0, info.stderr
     assert "sparse_on_disk  yes (CSR)" in info.stdout and "density" in info.stdout
     assert tree_digest(where / "cells.h5ad") == before
+
+
+# ---------------------------------------------------------------------------
+# The result as a new AnnData beside the input
+
+
+def test_result_as_a_new_anndata_beside_the_input(stores, tmp_path):
+    X, where = stores
+    inputs = {name: tree_digest(where / name) for name in ("cells.h5ad", "cells3.zarr")}
+    model, W = fit(str(where / "cells.h5ad"), layer="counts")
+    for like in ("cells.h5ad", "cells3.zarr"):
+        out = tmp_path / f"nmf-{like.split('.')[0]}.{'h5ad' if like.endswith('h5ad') else 'zarr'}"
+        dnmf.save_anndata(out, model, W, like=str(where / like))
+        back = anndata.read_h5ad(out) if str(out).endswith(".h5ad") else anndata.read_zarr(out)
+        assert back.shape == X.shape and back.X is None
+        assert np.array_equal(back.obsm["X_nmf"], W)
+        assert np.array_equal(back.varm["NMF_components"], model.components_.T)
+        source = anndata.read_h5ad(where / "cells.h5ad", backed="r")
+        assert list(back.obs_names) == list(source.obs_names) and list(back.var_names) == list(source.var_names)
+        source.file.close()
+    # An in-memory AnnData gives its obs / var; a dask W is written block by block.
+    adata = anndata.read_h5ad(where / "cells.h5ad")
+    adata.obs["group"] = "a"
+    dnmf.save_anndata(tmp_path / "mem.h5ad", model, da.from_array(W, chunks=(50, 4)), like=adata)
+    back = anndata.read_h5ad(tmp_path / "mem.h5ad")
+    assert list(back.obs["group"]) == ["a"] * X.shape[0] and np.array_equal(back.obsm["X_nmf"], W)
+    assert {name: tree_digest(where / name) for name in inputs} == inputs
+
+
+def test_anndata_output_never_replaces_the_input_or_a_foreign_file(stores, tmp_path):
+    X, where = stores
+    model, W = fit(X, local=False)
+    before = tree_digest(where / "cells.h5ad")
+    with pytest.raises(StoreError, match="is the input"):
+        dnmf.save_anndata(where / "cells.h5ad", model, W, like=str(where / "cells.h5ad"), overwrite=True)
+    foreign = tmp_path / "mine.h5ad"
+    anndata.AnnData(X=X).write_h5ad(foreign)
+    mine = tree_digest(foreign)
+    with pytest.raises(StoreError, match="already exists"):
+        dnmf.save_anndata(foreign, model, W)
+    with pytest.raises(StoreError, match="not something dnmf wrote"):
+        dnmf.save_anndata(foreign, model, W, overwrite=True)
+    assert tree_digest(foreign) == mine and tree_digest(where / "cells.h5ad") == before
+    dnmf.save_anndata(tmp_path / "ours.h5ad", model, W)
+    dnmf.save_anndata(tmp_path / "ours.h5ad", model, 2 * W, overwrite=True)  # dnmf's own: replaced
+    assert np.array_equal(anndata.read_h5ad(tmp_path / "ours.h5ad").obsm["X_nmf"], 2 * W)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_fit_csc_layer_converted_once_and_anndata_out(stores, tmp_path):
+    X, where = stores
+    from click.testing import CliRunner
+
+    from dnmf.cli import main
+
+    before = tree_digest(where / "cells.h5ad")
+    args = ["fit", str(where / "cells.h5ad"), "--layer", "by_cols", "--out", str(tmp_path / "r.zarr"),
+            "--anndata-out", str(tmp_path / "cells.nmf.h5ad"), "--rank", "4", "--max-iter", "8", "--tol", "0",
+            "--seed", "0", "--chunks", "50", "--scheduler", "threads", "-q"]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    ref, W_ref = fit(X, local=False)
+    back = anndata.read_h5ad(tmp_path / "cells.nmf.h5ad")
+    assert np.array_equal(back.varm["NMF_components"], ref.components_.T)
+    assert np.array_equal(back.obsm["X_nmf"], W_ref)
+    assert tree_digest(where / "cells.h5ad") == before

@@ -28,11 +28,14 @@ from .common import (
 @fit_options
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
 @click.option("--layer", default=None, help="Layer of an AnnData input (.h5ad or .zarr) to factor instead of X.")
+@click.option("--anndata-out", type=click.Path(), default=None,
+              help="Also write a new AnnData (.h5ad or .zarr) with obsm['X_nmf'] = W and varm['NMF_components'] "
+              "= H transposed, and the obs/var of an AnnData INPUT (which is never modified).")
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is an earlier dnmf result (only once the new result is complete).")
-def fit(input_path, out, dataset, layer, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
+def fit(input_path, out, dataset, layer, anndata_out, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
         **params):
     """Factor the matrix INPUT: a Zarr store (an array, a sparse matrix, an AnnData store) or an
     AnnData .h5ad file, read by row blocks (sparse stays sparse); or any file `dnmf convert`
@@ -44,11 +47,15 @@ def fit(input_path, out, dataset, layer, scheduler, workers, threads_per_worker,
 
     from ..data.convert import split_dataset
     from ..data.outputs import check_output
-    from ..data.results import save_result
+    from ..data.ondisk import is_anndata_store
+    from ..data.results import anndata_written_by_dnmf, save_anndata, save_result
     from ..estimator import NMF
 
     reads = {"input": split_dataset(input_path)[0], "checkpoint": params["checkpoint"]}
     check_fit_outputs(out, overwrite, log_json, reads)
+    if anndata_out is not None:
+        check_output(anndata_out, protected={**reads, "result": out}, overwrite=overwrite, label="--anndata-out",
+                     owned=anndata_written_by_dnmf)
     if params["checkpoint"] is not None:
         check_output(params["checkpoint"], protected={"input": reads["input"], "result": out}, kind="folder",
                      label="--checkpoint")
@@ -56,7 +63,7 @@ def fit(input_path, out, dataset, layer, scheduler, workers, threads_per_worker,
     callbacks = make_callbacks(params["max_iter"], quiet, log_json)
     started = time.perf_counter()
     try:
-        with zarr_input(input_path, dataset, quiet, layer) as path, \
+        with zarr_input(input_path, dataset, quiet, layer) as (path, layer), \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -64,6 +71,9 @@ def fit(input_path, out, dataset, layer, scheduler, workers, threads_per_worker,
             W = model.fit_transform(path, layer=layer)
             close_callbacks(callbacks)
             save_result(out, model, W, input_path=_absolute(input_path), overwrite=overwrite)
+            if anndata_out is not None:
+                like = reads["input"] if is_anndata_store(reads["input"]) else None
+                save_anndata(anndata_out, model, W, like=like, overwrite=overwrite)
     finally:
         close_callbacks(callbacks)
     click.echo(summary(model, time.perf_counter() - started, out))
@@ -133,7 +143,7 @@ def transform(result, input_path, out, chunks, dataset, layer, scheduler, worker
     if chunks is not None:
         model.chunks = chunks
     started = time.perf_counter()
-    with zarr_input(input_path, dataset, quiet, layer) as path, \
+    with zarr_input(input_path, dataset, quiet, layer) as (path, layer), \
             dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet):
         W = model.transform(path, layer=layer)
         save_array(out, W, overwrite=overwrite)

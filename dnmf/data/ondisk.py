@@ -177,6 +177,37 @@ def is_anndata_path(path) -> bool:
     return os.fspath(path).lower().endswith(ANNDATA_SUFFIXES)
 
 
+def is_anndata_store(path) -> bool:
+    """A ``.h5ad`` file, or a Zarr store that AnnData wrote (its root group says so)."""
+    path = os.fspath(path)
+    if is_anndata_path(path):
+        return True
+    try:
+        import zarr
+
+        return str(zarr.open_group(store=path, mode="r").attrs.get("encoding-type", "")) == "anndata"
+    except Exception:
+        return False
+
+
+def stored_by_columns(path, layer: str | None = None) -> bool:
+    """Whether the matrix dnmf would read at ``path`` (X or ``layer``) is stored as CSC; False
+    when it cannot tell (the reader then says what is wrong)."""
+    path = os.fspath(path)
+    try:
+        if is_anndata_path(path):
+            return open_h5ad(path, layer).encoding == CSC
+        import zarr
+
+        node = zarr.open(store=path, mode="r")
+        if isinstance(node, zarr.Array):
+            return False
+        found = open_zarr_group(path, node, layer)
+        return isinstance(found, DiskMatrix) and found.encoding == CSC
+    except Exception:
+        return False
+
+
 def matrix_name(layer: str | None) -> str:
     """Where AnnData keeps ``layer`` (None: X)."""
     return "X" if layer is None else f"layers/{layer}"
