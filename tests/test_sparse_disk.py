@@ -255,3 +255,42 @@ def test_cli_fit_csc_layer_converted_once_and_anndata_out(stores, tmp_path):
     assert np.array_equal(back.varm["NMF_components"], ref.components_.T)
     assert np.array_equal(back.obsm["X_nmf"], W_ref)
     assert tree_digest(where / "cells.h5ad") == before
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints, transform, dense AnnData
+
+
+def test_checkpoint_and_resume_of_a_layer_read_from_disk(stores, tmp_path):
+    X, where = stores
+    path = str(where / "cells3.zarr")
+    full, W_full = fit(path, "counts", max_iter=8, cache=False)
+    with pytest.warns(Warning):
+        dnmf.NMF(4, random_state=0, max_iter=4, tol=0, chunks=50, cache=False,
+                 checkpoint=str(tmp_path / "ckpt")).fit(path, layer="counts")
+    with pytest.warns(Warning):
+        resumed = dnmf.checkpoint.resume(str(tmp_path / "ckpt"), max_iter=8)  # the recorded path and layer
+    assert resumed.n_iter_ == 8 and np.array_equal(resumed.components_, full.components_)
+
+
+def test_transform_reads_new_rows_from_disk(stores):
+    X, where = stores
+    model, _ = fit(X, local=False)
+    W_mem = model.transform(X)
+    W_disk = model.transform(str(where / "cells.h5ad"), layer="counts")
+    assert np.array_equal(np.asarray(W_disk), W_mem)
+
+
+def test_dense_anndata_x_on_disk(tmp_path):
+    V = counts(90, 20, density=0.5).toarray()
+    anndata.AnnData(X=V).write_h5ad(tmp_path / "dense.h5ad")
+    anndata.AnnData(X=V).write_zarr(tmp_path / "dense.zarr")
+    ref, W_ref = fit(V, local=False, chunks=30)
+    for name in ("dense.h5ad", "dense.zarr"):
+        model, W = fit(str(tmp_path / name), chunks=30, cache=False)
+        assert not open_matrix(str(tmp_path / name)).sparse
+        assert np.array_equal(model.components_, ref.components_) and np.array_equal(W, W_ref)
+    from dnmf.data.inspect import describe
+
+    assert describe(tmp_path / "dense.h5ad")["sparse_on_disk"] == "no (dense array)"
+    assert describe(tmp_path / "dense.zarr", scan=False)["sparse_on_disk"] == "no (dense array)"

@@ -47,6 +47,8 @@ class Matrix:
         (see :meth:`grid_inputs`).
     store_chunks : the chunk shape of the Zarr array V is read from, None for other inputs. A
         task reads every stored chunk its block touches whole, even when the block is smaller.
+    nnz : the stored entries of a sparse V when known before any pass over it (in memory, on
+        disk), None otherwise.
     """
 
     data: da.Array
@@ -56,6 +58,7 @@ class Matrix:
     source: str
     reads_inline: bool = False
     store_chunks: tuple[int, int] | None = None
+    nnz: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -356,7 +359,8 @@ def open_matrix(
         return Matrix(X.rechunk((layout.rows(X.shape, dtype.itemsize, cols), cols)), dtype, False, False, "dask")
     if sp.issparse(X):
         _check_2d(X.shape)
-        return Matrix(_from_sparse(X, layout), factor_dtype(X.dtype), True, True, source or "scipy.sparse")
+        data = _from_sparse(X, layout)
+        return Matrix(data, factor_dtype(X.dtype), True, True, source or "scipy.sparse", nnz=int(X.nnz))
     if isinstance(X, np.ndarray) or hasattr(X, "__array__"):
         X = np.asarray(X)
         _check_2d(X.shape)
@@ -528,7 +532,8 @@ def _matrix_from_disk(matrix: ondisk.DiskMatrix, layout: _Layout) -> Matrix:
         meta = np.empty((0, 0), dtype=matrix.dtype)
     name = f"from-disk-{tokenize(matrix, chunks)}"
     blocks = da.from_array(matrix, chunks, name=name, asarray=False, meta=meta, getitem=_read_disk_block)
-    return Matrix(blocks, factor_dtype(matrix.dtype), False, matrix.sparse, matrix.where, reads_inline=True)
+    nnz = matrix.nnz if matrix.sparse else None
+    return Matrix(blocks, factor_dtype(matrix.dtype), False, matrix.sparse, matrix.where, reads_inline=True, nnz=nnz)
 
 
 def _read_disk_block(matrix: ondisk.DiskMatrix, index: tuple[slice, ...], asarray: bool = False, lock=None):

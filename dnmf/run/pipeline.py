@@ -132,11 +132,11 @@ def open_v(
 
 def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True) -> Plan:
     """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver."""
-    cache = plan_cache(settings.cache, matrix, client)
+    cache = plan_cache(settings.cache, matrix, client, nnz=matrix.nnz)
     if cache is not None:
         matrix = apply_cache(cache, matrix)
     stats, init_matrix, solver = _solver(matrix, settings, mask, update_h)
-    if cache is None:  # sparse V: its size was known only after the scan
+    if cache is None:  # a sparse V of unknown nnz (dask): its size was known only after the scan
         cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
         cached = apply_cache(cache, matrix)
         init_matrix = cached if init_matrix is matrix else init_matrix
