@@ -294,3 +294,16 @@ def test_dense_anndata_x_on_disk(tmp_path):
 
     assert describe(tmp_path / "dense.h5ad")["sparse_on_disk"] == "no (dense array)"
     assert describe(tmp_path / "dense.zarr", scan=False)["sparse_on_disk"] == "no (dense array)"
+
+
+def test_sparse_blocks_too_big_for_the_workers_are_refused_before_any_task(stores, monkeypatch):
+    """Blocks are weighed by their CSR bytes (nnz known from the store), not skipped as before."""
+    import dnmf.run.plan as plan
+
+    _, where = stores
+    monkeypatch.setattr(plan, "_tightest_worker", lambda client: (32 * 1024, 1))  # one 32 KiB worker
+    monkeypatch.setattr(plan, "block_bytes_for_workers", lambda client: 4096)
+    client = object()
+    with pytest.raises(ParameterError, match="Row blocks of 240 rows take.*Pass chunks="):
+        plan.check_blocks_fit_workers(open_matrix(str(where / "cells.h5ad"), chunks=240), client)
+    plan.check_blocks_fit_workers(open_matrix(str(where / "cells.h5ad"), chunks=20), client)  # these fit
