@@ -307,3 +307,22 @@ def test_sparse_blocks_too_big_for_the_workers_are_refused_before_any_task(store
     with pytest.raises(ParameterError, match="Row blocks of 240 rows take.*Pass chunks="):
         plan.check_blocks_fit_workers(open_matrix(str(where / "cells.h5ad"), chunks=240), client)
     plan.check_blocks_fit_workers(open_matrix(str(where / "cells.h5ad"), chunks=20), client)  # these fit
+
+
+def test_restarts_masks_and_the_rank_survey_read_sparse_v_from_disk(stores):
+    X, where = stores
+    path = str(where / "cells.h5ad")
+    common = dict(n_components=3, random_state=4, max_iter=5, tol=0, chunks=60, init="random")
+    with pytest.warns(Warning):
+        ref = dnmf.NMF(local=False, n_runs=2, **common).fit(X)
+        runs = dnmf.NMF(n_runs=2, cache=False, **common).fit(path, layer="counts")
+    assert runs.run_losses_ == ref.run_losses_ and np.array_equal(runs.components_, ref.components_)
+    mask = np.random.default_rng(0).random(X.shape) > 0.1
+    with pytest.warns(Warning):
+        masked_ref = dnmf.NMF(local=False, **common).fit(X, mask=mask)
+        masked = dnmf.NMF(cache=False, **common).fit(path, mask=mask)
+    assert np.array_equal(masked.components_, masked_ref.components_)
+    survey_args = dict(ranks="2,3", n_runs=2, max_iter=5, random_state=1, chunks=60)
+    a, b = dnmf.rank_survey(X, **survey_args), dnmf.rank_survey(path, **survey_args)
+    assert a.ranks == b.ranks == [1, 2, 3] and a.suggested_rank == b.suggested_rank
+    assert np.array_equal(a.curve("heldout_error"), b.curve("heldout_error"))
