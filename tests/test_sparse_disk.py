@@ -326,3 +326,15 @@ def test_restarts_masks_and_the_rank_survey_read_sparse_v_from_disk(stores):
     a, b = dnmf.rank_survey(X, **survey_args), dnmf.rank_survey(path, **survey_args)
     assert a.ranks == b.ranks == [1, 2, 3] and a.suggested_rank == b.suggested_rank
     assert np.array_equal(a.curve("heldout_error"), b.curve("heldout_error"))
+
+
+def test_no_hdf5_handle_outlives_a_fit(tmp_path):
+    """The user may rewrite the .h5ad right after a fit in the same process."""
+    X = counts(60, 20)
+    path = tmp_path / "c.h5ad"
+    anndata.AnnData(X=X).write_h5ad(path)
+    fit(str(path), cache=False, chunks=20)
+    anndata.AnnData(X=2 * X).write_h5ad(path)  # HDF5 refuses this while the file is open here
+    model, _ = fit(str(path), cache=False, chunks=20)
+    ref, _ = fit(2 * X, local=False, chunks=20)
+    assert np.array_equal(model.components_, ref.components_)

@@ -10,11 +10,13 @@ sparse input) are such a group at the root of a Zarr store.
 path, without holding an open file, so it can travel to Dask workers: a task given rows
 ``a:b`` reads ``indptr[a:b+1]``, then its slices of ``data`` and ``indices``, and returns
 them as a CSR block. No task holds more than its block (and the stored chunks its slices
-touch). Each process opens the file once (:func:`_open_arrays`).
+touch). Each process opens a Zarr store once; an HDF5 file is opened for each read and closed
+after it (:func:`opened`), so it never stays open where the user may write it next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -73,18 +75,18 @@ class DiskMatrix:
                 f"{self.where!r} is stored as CSC (by columns): reading rows would read it all. "
                 "Convert it once to CSR with `dnmf convert`."
             )
-        arrays = _open_arrays(self)
-        if self.encoding == DENSE:
-            return np.asarray(arrays[0][rows, cols])
-        block = read_csr_rows(*arrays, rows.start, rows.stop, self.shape[1])
+        with opened(self) as arrays:
+            if self.encoding == DENSE:
+                return np.asarray(arrays[0][rows, cols])
+            block = read_csr_rows(*arrays, rows.start, rows.stop, self.shape[1])
         return block if cols == slice(0, self.shape[1]) else block[:, cols]  # a grid's tile
 
     def row_nnz(self, offsets) -> np.ndarray:
         """The stored entries of the row blocks between ``offsets`` (a few reads of indptr)."""
         if self.encoding == DENSE:
             return np.diff(np.asarray(offsets)) * self.shape[1]
-        indptr = _open_arrays(self)[2]
-        ptr = np.array([int(indptr[int(i)]) for i in offsets], dtype=np.int64)
+        with opened(self) as arrays:
+            ptr = np.array([int(arrays[2][int(i)]) for i in offsets], dtype=np.int64)
         return np.diff(ptr)
 
 
@@ -118,8 +120,23 @@ _OPEN: dict = {}
 _OPEN_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def opened(matrix: DiskMatrix):
+    """(data, indices, indptr), or (the dense dataset,), of ``matrix``: a Zarr store's arrays
+    opened once per process; an HDF5 file's opened now and closed on leaving (~1 ms), so no
+    handle outlives the read (HDF5 refuses to rewrite a file this process holds open)."""
+    if matrix.backend != "hdf5":
+        yield _open_arrays(matrix)
+        return
+    import h5py
+
+    with h5py.File(matrix.path, "r") as f:
+        node = f[matrix.group] if matrix.group else f
+        yield (node,) if matrix.encoding == DENSE else (node["data"], node["indices"], node["indptr"])
+
+
 def _open_arrays(matrix: DiskMatrix) -> tuple:
-    """(data, indices, indptr), or (the dense dataset,), of ``matrix``, opened once per process."""
+    """(data, indices, indptr), or (the dense dataset,), of a Zarr ``matrix``, opened once per process."""
     key = (matrix.backend, matrix.path, matrix.group, matrix.stamp)
     with _OPEN_LOCK:
         arrays = _OPEN.get(key)
