@@ -138,7 +138,7 @@ class NMF(TransformerMixin, BaseEstimator):
     cache_used_ : bool
         Whether V was held in memory during the fit (given in memory, or cached).
     fit_info_ : dict
-        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``,
+        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``, ``v_sparse``, ``v_nnz``,
         ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``layout`` ("rows" or "grid"),
         ``row_blocks``, ``max_block_rows``, ``column_blocks``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
         ``history_`` record.

@@ -81,7 +81,8 @@ def test_sparse_on_disk_equals_sparse_in_memory_bitwise(stores, params):
     ref, W_ref = fit(X, local=False, **params)
     for path, layer in [("cells.h5ad", None), ("cells2.zarr", "counts"), ("cells3.zarr", None)]:
         model, W = fit(str(where / path), layer, cache=False, **params)
-        assert model.fit_info_["v_storage"] == "streamed"
+        assert model.fit_info_["v_storage"] == "streamed" and model.fit_info_["v_sparse"]
+        assert model.fit_info_["v_bytes"] == X.nnz * 8 + (X.shape[0] + 1) * 8  # CSR bytes, not dense
         assert np.array_equal(model.components_, ref.components_), path
         assert np.array_equal(W, W_ref), path
         assert model.reconstruction_err_ == ref.reconstruction_err_
@@ -288,7 +289,7 @@ def test_dense_anndata_x_on_disk(tmp_path):
     ref, W_ref = fit(V, local=False, chunks=30)
     for name in ("dense.h5ad", "dense.zarr"):
         model, W = fit(str(tmp_path / name), chunks=30, cache=False)
-        assert not open_matrix(str(tmp_path / name)).sparse
+        assert not open_matrix(str(tmp_path / name)).sparse and model.fit_info_["v_sparse"] is False
         assert np.array_equal(model.components_, ref.components_) and np.array_equal(W, W_ref)
     from dnmf.data.inspect import describe
 

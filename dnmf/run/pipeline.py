@@ -279,6 +279,8 @@ def where_it_ran(where: Placement, prepared: Plan, spill: Rerooting | None) -> d
     return {
         "v_storage": prepared.cache.storage,
         "v_bytes": prepared.cache.v_bytes,
+        "v_sparse": bool(matrix.sparse),
+        "v_nnz": int(prepared.stats.nnz),
         "cache_budget_bytes": prepared.cache.budget_bytes,
         "scheduler": "threads" if where.client is None else "distributed",
         "n_workers": None if where.client is None else len(where.client.nthreads()),
