@@ -41,7 +41,8 @@ class DiskMatrix:
         as a Zarr array).
     shape, dtype : the matrix's.
     nnz : the stored entries (n·p for a dense matrix).
-    stamp : the file's (size, mtime) when opened: the key of the per-process open file.
+    stamp : the file's (size, mtime) when opened: with the path, the key of a Zarr store's
+        arrays opened once per process (a store written anew is opened anew).
     """
 
     path: str
@@ -80,14 +81,6 @@ class DiskMatrix:
                 return np.asarray(arrays[0][rows, cols])
             block = read_csr_rows(*arrays, rows.start, rows.stop, self.shape[1])
         return block if cols == slice(0, self.shape[1]) else block[:, cols]  # a grid's tile
-
-    def row_nnz(self, offsets) -> np.ndarray:
-        """The stored entries of the row blocks between ``offsets`` (a few reads of indptr)."""
-        if self.encoding == DENSE:
-            return np.diff(np.asarray(offsets)) * self.shape[1]
-        with opened(self) as arrays:
-            ptr = np.array([int(arrays[2][int(i)]) for i in offsets], dtype=np.int64)
-        return np.diff(ptr)
 
 
 def read_csr_rows(data, indices, indptr, start: int, stop: int, n_cols: int) -> sp.csr_matrix:
@@ -141,22 +134,13 @@ def _open_arrays(matrix: DiskMatrix) -> tuple:
     with _OPEN_LOCK:
         arrays = _OPEN.get(key)
         if arrays is None:
-            node = _open_node(matrix.path, matrix.group, matrix.backend)
+            import zarr
+
+            root = zarr.open_group(store=matrix.path, mode="r")
+            node = root[matrix.group] if matrix.group else root
             arrays = (node,) if matrix.encoding == DENSE else (node["data"], node["indices"], node["indptr"])
             _OPEN[key] = arrays
     return arrays
-
-
-def _open_node(path: str, group: str, backend: str):
-    if backend == "hdf5":
-        import h5py
-
-        f = h5py.File(path, "r")
-        return f[group] if group else f
-    import zarr
-
-    root = zarr.open_group(store=path, mode="r")
-    return root[group] if group else root
 
 
 def _stamp(path: str) -> tuple:
