@@ -1,8 +1,11 @@
 """Open, lay out and validate the input matrix V.
 
-Whatever the input (numpy, scipy.sparse, dask array, ``zarr.Array``, path or URL of a Zarr
-array), :func:`open_matrix` returns a :class:`Matrix`: a dask array of V in row blocks that
-hold all columns, without ever loading V whole. :func:`scan_matrix` makes one pass over V
+Whatever the input (numpy, scipy.sparse, dask array, ``zarr.Array``, AnnData, path or URL of
+a Zarr array, of a sparse Zarr store or AnnData store, or of an ``.h5ad`` file),
+:func:`open_matrix` returns a :class:`Matrix`: a dask array of V in row blocks that hold all
+columns, without ever loading V whole. A sparse V on disk (:mod:`dnmf.data.ondisk`) is read by
+tasks that each read only their rows' entries; sparse row blocks are sized from the non-zeros
+per row. :func:`scan_matrix` makes one pass over V
 to validate it and collect the sums the objective and the inits need.
 """
 
