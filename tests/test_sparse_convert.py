@@ -158,3 +158,27 @@ def test_cli_convert_dense_and_sparse_flags_and_info(tmp_path):
     # A converted sparse store is dnmf's own: --overwrite may replace it.
     out = runner.invoke(main, ["convert", str(tmp_path / "X.npz"), str(tmp_path / "S.zarr"), "-q", "--overwrite"])
     assert out.exit_code == 0, out.output
+
+
+def test_cli_fit_of_an_mtx_goes_through_a_sparse_store(tmp_path, monkeypatch):
+    X = sp.random(80, 30, density=0.15, random_state=8, format="csr")
+    X.data = np.ceil(X.data * 9)
+    column_ordered_mtx(tmp_path / "X.mtx", X)
+    written = []
+    real_convert = conv.convert
+
+    def spy(*args, **kwargs):
+        info = real_convert(*args, **kwargs)
+        written.append(info)
+        return info
+
+    monkeypatch.setattr(conv, "convert", spy)
+    out = CliRunner().invoke(main, ["fit", str(tmp_path / "X.mtx"), "--out", str(tmp_path / "r.zarr"), "--rank", "3",
+                                    "--max-iter", "5", "--tol", "0", "--seed", "0", "--chunks", "20",
+                                    "--beta-loss", "kullback-leibler", "--scheduler", "threads", "-q"])
+    assert out.exit_code == 0, out.output
+    assert written and written[0]["sparse"]  # the temporary copy is sparse, not 80 x 30 dense
+    ref = dnmf.NMF(3, beta_loss="kullback-leibler", random_state=0, max_iter=5, tol=0, chunks=20, local=False).fit(X)
+    from dnmf.data.results import load_result
+
+    assert np.array_equal(load_result(tmp_path / "r.zarr").H, ref.components_)
