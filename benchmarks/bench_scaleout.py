@@ -1,6 +1,7 @@
 """Scale-out benchmark: worker memory as V grows, out-of-core speed, cached against streamed.
 
     python benchmarks/bench_scaleout.py [--p 2048] [--base-rows 16384] [--workers 2] [--dir /tmp]
+    python benchmarks/bench_scaleout.py --density 0.02 --p 20000 --base-rows 25000   # sparse stores
 
 Prints, in one run:
 
@@ -10,6 +11,9 @@ Prints, in one run:
 2. for each size, the time of one iteration out of core against the time to read V once from
    the same Zarr store on the same cluster (goal: <= 1.3x: an iteration reads V once);
 3. the time per iteration with V cached in the workers' memory against streamed from Zarr.
+
+With ``--density``, V is a sparse store (AnnData's CSR encoding, as ``dnmf convert`` writes a
+sparse input) of that density instead of a dense Zarr array.
 
 Timings on a shared machine are noisy: run it on an idle one for numbers you compare.
 """
@@ -44,6 +48,24 @@ def write_zarr(path: str, n: int, p: int, rows_per_chunk: int) -> None:
         block = rng.random((stop - start, 8), dtype=np.float32) @ basis
         block += rng.random(block.shape, dtype=np.float32) * np.float32(0.1)
         arr[start:stop] = block
+
+
+def write_sparse(path: str, n: int, p: int, density: float, rows_per_chunk: int) -> None:
+    """A sparse store of counts at random positions (``density``), written block by block."""
+    import scipy.sparse as sp
+
+    from dnmf.data.ondisk import CSRWriter, create_csr_store
+
+    writer = CSRWriter(create_csr_store(path, (n, p), np.float32))
+    rng = np.random.default_rng(0)
+    per_row = max(1, int(round(density * p)))
+    for start in range(0, n, rows_per_chunk):
+        rows = min(n, start + rows_per_chunk) - start
+        cols = np.sort(rng.integers(0, p, (rows, per_row)), axis=1).ravel()
+        values = np.ceil(rng.random(rows * per_row, dtype=np.float32) * 5)
+        block = sp.csr_matrix((values, cols, np.arange(0, rows * per_row + 1, per_row)), shape=(rows, p))
+        writer.append(block)
+    writer.close()
 
 
 def start_cluster(n_workers: int, memory_limit: str):
@@ -93,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="512MiB", help="per worker, for the streamed runs")
     parser.add_argument("--dir", default=None, help="where to write the Zarr (default: a temp dir)")
+    parser.add_argument("--density", type=float, default=None, help="write sparse stores of this density instead")
     args = parser.parse_args(argv)
     import logging
 
@@ -109,9 +132,13 @@ def main(argv=None) -> int:
         paths = {n: os.path.join(workdir, f"V-{n}.zarr") for n in (args.base_rows * scale for scale in scales)}
         tick = time.perf_counter()
         for n, path in paths.items():
-            write_zarr(path, n, args.p, args.rows_per_chunk)
-        print(f"wrote V of up to {n_max} x {args.p} float32 ({n_max * args.p * 4 / MiB:.0f} MiB, uncompressed, "
-              f"{args.rows_per_chunk}-row chunks) in {time.perf_counter() - tick:.1f} s")
+            if args.density is None:
+                write_zarr(path, n, args.p, args.rows_per_chunk)
+            else:
+                write_sparse(path, n, args.p, args.density, max(args.rows_per_chunk, 4096))
+        kind = "dense, uncompressed" if args.density is None else f"sparse store, {args.density:.1%} non-zeros"
+        print(f"wrote V of up to {n_max} x {args.p} float32 ({n_max * args.p * 4 / MiB:.0f} MiB dense; {kind}) "
+              f"in {time.perf_counter() - tick:.1f} s")
         print(f"cluster: {args.workers} workers x 1 thread, memory limit {args.memory_limit} each; "
               f"rank {args.rank}, MU, {args.max_iter} iterations (median of iterations 2..)")
         print()
@@ -122,7 +149,9 @@ def main(argv=None) -> int:
             client = start_cluster(args.workers, args.memory_limit)
             try:
                 with client.as_current():
-                    V = da.from_zarr(paths[n])
+                    from dnmf import open_matrix
+
+                    V = da.from_zarr(paths[n]) if args.density is None else open_matrix(paths[n]).data
                     read_once_seconds(V)  # warm the page cache, as every later pass finds it
                     read = min(read_once_seconds(V) for _ in range(2))
                     client.run(reset_peak_memory)  # the peak of the fit alone, exactly

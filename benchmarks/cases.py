@@ -271,6 +271,53 @@ def case_out_of_core(n, p, r, dtype, lo, hi, repeats):
     return out
 
 
+def write_sparse_store(path: str, V: sp.csr_matrix, rows: int = 65536) -> None:
+    """V as a dnmf sparse store (AnnData's CSR encoding), as dnmf convert writes it."""
+    from dnmf.data.ondisk import CSRWriter, create_csr_store
+
+    writer = CSRWriter(create_csr_store(path, V.shape, V.dtype))
+    for start in range(0, V.shape[0], rows):
+        writer.append(V[start : start + rows])
+    writer.close()
+
+
+def _block_nnz(block):
+    return np.array([[block.nnz]])
+
+
+def read_sparse_once_seconds(path: str) -> float:
+    """One pass reading every row block of a sparse store (as a fit's tasks read them)."""
+    data = dnmf.open_matrix(path).data
+    counts = data.map_blocks(_block_nnz, chunks=(tuple(1 for _ in data.chunks[0]), (1,)), dtype=np.int64,
+                             meta=np.empty((0, 0), np.int64))
+    return timed(lambda: counts.compute())
+
+
+def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
+    """Sparse V streamed from a sparse store (cache=False) vs the same CSR in memory, vs
+    reading the store once, vs scikit-learn on the CSR; dask's threaded scheduler."""
+    V = sparse_uniform(n, p, density, dtype)
+    W0, H0 = start(V.shape, r, float(V.sum(dtype=np.float64)) / (n * p), dtype)
+    out = {"nnz": int(V.nnz)}
+    with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent)) as tmp:
+        path = str(Path(tmp) / "v.zarr")
+        write_sparse_store(path, V)
+        read_sparse_once_seconds(path)  # warm the page cache
+        out["read_once"] = median(read_sparse_once_seconds(path) for _ in range(max(3, repeats)))
+        kl = "kullback-leibler"
+        out.update(steady_state({
+            "disk_kl": lambda k: dnmf_fit(path, W0, H0, "mu", k, kl, cache=False),
+            "mem_kl": lambda k: dnmf_fit(V, W0, H0, "mu", k, kl),
+            "disk_hals": lambda k: dnmf_fit(path, W0, H0, "hals", k, cache=False),
+            "mem_hals": lambda k: dnmf_fit(V, W0, H0, "hals", k),
+            "disk_mu": lambda k: dnmf_fit(path, W0, H0, "mu", k, cache=False),
+            "disk_hals_plain": lambda k: dnmf_fit(path, W0, H0, "hals", k, cache=False, inner_sweeps=1),
+            "sklearn_mu": lambda k: sk_fit(V, W0, H0, "mu", k),
+            "sklearn_cd": lambda k: sk_fit(V, W0, H0, "cd", k),
+        }, lo, hi, repeats))
+    return out
+
+
 def case_memory(n, p, r, dtype, who, iters):
     """Peak RSS of this process (bytes): V alone, then a fit by ``who``."""
     V = dense_uniform(n, p, dtype)
@@ -305,6 +352,7 @@ CASES = {
     "dense": case_dense,
     "kl": case_kl,
     "sparse": case_sparse,
+    "sparse_out_of_core": case_sparse_out_of_core,
     "convergence": case_convergence,
     "cluster": case_cluster,
     "out_of_core": case_out_of_core,

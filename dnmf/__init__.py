@@ -16,6 +16,7 @@ _LAZY = {
     "IterationRecord": "run.driver",
     "StoppingRules": "run.driver",
     "open_matrix": "data.store",
+    "save_anndata": "data.results",
     "rank_survey": "rank",
     "RankSurvey": "rank",
 }
@@ -27,6 +28,7 @@ __all__ = [
     "StoppingRules",
     "non_negative_factorization",
     "open_matrix",
+    "save_anndata",
     "rank_survey",
     "RankSurvey",
     "__version__",

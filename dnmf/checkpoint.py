@@ -56,4 +56,4 @@ def resume(path, X=None, *, max_iter=None, max_time=None, callbacks=None) -> NMF
                 "again: resume(path, X)."
             )
     model = NMF(**{k: v for k, v in params.items() if k in DEFAULTS})
-    return model.fit(X, resume=path)
+    return model.fit(X, resume=path, layer=snapshot.record.get("input_layer"))

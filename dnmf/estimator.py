@@ -171,7 +171,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     cache_used_ : bool
         Whether V was held in memory during the fit (given in memory, or cached).
     fit_info_ : dict
-        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``,
+        Where the fit ran: ``v_storage`` ("in-memory", "cached" or "streamed"), ``v_bytes``, ``v_sparse``, ``v_nnz``,
         ``cache_budget_bytes``, ``scheduler``, ``n_workers``, ``layout`` ("rows" or "grid"),
         ``row_blocks``, ``max_block_rows``, ``column_blocks``, ``reroot_every``, ``n_reroots``. ``v_storage`` is also in every
         ``history_`` record.
@@ -257,24 +257,27 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
-    def fit(self, X, y=None, W=None, H=None, mask=None, resume=None):
+    def fit(self, X, y=None, W=None, H=None, mask=None, resume=None, layer=None):
         """Learn W and H from X; W and H are a custom start (with init="custom").
 
+        X is a matrix (numpy, scipy.sparse, dask, Zarr), an AnnData object (in memory or
+        backed), or the path of a Zarr store or an AnnData ``.h5ad`` file; a sparse matrix on
+        disk is read by row blocks. ``layer`` factors that AnnData layer instead of X.
         ``mask`` (boolean, X's shape, True = observed; numpy, dask, Zarr) fits the observed
         entries only. ``resume`` is a checkpoint directory of an earlier fit of X to continue
         from, or "auto" (see the ``resume`` parameter, which it replaces for this call).
         """
-        self.fit_transform(X, W=W, H=H, mask=mask, resume=resume)
+        self.fit_transform(X, W=W, H=H, mask=mask, resume=resume, layer=layer)
         return self
 
-    def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None):
+    def fit_transform(self, X, y=None, W=None, H=None, mask=None, resume=None, layer=None):
         """Learn W and H from X and return W (numpy if X was in memory, else a dask array)."""
         settings = FitSettings.from_params(self.get_params(), **({} if resume is None else {"resume": resume}))
         _check_feature_names(self, X, reset=True)
         if settings.init == "custom" and resume is None:
             _check_start_dtypes(X, W=W, H=H)
         if settings.n_runs == 1:
-            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask)
+            fact = pipeline.fit(X, settings, W=W, H=H, mask=mask, layer=layer)
             losses, best, seeds = [float(fact.result.state.objective)], 0, [fact.settings.seed]
         else:
             if W is not None or H is not None or settings.resume is not None:
@@ -284,7 +287,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     "n_runs > 1 would write every run into one checkpoint directory; checkpoint a single "
                     "run (n_runs=1, random_state=model.run_seeds_[k]) instead."
                 )
-            runs = fit_runs(X, settings, mask=mask)
+            runs = fit_runs(X, settings, mask=mask, layer=layer)
             fact, losses, best, seeds = runs.results[runs.best], runs.losses, runs.best, runs.seeds
         self._store_result(fact)
         self.run_losses_, self.best_run_, self.run_seeds_ = losses, best, seeds
@@ -317,13 +320,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.init_ = fact.settings.init
         self.data_norm_ = float(np.sqrt(fact.stats.v_sq))  # ‖X‖_F, for relative errors
 
-    def transform(self, X):
-        """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping)."""
+    def transform(self, X, layer=None):
+        """W for new rows X with H fixed at ``components_`` (same solver, loss and stopping);
+        ``layer``: that layer of an AnnData X."""
         check_is_fitted(self, "components_")
         _check_feature_names(self, X, reset=False)
-        return self._solve_w(X, self.components_)[0]
+        return self._solve_w(X, self.components_, layer=layer)[0]
 
-    def _solve_w(self, X, H, W=None, fixed_h: bool = False):
+    def _solve_w(self, X, H, W=None, fixed_h: bool = False, layer=None):
         """(W, n_iter) for X with H fixed; W starts from ``W`` if given, else flat (scikit-learn's
         transform start: every entry sqrt(mean(X) / r)). ``fixed_h``: H is the user's (from
         ``non_negative_factorization(update_H=False)``), not the fit's."""
@@ -331,7 +335,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self.get_params(), n_components=H.shape[0], init="custom", checkpoint=None, resume=None, n_runs=1
         )
         block_bytes = block_bytes_for_workers(current_client())
-        matrix = pipeline.open_v(X, settings, block_bytes=block_bytes)
+        matrix = pipeline.open_v(X, settings, block_bytes=block_bytes, layer=layer)
         if matrix.shape[1] != H.shape[1]:
             if fixed_h:
                 raise ParameterError(

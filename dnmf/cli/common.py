@@ -62,21 +62,29 @@ def dask_client(scheduler: str, workers, threads_per_worker, memory_limit, quiet
 
 
 @contextlib.contextmanager
-def zarr_input(path: str, dataset: str | None, quiet: bool):
-    """The path of a Zarr array holding the input: itself, or a temporary conversion."""
-    from ..data import convert
+def zarr_input(path: str, dataset: str | None, quiet: bool, layer: str | None = None):
+    """(the path dnmf reads the input from, the AnnData layer to read there): the input itself
+    (a Zarr store, an AnnData .h5ad file), or a temporary conversion to Zarr (other formats,
+    and a sparse matrix stored by columns, converted once out of core)."""
+    from ..data import convert, ondisk
 
-    src, _ = convert.split_dataset(path)
+    src, inline = convert.split_dataset(path)
     if not os.path.exists(src) and "://" not in src:
         raise DnmfError(no_such_path("input", src))
-    if convert.detect_format(src) == "zarr":
-        yield path
+    fmt = convert.detect_format(src)
+    direct = fmt == "zarr" or (fmt == "h5ad" and dataset is None and inline is None)
+    if direct and not ondisk.stored_by_columns(src, layer):
+        yield path, layer
         return
+    if direct:
+        dataset = ondisk.matrix_name(layer)
+    elif layer is not None:
+        raise DnmfError(f"--layer picks a layer of an AnnData input (.h5ad or AnnData .zarr), not of {path!r}.")
     with tempfile.TemporaryDirectory(prefix="dnmf-input-") as tmp:
         target = os.path.join(tmp, "V.zarr")
-        say(quiet, f"Converting {path} to a temporary Zarr array…")
+        say(quiet, f"Converting {path} to a temporary Zarr store…")
         convert.convert(path, target, dataset=dataset)
-        yield target
+        yield target, None
 
 
 def check_fit_outputs(out, overwrite: bool, log_json, reads: dict) -> None:

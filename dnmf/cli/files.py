@@ -19,13 +19,15 @@ PLOT_NAMES = ("convergence.png", "parts.png", "w_heatmap.png")
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 file.")
+@click.option("--layer", default=None, help="Layer of an AnnData store (.h5ad or .zarr) instead of X.")
 @click.option("--no-scan", is_flag=True, help="Skip the pass over a matrix's values (nnz, negative, NaN).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def info(path, dataset, no_scan, as_json):
-    """Describe a matrix (shape, dtype, chunks, size, nnz, bad entries) or a dnmf result."""
+def info(path, dataset, layer, no_scan, as_json):
+    """Describe a matrix (shape, dtype, chunks, size, whether it is sparse on disk, density, bad
+    entries) or a dnmf result."""
     from ..data.inspect import describe
 
-    facts = describe(path, dataset=dataset, scan=not no_scan)
+    facts = describe(path, dataset=dataset, scan=not no_scan, layer=layer)
     if as_json:
         click.echo(json.dumps(facts, indent=2, default=str))
         return
@@ -41,10 +43,16 @@ def info(path, dataset, no_scan, as_json):
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 file (or SRC.h5:/dataset), or member of an .npz.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is an array or result dnmf wrote.")
-def convert(src, dst, chunks, dataset, quiet, overwrite):
-    """Write SRC (.npy, .npz, .mtx(.gz), .csv/.tsv, HDF5, .h5ad) as a row-chunked Zarr array DST.
+@click.option("--dense/--sparse", "dense", default=None,
+              help="Write a dense Zarr array, or a sparse store (AnnData's CSR encoding). Default: sparse "
+              "for sparse sources (.npz, coordinate .mtx, CSR/CSC groups), dense otherwise.")
+def convert(src, dst, chunks, dataset, quiet, overwrite, dense):
+    """Write SRC (.npy, .npz, .mtx(.gz), .csv/.tsv, HDF5, 10x .h5, .h5ad, an AnnData .zarr's
+    sparse matrix) as a Zarr store DST that dnmf reads by row blocks: a row-chunked array, or a
+    sparse store for sparse sources.
 
-    Streamed by row blocks where the format allows (Matrix Market is read whole).
+    Streamed by row blocks; Matrix Market coordinate files and CSC matrices are gathered by
+    rows out of core.
     """
     from tqdm.auto import tqdm
 
@@ -59,13 +67,15 @@ def convert(src, dst, chunks, dataset, quiet, overwrite):
 
     started = time.perf_counter()
     try:
-        facts = conv.convert(src, dst, chunks=chunks, dataset=dataset, overwrite=overwrite, progress=progress)
+        facts = conv.convert(src, dst, chunks=chunks, dataset=dataset, overwrite=overwrite, progress=progress,
+                             dense=dense)
     finally:
         for bar in bars:
             bar.close()
     n, p = facts["shape"]
     note = f" ({facts['note']})" if facts["note"] else ""
-    click.echo(f"{n} x {p} {facts['dtype']}, chunks {facts['chunks'][0]} rows, {time.perf_counter() - started:.1f} s -> {dst}{note}")
+    layout = f"sparse, {facts['nnz']} entries" if facts.get("sparse") else f"chunks {facts['chunks'][0]} rows"
+    click.echo(f"{n} x {p} {facts['dtype']}, {layout}, {time.perf_counter() - started:.1f} s -> {dst}{note}")
 
 
 @click.command()

@@ -31,14 +31,19 @@ from .common import (
 @click.option("--out", "-o", type=click.Path(), required=True, help="Result to write (a Zarr group, e.g. result.zarr).")
 @fit_options
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input (or FILE.h5:/dataset).")
+@click.option("--layer", default=None, help="Layer of an AnnData input (.h5ad or .zarr) to factor instead of X.")
+@click.option("--anndata-out", type=click.Path(), default=None,
+              help="Also write a new AnnData (.h5ad or .zarr) with obsm['X_nmf'] = W and varm['NMF_components'] "
+              "= H transposed, and the obs/var of an AnnData INPUT (which is never modified).")
 @scheduler_options
 @report_options
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is an earlier dnmf result (only once the new result is complete).")
-def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
+def fit(input_path, out, dataset, layer, anndata_out, scheduler, workers, threads_per_worker, memory_limit, quiet, log_json, overwrite,
         **params):
-    """Factor the matrix INPUT (a Zarr array path or URL, or any file `dnmf convert` reads;
-    those are converted to a temporary Zarr array under $TMPDIR first).
+    """Factor the matrix INPUT: a Zarr store (an array, a sparse matrix, an AnnData store) or an
+    AnnData .h5ad file, read by row blocks (sparse stays sparse); or any file `dnmf convert`
+    reads, converted to a temporary Zarr store under $TMPDIR first.
 
     Writes W, H and the fit's record (configuration, history, stop reason, versions) to --out.
     """
@@ -46,11 +51,15 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
 
     from ..data.convert import split_dataset
     from ..data.outputs import check_output
-    from ..data.results import save_result
+    from ..data.ondisk import is_anndata_store
+    from ..data.results import anndata_written_by_dnmf, save_anndata, save_result
     from ..estimator import NMF
 
     reads = {"input": split_dataset(input_path)[0], "checkpoint": params["checkpoint"]}
     check_fit_outputs(out, overwrite, log_json, reads)
+    if anndata_out is not None:
+        check_output(anndata_out, protected={**reads, "result": out}, overwrite=overwrite, label="--anndata-out",
+                     owned=anndata_written_by_dnmf)
     if params["checkpoint"] is not None:
         check_output(params["checkpoint"], protected={"input": reads["input"], "result": out}, kind="folder",
                      label="--checkpoint")
@@ -60,14 +69,17 @@ def fit(input_path, out, dataset, scheduler, workers, threads_per_worker, memory
     started = time.perf_counter()
     try:
         with exit_on_signals_outside_fits() if params["checkpoint"] else contextlib.nullcontext(), \
-                zarr_input(input_path, dataset, quiet) as path, \
+                zarr_input(input_path, dataset, quiet, layer) as (path, layer), \
                 dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = NMF(**params, callbacks=callbacks)
-            W = model.fit_transform(path)
+            W = model.fit_transform(path, layer=layer)
             close_callbacks(callbacks)
             save_result(out, model, W, input_path=_absolute(input_path), overwrite=overwrite)
+            if anndata_out is not None:
+                like = reads["input"] if is_anndata_store(reads["input"]) else None
+                save_anndata(anndata_out, model, W, like=like, overwrite=overwrite)
     finally:
         close_callbacks(callbacks)
     click.echo(summary(model, time.perf_counter() - started, out))
@@ -121,10 +133,11 @@ def resume(checkpoint_dir, out, input_path, max_iter, max_time, scheduler, worke
 @click.option("--out", "-o", type=click.Path(), required=True, help="Zarr array to write W to.")
 @click.option("--chunks", type=int, default=None, help="Rows per block of INPUT.")
 @click.option("--dataset", default=None, help="Dataset inside an HDF5 input.")
+@click.option("--layer", default=None, help="Layer of an AnnData input (.h5ad or .zarr) instead of X.")
 @scheduler_options
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it is an array or result dnmf wrote.")
-def transform(result, input_path, out, chunks, dataset, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
+def transform(result, input_path, out, chunks, dataset, layer, scheduler, workers, threads_per_worker, memory_limit, quiet, overwrite):
     """W for the rows of INPUT with H fixed at RESULT's (same solver and loss)."""
     from ..data.convert import split_dataset
     from ..data.outputs import check_output
@@ -137,9 +150,9 @@ def transform(result, input_path, out, chunks, dataset, scheduler, workers, thre
     if chunks is not None:
         model.chunks = chunks
     started = time.perf_counter()
-    with zarr_input(input_path, dataset, quiet) as path, \
+    with zarr_input(input_path, dataset, quiet, layer) as (path, layer), \
             dask_client(scheduler, workers, threads_per_worker, memory_limit, quiet):
-        W = model.transform(path)
+        W = model.transform(path, layer=layer)
         save_array(out, W, overwrite=overwrite)
     click.echo(f"W {W.shape[0]} x {W.shape[1]}, {time.perf_counter() - started:.1f} s -> {out}")
 

@@ -3,19 +3,25 @@
 Sources and how they are read:
 
 - ``.npy``: memory-mapped, copied by row blocks.
-- ``.npz``: a scipy.sparse matrix (``scipy.sparse.save_npz``) densified one row block at a
-  time, or a numpy archive holding one array (or ``dataset=NAME``).
-- Matrix Market ``.mtx`` / ``.mtx.gz``: read whole by ``scipy.io.mmread`` (the format has no
-  row index), then written by row blocks.
+- ``.npz``: a scipy.sparse matrix (``scipy.sparse.save_npz``, read whole: the archive is
+  compressed as one), or a numpy archive holding one array (or ``dataset=NAME``).
+- Matrix Market ``.mtx`` / ``.mtx.gz``: a coordinate file is streamed line by line, its entries
+  gathered into row bands out of core (:class:`~dnmf.data.ondisk.RowBuckets`: the file may be
+  in any order, e.g. column by column); a dense (array) file is read whole by
+  ``scipy.io.mmread``.
 - ``.csv`` / ``.tsv`` (``.txt``: whitespace): parsed by ``numpy.loadtxt`` in row blocks; a
   first line that is not numeric is taken as a header and skipped. Values are parsed exactly
   (correctly rounded) as float64; an empty field or a short line is an error.
 - HDF5 ``.h5`` / ``.hdf5`` (``FILE.h5:/path/to/dataset`` or ``dataset=``): a 2-D dataset, or a
-  group holding a CSR/CSC matrix (data, indices, indptr, shape), by row blocks.
-- AnnData ``.h5ad``: its ``X`` (dense, or CSR by row blocks; CSC is read whole).
+  group holding a CSR/CSC matrix (data, indices, indptr, shape), by row blocks; a 10x Genomics
+  ``.h5`` (group ``matrix``, genes x cells by columns) as its cells x genes CSR.
+- AnnData ``.h5ad``: its ``X`` (or ``dataset="layers/NAME"``): dense, CSR by row blocks, CSC by
+  column blocks gathered into row bands out of core.
 
-The written array keeps the source's dtype (CSV: float64) and has row chunks holding all
-columns, the layout :func:`dnmf.open_matrix` reads fastest.
+A sparse source (scipy .npz, coordinate Matrix Market, CSR/CSC groups) is written as a sparse
+store: a Zarr group in AnnData's CSR encoding (:mod:`dnmf.data.ondisk`), which dnmf reads by
+row blocks; a dense one as a Zarr array in row chunks holding all columns. ``dense=True`` /
+``False`` forces either. The output keeps the source's dtype (CSV: float64).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import gzip
 import itertools
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,7 @@ import scipy.sparse as sp
 
 from .. import kernels
 from ..errors import DnmfError, FormatError, StoreError, expected, no_such_path
+from .ondisk import read_csr_rows
 from .outputs import atomic_directory, check_output, mark_written
 from .store import MatrixStats, auto_row_block
 from .zarrio import create_array
@@ -77,7 +85,9 @@ def detect_format(path) -> str:
 class Source:
     """A matrix being read: its shape, dtype and a way to get row blocks.
 
-    ``block(start, stop)`` returns rows start:stop as a dense ndarray.
+    ``block(start, stop)`` returns rows start:stop as a dense ndarray, or as CSR when
+    ``sparse``; a source without a row index has ``stream(rows)`` instead, which yields
+    (start, block) top to bottom, blocks of ``rows`` rows.
     """
 
     path: str
@@ -87,8 +97,13 @@ class Source:
     block: object
     note: str = ""
     close: object = None
+    sparse: bool = False
+    stream: object = None
 
     def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        if self.stream is not None:
+            yield from self.stream(rows)
+            return
         for start in range(0, self.shape[0], rows):
             yield start, self.block(start, min(start + rows, self.shape[0]))
 
@@ -104,7 +119,32 @@ def _check_matrix_shape(path: str, shape) -> tuple[int, int]:
 def _sparse_source(path: str, fmt: str, X, note: str = "") -> Source:
     X = sp.csr_matrix(X)
     shape = _check_matrix_shape(path, X.shape)
-    return Source(path, fmt, shape, X.dtype, lambda a, b: X[a:b].toarray(), note)
+    return Source(path, fmt, shape, X.dtype, lambda a, b: X[a:b], note, sparse=True)
+
+
+# Entries gathered per row band when a sparse source has no row index (about 100 MiB).
+BAND_ENTRIES = 2**22
+
+
+def _banded_source(path: str, fmt: str, shape, dtype, nnz: int, entries, note: str, close=None) -> Source:
+    """A sparse source whose entries come in any order: ``entries()`` yields (rows, cols,
+    values) arrays; they are gathered into row bands out of core (two passes), each band
+    then cut into blocks of the rows asked for."""
+    from .ondisk import RowBuckets
+
+    n = shape[0]
+
+    def stream(rows: int):
+        band = max(rows, (n * BAND_ENTRIES // max(1, nnz)) // rows * rows)
+        with tempfile.TemporaryDirectory(prefix="dnmf-rows-") as folder:
+            buckets = RowBuckets(folder, shape, band, dtype)
+            for r, c, v in entries():
+                buckets.add(r, c, v)
+            for start, block in buckets.bands():
+                for lo in range(0, block.shape[0], rows):
+                    yield start + lo, block[lo : lo + rows]
+
+    return Source(path, fmt, shape, np.dtype(dtype), None, note, close, sparse=True, stream=stream)
 
 
 def _dense_source(path: str, fmt: str, X, note: str = "", close=None) -> Source:
@@ -123,7 +163,7 @@ def _open_npy(path: str) -> Source:
 def _open_npz(path: str, dataset: str | None) -> Source:
     if dataset is None:
         try:
-            return _sparse_source(path, "npz", sp.load_npz(path))
+            return _sparse_source(path, "npz", sp.load_npz(path), note="a sparse .npz is read whole")
         except (ValueError, KeyError, OSError):
             pass  # not a scipy.sparse archive: try a numpy one
     try:
@@ -146,19 +186,88 @@ def _open_npz(path: str, dataset: str | None) -> Source:
     return _dense_source(path, "npz", X, note="an .npz member is read whole")
 
 
+MTX_LINES = 2**20  # lines parsed at a time
+
+
+def _mtx_open(path: str):
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="ascii", errors="replace")
+
+
+def _mtx_header(path: str) -> tuple[dict, int]:
+    """The banner's fields, the size line's numbers, and the number of lines before the entries."""
+    try:
+        with _mtx_open(path) as f:
+            banner = f.readline()
+            skipped = 1
+            line = f.readline()
+            while line and (line.startswith("%") or not line.strip()):
+                skipped += 1
+                line = f.readline()
+    except (OSError, EOFError) as e:
+        raise FormatError(f"{path!r} is not a readable Matrix Market file: {e}") from e
+    words = banner.lower().split()
+    if len(words) != 5 or words[0] != "%%matrixmarket" or words[1] != "matrix":
+        raise FormatError(f"{path!r} is not a Matrix Market file: its first line is {banner.strip()[:80]!r}.")
+    _, _, layout, field, symmetry = words
+    if field not in ("real", "integer", "pattern", "double") or symmetry not in ("general", "symmetric", "skew-symmetric"):
+        raise FormatError(
+            f"{path!r} holds a {field} {symmetry} matrix; dnmf reads real, integer or pattern matrices, "
+            "general, symmetric or skew-symmetric."
+        )
+    try:
+        size = [int(t) for t in line.split()]
+    except ValueError:
+        size = []
+    if len(size) != (3 if layout == "coordinate" else 2):
+        raise FormatError(f"{path!r} has no valid size line after its banner (got {line.strip()[:80]!r}).")
+    return {"layout": layout, "field": field, "symmetry": symmetry, "size": size}, skipped + 1
+
+
 def _open_mtx(path: str) -> Source:
     import scipy.io
 
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            X = scipy.io.mmread(f)
-    except (ValueError, OSError, EOFError) as e:
-        raise FormatError(f"{path!r} is not a readable Matrix Market file: {e}") from e
-    note = "Matrix Market files are read whole (the format has no row index)"
-    if sp.issparse(X):
-        return _sparse_source(path, "mtx", X, note)
-    return _dense_source(path, "mtx", np.asarray(X), note)
+    header, skip = _mtx_header(path)
+    if header["layout"] != "coordinate":  # a dense file: column by column, read whole
+        try:
+            with _mtx_open(path) as f:
+                X = scipy.io.mmread(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise FormatError(f"{path!r} is not a readable Matrix Market file: {e}") from e
+        return _dense_source(path, "mtx", np.asarray(X), "a dense Matrix Market file is read whole")
+    n, p, nnz = header["size"]
+    shape = _check_matrix_shape(path, (n, p))
+    field, symmetry = header["field"], header["symmetry"]
+    dtype = np.dtype(np.int64 if field == "integer" else np.float64)
+    width = 2 if field == "pattern" else 3
+
+    def entries():
+        with _mtx_open(path) as f:
+            for _ in range(skip):
+                f.readline()
+            number = skip
+            while lines := list(itertools.islice(f, MTX_LINES)):
+                try:
+                    table = np.loadtxt(lines, dtype=dtype, ndmin=2, comments="%")
+                except ValueError as e:
+                    raise FormatError(f"{path!r} has an entry that is not a number after line {number}: {e}") from None
+                if table.size and table.shape[1] != width:
+                    raise FormatError(expected(f"{width} numbers per entry line in {path!r}", f"{table.shape[1]}"))
+                number += len(lines)
+                if not table.size:
+                    continue
+                rows, cols = table[:, 0].astype(np.int64) - 1, table[:, 1].astype(np.int64) - 1
+                values = np.ones(len(rows), dtype) if field == "pattern" else table[:, 2]
+                if rows.min() < 0 or cols.min() < 0 or rows.max() >= n or cols.max() >= p:
+                    raise FormatError(f"{path!r} has an entry outside its {n} x {p} size before line {number}.")
+                yield rows, cols, values
+                if symmetry != "general":
+                    off = rows != cols
+                    sign = -1 if symmetry == "skew-symmetric" else 1
+                    yield cols[off], rows[off], sign * values[off]
+
+    note = "Matrix Market entries streamed, gathered by rows out of core"
+    return _banded_source(path, "mtx", shape, dtype, nnz * (1 if symmetry == "general" else 2), entries, note)
 
 
 # --- CSV / TSV ---------------------------------------------------------------------------
@@ -244,6 +353,8 @@ def _h5_sparse_group(group) -> str | None:
 
 def _h5_shape(group) -> tuple[int, int]:
     shape = group.attrs.get("shape", group.attrs.get("h5sparse_shape"))
+    if shape is None and "shape" in group:  # 10x Genomics: a dataset
+        shape = group["shape"][...]
     if shape is None:
         raise FormatError(f"The sparse group {group.name!r} has no 'shape' attribute.")
     return tuple(int(s) for s in shape)
@@ -260,6 +371,8 @@ def _open_h5(path: str, fmt: str, dataset: str | None) -> Source:
     except OSError as e:
         raise FormatError(f"{path!r} is not a readable HDF5 file: {e}") from e
     try:
+        if dataset is None and fmt != "h5ad" and _is_10x(f):
+            return _tenx_source(path, f)
         if dataset is None:
             dataset = "X" if fmt == "h5ad" else _only_2d_dataset(f, path)
         if dataset not in f:
@@ -273,20 +386,52 @@ def _open_h5(path: str, fmt: str, dataset: str | None) -> Source:
         shape = _check_matrix_shape(path, _h5_shape(node))
         data, indices, indptr = node["data"], node["indices"], node["indptr"]
         if kind == "csc":
-            X = sp.csc_matrix((data[...], indices[...], indptr[...]), shape=shape).tocsr()
-            f.close()
-            return _sparse_source(path, fmt, X, note="a CSC matrix is read whole")
+            return _csc_source(path, fmt, shape, data, indices, indptr, f.close)
 
-        def block(a: int, b: int) -> np.ndarray:
-            ptr = indptr[a : b + 1]
-            lo, hi = int(ptr[0]), int(ptr[-1])
-            rows = sp.csr_matrix((data[lo:hi], indices[lo:hi], ptr - lo), shape=(b - a, shape[1]))
-            return rows.toarray()
+        def block(a: int, b: int) -> sp.csr_matrix:
+            return read_csr_rows(data, indices, indptr, a, b, shape[1])
 
-        return Source(path, fmt, shape, np.dtype(data.dtype), block, close=f.close)
+        return Source(path, fmt, shape, np.dtype(data.dtype), block, close=f.close, sparse=True)
     except BaseException:
         f.close()
         raise
+
+
+def _csc_source(path: str, fmt: str, shape, data, indices, indptr, close) -> Source:
+    """A CSC matrix read by column blocks, its entries gathered into row bands out of core."""
+    n, p = shape
+    nnz = int(indptr[p])
+
+    def entries():
+        step = max(1, p * BAND_ENTRIES // max(1, nnz))
+        for c0 in range(0, p, step):
+            c1 = min(p, c0 + step)
+            ptr = np.asarray(indptr[c0 : c1 + 1], dtype=np.int64)
+            lo, hi = int(ptr[0]), int(ptr[-1])
+            cols = np.repeat(np.arange(c0, c1, dtype=np.int64), np.diff(ptr))
+            yield np.asarray(indices[lo:hi]), cols, np.asarray(data[lo:hi])
+
+    note = "a CSC matrix read by columns, gathered by rows out of core"
+    return _banded_source(path, fmt, shape, data.dtype, nnz, entries, note, close)
+
+
+def _is_10x(f) -> bool:
+    group = f.get("matrix")
+    return group is not None and all(name in group for name in ("data", "indices", "indptr", "shape"))
+
+
+def _tenx_source(path: str, f) -> Source:
+    """A 10x Genomics .h5 (``matrix``: genes x cells stored by columns) as cells x genes CSR."""
+    group = f["matrix"]
+    genes, cells = (int(s) for s in group["shape"][...])
+    data, indices, indptr = group["data"], group["indices"], group["indptr"]
+    shape = _check_matrix_shape(path, (cells, genes))
+
+    def block(a: int, b: int) -> sp.csr_matrix:
+        return read_csr_rows(data, indices, indptr, a, b, genes)
+
+    note = "a 10x Genomics matrix, as cells x genes"
+    return Source(path, "hdf5", shape, np.dtype(data.dtype), block, note, f.close, sparse=True)
 
 
 def _only_2d_dataset(f, path: str) -> str:
@@ -321,7 +466,40 @@ def open_source(path, dataset: str | None = None) -> Source:
         return _open_h5(path, fmt, dataset)
     if fmt in ("csv", "tsv", "txt"):
         raise FormatError("Delimited text has no row index; use convert for it.")
-    raise FormatError(f"{path!r} is a Zarr store; open it with dnmf.open_matrix.")
+    source = _zarr_sparse_source(path, dataset)
+    if source is None:
+        raise FormatError(f"{path!r} is a Zarr store; open it with dnmf.open_matrix.")
+    return source
+
+
+def _zarr_sparse_source(path: str, dataset: str | None) -> Source | None:
+    """A sparse matrix in a Zarr store (an AnnData store's X or ``dataset="layers/NAME"``, a
+    sparse store) as a source; None for a Zarr array."""
+    import zarr
+
+    from .ondisk import CSC, _open_arrays, open_zarr_group
+    from .store import open_zarr_node
+
+    node = open_zarr_node(path)
+    if isinstance(node, zarr.Array):
+        return None
+    layer = None
+    if dataset not in (None, "X", "/X"):
+        name = dataset.strip("/")
+        if not name.startswith("layers/"):
+            raise FormatError(expected("--dataset X or layers/NAME for an AnnData store", dataset))
+        layer = name.removeprefix("layers/")
+    matrix = open_zarr_group(path, node, layer)
+    if isinstance(matrix, zarr.Array):
+        return None
+    data, indices, indptr = _open_arrays(matrix)
+    if matrix.encoding == CSC:
+        return _csc_source(path, "zarr", matrix.shape, data, indices, indptr, None)
+
+    def block(a: int, b: int) -> sp.csr_matrix:
+        return read_csr_rows(data, indices, indptr, a, b, matrix.shape[1])
+
+    return Source(path, "zarr", matrix.shape, matrix.dtype, block, sparse=True)
 
 
 def default_row_chunk(n_rows: int, n_cols: int, itemsize: int) -> int:
@@ -329,8 +507,12 @@ def default_row_chunk(n_rows: int, n_cols: int, itemsize: int) -> int:
     return auto_row_block(n_rows, n_cols, itemsize)
 
 
-def convert(src, dst, chunks: int | None = None, dataset: str | None = None, overwrite: bool = False, progress=None) -> dict:
-    """Write the matrix in ``src`` to a new Zarr array ``dst``, row block by row block.
+def convert(
+    src, dst, chunks: int | None = None, dataset: str | None = None, overwrite: bool = False, progress=None,
+    dense: bool | None = None,
+) -> dict:
+    """Write the matrix in ``src`` to a new Zarr store ``dst``, row block by row block: a dense
+    Zarr array, or (a sparse source) a sparse store in AnnData's CSR encoding.
 
     Parameters
     ----------
@@ -349,10 +531,14 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
         folder); see :func:`dnmf.data.outputs.check_output`.
     progress : callable, optional
         Called with the number of rows written after each block.
+    dense : bool, optional
+        True: a dense Zarr array whatever the source; False: a sparse store whatever the
+        source (a dense source's zeros left out); None (default): sparse for sparse sources.
 
     Returns
     -------
-    dict with shape, dtype, chunks, format and note (how the source was read).
+    dict with shape, dtype, chunks, format, sparse (whether dst is a sparse store), nnz (its
+    entries, sparse) and note (how the source was read).
     """
     import zarr
 
@@ -363,28 +549,51 @@ def convert(src, dst, chunks: int | None = None, dataset: str | None = None, ove
     if not os.path.exists(src_path):
         raise StoreError(no_such_path("file", src_path))
     fmt = detect_format(src_path)
-    if fmt == "zarr":
+    if fmt == "zarr" and _zarr_sparse_source(src_path, dataset) is None:
         raise FormatError(f"{src_path!r} is already Zarr; dnmf reads it directly (rechunking it is not supported here).")
     with atomic_directory(dst, overwrite, protected={"source": src_path}) as tmp:
+        if fmt in ("csv", "tsv", "txt") and not dense and dense is not None:
+            raise FormatError("Delimited text is converted dense; convert it, then write it sparse from Python.")
         if fmt in ("csv", "tsv", "txt"):
             info = _convert_text(src_path, fmt, tmp, chunks, progress)
         else:
             source = open_source(src, dataset)
             try:
-                rows = chunks or default_row_chunk(*source.shape, source.dtype.itemsize)
-                rows = min(rows, source.shape[0])
-                arr = create_array(str(tmp), None, source.shape, (rows, source.shape[1]), source.dtype)
-                for start, block in source.blocks(rows):
-                    arr[start : start + block.shape[0]] = block
-                    if progress is not None:
-                        progress(block.shape[0])
+                sparse = source.sparse if dense is None else not dense
+                info = (_write_sparse if sparse else _write_dense)(source, tmp, chunks, progress)
             finally:
                 if source.close is not None:
                     source.close()
-            info = {"shape": source.shape, "dtype": str(source.dtype), "chunks": (rows, source.shape[1]),
-                    "format": fmt, "note": source.note}
-        mark_written(zarr.open_array(str(tmp), mode="r+"), "convert")
+            info.update({"shape": source.shape, "dtype": str(source.dtype), "format": fmt, "note": source.note})
+        mark_written(zarr.open(store=str(tmp), mode="r+"), "convert")
     return info
+
+
+def _write_dense(source: Source, tmp: Path, chunks: int | None, progress) -> dict:
+    rows = chunks or default_row_chunk(*source.shape, source.dtype.itemsize)
+    rows = min(rows, source.shape[0])
+    arr = create_array(str(tmp), None, source.shape, (rows, source.shape[1]), source.dtype)
+    for start, block in source.blocks(rows):
+        arr[start : start + block.shape[0]] = block.toarray() if sp.issparse(block) else block
+        if progress is not None:
+            progress(block.shape[0])
+    return {"chunks": (rows, source.shape[1]), "sparse": False}
+
+
+def _write_sparse(source: Source, tmp: Path, chunks: int | None, progress) -> dict:
+    """``source`` as a sparse store (AnnData's CSR encoding), row block by row block."""
+    from .ondisk import CSRWriter, create_csr_store
+
+    n, p = source.shape
+    rows = min(n, chunks or 65536)
+    index_dtype = np.int32 if p < 2**31 else np.int64
+    writer = CSRWriter(create_csr_store(tmp, source.shape, source.dtype, index_dtype))
+    for _, block in source.blocks(rows):
+        writer.append(block)
+        if progress is not None:
+            progress(block.shape[0])
+    nnz = writer.close()
+    return {"chunks": (rows, p), "sparse": True, "nnz": nnz}
 
 
 def _convert_text(path: str, fmt: str, tmp: Path, chunks: int | None, progress) -> dict:

@@ -8,17 +8,19 @@ from .convert import detect_format, human_bytes, scan_source, size_on_disk, spli
 from ..errors import StoreError
 
 
-def describe(path, dataset: str | None = None, scan: bool = True) -> dict:
-    """An ordered dict of facts about ``path`` (values are short strings or numbers)."""
+def describe(path, dataset: str | None = None, scan: bool = True, layer: str | None = None) -> dict:
+    """An ordered dict of facts about ``path`` (values are short strings or numbers); ``layer``
+    describes that layer of an AnnData store instead of its X."""
     from .results import is_result
 
-    src, _ = split_dataset(os.fspath(path))
+    src, inline = split_dataset(os.fspath(path))
     if "://" not in src and not os.path.exists(src):
         raise StoreError(f"Nothing at {src!r}: the path does not exist.")
     if is_result(src):
         return describe_result(src)
-    if detect_format(src) == "zarr":
-        return describe_zarr(src, scan)
+    fmt = detect_format(src)
+    if fmt == "zarr" or (fmt == "h5ad" and dataset is None and inline is None):
+        return describe_store(src, scan, layer)
     return describe_file(path, dataset, scan)
 
 
@@ -53,23 +55,46 @@ def describe_result(path) -> dict:
     return facts
 
 
-def describe_zarr(path, scan: bool) -> dict:
+def describe_store(path, scan: bool, layer: str | None = None) -> dict:
+    """A Zarr array, a sparse Zarr store, an AnnData store (.zarr, .h5ad): the matrix dnmf
+    would factor, whether it is sparse on disk, and (``scan``) one pass over its values."""
     import zarr
 
-    from .store import open_matrix, open_zarr_node, scan_matrix
+    from .ondisk import CSC, DiskMatrix
+    from .store import open_matrix, resolve_input, scan_matrix
 
-    node = open_zarr_node(str(path))
-    if isinstance(node, zarr.Group):
-        raise StoreError(f"{str(path)!r} is a Zarr group, not an array or a dnmf result; give the array inside it.")
-    facts = {
-        "kind": "Zarr array",
-        "path": str(path),
-        "shape": " x ".join(map(str, node.shape)),
-        "dtype": str(node.dtype),
-        "chunks": " x ".join(map(str, node.chunks)),
-        "compressors": ", ".join(type(c).__name__ for c in (node.compressors or ())) or "none",
-        "size_on_disk": _size(path),
-    }
+    node, _ = resolve_input(str(path), layer)
+    if isinstance(node, zarr.Array):
+        facts = {
+            "kind": "Zarr array" if str(node.path) in ("", "/") else "AnnData store (dense)",
+            "path": str(path),
+            "matrix": f"/{node.path}" if str(node.path) not in ("", "/") else None,
+            "shape": " x ".join(map(str, node.shape)),
+            "dtype": str(node.dtype),
+            "sparse_on_disk": "no (dense array)",
+            "chunks": " x ".join(map(str, node.chunks)),
+            "compressors": ", ".join(type(c).__name__ for c in (node.compressors or ())) or "none",
+            "size_on_disk": _size(path),
+        }
+        facts = {k: v for k, v in facts.items() if v is not None}
+    else:
+        assert isinstance(node, DiskMatrix)
+        anndata = bool(node.group)
+        n, p = node.shape
+        facts = {
+            "kind": ("AnnData store" if anndata else "sparse Zarr store") if node.backend == "zarr" else "AnnData .h5ad file",
+            "path": str(path),
+            "matrix": f"/{node.group}" if node.group else None,
+            "shape": f"{n} x {p}",
+            "dtype": str(node.dtype),
+            "sparse_on_disk": f"yes ({node.encoding.upper()})" if node.sparse else "no (dense array)",
+            "stored_entries": f"{node.nnz} ({100 * node.density:.3g}% of entries)",
+            "size_on_disk": _size(path),
+        }
+        facts = {k: v for k, v in facts.items() if v is not None}
+        if node.encoding == CSC:
+            facts["note"] = "stored by columns: dnmf convert it once to CSR before fitting"
+            scan = False
     if scan:
         facts.update(_scan_facts(scan_matrix(open_matrix(node))))
     return facts
@@ -89,6 +114,7 @@ def _scan_facts(stats) -> dict:
     n_cells = stats.shape[0] * stats.shape[1]
     facts = {
         "nnz": f"{stats.nnz} ({100 * stats.nnz / n_cells:.3g}% of entries)",
+        "density": f"{stats.nnz / n_cells:.4g}",
         "negative": _bad(stats.n_negative, stats.first_negative),
         "nan_or_inf": _bad(stats.n_nonfinite, stats.first_nonfinite),
         "sum": _fmt(stats.v_sum),

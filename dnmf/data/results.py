@@ -174,3 +174,101 @@ def save_array(path, X, overwrite: bool = False) -> Path:
     with atomic_directory(path, overwrite) as tmp:
         mark_written(write_array(str(tmp), None, X), "save_array")
     return Path(path)
+
+
+# ---------------------------------------------------------------------------
+# A fit as a new AnnData: obsm["X_nmf"] = W, varm["NMF_components"] = Hᵀ
+
+ANNDATA_W, ANNDATA_H = "X_nmf", "NMF_components"
+
+
+def save_anndata(path, model, W, like=None, overwrite: bool = False) -> Path:
+    """Write a fit as a new AnnData (``.h5ad``, or an AnnData ``.zarr`` store) at ``path``.
+
+    The new AnnData holds no X: ``obsm["X_nmf"]`` is W (n_samples, n_components), written
+    block by block for a dask W; ``varm["NMF_components"]`` is Hᵀ (n_features,
+    n_components); ``uns["dnmf"]`` the fit's record. Its ``obs`` and ``var`` are those of
+    ``like`` (the input: an AnnData object, or the path of a ``.h5ad`` file or AnnData
+    ``.zarr`` store, read and never written) when given, so it lines up with the input cell
+    by cell and gene by gene.
+
+    ``path`` is checked like every output (:func:`dnmf.data.outputs.check_output`): it may not
+    be, lie inside or hold the input, and an existing one is replaced only with ``overwrite``
+    when dnmf wrote it. It is written to a hidden sibling, renamed into place when complete.
+    """
+    import anndata
+
+    H = np.asarray(model.components_)
+    if W.ndim != 2 or W.shape[1] != H.shape[0]:
+        raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
+    text = str(path)
+    if not text.endswith((".h5ad", ".zarr")):
+        raise StoreError(expected("an AnnData output path ending in .h5ad or .zarr", text))
+    like_path = like if isinstance(like, (str, Path)) else getattr(like, "filename", None)
+    obs, var = _obs_var(like, W.shape[0], H.shape[1])
+    record = {
+        "config": model_config(model), "n_iter": model.n_iter_, "stop_reason": model.stop_reason_,
+        "reconstruction_err": model.reconstruction_err_, "seed": getattr(model, "seed_", None),
+        "input_path": None if like_path is None else str(like_path), "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    adata = anndata.AnnData(
+        obs=obs, var=var, obsm={ANNDATA_W: W}, varm={ANNDATA_H: H.T.copy()},
+        uns={"dnmf": {"record": _json_text(record), "written_by": "dnmf"}},
+    )
+    with atomic_directory(text, overwrite, protected={"input": like_path}, owned=anndata_written_by_dnmf) as tmp:
+        if text.endswith(".h5ad"):
+            adata.write_h5ad(tmp)
+        else:
+            adata.write_zarr(tmp)
+    return Path(text)
+
+
+def _json_text(record: dict) -> str:
+    import json
+
+    return json.dumps(json_safe(record))
+
+
+def _obs_var(like, n: int, p: int):
+    """obs and var (pandas DataFrames) of ``like`` (AnnData, .h5ad or .zarr path), or plain
+    numbered ones; their lengths must be V's."""
+    import pandas as pd
+
+    if like is None:
+        return pd.DataFrame(index=[str(i) for i in range(n)]), pd.DataFrame(index=[str(j) for j in range(p)])
+    if isinstance(like, (str, Path)):
+        from anndata.io import read_elem  # only obs and var: X is never read
+
+        where = str(like)
+        if where.endswith(".h5ad"):
+            import h5py
+
+            with h5py.File(where, "r") as f:
+                obs, var = read_elem(f["obs"]), read_elem(f["var"])
+        else:
+            import zarr
+
+            group = zarr.open_group(where, mode="r")
+            obs, var = read_elem(group["obs"]), read_elem(group["var"])
+    else:
+        obs, var = like.obs.copy(), like.var.copy()
+    if (len(obs), len(var)) != (n, p):
+        raise StoreError(expected(f"an AnnData of {n} x {p} like the fit", f"{len(obs)} x {len(var)}"))
+    return obs, var
+
+
+def anndata_written_by_dnmf(path) -> bool:
+    """Whether the AnnData at ``path`` is one :func:`save_anndata` wrote (so --overwrite may replace it)."""
+    try:
+        if str(path).endswith(".h5ad"):
+            import h5py
+
+            with h5py.File(str(path), "r") as f:
+                node = f.get("uns/dnmf/written_by")
+                return node is not None and node[()] in (b"dnmf", "dnmf")
+        import zarr
+
+        return zarr.open_group(str(path), mode="r")["uns/dnmf/written_by"][()] == "dnmf"
+    except Exception:
+        return False

@@ -1,8 +1,11 @@
 """Open, lay out and validate the input matrix V.
 
-Whatever the input (numpy, scipy.sparse, dask array, ``zarr.Array``, path or URL of a Zarr
-array), :func:`open_matrix` returns a :class:`Matrix`: a dask array of V in row blocks that
-hold all columns, without ever loading V whole. :func:`scan_matrix` makes one pass over V
+Whatever the input (numpy, scipy.sparse, dask array, ``zarr.Array``, AnnData, path or URL of
+a Zarr array, of a sparse Zarr store or AnnData store, or of an ``.h5ad`` file),
+:func:`open_matrix` returns a :class:`Matrix`: a dask array of V in row blocks that hold all
+columns, without ever loading V whole. A sparse V on disk (:mod:`dnmf.data.ondisk`) is read by
+tasks that each read only their rows' entries; sparse row blocks are sized from the non-zeros
+per row. :func:`scan_matrix` makes one pass over V
 to validate it and collect the sums the objective and the inits need.
 """
 
@@ -23,8 +26,9 @@ from dask.array.core import getter, normalize_chunks
 from dask.base import tokenize
 
 from .. import kernels
-from ..errors import InvalidMatrixError, MatrixTypeError, StoreError, expected, no_such_path
+from ..errors import InvalidMatrixError, MatrixTypeError, ParameterError, StoreError, expected, no_such_path
 from ..graph import from_blocks, map_reduce
+from . import ondisk
 
 # A row block of about this many bytes (dense) balances task overhead against memory.
 TARGET_BLOCK_BYTES = 64 * 2**20
@@ -46,6 +50,8 @@ class Matrix:
         (see :meth:`grid_inputs`).
     store_chunks : the chunk shape of the Zarr array V is read from, None for other inputs. A
         task reads every stored chunk its block touches whole, even when the block is smaller.
+    nnz : the stored entries of a sparse V when known before any pass over it (in memory, on
+        disk), None otherwise.
     """
 
     data: da.Array
@@ -55,6 +61,7 @@ class Matrix:
     source: str
     reads_inline: bool = False
     store_chunks: tuple[int, int] | None = None
+    nnz: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -245,15 +252,38 @@ def _row_chunks(n: int, rows: int | tuple[int, ...] | None, default: int) -> tup
 def _from_sparse(X, layout: _Layout) -> da.Array:
     X = sp.csr_matrix(X)
     density = X.nnz / max(1, X.shape[0] * X.shape[1])
-    entry_bytes = X.dtype.itemsize * 2 * min(1.0, density)
-    cols = layout.columns(X.shape, entry_bytes)
-    if cols is None:
-        default = auto_row_block(*X.shape, X.dtype.itemsize * 2, density=density, target_bytes=layout.block_bytes)
-        chunks = (_row_chunks(X.shape[0], layout.chunks, default), (X.shape[1],))
-    else:
-        chunks = (layout.rows(X.shape, entry_bytes, cols), cols)
+    chunks = _sparse_chunks(X.shape, X.dtype.itemsize, density, layout)
     name = f"dnmf-V-{uuid.uuid4().hex}"
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
+
+
+def _sparse_chunks(shape, itemsize: int, density: float, layout: _Layout, native=None) -> tuple:
+    """The chunks of a sparse V of ``shape`` and ``density`` (stored entries / n·p): row blocks
+    of about the block budget in CSR bytes (values and column indices), or a grid. ``native``
+    (a dask array's chunks) are kept when they already are row blocks of about that size."""
+    entry_bytes = itemsize * 2 * min(1.0, density)
+    cols = layout.columns(shape, entry_bytes)
+    if cols is None:
+        default = auto_row_block(*shape, itemsize * 2, density=density, target_bytes=layout.block_bytes)
+        if native is not None:
+            return _row_block_chunks(shape, native, layout.chunks, default, keep_small=False)
+        return (_row_chunks(shape[0], layout.chunks, default), (shape[1],))
+    return (layout.rows(shape, entry_bytes, cols), cols)
+
+
+# The density of a dask array of sparse blocks is estimated from its first chunks of rows
+# covering at least this many rows.
+DENSITY_SAMPLE_ROWS = 4096
+
+
+def sampled_density(X: da.Array) -> float:
+    """The density of a dask array of sparse blocks, estimated from its first row chunks (at
+    least ``DENSITY_SAMPLE_ROWS`` rows, read once): the rest of V is not read to lay it out."""
+    ends = np.cumsum(X.chunks[0])
+    rows = int(ends[min(len(ends) - 1, int(np.searchsorted(ends, DENSITY_SAMPLE_ROWS)))])
+    first = X[:rows].compute()
+    cells = first.shape[0] * first.shape[1]
+    return (first.nnz if sp.issparse(first) else int(np.count_nonzero(first))) / max(1, cells)
 
 
 def open_zarr_node(path_or_url: str):
@@ -287,11 +317,11 @@ def _zarr_problem(path: str, error: Exception) -> str:
     return f"{type(error).__name__}: {error}. Check {where}, or write the store again (dnmf convert)."
 
 
-def _open_zarr(path_or_url: str):
+def _open_zarr(path_or_url: str, allow_group: bool = False):
     import zarr
 
     node = open_zarr_node(path_or_url)
-    if not isinstance(node, zarr.Array):
+    if not allow_group and not isinstance(node, zarr.Array):
         raise StoreError(
             f"{path_or_url!r} is a Zarr group, not an array; give the path of the array inside it."
         )
@@ -304,14 +334,16 @@ def _rechunk_rows(arr: da.Array, rows_per_block, default: int, align: int = 1) -
     return arr if chunks == arr.chunks else arr.rechunk(chunks)
 
 
-def _row_block_chunks(shape, chunks, rows_per_block, default: int, align: int = 1) -> tuple:
+def _row_block_chunks(shape, chunks, rows_per_block, default: int, align: int = 1, keep_small: bool = True) -> tuple:
     """The chunks of row blocks holding all columns for an array of ``shape`` and ``chunks``:
-    these chunks when they already are such blocks of a fitting size, else blocks of
-    ``rows_per_block`` rows (by default ``default`` rounded down to ``align``)."""
+    these chunks when they already are such blocks of a fitting size (at most 2 x ``default``
+    rows, and, unless ``keep_small``, at least half of it), else blocks of ``rows_per_block``
+    rows (by default ``default`` rounded down to ``align``)."""
     n, p = shape
     if rows_per_block is None:
         same = len(chunks[1]) == 1
-        if same and max(chunks[0]) <= 2 * default and len(chunks[0]) >= min(MIN_BLOCKS, n):
+        big_enough = keep_small or 2 * max(chunks[0]) >= min(default, n)
+        if same and big_enough and max(chunks[0]) <= 2 * default and len(chunks[0]) >= min(MIN_BLOCKS, n):
             return tuple(chunks)
         rows = max(align, (default // align) * align)
     else:
@@ -320,18 +352,20 @@ def _row_block_chunks(shape, chunks, rows_per_block, default: int, align: int = 
 
 
 def open_matrix(
-    X, chunks: int | tuple | None = None, block_bytes: int | None = None, column_chunks=None
+    X, chunks: int | tuple | None = None, block_bytes: int | None = None, column_chunks=None, layer: str | None = None
 ) -> Matrix:
     """Lay out any supported input as row blocks of V (or a 2-D grid), lazily.
 
     Parameters
     ----------
-    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, or str / os.PathLike
+    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, AnnData, or str / os.PathLike
         The matrix V of shape (n_samples, n_features). A string is the path or URL of a Zarr
-        array, opened read-only.
+        array, of a Zarr group holding a sparse matrix (AnnData's encoding: dnmf's own sparse
+        stores, an AnnData ``.zarr`` store) or of an AnnData ``.h5ad`` file, opened read-only;
+        a sparse matrix on disk is read by row blocks, never whole.
     chunks : int or tuple of int, optional
-        Rows per block (or the row chunk sizes). By default about 64 MiB per block, at least
-        four blocks, aligned with the Zarr chunks.
+        Rows per block (or the row chunk sizes). By default about 64 MiB per block (of CSR
+        values and indices for sparse V), at least four blocks, aligned with the Zarr chunks.
     block_bytes : int, optional
         The size the default blocks aim at instead of 64 MiB (smaller for workers with
         little memory: see :func:`dnmf.run.plan.block_bytes_for_workers`).
@@ -339,14 +373,16 @@ def open_matrix(
         None: row blocks holding all columns. An int below p (columns per chunk) or a tuple
         (the column chunk sizes): a 2-D grid of chunks. "auto": the grid only when
         ``MIN_BLOCK_ROWS`` rows of V would not fit in a block (:func:`auto_column_chunk`).
+    layer : str, optional
+        For an AnnData input (in memory, backed, ``.h5ad`` or ``.zarr``): the layer to factor
+        instead of X.
     """
     if isinstance(X, Matrix):
         return X
-    if isinstance(X, (str, os.PathLike)):
-        X_open, source = _open_zarr(os.fspath(X)), os.fspath(X)
-    else:
-        X_open, source = X, None
+    X_open, source = resolve_input(X, layer)
     layout = _Layout(chunks, block_bytes, column_chunks)
+    if isinstance(X_open, ondisk.DiskMatrix):
+        return _matrix_from_disk(X_open, layout)
     try:
         import zarr
 
@@ -354,18 +390,22 @@ def open_matrix(
             return _matrix_from_zarr(X_open, layout, source=source or str(X_open.store_path))
     except ImportError:  # pragma: no cover - zarr is a dependency
         pass
+    X = X_open
     if isinstance(X, da.Array):
         _check_2d(X.shape)
         dtype = factor_dtype(X.dtype)
-        sparse = sp.issparse(X._meta)
+        if sp.issparse(X._meta):
+            chunks = _sparse_chunks(X.shape, X.dtype.itemsize, sampled_density(X), layout, native=X.chunks)
+            return Matrix(X if chunks == X.chunks else X.rechunk(chunks), dtype, False, True, "dask")
         cols = layout.columns(X.shape, dtype.itemsize)
         if cols is None:
             default = auto_row_block(X.shape[0], X.shape[1], dtype.itemsize, target_bytes=block_bytes)
-            return Matrix(_rechunk_rows(X, chunks, default), dtype, False, sparse, "dask")
-        return Matrix(X.rechunk((layout.rows(X.shape, dtype.itemsize, cols), cols)), dtype, False, sparse, "dask")
+            return Matrix(_rechunk_rows(X, chunks, default), dtype, False, False, "dask")
+        return Matrix(X.rechunk((layout.rows(X.shape, dtype.itemsize, cols), cols)), dtype, False, False, "dask")
     if sp.issparse(X):
         _check_2d(X.shape)
-        return Matrix(_from_sparse(X, layout), factor_dtype(X.dtype), True, True, "scipy.sparse")
+        data = _from_sparse(X, layout)
+        return Matrix(data, factor_dtype(X.dtype), True, True, source or "scipy.sparse", nnz=int(X.nnz))
     if isinstance(X, (np.ndarray, list, tuple)) or hasattr(X, "__array__"):
         X = numeric_array(X)
         _check_2d(X.shape)
@@ -377,10 +417,60 @@ def open_matrix(
             rows = _row_chunks(X.shape[0], chunks, default)
         else:
             rows = layout.rows(X.shape, X.dtype.itemsize, cols)
-        return Matrix(_block_views(X, rows, cols), dtype, True, False, "numpy")
+        return Matrix(_block_views(X, rows, cols), dtype, True, False, source or "numpy")
     raise InvalidMatrixError(
-        expected("a numpy array (or nested lists of numbers), scipy.sparse matrix, dask array, zarr.Array or Zarr path", type(X).__name__)
+        expected(
+            "a numpy array (or nested lists of numbers), scipy.sparse matrix, dask array, zarr.Array, AnnData, "
+            "or the path of a Zarr store or .h5ad file", type(X).__name__,
+        )
     )
+
+
+def is_anndata(X) -> bool:
+    """An AnnData object (in memory or backed), recognised without importing anndata."""
+    return all(hasattr(X, name) for name in ("X", "layers", "obsm", "varm", "isbacked"))
+
+
+def resolve_input(X, layer: str | None = None) -> tuple[object, str | None]:
+    """(what to lay out, where it came from) for an input: a path becomes its Zarr array or its
+    :class:`~dnmf.data.ondisk.DiskMatrix` (X or ``layer`` of an AnnData store); an AnnData
+    object its X or ``layer`` (a backed one the matrix in its file); anything else itself."""
+    if isinstance(X, (str, os.PathLike)):
+        path = os.fspath(X)
+        if ondisk.is_anndata_path(path):
+            return ondisk.open_h5ad(path, layer), path
+        node = _open_zarr(path, allow_group=True)
+        import zarr
+
+        if isinstance(node, zarr.Array):
+            if layer is not None:
+                raise ParameterError(f"{path!r} is a Zarr array, not an AnnData store: do not pass layer={layer!r}.")
+            return node, path
+        return ondisk.open_zarr_group(path, node, layer), path
+    if is_anndata(X):
+        return _anndata_matrix(X, layer)
+    if layer is not None:
+        raise ParameterError(
+            f"layer={layer!r} picks a matrix of an AnnData input (an AnnData object, a .h5ad file or an "
+            f"AnnData .zarr store), not of a {type(X).__name__}."
+        )
+    return X, None
+
+
+def _anndata_matrix(adata, layer: str | None) -> tuple[object, str]:
+    """X or ``layer`` of an AnnData object; for a backed one, the matrix in its file."""
+    filename = getattr(adata, "filename", None)
+    if adata.isbacked and filename is not None:
+        path = os.fspath(filename)
+        return ondisk.open_h5ad(path, layer), path
+    if layer is None:
+        X = adata.X
+        if X is None:
+            raise InvalidMatrixError("The AnnData object has no X; pass layer=NAME to factor one of its layers.")
+        return X, "AnnData.X"
+    if layer not in adata.layers:
+        raise ParameterError(f"The AnnData object has no layer {layer!r}; its layers are {sorted(adata.layers.keys())}.")
+    return adata.layers[layer], f"AnnData.layers[{layer!r}]"
 
 
 # The row layout wants row blocks of at least this many rows holding all columns; a V too
@@ -462,6 +552,46 @@ def _matrix_from_zarr(arr, layout: _Layout, source: str) -> Matrix:
     # the array copied into every task instead, each worker kept ~20 KiB of it per task ran.
     blocks = da.from_array(arr, chunks, name=f"from-zarr-{tokenize(arr, chunks)}", getitem=_read_chunk)
     return Matrix(blocks, dtype, False, False, source, reads_inline=True, store_chunks=tuple(arr.chunks))
+
+
+def _matrix_from_disk(matrix: ondisk.DiskMatrix, layout: _Layout) -> Matrix:
+    """V read from a matrix on disk (:mod:`dnmf.data.ondisk`) by row blocks: one task reads
+    each block's rows (indptr, then their entries), nested in the tasks that use it."""
+    if matrix.encoding == ondisk.CSC:
+        raise StoreError(
+            f"{matrix.where!r} is stored by columns (CSC): every row block would read all of it. "
+            "Convert it once to CSR, out of core: dnmf convert SRC DST.zarr (then fit DST.zarr)."
+        )
+    n, p = matrix.shape
+    itemsize = matrix.dtype.itemsize
+    if matrix.sparse:
+        chunks = _sparse_chunks(matrix.shape, itemsize, matrix.density, layout)
+        meta = sp.csr_matrix((0, 0), dtype=matrix.dtype)
+    else:
+        cols = layout.columns(matrix.shape, itemsize)
+        if cols is None:
+            default = auto_row_block(n, p, itemsize, target_bytes=layout.block_bytes)
+            chunks = (_row_chunks(n, layout.chunks, default), (p,))
+        else:
+            chunks = (layout.rows(matrix.shape, itemsize, cols), cols)
+        meta = np.empty((0, 0), dtype=matrix.dtype)
+    name = f"from-disk-{tokenize(matrix, chunks)}"
+    blocks = da.from_array(matrix, chunks, name=name, asarray=False, meta=meta, getitem=_read_disk_block)
+    nnz = matrix.nnz if matrix.sparse else None
+    return Matrix(blocks, factor_dtype(matrix.dtype), False, matrix.sparse, matrix.where, reads_inline=True, nnz=nnz)
+
+
+def _read_disk_block(matrix: ondisk.DiskMatrix, index: tuple[slice, ...], asarray: bool = False, lock=None):
+    """Block ``index`` of a matrix on disk, or a :class:`StoreError` naming it, the block and
+    what to do when the file cannot give it."""
+    try:
+        return matrix[index]
+    except Exception as e:
+        rows, cols = index
+        raise StoreError(
+            f"Cannot read rows {rows.start}-{rows.stop}, columns {cols.start}-{cols.stop} of {matrix.where!r}: "
+            f"{type(e).__name__}: {e}. The file is damaged or unreachable there; restore it from a copy."
+        ) from e
 
 
 def _read_chunk(arr, index: tuple[slice, ...], asarray: bool = True, lock=None):

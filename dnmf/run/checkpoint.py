@@ -497,15 +497,17 @@ class Checkpointer(Hook):
                     folders.remove_file(folders.join(self.root, name))
 
 
-def version_record(params: dict, settings: dict, matrix_print: dict, X) -> dict:
+def version_record(params: dict, settings: dict, matrix_print: dict, X, layer: str | None = None) -> dict:
     """What every version of a fit's checkpoint records besides the state: the parameters as
-    given (with the resolved seed), the iterate-altering settings, V's fingerprint and path."""
+    given (with the resolved seed), the iterate-altering settings, V's fingerprint and path (and
+    the AnnData layer read from it)."""
     X_path = os.fspath(X) if isinstance(X, (str, os.PathLike)) else None
     return {
         "params": saved_params(params, settings["seed"]),
         "settings": settings,
         "fingerprint": matrix_print,
         "input_path": os.path.abspath(X_path) if X_path is not None and "://" not in X_path else X_path,
+        "input_layer": layer,
     }
 
 

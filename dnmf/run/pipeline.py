@@ -112,11 +112,15 @@ def place(settings: FitSettings) -> Placement:
     return Placement(client, block_bytes_for_workers(client), reroot_interval(settings.reroot_every, client))
 
 
-def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, saved: dict | None = None) -> Matrix:
+def open_v(
+    X, settings: FitSettings, mask=None, block_bytes: int | None = None, saved: dict | None = None,
+    layer: str | None = None,
+) -> Matrix:
     """Phase 2: V in row blocks (a grid when asked or very wide), unless already a Matrix.
 
     ``saved`` is a checkpoint's fingerprint: a resume keeps the checkpoint's blocks where the
-    settings leave them to the default (which depends on the workers).
+    settings leave them to the default (which depends on the workers). ``layer`` picks a layer
+    of an AnnData input instead of its X.
     """
     chunks = settings.chunks
     column_chunks = column_layout(settings.column_chunks, mask, settings.nan_is_missing)
@@ -125,18 +129,18 @@ def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, 
             chunks = tuple(saved["row_chunks"])
         if column_chunks == "auto" and "col_chunks" in saved:
             column_chunks = tuple(saved["col_chunks"])
-    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks)
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes, column_chunks=column_chunks, layer=layer)
     check_blocks_fit_workers(matrix, current_client())
     return matrix
 
 
 def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True) -> Plan:
     """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver."""
-    cache = plan_cache(settings.cache, matrix, client)
+    cache = plan_cache(settings.cache, matrix, client, nnz=matrix.nnz)
     if cache is not None:
         matrix = apply_cache(cache, matrix)
     stats, init_matrix, solver = _solver(matrix, settings, mask, update_h)
-    if cache is None:  # sparse V: its size was known only after the scan
+    if cache is None:  # a sparse V of unknown nnz (dask): its size was known only after the scan
         cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
         cached = apply_cache(cache, matrix)
         init_matrix = cached if init_matrix is matrix else init_matrix
@@ -230,13 +234,15 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
     return settings, state, history
 
 
-def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:
+def fit(
+    X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None, layer: str | None = None,
+) -> Factorization:
     """Factor X with ``settings``: the one code path of every fit.
 
     Parameters
     ----------
-    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, Zarr path/URL or an open Matrix
-        V, of shape (n_samples, n_features).
+    X : ndarray, scipy.sparse matrix, dask array, zarr.Array, AnnData, the path/URL of a Zarr
+        store or a .h5ad file, or an open Matrix: V, of shape (n_samples, n_features).
     settings : validated settings (:meth:`FitSettings.from_params`).
     W, H : a custom start, of shapes (n_samples, n_components) and (n_components, n_features).
     update_h : False keeps H fixed at ``H`` and solves for W only (``transform``).
@@ -245,6 +251,7 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     resume : a checkpoint directory to continue from, bitwise as if never interrupted, or
         "auto": continue from ``settings.checkpoint`` when it holds a checkpoint, else start
         there (a custom W, H is then the start). Default: ``settings.resume``.
+    layer : for an AnnData input, the layer to factor instead of X.
 
     The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
     ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
@@ -264,14 +271,15 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
         if resume == "auto":  # decided holding the lock: no other run writes the folder meanwhile
             resume = settings.checkpoint if checkpoint.has_checkpoint(settings.checkpoint) else None
             W, H = (None, None) if resume is not None else (W, H)
-        return _fit(X, settings, W, H, update_h, mask, resume)
+        return _fit(X, settings, W, H, update_h, mask, resume, layer)
 
 
-def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factorization:
+def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, layer) -> Factorization:
     """:func:`fit`, holding the locks of the checkpoint directories it reads and writes."""
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
-    matrix = open_v(X, settings, mask, where.block_bytes, snapshot.record["fingerprint"] if snapshot else None)
+    saved = snapshot.record["fingerprint"] if snapshot else None
+    matrix = open_v(X, settings, mask, where.block_bytes, saved, layer)
     settings = settings.for_shape(matrix.shape, _start_rank(settings, W, H, update_h))
     if not update_h:
         settings = replace(settings, init="custom")
@@ -290,7 +298,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
         callbacks = settings.callbacks + ((VerboseLog(settings.verbose),) if settings.verbose else ())
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
-            meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X)
+            meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X, layer)
             hooks += [checkpoint.start_writer(target, schedule, meta, state, snapshot), stop]
         try:
             result = driver.run(prepared.solver, state, settings.rules, callbacks, history, tuple(hooks))
@@ -322,6 +330,8 @@ def where_it_ran(where: Placement, prepared: Plan, spill: Rerooting | None) -> d
     return {
         "v_storage": prepared.cache.storage,
         "v_bytes": prepared.cache.v_bytes,
+        "v_sparse": bool(matrix.sparse),
+        "v_nnz": int(prepared.stats.nnz),
         "cache_budget_bytes": prepared.cache.budget_bytes,
         "scheduler": "threads" if where.client is None else "distributed",
         "n_workers": None if where.client is None else len(where.client.nthreads()),

@@ -74,11 +74,22 @@ def block_bytes_for_workers(client) -> int | None:
     return int(max(MIN_BLOCK_BYTES, min(TARGET_BLOCK_BYTES, min(budgets))))
 
 
+def entry_bytes(matrix: Matrix) -> float:
+    """Bytes per entry of V in a block: the dtype's; for sparse V (nnz known) its CSR values
+    and column indices times the density."""
+    itemsize = matrix.data.dtype.itemsize
+    if matrix.sparse and matrix.nnz is not None:
+        n, p = matrix.shape
+        return (itemsize + 4) * matrix.nnz / (n * p)
+    return itemsize
+
+
 def read_bytes(matrix: Matrix) -> tuple[int, str]:
     """The most bytes one task reads whole to get a block of V, and what it reads: the block,
-    or the stored chunk the block is cut from when that is larger (Zarr decodes whole chunks)."""
+    or the stored chunk the block is cut from when that is larger (Zarr decodes whole chunks).
+    A sparse block counts its CSR arrays at V's mean density."""
     itemsize = matrix.data.dtype.itemsize
-    block = max(matrix.row_chunks) * max(matrix.col_chunks) * itemsize
+    block = int(max(matrix.row_chunks) * max(matrix.col_chunks) * entry_bytes(matrix))
     if matrix.store_chunks is None:
         return block, "block"
     rows, cols = (min(c, s) for c, s in zip(matrix.store_chunks, matrix.shape))
@@ -106,7 +117,7 @@ def check_blocks_fit_workers(matrix: Matrix, client) -> None:
     ParameterError
         When the row blocks asked for (``chunks``) are too big.
     """
-    if client is None or matrix.sparse:
+    if client is None or (matrix.sparse and matrix.nnz is None):
         return
     worker = _tightest_worker(client)
     if worker is None:
@@ -141,7 +152,7 @@ def check_blocks_fit_workers(matrix: Matrix, client) -> None:
             f"(dnmf convert SRC DST --chunks {fit_rows}, or dask's rechunk), or use workers "
             f"with at least {need / mib:.0f} MiB of memory per thread."
         )
-    fit_rows = max(1, int((comfortable or budget) // (max(matrix.col_chunks) * itemsize)))
+    fit_rows = max(1, int((comfortable or budget) // (max(matrix.col_chunks) * entry_bytes(matrix))))
     raise ParameterError(
         f"Row blocks of {max(matrix.row_chunks)} rows take {largest / mib:.0f} MiB each, more than "
         f"{READ_FRACTION_PER_THREAD:.0%} of {worker_text}: the workers would be killed reading them. "

@@ -116,6 +116,7 @@ def fit_runs(
     mask=None,
     summarize: Callable[[Factorization], object] = _keep_all,
     max_concurrent: int | None = None,
+    layer: str | None = None,
 ) -> Runs:
     """Fit ``settings.n_runs`` seeds derived from ``settings.seed``; keep what ``summarize`` returns.
 
@@ -128,9 +129,10 @@ def fit_runs(
     summarize : what to keep of each fit (by default the whole :class:`Factorization`);
         keeping a summary frees each fit's W as soon as it ends.
     max_concurrent : cap on fits in flight (default: :func:`concurrent_runs`).
+    layer : for an AnnData input, the layer to factor instead of X.
     """
     n_runs = settings.n_runs
-    matrix = open_v(X, settings, mask)
+    matrix = open_v(X, settings, mask, layer=layer)
     if mask is not None:
         mask = open_mask(mask, matrix)
     if n_runs == 1:

@@ -1,0 +1,71 @@
+"""A sparse V whose dense form is 50x the workers' memory, factored out of core (issue 15)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import dask
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dnmf import NMF
+from dnmf.cluster import close_client, get_client
+from dnmf.run.plan import V_STREAMED
+
+anndata = pytest.importorskip("anndata")
+pytest.importorskip("h5py")
+
+MiB = 2**20
+
+
+def sparse_counts(n: int, p: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
+    """Counts at ``nnz`` random positions (float64), cheap to make at any size."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.integers(0, n, nnz))
+    cols = rng.integers(0, p, nnz).astype(np.int32)
+    values = np.ceil(rng.random(nnz) * 5)
+    indptr = np.searchsorted(rows, np.arange(n + 1)).astype(np.int64)
+    X = sp.csr_matrix((values, cols, indptr), shape=(n, p))
+    X.sum_duplicates()
+    return X
+
+
+@pytest.mark.slow
+def test_a_sparse_v_fifty_times_the_workers_memory_streams_on_two_small_workers(tmp_path):
+    n, p, nnz = 1_000_000, 6_000, 6_000_000  # dense: 48 GB of float64; CSR: ~80 MB
+    limit = 400 * MiB  # 2 workers: 800 MiB in all
+    assert n * p * 8 >= 50 * 2 * limit
+    X = sparse_counts(n, p, nnz)
+    path = tmp_path / "cells.h5ad"
+    anndata.AnnData(X=X).write_h5ad(path)
+    rows = 125_000  # 8 blocks of ~6 MiB of CSR
+    settings = dict(init="random", random_state=0, max_iter=4, tol=0, tol_x=0, chunks=rows)
+    fits = {}
+    client, owned = get_client("local", n_workers=2, memory_limit=f"{limit // MiB}MiB")
+    try:
+        pids = client.run(os.getpid)
+        with client.as_current(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, params in {"mu-kl": dict(beta_loss="kullback-leibler"), "hals": dict(solver="hals")}.items():
+                model = NMF(5, cache=False, **settings, **params).fit(str(path))
+                fits[name] = model
+        peaks = client.run(lambda dask_worker: max(dask_worker.monitor.quantities["memory"]))
+        logs = client.get_worker_logs()
+        assert client.run(os.getpid) == pids  # no worker restarted
+    finally:
+        close_client(client, True)
+    messages = " ".join(message for worker_logs in logs.values() for _, message in worker_logs)
+    assert "Restarting worker" not in messages and "Pausing worker" not in messages
+    assert max(peaks.values()) < 0.8 * limit, peaks
+    print("peak worker memory (MiB):", {k: round(v / MiB) for k, v in peaks.items()})
+    # The same fits from the CSR in memory on the same blocks, on dask's threaded scheduler.
+    with dask.config.set(scheduler="threads"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, params in {"mu-kl": dict(beta_loss="kullback-leibler"), "hals": dict(solver="hals")}.items():
+            model = fits[name]
+            assert model.fit_info_["v_storage"] == V_STREAMED and model.n_iter_ == 4
+            assert model.fit_info_["row_blocks"] == n // rows
+            ref = NMF(5, local=False, **settings, **params).fit(X)
+            assert np.array_equal(model.components_, ref.components_), name
