@@ -18,6 +18,8 @@ _LAZY = {
     "open_matrix": "data.store",
     "rank_survey": "rank",
     "RankSurvey": "rank",
+    "consensus": "rank",
+    "Consensus": "rank",
 }
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "open_matrix",
     "rank_survey",
     "RankSurvey",
+    "consensus",
+    "Consensus",
     "__version__",
 ]
 
