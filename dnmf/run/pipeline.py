@@ -127,12 +127,16 @@ def open_v(X, settings: FitSettings, mask=None, block_bytes: int | None = None, 
     return matrix
 
 
-def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True) -> Plan:
-    """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver."""
+def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True, fused=None) -> Plan:
+    """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver.
+
+    ``fused``: a :class:`~dnmf.solvers.fused.FusedMember`; the scan is then shared with the
+    other fits of its group, and the solver runs its passes over V with theirs.
+    """
     cache = plan_cache(settings.cache, matrix, client)
     if cache is not None:
         matrix = apply_cache(cache, matrix)
-    stats, init_matrix, solver = _solver(matrix, settings, mask, update_h)
+    stats, init_matrix, solver = _solver(matrix, settings, mask, update_h, fused)
     if cache is None:  # sparse V: its size was known only after the scan
         cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
         cached = apply_cache(cache, matrix)
@@ -141,26 +145,32 @@ def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: boo
     return Plan(cache, stats, init_matrix, solver)
 
 
-def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
+def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool, fused=None):
     """Scan and validate V, and build the solver: masked when entries are missing.
 
     Returns (stats, the matrix the inits read, the solver).
     """
     if not settings.nan_is_missing and mask is None:
         rule = kernels.Rule(settings.solver, settings.beta, settings.eps)
-        stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
+        scan = scan_matrix if fused is None else fused.scan
+        stats = scan(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
         w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
         rule = replace(rule, w_sweeps=w_sweeps, h_sweeps=h_sweeps, unit_exponent=unit_exponent(stats))
         offset = stats.v_xlogx - stats.v_sum
         if matrix.is_grid:
-            return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
+            grid = GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
+            return stats, matrix, grid if fused is None else fused.solver(grid)
         local = runs_locally(matrix, settings.local)
         # The objective's digits matter only where the stop rule can fire on it (tol_x > 0).
         size = 0.5 * stats.v_sq if rule.frobenius else abs(stats.v_xlogx) + stats.v_sum
         below = exact_below(size, matrix.dtype, settings.tol) if settings.tol_x > 0 else 0.0
-        return stats, matrix, Solver(
-            matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below
+        solver = Solver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below)
+        return stats, matrix, solver if fused is None else fused.solver(solver)
+    if fused is not None:
+        raise ParameterError(
+            "Fused fits run the plain row-block solver only; fit V with missing entries (a mask or NaN values) "
+            "one fit at a time."
         )
     if settings.solver == "bpp":
         raise ParameterError(
@@ -210,7 +220,9 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
     return settings, state, history
 
 
-def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None) -> Factorization:
+def fit(
+    X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None, fused=None
+) -> Factorization:
     """Factor X with ``settings``: the one code path of every fit.
 
     Parameters
@@ -223,6 +235,9 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     mask : boolean, X's shape, True = observed (numpy, dask, Zarr); with ``settings.missing ==
         "nan"`` NaN entries are missing too. The fit then covers the observed entries only.
     resume : a checkpoint directory to continue from, bitwise as if never interrupted.
+    fused : a :class:`~dnmf.solvers.fused.FusedMember`: the fit shares its passes over V (and
+        V's scan) with the other fits of its :class:`~dnmf.solvers.fused.FusedPasses`, run in
+        other threads; its result is bitwise the same.
 
     The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
     ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
@@ -232,10 +247,10 @@ def fit(X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask
     if resume is not None and (W is not None or H is not None):
         raise ParameterError("fit(X, resume=PATH) continues from the checkpoint's W and H; do not pass W or H too.")
     with checkpoint.locked(settings.checkpoint, resume):
-        return _fit(X, settings, W, H, update_h, mask, resume)
+        return _fit(X, settings, W, H, update_h, mask, resume, fused)
 
 
-def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factorization:
+def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, fused=None) -> Factorization:
     """:func:`fit`, holding the locks of the checkpoint directories it reads and writes."""
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
@@ -247,7 +262,7 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume) -> Factor
     if target is not None:
         target = checkpoint.check_target(target, resume)
     with blas_threads_for_scheduler(where.client):
-        prepared = plan(matrix, settings, where.client, mask, update_h)
+        prepared = plan(matrix, settings, where.client, mask, update_h, fused)
         fingerprint = checkpoint.fingerprint(prepared.matrix, prepared.stats) if target is not None else None
         settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
         spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
