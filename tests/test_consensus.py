@@ -80,6 +80,8 @@ def test_consensus_recovers_every_program_where_single_runs_disagree(planted_run
     assert rank.error < 0.05
     assert rank.labels.shape == (72,) and set(np.unique(rank.labels[rank.labels >= 0])) == set(range(6))
     assert 0.75 <= rank.stability <= 1
+    passes = result.settings["passes_over_v"]  # the replicates were fused: they shared their passes
+    assert 0 < passes["made"] * 4 < passes["asked_by_replicates"]
 
 
 def test_the_filter_removes_injected_bad_replicates(planted_run):

@@ -1,7 +1,8 @@
 """Consensus NMF (Kotliar et al. 2019): many replicates per rank, clustered into stable programs.
 
 For every rank K, :func:`consensus` fits ``n_replicates`` NMFs of V from random starts (seeds
-spawned reproducibly from one), then
+spawned reproducibly from one) as fused replicates (:func:`dnmf.run.fused.fit_fused`: the
+replicates in flight share every pass over V, each bitwise the fit run alone), then
 
 1. stacks the R·K rows of the replicates' H's, normalizes them, and drops the outliers whose
    local density (mean distance to their nearest neighbours) exceeds ``density_threshold``
@@ -59,7 +60,8 @@ from ..errors import CheckpointMismatchError, ParameterError, StoreError, expect
 from ..run.locks import FolderLock
 from ..run.pipeline import fit
 from ..run.plan import blas_threads_for_scheduler, block_bytes_for_workers
-from ..run.restarts import concurrent_runs, run_concurrently, spawn_seeds
+from ..run.fused import fit_fused
+from ..run.restarts import spawn_seeds
 from ..settings import FitSettings, beta_value, resolve_seed
 from .clustering import cluster_components
 from .consensus_report import Consensus, ConsensusRank
@@ -122,7 +124,8 @@ def consensus(
         None keeps everything in memory.
     input_path : path, optional
         The path V was read from, which ``workdir`` may not be, lie inside or hold.
-    max_concurrent : replicate fits in flight at once (default: as memory allows).
+    max_concurrent : replicates fused at once (default: as many as their W's fit in
+        :data:`dnmf.run.fused.FUSED_MEMORY_BYTES`).
 
     Returns
     -------
@@ -193,6 +196,7 @@ def _consensus(X, wanted, base, n_replicates, random_state, density_threshold, n
     settings = {key: record[key] for key in record if key not in ("dnmf_consensus", "fingerprint")}
     settings["shape"] = [n, p]
     settings["error_margin"] = error_margin
+    settings["passes_over_v"] = {"made": job.n_passes, "asked_by_replicates": job.n_fit_passes}
     outcome = Consensus(results, suggested, reason, settings)
     if work is not None:
         work.write_summary(outcome)
@@ -208,6 +212,7 @@ class _Job:
         self.n_replicates, self.seed = n_replicates, seed
         self.density_threshold, self.neighbor_fraction = density_threshold, neighbor_fraction
         self.work, self.max_concurrent = work, max_concurrent
+        self.n_passes = self.n_fit_passes = 0  # passes over V made by the replicates / asked for
 
     def rank(self, k: int) -> ConsensusRank:
         if self.work is not None and (done := self.work.load_rank(k)) is not None:
@@ -241,19 +246,20 @@ class _Job:
             logger.info("rank %d: %d of %d replicates read from the workdir", k, len(seeds) - len(todo), len(seeds))
         settings = replace(self.base, n_components=k)
 
-        def one(i: int):
-            fact = fit(self.matrix, replace(settings, seed=seeds[i]))
-            H, loss = np.asarray(fact.H), float(fact.result.state.objective)
+        def keep(fact):
+            H, loss, seed = np.asarray(fact.H), float(fact.result.state.objective), fact.settings.seed
             fact.release()
-            if self.work is not None:
-                self.work.save_replicate(k, i, H, loss, seeds[i])
+            if self.work is not None:  # written as soon as the replicate ends
+                self.work.save_replicate(k, seeds.index(seed), H, loss, seed)
             return H, loss
 
-        workers = self.max_concurrent or concurrent_runs(len(todo), self.matrix.shape, k, self.matrix.dtype.itemsize)
-        with blas_threads_for_scheduler(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for i, outcome in zip(todo, run_concurrently(one, todo, workers, "dnmf-consensus")):
-                found[i] = outcome
+            runs = fit_fused(self.matrix, [replace(settings, seed=seeds[i]) for i in todo], summarize=keep,
+                             max_concurrent=self.max_concurrent)
+        self.n_passes += runs.n_passes
+        self.n_fit_passes += runs.n_fit_passes
+        found.update(zip(todo, runs.results))
         return [found[i][0] for i in range(len(seeds))], [found[i][1] for i in range(len(seeds))]
 
     def refit(self, H: np.ndarray, k: int):

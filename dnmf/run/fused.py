@@ -60,6 +60,8 @@ def fit_fused(
     max_concurrent : fits run together at most (default: :func:`fused_width`).
     """
     settings = list(settings)
+    if not settings:
+        return FusedRuns([], 0, 0)
     matrix = open_v(X, settings[0])
     r = max(s.n_components or matrix.shape[1] for s in settings)
     workers = max_concurrent or fused_width(len(settings), matrix.shape, r, matrix.dtype.itemsize)
