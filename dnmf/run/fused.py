@@ -10,13 +10,13 @@ their W's (and W's update) fit :data:`FUSED_MEMORY_BYTES`; the others start as f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
 from .pipeline import Factorization, fit, open_v
 from .plan import blas_threads_for_scheduler
-from .restarts import run_concurrently
 
 FUSED_MEMORY_BYTES = 2**30
 MAX_FUSED_FITS = 256
@@ -73,5 +73,9 @@ def fit_fused(
         return summarize(fact)
 
     with blas_threads_for_scheduler():
-        results = run_concurrently(one, settings, workers, "dnmf-fused")
+        if workers <= 1 or len(settings) <= 1:
+            results = [one(s) for s in settings]
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dnmf-fused") as pool:
+                results = list(pool.map(one, settings))
     return FusedRuns(results, passes.n_passes, passes.n_fit_passes)
