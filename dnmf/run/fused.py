@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..cluster import current_client
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
 from .pipeline import Factorization, fit, open_v
@@ -72,7 +73,9 @@ def fit_fused(
             fact = fit(matrix, fit_settings, fused=member)
         return summarize(fact)
 
-    with blas_threads_for_scheduler():
+    # BLAS limits are process-wide: set here for all the fits' threads (with the client, as
+    # each fit sets them), so no fit's end restores them while the others run.
+    with blas_threads_for_scheduler(current_client()):
         if workers <= 1 or len(settings) <= 1:
             results = [one(s) for s in settings]
         else:
