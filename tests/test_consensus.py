@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from click.testing import CliRunner
 
 import dnmf
@@ -190,7 +191,7 @@ def digest(path: Path) -> str:
 
 
 def test_cli_consensus_end_to_end(tmp_path):
-    V, H = planted()
+    V, _ = planted()
     np.save(tmp_path / "V.npy", V.astype(np.float32))
     before = digest(tmp_path / "V.npy")
     out = tmp_path / "cons"
@@ -220,3 +221,13 @@ def test_cli_consensus_end_to_end(tmp_path):
     assert refused.exit_code == 1 and "not a dnmf consensus folder" in refused.output
     assert (other / "consensus.json").read_text() == "{}"
     assert digest(tmp_path / "V.npy") == before
+
+
+def test_consensus_of_a_sparse_matrix_with_kl():
+    V, H = planted(k=4, seed=3, rare=0.5)
+    V[V < 0.3] = 0
+    result = dnmf.consensus(sp.csr_matrix(V), [4], n_replicates=6, beta_loss="kullback-leibler", max_iter=150,
+                            tol=1e-4, random_state=1, chunks=50)
+    rank = result[4]
+    assert best_cosines(H, rank.H).min() >= 0.95
+    assert rank.W.shape == (200, 4) and np.isfinite(rank.error) and result.settings["solver"] == "mu"

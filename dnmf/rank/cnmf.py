@@ -41,9 +41,11 @@ cell-type identity and cellular activity with single-cell RNA-Seq. eLife 8:e4380
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import re
 import uuid
 import warnings
 from dataclasses import replace
@@ -57,10 +59,10 @@ from ..data.outputs import atomic_directory, check_output, mark_written
 from ..data.store import Matrix, open_matrix, scan_matrix, validate_stats
 from ..data.zarrio import json_safe, write_array
 from ..errors import CheckpointMismatchError, ParameterError, StoreError, expected
+from ..run.fused import fit_fused
 from ..run.locks import FolderLock
 from ..run.pipeline import fit
 from ..run.plan import blas_threads_for_scheduler, block_bytes_for_workers
-from ..run.fused import fit_fused
 from ..run.restarts import spawn_seeds
 from ..settings import FitSettings, beta_value, resolve_seed
 from .clustering import cluster_components
@@ -125,7 +127,9 @@ def consensus(
     input_path : path, optional
         The path V was read from, which ``workdir`` may not be, lie inside or hold.
     max_concurrent : replicates fused at once (default: as many as their W's fit in
-        :data:`dnmf.run.fused.FUSED_MEMORY_BYTES`).
+        :data:`dnmf.run.fused.FUSED_MEMORY_BYTES`). A replicate is written to ``workdir`` when
+        it ends, so a kill loses the replicates in flight: fewer at once (a new one starts as
+        one ends) lose less and share fewer passes.
 
     Returns
     -------
@@ -265,7 +269,7 @@ class _Job:
     def refit(self, H: np.ndarray, k: int):
         """W for V with H fixed at the consensus programs, and the fit's relative error."""
         settings = replace(self.base, n_components=k, init="custom", seed=self.seed).for_shape(self.matrix.shape)
-        n, p = self.matrix.shape
+        p = self.matrix.shape[1]
         # A flat start with V's scale: H's rows have unit norm, so a typical entry is about
         # 1/√p, and W = mean(V) √p / K makes WH about mean(V).
         start = max(self.v_mean, np.finfo(np.float32).tiny) * np.sqrt(p) / k
@@ -294,7 +298,7 @@ def suggest_k(results, error_margin: float = 0.02) -> tuple[int, str]:
     """
     results = sorted(results, key=lambda res: res.rank)
     scale = max(results[0].error, np.finfo(float).tiny)
-    gains = [float("inf")] + [(a.error - b.error) / scale for a, b in zip(results, results[1:])]
+    gains = [float("inf")] + [(a.error - b.error) / scale for a, b in itertools.pairwise(results)]
     stable = [np.isfinite(res.stability) and res.stability >= UNSTABLE_SILHOUETTE for res in results]
     good = [i for i in range(len(results)) if stable[i] and gains[i] >= error_margin]
     if not good:
@@ -338,11 +342,13 @@ class _Workdir:
     def read_state(self) -> dict | None:
         path = self._file(STATE_FILE)
         if not os.path.exists(path):
-            clashes = [name for name in OUTPUT_NAMES if os.path.exists(self._file(name))]
-            if clashes or os.path.exists(self._file("replicates")):
+            names = os.listdir(self.path) if os.path.isdir(self.path) else []
+            clashes = [name for name in names if name in OUTPUT_NAMES or name == "replicates"
+                       or re.fullmatch(r"K\d+\.zarr|programs_K\d+\.tsv", name)]
+            if clashes:
                 raise StoreError(
-                    f"{self.path!r} holds {clashes[0] if clashes else 'replicates/'} but no {STATE_FILE}, so it is "
-                    "not a dnmf consensus folder this run may continue; choose another folder."
+                    f"{self.path!r} holds {min(clashes)!r} but no {STATE_FILE}, so it is not a dnmf consensus "
+                    "folder this run may continue, and dnmf writes nothing over it; choose another folder."
                 )
             return None
         try:

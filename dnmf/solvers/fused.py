@@ -42,7 +42,7 @@ from .rows import Solver, _add_step_partials, _blocks_array, _w_blocks
 class _Pass:
     """One fit's pass over V, as handed in: its solver, what to compute and its inputs."""
 
-    solver: "FusedSolver"
+    solver: FusedSolver
     kind: str
     W: da.Array
     H: np.ndarray
@@ -114,7 +114,7 @@ class FusedPasses:
         requests = [self._pending.pop(token) for token in tokens]
         try:
             outcomes = _run_together(requests)
-        except BaseException as error:  # every fit of the pass sees the error
+        except BaseException as error:  # noqa: BLE001 - every fit of the pass gets the error, raised in its thread
             outcomes = [error] * len(requests)
         self.n_passes += 1
         self.n_fit_passes += len(requests)
