@@ -312,7 +312,9 @@ def case_fused(n, p, r, replicates, dtype, iters, out_of_core=False):
     from dnmf.settings import FitSettings
 
     V = dense_planted(n, p, r, dtype)
-    base = FitSettings.from_params(n_components=r, solver="mu", init="random", max_iter=iters, tol=0, tol_x=0)
+    # Out of core: V streamed from its store every pass (not cached in memory).
+    base = FitSettings.from_params(n_components=r, solver="mu", init="random", max_iter=iters, tol=0, tol_x=0,
+                                   cache=False if out_of_core else "auto")
     runs = [_replace(base, seed=s) for s in range(replicates)]
     out = {}
     with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent)) as tmp:

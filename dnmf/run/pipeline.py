@@ -133,13 +133,17 @@ def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: boo
     ``fused``: a :class:`~dnmf.solvers.fused.FusedMember`; the scan is then shared with the
     other fits of its group, and the solver runs its passes over V with theirs.
     """
+
+    def place_v(cache, matrix):  # fused fits keep one copy of V between them
+        return apply_cache(cache, matrix) if fused is None else fused.cached(cache, matrix, apply_cache)
+
     cache = plan_cache(settings.cache, matrix, client)
     if cache is not None:
-        matrix = apply_cache(cache, matrix)
+        matrix = place_v(cache, matrix)
     stats, init_matrix, solver = _solver(matrix, settings, mask, update_h, fused)
     if cache is None:  # sparse V: its size was known only after the scan
         cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
-        cached = apply_cache(cache, matrix)
+        cached = place_v(cache, matrix)
         init_matrix = cached if init_matrix is matrix else init_matrix
         solver = replace(solver, matrix=cached)
     return Plan(cache, stats, init_matrix, solver)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -94,6 +95,15 @@ class FusedPasses:
                 self.n_scans += 1
             return self._scans[key][1]
 
+    def cached(self, plan, matrix: Matrix, place: Callable[[Any, Matrix], Matrix]) -> Matrix:
+        """``place(plan, matrix)`` (V where ``plan`` says it lives: the pipeline's
+        :func:`~dnmf.run.plan.apply_cache`), once for every fit: they share one copy of V."""
+        with self._cond:
+            key = ("placed", id(matrix.data), plan.storage)
+            if key not in self._scans:
+                self._scans[key] = (matrix.data, place(plan, matrix))
+            return self._scans[key][1]
+
     def run(self, token: int, request: _Pass):
         """Hand in a pass and wait until it has run with the others; its result."""
         with self._cond:
@@ -131,6 +141,9 @@ class FusedMember:
 
     def scan(self, matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
         return self.passes.scan(matrix, with_xlogx)
+
+    def cached(self, plan, matrix: Matrix, place: Callable[[Any, Matrix], Matrix]) -> Matrix:
+        return self.passes.cached(plan, matrix, place)
 
     def solver(self, solver) -> FusedSolver:
         """``solver`` as a :class:`FusedSolver` of this member (the plain row solver only)."""
