@@ -102,3 +102,19 @@ def test_fused_fits_on_a_local_cluster_with_rerooting_equal_the_fits_alone():
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)
         assert [x[0] for x in a[2]] == [x[0] for x in b[2]]
     assert fused.n_passes <= 14 < fused.n_fit_passes
+
+
+def test_a_fit_that_fails_leaves_the_others_running():
+    V = data(False)
+    base = FitSettings.from_params(n_components=3, init="random", max_iter=15, tol=0, tol_x=0, chunks=40, local=False)
+
+    def stop_at_5(record):
+        if record.iteration == 5:
+            raise KeyError("boom")
+
+    runs = [replace(base, seed=1), replace(base, seed=2, callbacks=[stop_at_5]), replace(base, seed=3)]
+    finished = []
+    with warnings.catch_warnings(), pytest.raises(KeyError, match="boom"):
+        warnings.simplefilter("ignore")
+        fit_fused(V, runs, summarize=lambda fact: finished.append(fact.result.n_iter))
+    assert finished == [15, 15]  # the other fits ran to their end, without deadlock
