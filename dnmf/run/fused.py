@@ -67,6 +67,7 @@ def fit_fused(
     r = max(s.n_components or matrix.shape[1] for s in settings)
     workers = max_concurrent or fused_width(len(settings), matrix.shape, r, matrix.dtype.itemsize)
     passes = FusedPasses()
+    passes.expect(min(workers, len(settings)))  # the first fits start together
 
     def one(fit_settings: FitSettings):
         with passes.member() as member:

@@ -67,9 +67,16 @@ class FusedPasses:
         self._results: dict[int, Any] = {}
         self._scans: dict = {}
         self._next = 0
+        self._expected = 0
         self.n_passes = 0
         self.n_fit_passes = 0
         self.n_scans = 0
+
+    def expect(self, n: int) -> None:
+        """Wait for ``n`` more members to join before running a pass (the fits about to start
+        in other threads), so that the first passes serve them all."""
+        with self._cond:
+            self._expected += n
 
     @contextlib.contextmanager
     def member(self):
@@ -78,6 +85,7 @@ class FusedPasses:
             token = self._next
             self._next += 1
             self._members.add(token)
+            self._expected = max(0, self._expected - 1)
         try:
             yield FusedMember(self, token)
         finally:
@@ -118,7 +126,7 @@ class FusedPasses:
 
     def _run_if_ready(self) -> None:
         """Run the pending passes once every member has handed one in (holding the lock)."""
-        if not self._pending or len(self._pending) < len(self._members):
+        if not self._pending or len(self._pending) < len(self._members) or self._expected:
             return
         tokens = sorted(self._pending)
         requests = [self._pending.pop(token) for token in tokens]
