@@ -39,6 +39,8 @@ FULL = {
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=5, repeats=1)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
     "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
+    "fused": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20)),
+    "fused_out_of_core": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20, out_of_core=True)),
 }
 
 QUICK = {
@@ -53,6 +55,8 @@ QUICK = {
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
     "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
+    "fused": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10)),
+    "fused_out_of_core": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10, out_of_core=True)),
 }
 
 
@@ -215,6 +219,20 @@ def lines_wide(res: dict, params: dict) -> list[dict]:
     ]
 
 
+def lines_fused(res: dict, params: dict) -> list[dict]:
+    where = "out of core (Zarr)" if params.get("out_of_core") else "in memory"
+    goal = 0.15 if params.get("out_of_core") else 0.3
+    label = f"{params['replicates']} replicates r={params['r']} {params['n']}×{params['p']} {where}"
+    ratio = res["fused"] / res["alone"]
+    passes = res["passes"] / res["fit_passes"]
+    return [
+        line(f"{label}: fused / one by one", f"{ratio:.2f}", f"≤ {goal}", ratio <= goal,
+             f"{res['fused']:.1f} s vs {res['alone']:.1f} s; bitwise equal: {res['bitwise']}"),
+        line(f"{label}: passes over V fused / one by one", f"{passes:.3f}", f"≤ {1 / params['replicates']:.3f}",
+             passes <= 1 / params["replicates"] + 1e-9, f"{res['passes']} of {res['fit_passes']}"),
+    ]
+
+
 def format_table(rows: list[dict]) -> str:
     head = "| what | measured | goal | status | detail |\n|---|---|---|---|---|"
     body = [f"| {r['what']} | {r['value']} | {r['goal']} | {r['status']} | {r['detail']} |" for r in rows]
@@ -252,6 +270,7 @@ def main(argv=None) -> int:
             rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
                      "memory": lines_memory, "small": lines_small, "wide": lambda r: lines_wide(r, params),
                      "sparse_out_of_core": lambda r: lines_sparse_out_of_core(r, params),
+                     "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),
                      }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 

@@ -19,6 +19,8 @@ _LAZY = {
     "save_anndata": "data.results",
     "rank_survey": "rank",
     "RankSurvey": "rank",
+    "consensus": "rank",
+    "Consensus": "rank",
 }
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "save_anndata",
     "rank_survey",
     "RankSurvey",
+    "consensus",
+    "Consensus",
     "__version__",
 ]
 

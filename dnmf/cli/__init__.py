@@ -1,8 +1,8 @@
-"""The ``dnmf`` command line: fit, resume, transform, info, convert, plot, demo, rank.
+"""The ``dnmf`` command line: fit, resume, transform, info, convert, plot, demo, rank, consensus.
 
 Each command is a thin layer over the library, in a module by subject: :mod:`~dnmf.cli.fit`
-(fit, resume, transform), :mod:`~dnmf.cli.files` (info, convert, plot), :mod:`~dnmf.cli.demo`
-and :mod:`~dnmf.cli.rank`; what they share is in :mod:`~dnmf.cli.common`. The commands import
+(fit, resume, transform), :mod:`~dnmf.cli.files` (info, convert, plot), :mod:`~dnmf.cli.demo`,
+:mod:`~dnmf.cli.rank` and :mod:`~dnmf.cli.consensus`; what they share is in :mod:`~dnmf.cli.common`. The commands import
 dask, zarr, scikit-learn and matplotlib when they run, so ``dnmf --help`` starts fast.
 
 Errors about the user's input (a :class:`~dnmf.errors.DnmfError`, a missing file, a format
@@ -24,7 +24,7 @@ import click
 
 from ..errors import DnmfError, FitInterrupted
 from ..run.signals import EXIT_INTERRUPTED
-from . import demo, files, fit, rank
+from . import consensus, demo, files, fit, rank
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 USER_ERRORS = (DnmfError, OSError)
@@ -81,3 +81,4 @@ main.add_command(files.convert)
 main.add_command(files.plot)
 main.add_command(demo.demo)
 main.add_command(rank.rank_command, "rank")
+main.add_command(consensus.consensus_command, "consensus")

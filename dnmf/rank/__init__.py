@@ -34,11 +34,21 @@ clustered across perturbed runs.
 
 from __future__ import annotations
 
+from .clustering import Clustering, cluster_components, local_density
+from .cnmf import consensus, suggest_k
+from .consensus_report import Consensus, ConsensusRank
 from .measures import consensus_matrix, cophenetic_correlation, factor_silhouette, suggest_rank
 from .report import RankResult, RankSurvey
 from .survey import parse_ranks, rank_survey
 
 __all__ = [
+    "Clustering",
+    "Consensus",
+    "ConsensusRank",
+    "cluster_components",
+    "consensus",
+    "local_density",
+    "suggest_k",
     "RankResult",
     "RankSurvey",
     "consensus_matrix",

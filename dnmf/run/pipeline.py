@@ -134,15 +134,23 @@ def open_v(
     return matrix
 
 
-def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True) -> Plan:
-    """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver."""
+def plan(matrix: Matrix, settings: FitSettings, client, mask=None, update_h: bool = True, fused=None) -> Plan:
+    """Phase 3: where V lives (cached when it fits the workers), its scan, and the solver.
+
+    ``fused``: a :class:`~dnmf.solvers.fused.FusedMember`; the scan is then shared with the
+    other fits of its group, and the solver runs its passes over V with theirs.
+    """
+
+    def place_v(cache, matrix):  # fused fits keep one copy of V between them
+        return apply_cache(cache, matrix) if fused is None else fused.cached(cache, matrix, apply_cache)
+
     cache = plan_cache(settings.cache, matrix, client, nnz=matrix.nnz)
     if cache is not None:
-        matrix = apply_cache(cache, matrix)
-    stats, init_matrix, solver = _solver(matrix, settings, mask, update_h)
+        matrix = place_v(cache, matrix)
+    stats, init_matrix, solver = _solver(matrix, settings, mask, update_h, fused)
     if cache is None:  # a sparse V of unknown nnz (dask): its size was known only after the scan
         cache = plan_cache(settings.cache, matrix, client, nnz=stats.nnz)
-        cached = apply_cache(cache, matrix)
+        cached = place_v(cache, matrix)
         init_matrix = cached if init_matrix is matrix else init_matrix
         solver = replace(solver, matrix=cached)
     return Plan(cache, stats, init_matrix, solver)
@@ -168,26 +176,32 @@ def _rule(settings: FitSettings, shape: tuple[int, int], update_h: bool) -> kern
     return rule if update_h else rule.without_h_penalty()
 
 
-def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool):
+def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool, fused=None):
     """Scan and validate V, and build the solver: masked when entries are missing.
 
     Returns (stats, the matrix the inits read, the solver).
     """
     if not settings.nan_is_missing and mask is None:
         rule = _rule(settings, matrix.shape, update_h)
-        stats = scan_matrix(matrix, with_xlogx=rule.kullback_leibler)
+        scan = scan_matrix if fused is None else fused.scan
+        stats = scan(matrix, with_xlogx=rule.kullback_leibler)
         validate_stats(stats, settings.beta)
         w_sweeps, h_sweeps = settings.sweeps(matrix.shape, stats.nnz)
         rule = replace(rule, w_sweeps=w_sweeps, h_sweeps=h_sweeps, unit_exponent=unit_exponent(stats))
         offset = stats.v_xlogx - stats.v_sum
         if matrix.is_grid:
-            return stats, matrix, GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
+            grid = GridSolver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset)
+            return stats, matrix, grid if fused is None else fused.solver(grid)
         local = runs_locally(matrix, settings.local)
         # The objective's digits matter only where the stop rule can fire on it (tol_x > 0).
         size = 0.5 * stats.v_sq if rule.frobenius else abs(stats.v_xlogx) + stats.v_sum
         below = exact_below(size, matrix.dtype, settings.tol) if settings.tol_x > 0 else 0.0
-        return stats, matrix, Solver(
-            matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below
+        solver = Solver(matrix, rule, stats.v_sq, update_h=update_h, kl_offset=offset, local=local, exact_below=below)
+        return stats, matrix, solver if fused is None else fused.solver(solver)
+    if fused is not None:
+        raise ParameterError(
+            "Fused fits run the plain row-block solver only; fit V with missing entries (a mask or NaN values) "
+            "one fit at a time."
         )
     if matrix.is_grid:
         raise ParameterError(
@@ -235,7 +249,8 @@ def start_or_restore(prepared: Plan, settings: FitSettings, W=None, H=None, snap
 
 
 def fit(
-    X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None, layer: str | None = None,
+    X, settings: FitSettings, *, W=None, H=None, update_h: bool = True, mask=None, resume=None,
+    layer: str | None = None, fused=None,
 ) -> Factorization:
     """Factor X with ``settings``: the one code path of every fit.
 
@@ -252,6 +267,9 @@ def fit(
         "auto": continue from ``settings.checkpoint`` when it holds a checkpoint, else start
         there (a custom W, H is then the start). Default: ``settings.resume``.
     layer : for an AnnData input, the layer to factor instead of X.
+    fused : a :class:`~dnmf.solvers.fused.FusedMember`: the fit shares its passes over V (and
+        V's scan) with the other fits of its :class:`~dnmf.solvers.fused.FusedPasses`, run in
+        other threads; its result is bitwise the same.
 
     The fit holds the locks of the checkpoint directories it reads and writes (``resume`` and
     ``settings.checkpoint``) from before it reads them to its end, and the re-rooting spill
@@ -271,10 +289,10 @@ def fit(
         if resume == "auto":  # decided holding the lock: no other run writes the folder meanwhile
             resume = settings.checkpoint if checkpoint.has_checkpoint(settings.checkpoint) else None
             W, H = (None, None) if resume is not None else (W, H)
-        return _fit(X, settings, W, H, update_h, mask, resume, layer)
+        return _fit(X, settings, W, H, update_h, mask, resume, layer, fused)
 
 
-def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, layer) -> Factorization:
+def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, layer, fused=None) -> Factorization:
     """:func:`fit`, holding the locks of the checkpoint directories it reads and writes."""
     where = place(settings)
     snapshot = checkpoint.load(resume) if resume is not None else None
@@ -290,12 +308,12 @@ def _fit(X, settings: FitSettings, W, H, update_h: bool, mask, resume, layer) ->
     # set-up stops it before its first iteration (a fresh fit's start saved first).
     with stop_on_signals() if target is not None else contextlib.nullcontext() as stop, \
             blas_threads_for_scheduler(where.client):
-        prepared = plan(matrix, settings, where.client, mask, update_h)
+        prepared = plan(matrix, settings, where.client, mask, update_h, fused)
         fingerprint = checkpoint.fingerprint(prepared.matrix, prepared.stats) if target is not None else None
         settings, state, history = start_or_restore(prepared, settings, W, H, snapshot, fingerprint, resume)
         spill = Rerooting(prepared.solver, where.reroot_every, settings.spill_dir) if where.reroot_every else None
         hooks = [] if spill is None else [spill]
-        callbacks = settings.callbacks + ((VerboseLog(settings.verbose),) if settings.verbose else ())
+        callbacks = tuple(settings.callbacks) + ((VerboseLog(settings.verbose),) if settings.verbose else ())
         if target is not None:
             schedule = checkpoint.Schedule(settings.checkpoint_every, settings.checkpoint_interval)
             meta = checkpoint.version_record(settings.params, iterate_settings(settings), fingerprint, X, layer)

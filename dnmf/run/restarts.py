@@ -4,7 +4,9 @@ NMF's objective is non-convex, so different starts reach different local minima.
 fits whose seeds are spawned from the user's seed (:class:`numpy.random.SeedSequence`), keep
 the one with the lowest final objective, and record every final objective.
 
-The K fits are submitted as separate Dask graphs from a small thread pool, so on a cluster
+Without a mask or missing values, on row blocks, the K fits are fused
+(:func:`dnmf.run.fused.fit_fused`): they share every pass over V, each bitwise the fit run
+alone. Otherwise they are submitted as separate Dask graphs from a small thread pool, so on a cluster
 their tasks interleave and fill the workers while each fit waits on its client-side H update.
 Each fit keeps its own W (n x r) in memory, so the number of fits in flight is capped to keep
 their factors within :data:`RESTART_MEMORY_BYTES` (and at :data:`MAX_CONCURRENT_RUNS`); the
@@ -22,6 +24,7 @@ import numpy as np
 from ..data.missing import open_mask
 from ..errors import ParameterError
 from ..settings import FitSettings
+from .fused import fit_fused
 from .pipeline import Factorization, fit, open_v
 from .plan import blas_threads_for_scheduler
 
@@ -147,6 +150,11 @@ def fit_runs(
             )
         settings = replace(settings, init=init)
     r = settings.n_components if isinstance(settings.n_components, int) else matrix.shape[1]  # None, "auto": p
+    if n_runs > 1 and mask is None and not settings.nan_is_missing and not matrix.is_grid:
+        # The runs share their passes over V (each bitwise the run alone).
+        runs = fit_fused(matrix, [replace(settings, seed=s) for s in seeds], max_concurrent=max_concurrent,
+                         summarize=lambda fact: (summarize(fact), float(fact.result.state.objective)))
+        return Runs([o[0] for o in runs.results], [o[1] for o in runs.results], seeds)
     workers = max_concurrent or concurrent_runs(n_runs, matrix.shape, r, matrix.dtype.itemsize)
 
     def one(run_seed: int):

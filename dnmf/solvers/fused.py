@@ -1,0 +1,251 @@
+"""Fused replicates: fits of one V run concurrently share every pass over V.
+
+R fits (replicates of one rank with different seeds, or of different ranks) run their own
+driver loops in R threads, as restarts do (:func:`dnmf.run.restarts.run_concurrently`); their
+H updates stay theirs, on the client. Each fit's solver is a :class:`FusedSolver`: where the
+row :class:`~dnmf.solvers.rows.Solver` would run a pass over V on its own (the partials at a
+start, or a step), it hands the pass to the shared :class:`FusedPasses` and waits. Once every
+fit in flight has handed in a pass, one graph runs them all: one task per row block reads V_i
+once and runs each fit's kernel on it (:func:`dnmf.kernels.fused.fused_block`), then each
+fit's W is persisted and its partials are summed in its own fixed-order tree, the tree of the
+fit run alone. A fit whose loop stops leaves, and the others go on without it.
+
+Each fit's kernel calls, their inputs and their summation order are those of the fit run
+alone, so each fused fit equals, bit for bit, the same fit run alone with its seed (dense or
+sparse V, MU for any β, HALS, BPP; in process or as Dask graphs). V's scan (its sums and
+validation) is made once for all the fits too. So R fits read V once per iteration instead
+of R times. The fused path covers the plain row-block solver; a masked V or a grid layout
+raises :class:`~dnmf.errors.ParameterError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from .. import kernels
+from ..data.store import Matrix, MatrixStats, scan_matrix
+from ..errors import ParameterError
+from ..graph import IN_PROCESS, TaskGraph, row_block_keys
+from ..kernels.fused import START, STEP, fused_block
+from .rows import Solver, _add_step_partials, _blocks_array, _w_blocks
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One fit's pass over V, as handed in: its solver, what to compute and its inputs."""
+
+    solver: FusedSolver
+    kind: str
+    W: da.Array
+    H: np.ndarray
+    HHt: np.ndarray | None
+    with_loss: bool
+    exact: bool
+
+
+class FusedPasses:
+    """The passes over V of the fits in flight, run together (see the module docstring).
+
+    Use one per V: ``with passes.member() as member: fit(..., fused=member)`` in each fit's
+    thread. ``n_passes`` counts the passes over V made (each serving one or more fits),
+    ``n_fit_passes`` the passes the fits asked for.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._members: set[int] = set()
+        self._pending: dict[int, _Pass] = {}
+        self._results: dict[int, Any] = {}
+        self._scans: dict = {}
+        self._next = 0
+        self._expected = 0
+        self.n_passes = 0
+        self.n_fit_passes = 0
+        self.n_scans = 0
+
+    def expect(self, n: int) -> None:
+        """Wait for ``n`` more members to join before running a pass (the fits about to start
+        in other threads), so that the first passes serve them all."""
+        with self._cond:
+            self._expected += n
+
+    @contextlib.contextmanager
+    def member(self):
+        """A fit's membership for the duration of the ``with`` block (its whole fit)."""
+        with self._cond:
+            token = self._next
+            self._next += 1
+            self._members.add(token)
+            self._expected = max(0, self._expected - 1)
+        try:
+            yield FusedMember(self, token)
+        finally:
+            with self._cond:
+                self._members.discard(token)
+                self._pending.pop(token, None)
+                self._run_if_ready()
+
+    def scan(self, matrix: Matrix, with_xlogx: bool) -> MatrixStats:
+        """V's scan, made once for every fit (with Σ V log V when any asks for it first)."""
+        with self._cond:
+            key = (id(matrix.data), with_xlogx)
+            if key not in self._scans:
+                self._scans[key] = (matrix.data, scan_matrix(matrix, with_xlogx=with_xlogx))
+                self.n_scans += 1
+            return self._scans[key][1]
+
+    def cached(self, plan, matrix: Matrix, place: Callable[[Any, Matrix], Matrix]) -> Matrix:
+        """``place(plan, matrix)`` (V where ``plan`` says it lives: the pipeline's
+        :func:`~dnmf.run.plan.apply_cache`), once for every fit: they share one copy of V."""
+        with self._cond:
+            key = ("placed", id(matrix.data), plan.storage)
+            if key not in self._scans:
+                self._scans[key] = (matrix.data, place(plan, matrix))
+            return self._scans[key][1]
+
+    def run(self, token: int, request: _Pass):
+        """Hand in a pass and wait until it has run with the others; its result."""
+        with self._cond:
+            self._pending[token] = request
+            self._run_if_ready()
+            while token not in self._results:
+                self._cond.wait()
+            result = self._results.pop(token)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _run_if_ready(self) -> None:
+        """Run the pending passes once every member has handed one in (holding the lock)."""
+        if not self._pending or len(self._pending) < len(self._members) or self._expected:
+            return
+        tokens = sorted(self._pending)
+        requests = [self._pending.pop(token) for token in tokens]
+        try:
+            outcomes = _run_together(requests)
+        except BaseException as error:  # noqa: BLE001 - every fit of the pass gets the error, raised in its thread
+            outcomes = [error] * len(requests)
+        self.n_passes += 1
+        self.n_fit_passes += len(requests)
+        self._results.update(zip(tokens, outcomes))
+        self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class FusedMember:
+    """One fit's handle on the shared :class:`FusedPasses` (what ``fit(..., fused=)`` takes)."""
+
+    passes: FusedPasses
+    token: int
+
+    def scan(self, matrix: Matrix, with_xlogx: bool = False) -> MatrixStats:
+        return self.passes.scan(matrix, with_xlogx)
+
+    def cached(self, plan, matrix: Matrix, place: Callable[[Any, Matrix], Matrix]) -> Matrix:
+        return self.passes.cached(plan, matrix, place)
+
+    def solver(self, solver) -> FusedSolver:
+        """``solver`` as a :class:`FusedSolver` of this member (the plain row solver only)."""
+        if type(solver) is not Solver:
+            raise ParameterError(
+                f"Fused replicates run the plain row-block solver only, not {type(solver).__name__} "
+                "(a mask, missing values or a grid layout); run those fits one by one."
+            )
+        values = {f.name: getattr(solver, f.name) for f in fields(solver) if f.init}
+        return FusedSolver(**values, member=self)
+
+
+@dataclass(frozen=True)
+class FusedSolver(Solver):
+    """A row-block :class:`~dnmf.solvers.rows.Solver` whose passes over V run with the other
+    fits' (see the module docstring); its results are bitwise the plain solver's."""
+
+    member: FusedMember | None = None
+
+    def _start_pass(self, W: da.Array, H: np.ndarray, exact: bool):
+        return self.member.passes.run(self.member.token, _Pass(self, START, W, H, None, False, exact))
+
+    def _w_pass(self, state, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False):
+        W, partials = self.member.passes.run(self.member.token, _Pass(self, STEP, state.W, H, HHt, with_loss, exact))
+        return W, None, partials
+
+    def _w_pass_local(self, W: da.Array, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False):
+        return self.member.passes.run(self.member.token, _Pass(self, STEP, W, H, HHt, with_loss, exact))
+
+
+def _run_together(requests: list[_Pass]) -> list[tuple]:
+    """One pass over V for every request: [(W, partials)] in the requests' order."""
+    if all(req.solver.local for req in requests):
+        return _in_process(requests)
+    return _as_graph(requests)
+
+
+def _columns(requests: list[_Pass]) -> tuple:
+    """The per-replicate arguments of :func:`fused_block`, besides V_b and W_b."""
+    return (
+        [req.kind for req in requests],
+        [req.solver.rule for req in requests],
+        [req.with_loss for req in requests],
+        [req.exact for req in requests],
+    )
+
+
+def _in_process(requests: list[_Pass]) -> list[tuple]:
+    """The pass in this thread, block by block (the local path's order and trees)."""
+    V = requests[0].solver._v_blocks()
+    Ws = [_w_blocks(req.W) for req in requests]
+    kinds, rules, losses, exact = _columns(requests)
+    Hs, HHts = [req.H for req in requests], [req.HHt for req in requests]
+    per_block = [fused_block(V[b], kinds, [W[b] for W in Ws], Hs, HHts, rules, losses, exact) for b in range(len(V))]
+    outcomes = []
+    for r, req in enumerate(requests):
+        results = [block[r] for block in per_block]
+        if req.kind == START:
+            outcomes.append((_blocks_array(Ws[r], req.W), IN_PROCESS.reduce(results, kernels.add_partials)))
+        else:
+            W_new = _blocks_array([w for w, _ in results], req.W)
+            outcomes.append((W_new, IN_PROCESS.reduce([part for _, part in results], kernels.add_partials)))
+    return outcomes
+
+
+def _as_graph(requests: list[_Pass]) -> list[tuple]:
+    """The pass as one Dask graph: a task per row block for every fit, then each fit's tree."""
+    matrix = requests[0].solver.matrix
+    graph = TaskGraph("dnmf-fused", [*requests[0].solver._inputs, *[req.W for req in requests]])
+    n_blocks = len(matrix.row_chunks)
+    kinds, rules, losses, exact = _columns(requests)
+    Hs = [graph.constant(("H", r), req.H) for r, req in enumerate(requests)]
+    HHts = [None if req.HHt is None else graph.constant(("HHt", r), req.HHt) for r, req in enumerate(requests)]
+    w_keys = [row_block_keys(req.W) for req in requests]
+    tasks = graph.map(
+        fused_block, matrix.block_inputs(), [kinds] * n_blocks, [[keys[b] for keys in w_keys] for b in range(n_blocks)],
+        [Hs] * n_blocks, [HHts] * n_blocks, [rules] * n_blocks, [losses] * n_blocks, [exact] * n_blocks, label="pass",
+    )
+    w_blocks, totals = [], []
+    for r, req in enumerate(requests):
+        items = graph.map(operator.getitem, tasks, r, label=("fit", r))
+        if req.kind == START:
+            w_blocks.append(None)
+            totals.append(graph.reduce(items, kernels.add_partials, label=f"partials-{r}"))
+        else:
+            w_blocks.append(graph.map_blocks(operator.getitem, items, 0, array=f"W{r}"))
+            # The single fit's tree: over the (W_i, partials_i) results, or partials_0 alone.
+            parts = items if n_blocks > 1 else graph.map(operator.getitem, items, 1, label=("fit-partials", r))
+            totals.append(graph.reduce(parts, _add_step_partials, label=f"partials-{r}"))
+    collections = [
+        req.W if blocks is None else graph.array(blocks, req.W.chunks, req.W.dtype)
+        for req, blocks in zip(requests, w_blocks)
+    ]
+    persisted = dask.persist(*collections, *[graph.delayed(key) for key in totals], optimize_graph=False)
+    Ws, sums = persisted[: len(requests)], persisted[len(requests) :]
+    partials = dask.compute(*sums)
+    return list(zip(Ws, partials))
