@@ -1,3 +1,6 @@
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -64,3 +67,13 @@ def worker_killer(client, at_iteration: int, killed: list):
                 time.sleep(0.05)
 
     return kill_one
+
+
+def tree_digest(path) -> str:
+    """A digest of every file's name and bytes under ``path`` (or of one file)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        digest.update(str(p.relative_to(path.parent)).encode() + p.read_bytes())
+    return digest.hexdigest()

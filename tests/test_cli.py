@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import dnmf
 from dnmf.cli import main
 from dnmf.data.results import load_result
 
-from conftest import best_cosines, one_line_error, planted_parts
+from conftest import best_cosines, one_line_error, planted_parts, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--scheduler", "threads", "--quiet"]
@@ -35,15 +34,6 @@ def run_subprocess(*args: str, cwd=None, timeout=120) -> subprocess.CompletedPro
         [sys.executable, "-m", "dnmf", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd,
         timeout=timeout,
     )
-
-
-def tree_digest(path: Path) -> str:
-    """A digest of every file's name and bytes under ``path`` (or of one file)."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        digest.update(str(p.relative_to(path.parent)).encode() + p.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

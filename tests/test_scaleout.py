@@ -779,12 +779,7 @@ def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path
     mpirun listens on all interfaces, so the job runs in a network namespace of its own that
     has only the loopback interface.
     """
-    _skip(_mpi_unavailable_reason())
-    env = recipe_env()
-    if shutil.which("mpirun", path=env["PATH"]) is None:
-        _skip("no mpirun on PATH (the mpich wheel brings one)")
-    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
-        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    env = _pbs_recipe_env()
     netns = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
     _skip(None if netns.returncode == 0 else f"cannot make a network namespace: {netns.stderr.strip()}")
     output = tmp_path / "result.zarr"
@@ -803,6 +798,18 @@ def test_the_pbs_qsub_recipes_commands_run_under_mpirun(recipe_problem, tmp_path
     assert_the_local_fit(output, recipe_problem, n_workers=MPI_RANKS - 2)
 
 
+def _pbs_recipe_env() -> dict:
+    """The recipes' environment, skipping (with the reason) where the PBS recipe cannot run:
+    it needs MPI, mpirun, and root with unshare and ip for a loopback-only network namespace."""
+    _skip(_mpi_unavailable_reason())
+    env = recipe_env()
+    if shutil.which("mpirun", path=env["PATH"]) is None:
+        _skip("no mpirun on PATH (the mpich wheel brings one)")
+    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
+        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    return env
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_pbs_recipe_stops_before_its_walltime_with_status_75_and_the_rerun_ends_bitwise_equal(
@@ -810,12 +817,7 @@ def test_the_pbs_recipe_stops_before_its_walltime_with_status_75_and_the_rerun_e
     """deploy/pbs/dnmf-pbs.qsub (by bash under mpirun, as above) with a 25 s walltime: its timer
     sends USR1 to mpirun 10 s before it, the client rank checkpoints and the script exits 75
     (qsub would resubmit it here); the same script again ends the fit bitwise equal."""
-    _skip(_mpi_unavailable_reason())
-    env = recipe_env()
-    if shutil.which("mpirun", path=env["PATH"]) is None:
-        _skip("no mpirun on PATH (the mpich wheel brings one)")
-    if not (shutil.which("unshare") and shutil.which("ip")) or os.geteuid() != 0:
-        _skip("the PBS recipe test needs root, unshare and ip for a loopback-only network namespace")
+    env = _pbs_recipe_env()
     max_iter = 600
     with dask.config.set(scheduler="threads"):
         here = NMF(RECIPE_RANK, init="random", random_state=0, max_iter=max_iter, tol=0, tol_x=0).fit(

@@ -1,7 +1,6 @@
 """Sparse V on disk (AnnData's encoding in .h5ad and .zarr, dnmf's own sparse stores), read by
 row blocks: the same fit, bit for bit, as the same CSR in memory on the same blocks."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from dnmf.data.results import load_result
 from dnmf.data.store import open_matrix
 from dnmf.errors import FormatError, ParameterError, StoreError
 
+from conftest import tree_digest
+
 anndata = pytest.importorskip("anndata")
 pytest.importorskip("h5py")
 
@@ -29,15 +30,6 @@ def counts(n=240, p=70, density=0.12, seed=1, dtype=np.float32):
     X = sp.random(n, p, density=density, format="csr", dtype=dtype, random_state=seed)
     X.data = np.ceil(10 * X.data).astype(dtype)
     return X
-
-
-def tree_digest(path) -> str:
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        digest.update(str(p.relative_to(path.parent)).encode() + p.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
