@@ -160,6 +160,7 @@ def test_killed_during_a_checkpoint_write_to_s3_resumes_bitwise(s3, prefix, tmp_
     assert np.load(tmp_path / "iterations.npy").tolist() == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_and_resumed_from_s3_ends_bitwise_equal(s3, prefix, tmp_path):
     V = lowrank(400, 80)
     X = put_zarr(f"{prefix}/V.zarr", V)
