@@ -283,16 +283,19 @@ def test_workers_near_their_limit_hand_freed_memory_back():
 
     client, owned = get_client("local", n_workers=1, memory_limit=limit)
     try:
-        freed = client.submit(allocate_and_free, pure=False).result()
+        base = client.submit(rss_after, 0.0, pure=False).result()
+        client.submit(allocate_and_free, pure=False).result()
         kept = client.submit(rss_after, 1.0, pure=False).result()
-        assert freed > 0.6 * limit and kept > 0.6 * limit  # the worker holds what it freed
+        # The worker holds most of the 100 MiB it freed (measured from its own baseline, which
+        # varies with the installed packages).
+        assert kept - base > 60 * MiB, (base / MiB, kept / MiB)
         trim_freed_memory_on(client)
         trim_freed_memory_on(client)  # once per cluster: a second registration changes nothing
         trimmed = client.submit(rss_after, 1.0, pure=False).result()
         plugins = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("dnmf")])
     finally:
         close_client(client, owned)
-    assert trimmed < 0.45 * limit, (kept / MiB, trimmed / MiB)
+    assert trimmed - base < 25 * MiB, (base / MiB, kept / MiB, trimmed / MiB)
     assert list(plugins.values()) == [["dnmf-trim-freed-memory"]]
 
 
