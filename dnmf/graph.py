@@ -104,8 +104,28 @@ def tree_reduce(dsk: dict, name: str, keys: list, combine: Callable, split_every
     Key
         The root's key: ``keys[0]`` itself, with no task added, for a single leaf.
     """
+    return _tree_levels(dsk, name, keys, combine, split_every, stop_below_root=False)[0]
+
+
+def tree_reduce_below_root(dsk: dict, name: str, keys: list, combine: Callable, split_every: int = SPLIT_EVERY) -> list:
+    """:func:`tree_reduce` less its root, when the root would fold sums rather than leaves.
+
+    Returns the keys the root would fold, in order (at most ``split_every``); ``tree_fold`` of
+    their values is the root's value, bit for bit. Where the caller needs the sum on the client
+    anyway, folding them there saves the tree's last hop (a task, and a transfer to the worker
+    that runs it). A tree of one level, whose root folds the leaves themselves, is kept whole:
+    the leaves can be large (a step's W_i), and the list is then ``[root]``.
+    """
+    return _tree_levels(dsk, name, keys, combine, split_every, stop_below_root=True)
+
+
+def _tree_levels(dsk: dict, name: str, keys: list, combine: Callable, split_every: int, stop_below_root: bool) -> list:
+    """Add the tree's levels to ``dsk``; return the root's key alone, or (``stop_below_root``,
+    past the first level) the keys below it."""
     level = 0
     while len(keys) > 1:
+        if stop_below_root and level > 0 and len(keys) <= split_every:
+            return keys
         next_keys = []
         for j in range(0, len(keys), split_every):
             group = keys[j : j + split_every]
@@ -113,7 +133,7 @@ def tree_reduce(dsk: dict, name: str, keys: list, combine: Callable, split_every
             dsk[key] = (_fold, combine, group)
             next_keys.append(key)
         keys, level = next_keys, level + 1
-    return keys[0]
+    return keys
 
 
 def tree_fold(values: list, combine: Callable, split_every: int = SPLIT_EVERY) -> Any:
@@ -285,6 +305,15 @@ class TaskGraph:
         self._check_open()
         tree = self.name if label is None else f"{self.name}-{label}"
         return tree_reduce(self._tasks, tree, list(parts), combine)
+
+    def reduce_below_root(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> list[Key]:
+        """Add the fixed-order tree of ``combine`` over ``parts`` less its root
+        (:func:`tree_reduce_below_root`): :func:`tree_fold` of the returned keys' values is
+        what :meth:`reduce` would compute, bit for bit.
+        """
+        self._check_open()
+        tree = self.name if label is None else f"{self.name}-{label}"
+        return tree_reduce_below_root(self._tasks, tree, list(parts), combine)
 
     @property
     def graph(self) -> HighLevelGraph:

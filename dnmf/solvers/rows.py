@@ -26,7 +26,7 @@ from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset
-from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys
+from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -212,7 +212,10 @@ class Solver:
             # iteration here).
             h, hht = H, HHt
         else:
-            h, hht = graph.constant("H", H), graph.constant("HHt", HHt)
+            # H once, as a key of its own; HHᵀ (r×r) in every task: one array for the workers
+            # to pass around instead of two, which the scheduler put on different workers, so
+            # that both waited for a transfer before their first step.
+            h, hht = graph.constant("H", H), HHt
         # W_i from the previous step's (W_i, partials_i) results when there are any: the
         # kernels take either (see _w_of).
         if state.steps is None:
@@ -221,26 +224,27 @@ class Solver:
             w = [(_w_of, step.key) for step in state.steps]
         steps = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss, exact)
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
-        # one task fewer per block than a getitem for each partials_i.
+        # one task fewer per block than a getitem for each partials_i. Its root is folded here,
+        # from the sums it would fold: a hop fewer between the last step and the H update.
         parts = steps if len(steps) > 1 else graph.map(operator.getitem, steps, 1, label="partials")
-        total = graph.reduce(parts, _add_step_partials, label="partials")
+        top = graph.reduce_below_root(parts, _add_step_partials, label="partials")
         # No graph optimization: it would fuse and inline tasks across the collections, and
         # could run a step (a pass over V) twice.
         if shortcuts:
             # The step results are kept and the next step reads W_i from them; W's getitems
             # only run when W is read (checkpoint, re-rooting, the result).
-            steps, partials = dask.persist(
-                [graph.delayed(key) for key in steps], graph.delayed(total), optimize_graph=False
+            steps, sums = dask.persist(
+                [graph.delayed(key) for key in steps], [graph.delayed(key) for key in top], optimize_graph=False
             )
             W_new = map_blocks(
                 "dnmf-step-W", operator.getitem, [step.key for step in steps], 0,
                 chunks=W.chunks, dtype=W.dtype, dependencies=steps,
             )
-            return W_new, tuple(steps), compute(partials)[0]
+            return W_new, tuple(steps), tree_fold(list(compute(*sums)), _add_step_partials)
         # W's blocks are kept, and the step results (with their partials) freed once reduced.
         W_new = graph.array(graph.map_blocks(operator.getitem, steps, 0, array="W"), W.chunks, W.dtype)
-        W_new, partials = dask.persist(W_new, graph.delayed(total), optimize_graph=False)
-        return W_new, None, compute(partials)[0]
+        W_new, sums = dask.persist(W_new, [graph.delayed(key) for key in top], optimize_graph=False)
+        return W_new, None, tree_fold(list(compute(*sums)), _add_step_partials)
 
     def rerooted(self, state: SolverState, reroot) -> SolverState:
         """The state with W replaced by ``reroot(W, "W")`` (its values, read back from a store)

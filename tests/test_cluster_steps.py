@@ -1,0 +1,71 @@
+"""The per-iteration graph on a distributed cluster: the partials' tree folded on the client
+below its root, H as one key, and results equal to the threaded scheduler's bit for bit."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+import dnmf
+from dnmf.graph import SPLIT_EVERY, tree_fold, tree_reduce, tree_reduce_below_root
+from dnmf.solvers import rows
+
+
+def _nest(a: str, b: str) -> str:
+    # Not associative: the string records the tree's every grouping and order.
+    return f"({a}+{b})"
+
+
+@pytest.mark.parametrize("n_leaves", [1, 2, SPLIT_EVERY, SPLIT_EVERY + 1, 12, 64, 65, 200])
+def test_tree_below_root_folds_to_the_root(n_leaves):
+    leaves = [(f"leaf-{i}",) for i in range(n_leaves)]
+    values = {key: f"v{i}" for i, key in enumerate(leaves)}
+    whole, below = dict(values), dict(values)
+    root = tree_reduce(whole, "t", list(leaves), _nest)
+    keys = tree_reduce_below_root(below, "t", list(leaves), _nest)
+    expected = dask.get(whole, root)
+    assert tree_fold(list(dask.get(below, keys)), _nest) == expected
+    assert len(keys) <= SPLIT_EVERY
+    if n_leaves > SPLIT_EVERY:  # the root's level is left to the caller, never a leaf handed out
+        assert len(keys) > 1 and not set(keys) & set(leaves)
+    else:  # one level: the root folds the leaves, and stays in the graph
+        assert keys == [root]
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+@pytest.mark.parametrize("h_in_tasks", [True, False])
+@pytest.mark.parametrize("solver", ["mu", "hals", "bpp"])
+def test_cluster_equals_threaded_with_a_two_level_tree(client, monkeypatch, solver, h_in_tasks):
+    from distributed import get_task_stream
+
+    # 20 row blocks: the partials' tree has two levels, so its root is folded on the client.
+    # h_in_tasks=False: H too large to copy into each step task (one key of its own instead).
+    if not h_in_tasks:
+        monkeypatch.setattr(rows, "SMALL_H_TOTAL_BYTES", 0)
+    rng = np.random.default_rng(4)
+    V = rng.random((200, 5)) @ rng.random((5, 60)) + 0.01 * rng.random((200, 60))
+    kw = dict(solver=solver, init="nndsvda", random_state=0, max_iter=6, tol=0, tol_x=0, chunks=10, local=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with dask.config.set(scheduler="threads"):
+            ref = dnmf.NMF(5, **kw)
+            W_ref = ref.fit_transform(V)
+        with client.as_current(), get_task_stream(client) as stream:
+            got = dnmf.NMF(5, **kw)
+            W_got = got.fit_transform(V)
+    assert any("dnmf-step" in str(task["key"]) for task in stream.data)  # the workers ran the steps
+    np.testing.assert_array_equal(W_got, W_ref)
+    np.testing.assert_array_equal(got.components_, ref.components_)
+    assert [r["objective"] for r in got.history_] == [r["objective"] for r in ref.history_]
