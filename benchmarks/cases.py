@@ -11,7 +11,11 @@ malloc environment variables these machines need for stable timings.
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,15 +107,48 @@ def dnmf_fit(V, W0, H0, solver: str, iters: int, beta_loss="frobenius", **kw):
     return model
 
 
+def _products(V, W, H):
+    """The two products of an iteration: V @ Hᵀ and Wᵀ @ V (as (Vᵀ W)ᵀ for sparse V)."""
+    if sp.issparse(V):
+        return V @ H.T, (V.T @ W).T
+    return V @ H.T, W.T @ V
+
+
+def floor_parts(V, W, H, repeats: int = 5, cores: int | None = None) -> dict:
+    """Two ways to compute one V @ Hᵀ plus one Wᵀ @ V, median seconds of each.
+
+    ``threaded``: numpy's own products with its default BLAS threads. ``per_core``: V's rows cut
+    in ``cores`` parts whose products run at once, one thread each with one BLAS thread (as
+    MPI ranks or dask workers of one thread do; the r×p sums added). At rank 20 the products
+    are bound by memory and one multi-threaded GEMM splits them poorly, so the second can be
+    the faster; neither is a floor alone.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = cores or len(os.sched_getaffinity(0))
+    bounds = np.linspace(0, V.shape[0], cores + 1).astype(int)
+    parts = [(V[a:b], W[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+    def per_core():
+        with ThreadPoolExecutor(cores) as pool:
+            results = list(pool.map(lambda part: _products(part[0], part[1], H), parts))
+        total = results[0][1]
+        for _, WtV in results[1:]:
+            total = total + WtV
+        return total
+
+    threaded = median(timed(lambda: _products(V, W, H)) for _ in range(repeats))
+    with threadpool_limits(limits=1):
+        per_core()  # the pool's threads start and touch their parts once
+        concurrent = median(timed(per_core) for _ in range(repeats))
+    return {"threaded": threaded, "per_core": concurrent, "cores": cores}
+
+
 def floor_seconds(V, W, H, repeats: int = 5) -> float:
-    """One V @ Hᵀ plus one Wᵀ @ V with numpy's default BLAS threads (median)."""
-    times = []
-    for _ in range(repeats):
-        if sp.issparse(V):
-            times.append(timed(lambda: (V @ H.T, (V.T @ W).T)))
-        else:
-            times.append(timed(lambda: (V @ H.T, W.T @ V)))
-    return median(times)
+    """A lower bound on one iteration: the faster of :func:`floor_parts`'s two ways of
+    computing V @ Hᵀ + Wᵀ @ V (median seconds)."""
+    parts = floor_parts(V, W, H, repeats)
+    return min(parts["threaded"], parts["per_core"])
 
 
 def steady_state(methods: dict, lo: int, hi: int, repeats: int) -> dict:
@@ -208,24 +245,87 @@ def case_convergence(n, p, r, dtype, sk_iters, max_iter, solvers=("hals", "bpp")
     return out
 
 
-def case_cluster(n, p, r, dtype, lo, hi, repeats):
-    """Threaded scheduler (V in this process) vs a 2-worker LocalCluster (V in the workers)."""
+# The solvers of the cluster case: dnmf's keyword arguments, and PLANC's ``-a`` algorithm.
+CLUSTER_SOLVERS = {
+    "mu": ({"solver": "mu"}, 0),
+    "hals": ({"solver": "hals"}, 1),  # accelerated: inner sweeps chosen by dnmf
+    "hals_plain": ({"solver": "hals", "inner_sweeps": 1}, 1),
+    "bpp": ({"solver": "bpp"}, 2),
+}
+
+
+def planc_command(algorithm: int, path: str, shape: tuple, r: int, iters: int) -> list[str] | None:
+    """PLANC's ``dense_distnmf`` on 2 MPI ranks over a 1 × 2 grid, or None when it is not on PATH
+    (see benchmarks/PLANC.md). Prefers Open MPI's own launcher (PLANC built against it), and lets
+    it run as root where the benchmark does."""
+    program = shutil.which("dense_distnmf")
+    launcher = shutil.which("mpirun.openmpi") or shutil.which("mpirun")
+    if program is None or launcher is None:
+        return None
+    extra = []
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    if ("Open MPI" in version or "OpenRTE" in version) and os.geteuid() == 0:
+        extra = ["--allow-run-as-root", "--oversubscribe"]
+    return [launcher, *extra, "-np", "2", program, "-a", str(algorithm), "-i", path,
+            "-d", f"{shape[0]} {shape[1]}", "-p", "1 2", "-k", str(r), "-t", str(iters)]
+
+
+def planc_seconds(command: list[str]) -> float:
+    """PLANC's own timing of its iterations ("NMF took … secs."; reading V is not in it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    return float(re.search(r"NMF took ([0-9.eE+-]+) secs", out).group(1))
+
+
+def case_cluster(n, p, r, lo, hi, repeats, dtypes=("float64", "float32"), solvers=tuple(CLUSTER_SOLVERS)):
+    """dnmf on a 2-worker LocalCluster (1 thread each, V persisted in the workers) against its
+    threaded scheduler (V in this process), interleaved, for each solver and dtype; the floor
+    (:func:`floor_parts`); and PLANC on 2 MPI ranks when ``dense_distnmf`` is on PATH (float64
+    only: PLANC reads doubles). Keys: ``{dtype}_{threaded|cluster|planc}_{solver}``."""
     from dnmf.cluster import connect
+
+    out = {}
+    with connect("local", n_workers=2, threads_per_worker=1) as client:  # dnmf's own LocalCluster
+        for dtype in dtypes:
+            out.update({f"{dtype}_{key}": value for key, value in _cluster_dtype(client, n, p, r, dtype, lo, hi, repeats, solvers).items()})
+    out["dtypes"], out["solvers"] = list(dtypes), list(solvers)
+    return out
+
+
+def _cluster_dtype(client, n, p, r, dtype, lo, hi, repeats, solvers) -> dict:
+    """:func:`case_cluster` for one dtype (V and its copy in the workers freed on return)."""
+    from distributed import wait
 
     V = dense_uniform(n, p, dtype)
     W0, H0 = start(V.shape, r, mean_of(V), dtype)
-    out = {"floor": floor_seconds(V, W0, H0)}
-    out.update(steady_state({"threaded_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k),
-                             "threaded_hals": lambda k: dnmf_fit(V, W0, H0, "hals", k)}, lo, hi, repeats))
-    with connect("local", n_workers=2, threads_per_worker=1) as client:  # dnmf's own LocalCluster
-        rows = auto_row_block(n, p, np.dtype(dtype).itemsize, parallelism=2)
-        X = da.random.default_rng(0).random((n, p), chunks=(rows, p), dtype=dtype)
-        X = client.persist(X)
-        from distributed import wait
+    parts = floor_parts(V, W0, H0)
+    out = {"floor_threaded": parts["threaded"], "floor_per_core": parts["per_core"],
+           "floor": min(parts["threaded"], parts["per_core"])}
+    rows = auto_row_block(n, p, np.dtype(dtype).itemsize, parallelism=2)
+    X = client.persist(da.from_array(V, chunks=(rows, p)))  # V's values in the workers, by row blocks
+    wait(X)
 
-        wait(X)
-        out.update(steady_state({"cluster_mu": lambda k: dnmf_fit(X, W0, H0, "mu", k),
-                                 "cluster_hals": lambda k: dnmf_fit(X, W0, H0, "hals", k)}, lo, hi, repeats))
+    def threaded(k, kw):
+        with dask.config.set(scheduler="threads"):
+            return dnmf_fit(V, W0, H0, iters=k, **kw)
+
+    methods = {}
+    for s in solvers:
+        kw = CLUSTER_SOLVERS[s][0]
+        methods[f"threaded_{s}"] = lambda k, kw=kw: threaded(k, kw)
+        methods[f"cluster_{s}"] = lambda k, kw=kw: dnmf_fit(X, W0, H0, iters=k, **kw)
+    out.update(steady_state(methods, lo, hi, repeats))
+    if dtype == "float64" and planc_command(0, "", V.shape, r, 1) is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "V.bin")
+            V.T.tofile(path)  # column-major doubles, as PLANC reads them
+            for s in solvers:
+                algorithm = CLUSTER_SOLVERS[s][1]
+                times = [(planc_seconds(planc_command(algorithm, path, V.shape, r, hi))
+                          - planc_seconds(planc_command(algorithm, path, V.shape, r, lo))) / (hi - lo)
+                         for _ in range(repeats)]
+                out[f"planc_{s}"] = median(times)
+                out[f"planc_{s}_all"] = times
     return out
 
 
