@@ -9,9 +9,8 @@ Every case runs in its own child process (``benchmarks/cases.py``) with
 these machines), times its competitors side by side, and reports medians of interleaved
 repeats. Per-iteration figures are steady state: (t(hi iterations) - t(lo)) / (hi - lo) from
 the same start. The floor is one V @ Hᵀ plus one Wᵀ @ V, the faster of numpy's default BLAS
-threads and row parts computed at once, one thread per core,
-measured in the same process. Each line is printed against its goal from issue 5 (the cluster's
-from issue 17).
+threads and row parts computed at once, one thread per core, measured in the same process.
+Each line is printed against its goal from issue 5 (the cluster's, from issue 17).
 """
 
 from __future__ import annotations

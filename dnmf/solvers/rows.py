@@ -6,7 +6,8 @@ An iteration updates H first, then W (the order of Lee & Seung's presentation):
    previous pass (H is small: r x p);
 2. one task per row block i reads V_i once, updates W_i from V_i Hᵀ and HHᵀ, and computes
    the partials at the new (W_i, H) that the next H update and the objective need;
-3. the partials are summed in a fixed-order tree, W is persisted, the small sums computed.
+3. the partials are summed in a fixed-order tree, W is persisted, the small sums computed (the
+   tree's root folded here, from the sums below it: one hop fewer on a cluster).
 
 So V is read once per iteration, only r x p and r x r sums travel to the client, and the
 graph never grows: each iteration starts from persisted W.
