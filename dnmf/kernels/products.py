@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
+from . import sparse_kl
 from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
 
 
@@ -102,20 +103,6 @@ def gram(A: np.ndarray) -> np.ndarray:
     return A.T @ A.copy()
 
 
-def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
-    rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
-    out = np.empty(V_b.nnz, dtype=W_b.dtype)
-    # Chunked so the (nnz, r) gather stays small.
-    step = max(1, 2**22 // max(1, W_b.shape[1]))
-    for start in range(0, V_b.nnz, step):
-        stop = start + step
-        out[start:stop] = np.einsum(
-            "ij,ji->i", W_b[rows[start:stop]], H[:, V_b.indices[start:stop]]
-        )
-    return out
-
-
 def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
     """½‖V_b − W_b H‖², formed tile by tile and summed in float64.
 
@@ -126,7 +113,7 @@ def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
     if sp.issparse(V_b):
         # ‖V − WH‖² = Σ_nz (V² − 2 V WH) + ‖WH‖²: WH at the non-zeros only, and
         # ‖WH‖² = ⟨WᵀW, HHᵀ⟩ from the factors, every sum in float64.
-        wh = _wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
+        wh = sparse_kl.wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
         values = V_b.data.astype(np.float64)
         W64, H64 = W_b.astype(np.float64), H.astype(np.float64)
         wh_sq = float(np.vdot(W64.T @ W64, H64 @ H64.T))
@@ -204,19 +191,12 @@ def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndar
         return _dot_ht(V_b, H), None
     if rule.kullback_leibler:
         if sp.issparse(V_b):
-            return _dot_ht(_kl_ratio_sparse(V_b, _wh_at_nonzeros(V_b, W_b, H), eps), H), None
+            return sparse_kl.ratio_times_ht(V_b, W_b, H, eps), None
         return _kl_ratio_times_ht(V_b, W_b, H, eps), None
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     wh = W_b @ H
     wh += eps
     return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
-
-
-def _kl_ratio_sparse(V_b: sp.csr_matrix, wh: np.ndarray, eps: float) -> sp.csr_matrix:
-    """V / (WH + ε) at the stored entries of a CSR block, given WH there (:func:`_wh_at_nonzeros`)."""
-    ratio = V_b.copy()
-    ratio.data = V_b.data / (wh + eps)
-    return ratio
 
 
 def kl_terms(V: np.ndarray, wh: np.ndarray) -> float:
@@ -235,8 +215,7 @@ def _kl_partials_sparse(
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
     and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
     divergence, the non-zeros' terms plus Σ WH over the zeros)."""
-    wh = _wh_at_nonzeros(V_b, W_b, H)
-    numer = dot_t(W_b, _kl_ratio_sparse(V_b, wh, eps))
+    numer, wh = sparse_kl.wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
     col_w = W_b.sum(axis=0)
     loss = 0.0
     if exact:
