@@ -178,6 +178,22 @@ def case_sparse(n, p, density, r, dtype, lo, hi, repeats):
     return out
 
 
+def case_sparse_kl(n, p, density, r, dtype, lo, hi, repeats, sklearn_lo=1, sklearn_hi=2):
+    """KL against Frobenius MU on the same in-memory CSR (threaded scheduler), and against
+    scikit-learn's KL (its own shorter lo/hi: it takes tens of seconds per iteration)."""
+    V = sparse_uniform(n, p, density, dtype)
+    W0, H0 = start(V.shape, r, float(V.sum(dtype=np.float64)) / (n * p), dtype)
+    out = steady_state({
+        "dnmf_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k),
+        "dnmf_kl": lambda k: dnmf_fit(V, W0, H0, "mu", k, "kullback-leibler"),
+        "dnmf_kl_every10": lambda k: dnmf_fit(V, W0, H0, "mu", k, "kullback-leibler", objective_every=10),
+    }, lo, hi, repeats)
+    out.update(steady_state({"sklearn_kl": lambda k: sk_fit(V, W0, H0, "mu", k, "kullback-leibler")},
+                            sklearn_lo, sklearn_hi, 1))
+    out["nnz"] = int(V.nnz)
+    return out
+
+
 def case_convergence(n, p, r, dtype, sk_iters, max_iter, solvers=("hals", "bpp")):
     """Time and passes over V for dnmf to reach scikit-learn cd's loss after ``sk_iters``."""
     V = dense_planted(n, p, r, dtype)
@@ -391,6 +407,7 @@ CASES = {
     "kl": case_kl,
     "sparse": case_sparse,
     "sparse_out_of_core": case_sparse_out_of_core,
+    "sparse_kl": case_sparse_kl,
     "convergence": case_convergence,
     "cluster": case_cluster,
     "out_of_core": case_out_of_core,

@@ -37,6 +37,7 @@ FULL = {
     "sparse": ("sparse", dict(n=200000, p=20000, density=0.005, r=20, dtype="float32", lo=2, hi=6, repeats=2)),
     "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=5, repeats=1)),
+    "sparse_kl": ("sparse_kl", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
     "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
     "fused": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20)),
@@ -53,6 +54,7 @@ QUICK = {
     "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
+    "sparse_kl": ("sparse_kl", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=8, repeats=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
     "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
     "fused": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10)),
@@ -136,6 +138,20 @@ def lines_kl(res: dict) -> list[dict]:
              ratio <= 0.75, f"{ms(res['dnmf_kl_every10'])} vs {ms(res['sklearn_kl'])}; floor {ms(res['floor'])}"),
         line("KL MU: dnmf (objective every iteration) / scikit-learn per iteration", f"{every:.2f}", None, None,
              f"{ms(res['dnmf_kl'])}"),
+    ]
+
+
+def lines_sparse_kl(res: dict, params: dict) -> list[dict]:
+    label = f"sparse KL {params['n']}×{params['p']} CSR, {100 * params['density']:.0f}%, r={params['r']}"
+    to_mu = res["dnmf_kl_every10"] / res["dnmf_mu"]
+    to_sk = res["dnmf_kl_every10"] / res["sklearn_kl"]
+    return [
+        line(f"{label}: dnmf KL / dnmf Frobenius MU per iteration", f"{to_mu:.2f}", "≤ 2.0", to_mu <= 2.0,
+             f"{ms(res['dnmf_kl_every10'])} vs {ms(res['dnmf_mu'])}/iter, objective every 10th; {res['nnz'] / 1e6:.1f}M nnz"),
+        line(f"{label}: dnmf KL / scikit-learn KL per iteration", f"{to_sk:.2f}", "≤ 0.25", to_sk <= 0.25,
+             f"scikit-learn {ms(res['sklearn_kl'])}/iter"),
+        line(f"{label}: dnmf KL, objective every iteration / Frobenius MU", f"{res['dnmf_kl'] / res['dnmf_mu']:.2f}",
+             detail=f"{ms(res['dnmf_kl'])}/iter"),
     ]
 
 
@@ -270,6 +286,7 @@ def main(argv=None) -> int:
             rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
                      "memory": lines_memory, "small": lines_small, "wide": lambda r: lines_wide(r, params),
                      "sparse_out_of_core": lambda r: lines_sparse_out_of_core(r, params),
+                     "sparse_kl": lambda r: lines_sparse_kl(r, params),
                      "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),
                      }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
