@@ -334,16 +334,19 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     return out
 
 
-def case_memory(n, p, r, dtype, who, iters):
-    """Peak RSS of this process (bytes): V alone, then a fit by ``who``."""
-    V = dense_uniform(n, p, dtype)
-    out = {"v_bytes": V.nbytes}
+def case_memory(n, p, r, dtype, who, iters, density=None):
+    """Peak RSS of this process (bytes): V alone (dense, or CSR at ``density``), then a fit by
+    ``who``."""
+    V = dense_uniform(n, p, dtype) if density is None else sparse_uniform(n, p, density, dtype)
+    out = {"v_bytes": V.nbytes if density is None else V.data.nbytes + V.indices.nbytes + V.indptr.nbytes}
     if who == "sklearn":
         SkNMF(r, solver="mu", max_iter=iters, tol=0).fit(V)
     elif who == "dnmf":
         dnmf.NMF(r, solver="mu", max_iter=iters, tol=0, tol_x=0).fit(V)
     elif who == "dnmf_hals":
         dnmf.NMF(r, solver="hals", max_iter=iters, tol=0, tol_x=0).fit(V)
+    elif who == "dnmf_kl":
+        dnmf.NMF(r, solver="mu", beta_loss="kullback-leibler", max_iter=iters, tol=0, tol_x=0).fit(V)
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 

@@ -9,6 +9,7 @@ as a block-sized array; for sparse V it is formed at V's nonzeros only.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -77,7 +78,8 @@ def objective(
 def as_float_block(block, dtype: np.dtype):
     """Return a block as a float array (or CSR matrix) of ``dtype``, copying only if needed."""
     if sp.issparse(block):
-        block = sp.csr_matrix(block)
+        # Not sp.csr_matrix(block): on a CSR block viewing a larger V's arrays it copies them.
+        block = block if block.format == "csr" else block.tocsr()
         return block if block.dtype == dtype else block.astype(dtype)
     return np.asarray(block, dtype=dtype)
 
@@ -218,14 +220,16 @@ def _kl_partials_sparse(
     numer, wh = sparse_kl.wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
     col_w = W_b.sum(axis=0)
     loss = 0.0
+    values = V_b.data
+    # By chunks: the float64 terms of a whole block would double its size in temporaries.
+    chunks = [slice(start, start + KL_TILE_ENTRIES) for start in range(0, V_b.nnz, KL_TILE_ENTRIES)]
     if exact:
         total_wh = float(np.dot(W_b.sum(axis=0, dtype=np.float64), H.sum(axis=1, dtype=np.float64)))
-        loss = kl_terms(V_b.data, wh) + total_wh - float(np.sum(wh, dtype=np.float64))
+        loss = math.fsum(kl_terms(values[c], wh[c]) - float(np.sum(wh[c], dtype=np.float64)) for c in chunks) + total_wh
     elif with_loss:
         np.log(wh, out=wh)
-        loss = (
-            -float(np.dot(V_b.data.astype(np.float64), wh))
-            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+        loss = -math.fsum(float(np.dot(values[c].astype(np.float64), wh[c].astype(np.float64))) for c in chunks) + float(
+            np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64))
         )
     return Partials(numer, col_w, loss, 0.0, 0.0)
 
