@@ -10,6 +10,7 @@ malloc environment variables these machines need for stable timings.
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import sys
@@ -334,11 +335,31 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     return out
 
 
+def _proc_status(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for row in f:
+                if row.startswith(field + ":"):
+                    return int(row.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def case_memory(n, p, r, dtype, who, iters, density=None):
-    """Peak RSS of this process (bytes): V alone (dense, or CSR at ``density``), then a fit by
-    ``who``."""
+    """Peak memory of a fit by ``who`` above V (bytes): the resident size's peak since V was
+    made (its generator's temporaries excluded: the peak is reset then, on Linux), less the
+    resident size with V alone."""
     V = dense_uniform(n, p, dtype) if density is None else sparse_uniform(n, p, density, dtype)
+    gc.collect()
     out = {"v_bytes": V.nbytes if density is None else V.data.nbytes + V.indices.nbytes + V.indptr.nbytes}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident size (VmHWM)
+        base = _proc_status("VmRSS")
+    except OSError:
+        base = None
     if who == "sklearn":
         SkNMF(r, solver="mu", max_iter=iters, tol=0).fit(V)
     elif who == "dnmf":
@@ -347,7 +368,11 @@ def case_memory(n, p, r, dtype, who, iters, density=None):
         dnmf.NMF(r, solver="hals", max_iter=iters, tol=0, tol_x=0).fit(V)
     elif who == "dnmf_kl":
         dnmf.NMF(r, solver="mu", beta_loss="kullback-leibler", max_iter=iters, tol=0, tol_x=0).fit(V)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status("VmHWM")
+    if base is None or peak is None:  # no /proc: the process's peak, generator included
+        out["above_v"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - out["v_bytes"]
+    else:
+        out["above_v"] = peak - base
     return out
 
 

@@ -6,8 +6,8 @@ column per non-zero into (nnz, r) temporaries, a reduction over r, a ratio, then
 product reading the same H columns again: about ten times the cost of the sparse product
 V Hᵀ that Frobenius needs. Here each non-zero is visited once: its WH value is the dot product
 of W's row and Hᵀ's row, held in a register, and the ratio V / (WH + ε) goes straight into the
-product V Hᵀ that needs it (Wᵀ's side scatters into columns, which scipy's product does
-best), so a KL half-step costs about two sparse products, not ten.
+product that needs it, so a KL half-step costs about two sparse products, not ten, and makes
+no temporary of V's size.
 
 Each kernel walks the rows in order and each row's non-zeros in order, and accumulates in
 V's dtype as scipy's sparse products do (the loss in float64): the results depend on the
@@ -98,11 +98,18 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps):  # pragma: no cover - co
 
 
 @numba.jit(**_JIT)
-def _ratios(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - compiled
-    """V / (WH + ε) at the non-zeros, in data's order. With ``wh_out`` of length nnz (else 0),
-    WH is written there too, for the loss."""
+def _add_ratio(out_t, W, i, c, ratio):  # pragma: no cover - compiled
+    for k in range(W.shape[1]):
+        out_t[c, k] += ratio * W[i, k]
+
+
+@numba.jit(**_JIT)
+def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - compiled
+    """Wᵀ (V / (WH + ε)) transposed, (p, r): each ratio added into its column's sums at once,
+    in the order scipy's product Vᵀ W adds a CSR block's values. With ``wh_out`` of length nnz
+    (else 0), WH is written there too, for the loss."""
     n, r = W.shape
-    out = np.empty(data.shape[0], dtype=W.dtype)
+    out_t = np.zeros(Ht.shape, dtype=W.dtype)
     keep = wh_out.shape[0] > 0
     for i in range(n):
         j, stop = indptr[i], indptr[i + 1]
@@ -117,16 +124,19 @@ def _ratios(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - co
                 s3 += w * Ht[c3, k]
             if keep:
                 wh_out[j], wh_out[j + 1], wh_out[j + 2], wh_out[j + 3] = s0, s1, s2, s3
-            out[j], out[j + 1] = data[j] / (s0 + eps), data[j + 1] / (s1 + eps)
-            out[j + 2], out[j + 3] = data[j + 2] / (s2 + eps), data[j + 3] / (s3 + eps)
+            _add_ratio(out_t, W, i, c0, data[j] / (s0 + eps))
+            _add_ratio(out_t, W, i, c1, data[j + 1] / (s1 + eps))
+            _add_ratio(out_t, W, i, c2, data[j + 2] / (s2 + eps))
+            _add_ratio(out_t, W, i, c3, data[j + 3] / (s3 + eps))
             j += 4
         while j < stop:
-            s = _dot(W, Ht, i, indices[j])
+            c = indices[j]
+            s = _dot(W, Ht, i, c)
             if keep:
                 wh_out[j] = s
-            out[j] = data[j] / (s + eps)
+            _add_ratio(out_t, W, i, c, data[j] / (s + eps))
             j += 1
-    return out
+    return out_t
 
 
 def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
@@ -147,10 +157,8 @@ def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, wit
     W_b H there (in V_b.data's order; None otherwise), for the loss."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
     wh = np.empty(V_b.nnz if with_wh else 0, dtype=W.dtype)
-    ratio = sp.csr_matrix((_ratios(indptr, indices, data, W, Ht, W.dtype.type(eps), wh), indices, indptr), shape=V_b.shape)
-    # Scattering into Wᵀ's columns is scipy's sparse product at its best; in the loop above
-    # it would wait on each column's previous sum.
-    return np.asarray((ratio.T @ W_b).T), (wh if with_wh else None)
+    out_t = _wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh)
+    return np.ascontiguousarray(out_t.T), (wh if with_wh else None)
 
 
 def wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
