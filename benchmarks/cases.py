@@ -10,6 +10,7 @@ malloc environment variables these machines need for stable timings.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -211,6 +212,22 @@ def case_sparse(n, p, density, r, dtype, lo, hi, repeats):
     }
     out = steady_state(methods, lo, hi, repeats)
     out["floor"] = floor_seconds(V, W0, H0, repeats=3)
+    out["nnz"] = int(V.nnz)
+    return out
+
+
+def case_sparse_kl(n, p, density, r, dtype, lo, hi, repeats, sklearn_lo=1, sklearn_hi=2):
+    """KL against Frobenius MU on the same in-memory CSR (threaded scheduler), and against
+    scikit-learn's KL (its own shorter lo/hi: it takes tens of seconds per iteration)."""
+    V = sparse_uniform(n, p, density, dtype)
+    W0, H0 = start(V.shape, r, float(V.sum(dtype=np.float64)) / (n * p), dtype)
+    out = steady_state({
+        "dnmf_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k),
+        "dnmf_kl": lambda k: dnmf_fit(V, W0, H0, "mu", k, "kullback-leibler"),
+        "dnmf_kl_every10": lambda k: dnmf_fit(V, W0, H0, "mu", k, "kullback-leibler", objective_every=10),
+    }, lo, hi, repeats)
+    out.update(steady_state({"sklearn_kl": lambda k: sk_fit(V, W0, H0, "mu", k, "kullback-leibler")},
+                            sklearn_lo, sklearn_hi, 1))
     out["nnz"] = int(V.nnz)
     return out
 
@@ -418,17 +435,44 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     return out
 
 
-def case_memory(n, p, r, dtype, who, iters):
-    """Peak RSS of this process (bytes): V alone, then a fit by ``who``."""
-    V = dense_uniform(n, p, dtype)
-    out = {"v_bytes": V.nbytes}
+def _proc_status(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for row in f:
+                if row.startswith(field + ":"):
+                    return int(row.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def case_memory(n, p, r, dtype, who, iters, density=None):
+    """Peak memory of a fit by ``who`` above V (bytes): the resident size's peak since V was
+    made (its generator's temporaries excluded: the peak is reset then, on Linux), less the
+    resident size with V alone."""
+    V = dense_uniform(n, p, dtype) if density is None else sparse_uniform(n, p, density, dtype)
+    gc.collect()
+    out = {"v_bytes": V.nbytes if density is None else V.data.nbytes + V.indices.nbytes + V.indptr.nbytes}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident size (VmHWM)
+        base = _proc_status("VmRSS")
+    except OSError:
+        base = None
     if who == "sklearn":
         SkNMF(r, solver="mu", max_iter=iters, tol=0).fit(V)
     elif who == "dnmf":
         dnmf.NMF(r, solver="mu", max_iter=iters, tol=0, tol_x=0).fit(V)
     elif who == "dnmf_hals":
         dnmf.NMF(r, solver="hals", max_iter=iters, tol=0, tol_x=0).fit(V)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    elif who == "dnmf_kl":
+        dnmf.NMF(r, solver="mu", beta_loss="kullback-leibler", max_iter=iters, tol=0, tol_x=0).fit(V)
+    peak = _proc_status("VmHWM")
+    if base is None or peak is None:  # no /proc: the process's peak, generator included
+        out["above_v"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - out["v_bytes"]
+    else:
+        out["above_v"] = peak - base
     return out
 
 
@@ -491,6 +535,7 @@ CASES = {
     "kl": case_kl,
     "sparse": case_sparse,
     "sparse_out_of_core": case_sparse_out_of_core,
+    "sparse_kl": case_sparse_kl,
     "convergence": case_convergence,
     "cluster": case_cluster,
     "out_of_core": case_out_of_core,

@@ -37,7 +37,9 @@ FULL = {
     "out_of_core": ("out_of_core", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
     "sparse": ("sparse", dict(n=200000, p=20000, density=0.005, r=20, dtype="float32", lo=2, hi=6, repeats=2)),
     "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
+    "memory_sparse": ("memory", dict(n=200000, p=20000, r=10, dtype="float32", iters=5, density=0.02)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=5, repeats=1)),
+    "sparse_kl": ("sparse_kl", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
     "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
     "fused": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20)),
@@ -53,7 +55,9 @@ QUICK = {
     "out_of_core": ("out_of_core", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
     "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
+    "memory_sparse": ("memory", dict(n=40000, p=8000, r=10, dtype="float32", iters=5, density=0.02)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
+    "sparse_kl": ("sparse_kl", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=8, repeats=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
     "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
     "fused": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10)),
@@ -61,20 +65,26 @@ QUICK = {
 }
 
 
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_MAX_"] = "0"
-    env["MALLOC_TRIM_THRESHOLD_"] = "100000000000"
+# The allocator settings the cases run under (see the module docstring); the memory cases
+# also run under glibc's defaults, what users get.
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
+
+
+def child_env(allocator: str = "tuned") -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if allocator == "tuned":
+        env.update(TUNED_MALLOC)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
-def run_case(case: str, params: dict, timeout: float) -> dict:
-    """Run one case in a child process and return its RESULT dict (or an error)."""
+def run_case(case: str, params: dict, timeout: float, allocator: str = "tuned") -> dict:
+    """Run one case in a child process (``allocator``: "tuned" or glibc's "default" settings)
+    and return its RESULT dict (or an error)."""
     cmd = [sys.executable, str(HERE / "cases.py"), case, json.dumps(params)]
     tick = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=child_env(allocator), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -140,6 +150,20 @@ def lines_kl(res: dict) -> list[dict]:
     ]
 
 
+def lines_sparse_kl(res: dict, params: dict) -> list[dict]:
+    label = f"sparse KL {params['n']}×{params['p']} CSR, {100 * params['density']:.0f}%, r={params['r']}"
+    to_mu = res["dnmf_kl_every10"] / res["dnmf_mu"]
+    to_sk = res["dnmf_kl_every10"] / res["sklearn_kl"]
+    return [
+        line(f"{label}: dnmf KL / dnmf Frobenius MU per iteration", f"{to_mu:.2f}", "≤ 2.0", to_mu <= 2.0,
+             f"{ms(res['dnmf_kl_every10'])} vs {ms(res['dnmf_mu'])}/iter, objective every 10th; {res['nnz'] / 1e6:.1f}M nnz"),
+        line(f"{label}: dnmf KL / scikit-learn KL per iteration", f"{to_sk:.2f}", "≤ 0.25", to_sk <= 0.25,
+             f"scikit-learn {ms(res['sklearn_kl'])}/iter"),
+        line(f"{label}: dnmf KL, objective every iteration / Frobenius MU", f"{res['dnmf_kl'] / res['dnmf_mu']:.2f}",
+             detail=f"{ms(res['dnmf_kl'])}/iter"),
+    ]
+
+
 CLUSTER_NAMES = {"mu": "MU", "hals": "HALS (accelerated)", "hals_plain": "HALS (1 sweep)", "bpp": "BPP"}
 
 
@@ -201,15 +225,16 @@ def lines_sparse_out_of_core(res: dict, params: dict) -> list[dict]:
     return out
 
 
-def lines_memory(mem: dict) -> list[dict]:
-    base = mem["baseline"]["peak_rss"]
-    v_gb = mem["baseline"]["v_bytes"] / GB
+def lines_memory(mem: dict, params: dict) -> list[dict]:
+    kind = "dense" if params.get("density") is None else f"CSR {100 * params['density']:.0f}%"
     out = []
-    for who, goal in (("dnmf", 0.3), ("dnmf_hals", None), ("sklearn", None)):
-        extra = (mem[who]["peak_rss"] - base) / GB
-        name = {"dnmf": "dnmf MU", "dnmf_hals": "dnmf HALS", "sklearn": "scikit-learn MU"}[who]
-        out.append(line(f"peak memory: {name}, above V (V = {v_gb:.2f} GB)", f"{extra:+.2f} GB",
-                        f"≤ +{goal} GB" if goal else None, None if goal is None else extra <= goal))
+    for allocator in ("tuned", "default"):
+        v_gb = mem[f"dnmf/{allocator}"]["v_bytes"] / GB
+        for who, goal in (("dnmf", 0.3), ("dnmf_hals", 0.3), ("dnmf_kl", 0.3), ("sklearn", None)):
+            extra = mem[f"{who}/{allocator}"]["above_v"] / GB
+            name = {"dnmf": "dnmf MU", "dnmf_hals": "dnmf HALS", "dnmf_kl": "dnmf KL", "sklearn": "scikit-learn MU"}[who]
+            out.append(line(f"peak memory, {kind} {params['n']}×{params['p']}, {allocator} malloc: {name}, above V (V = {v_gb:.2f} GB)",
+                            f"{extra:+.2f} GB", f"≤ +{goal} GB" if goal else None, None if goal is None else extra <= goal))
     return out
 
 
@@ -269,7 +294,9 @@ def main(argv=None) -> int:
     for key in chosen:
         case, params = plan[key]
         if case == "memory":
-            raw[key] = {who: run_case(case, {**params, "who": who}, args.timeout) for who in ("baseline", "dnmf", "dnmf_hals", "sklearn")}
+            raw[key] = {f"{who}/{allocator}": run_case(case, {**params, "who": who}, args.timeout, allocator)
+                        for allocator in ("tuned", "default")
+                        for who in ("dnmf", "dnmf_hals", "dnmf_kl", "sklearn")}
             errors = [v["error"] for v in raw[key].values() if "error" in v]
         else:
             raw[key] = run_case(case, params, args.timeout)
@@ -283,8 +310,9 @@ def main(argv=None) -> int:
             rows += lines_dense(res, f"dense {params['n']}×{params['p']} {params['dtype']}")
         else:
             rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
-                     "memory": lines_memory, "small": lines_small, "wide": lambda r: lines_wide(r, params),
+                     "memory": lambda r: lines_memory(r, params), "memory_sparse": lambda r: lines_memory(r, params), "small": lines_small, "wide": lambda r: lines_wide(r, params),
                      "sparse_out_of_core": lambda r: lines_sparse_out_of_core(r, params),
+                     "sparse_kl": lambda r: lines_sparse_kl(r, params),
                      "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),
                      }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)

@@ -407,7 +407,7 @@ def map_blocks(
     return graph.array(blocks, chunks, dtype)
 
 
-def from_blocks(prefix: str, blocks: Sequence[Sequence[np.ndarray]], chunks: tuple, dtype: DTypeLike) -> da.Array:
+def from_blocks(prefix: str, blocks: Sequence[Sequence[Any]], chunks: tuple, dtype: DTypeLike, meta: Any = None) -> da.Array:
     """A dask array of blocks already in memory, with no task and no copy.
 
     Parameters
@@ -420,6 +420,8 @@ def from_blocks(prefix: str, blocks: Sequence[Sequence[np.ndarray]], chunks: tup
         The array's chunks, matching the blocks' shapes.
     dtype : dtype
         The blocks' dtype.
+    meta : array-like, optional
+        An empty block of the blocks' type (a CSR matrix for sparse blocks); numpy's by default.
 
     Returns
     -------
@@ -427,4 +429,4 @@ def from_blocks(prefix: str, blocks: Sequence[Sequence[np.ndarray]], chunks: tup
     """
     name = f"{prefix}-{uuid.uuid4().hex}"
     dsk = {(name, i, j): block for i, row in enumerate(blocks) for j, block in enumerate(row)}
-    return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=chunks, dtype=dtype)
+    return da.Array(HighLevelGraph.from_collections(name, dsk), name, chunks=chunks, dtype=dtype, meta=meta)

@@ -9,12 +9,14 @@ as a block-sized array; for sparse V it is formed at V's nonzeros only.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
+from . import sparse_kl
 from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
 
 
@@ -76,7 +78,8 @@ def objective(
 def as_float_block(block, dtype: np.dtype):
     """Return a block as a float array (or CSR matrix) of ``dtype``, copying only if needed."""
     if sp.issparse(block):
-        block = sp.csr_matrix(block)
+        # Not sp.csr_matrix(block): on a CSR block viewing a larger V's arrays it copies them.
+        block = block if block.format == "csr" else block.tocsr()
         return block if block.dtype == dtype else block.astype(dtype)
     return np.asarray(block, dtype=dtype)
 
@@ -102,20 +105,6 @@ def gram(A: np.ndarray) -> np.ndarray:
     return A.T @ A.copy()
 
 
-def _wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
-    """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
-    rows = np.repeat(np.arange(V_b.shape[0]), np.diff(V_b.indptr))
-    out = np.empty(V_b.nnz, dtype=W_b.dtype)
-    # Chunked so the (nnz, r) gather stays small.
-    step = max(1, 2**22 // max(1, W_b.shape[1]))
-    for start in range(0, V_b.nnz, step):
-        stop = start + step
-        out[start:stop] = np.einsum(
-            "ij,ji->i", W_b[rows[start:stop]], H[:, V_b.indices[start:stop]]
-        )
-    return out
-
-
 def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
     """½‖V_b − W_b H‖², formed tile by tile and summed in float64.
 
@@ -126,7 +115,7 @@ def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
     if sp.issparse(V_b):
         # ‖V − WH‖² = Σ_nz (V² − 2 V WH) + ‖WH‖²: WH at the non-zeros only, and
         # ‖WH‖² = ⟨WᵀW, HHᵀ⟩ from the factors, every sum in float64.
-        wh = _wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
+        wh = sparse_kl.wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
         values = V_b.data.astype(np.float64)
         W64, H64 = W_b.astype(np.float64), H.astype(np.float64)
         wh_sq = float(np.vdot(W64.T @ W64, H64 @ H64.T))
@@ -204,19 +193,12 @@ def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndar
         return _dot_ht(V_b, H), None
     if rule.kullback_leibler:
         if sp.issparse(V_b):
-            return _dot_ht(_kl_ratio_sparse(V_b, _wh_at_nonzeros(V_b, W_b, H), eps), H), None
+            return sparse_kl.ratio_times_ht(V_b, W_b, H, eps), None
         return _kl_ratio_times_ht(V_b, W_b, H, eps), None
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     wh = W_b @ H
     wh += eps
     return (V_d * wh ** (beta - 2.0)) @ H.T, (wh ** (beta - 1.0)) @ H.T
-
-
-def _kl_ratio_sparse(V_b: sp.csr_matrix, wh: np.ndarray, eps: float) -> sp.csr_matrix:
-    """V / (WH + ε) at the stored entries of a CSR block, given WH there (:func:`_wh_at_nonzeros`)."""
-    ratio = V_b.copy()
-    ratio.data = V_b.data / (wh + eps)
-    return ratio
 
 
 def kl_terms(V: np.ndarray, wh: np.ndarray) -> float:
@@ -235,18 +217,19 @@ def _kl_partials_sparse(
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
     and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
     divergence, the non-zeros' terms plus Σ WH over the zeros)."""
-    wh = _wh_at_nonzeros(V_b, W_b, H)
-    numer = dot_t(W_b, _kl_ratio_sparse(V_b, wh, eps))
+    numer, wh = sparse_kl.wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
     col_w = W_b.sum(axis=0)
     loss = 0.0
+    values = V_b.data
+    # By chunks: the float64 terms of a whole block would double its size in temporaries.
+    chunks = [slice(start, start + KL_TILE_ENTRIES) for start in range(0, V_b.nnz, KL_TILE_ENTRIES)]
     if exact:
         total_wh = float(np.dot(W_b.sum(axis=0, dtype=np.float64), H.sum(axis=1, dtype=np.float64)))
-        loss = kl_terms(V_b.data, wh) + total_wh - float(np.sum(wh, dtype=np.float64))
+        loss = math.fsum(kl_terms(values[c], wh[c]) - float(np.sum(wh[c], dtype=np.float64)) for c in chunks) + total_wh
     elif with_loss:
         np.log(wh, out=wh)
-        loss = (
-            -float(np.dot(V_b.data.astype(np.float64), wh))
-            + float(np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64)))
+        loss = -math.fsum(float(np.dot(values[c].astype(np.float64), wh[c].astype(np.float64))) for c in chunks) + float(
+            np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64))
         )
     return Partials(numer, col_w, loss, 0.0, 0.0)
 

@@ -38,10 +38,11 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False, col_offset: int 
 
     ``with_xlogx`` also sums V log V (the KL objective's constant; finite V only).
     """
-    if not sp.issparse(V_b):
-        clean = _clean_dense_stats(np.asarray(V_b), with_xlogx)
-        if clean is not None:
-            return clean
+    # A block with no bad entries: its values tile by tile (a sparse block's stored values
+    # alone: its zeros add nothing), with no block-sized temporary.
+    clean = _clean_dense_stats(V_b.data if sp.issparse(V_b) else np.asarray(V_b), with_xlogx)
+    if clean is not None:
+        return clean
     if sp.issparse(V_b):
         coo = sp.coo_matrix(V_b)
         rows, cols, values = coo.row, coo.col, coo.data

@@ -1,0 +1,93 @@
+"""The compiled sparse KL kernels (dnmf.kernels.sparse_kl) against plain numpy / scipy."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dnmf.kernels import sparse_kl
+
+
+def _block(dtype, seed=0):
+    """A CSR block whose rows hold 0 to 9 stored entries (every tail of the 4-wide loop)."""
+    rng = np.random.default_rng(seed)
+    n, p, r = 40, 30, 7
+    rows = [np.sort(rng.choice(p, size=i % 10, replace=False)) for i in range(n)]
+    indptr = np.cumsum([0] + [len(c) for c in rows])
+    indices = np.concatenate(rows)
+    data = (rng.random(indices.size) + 0.1).astype(dtype)
+    V = sp.csr_matrix((data, indices, indptr), shape=(n, p))
+    W = (rng.random((n, r)) + 0.05).astype(dtype)
+    H = (rng.random((r, p)) + 0.05).astype(dtype)
+    return V, W, H
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wh_at_nonzeros_is_the_dense_product_there(dtype):
+    V, W, H = _block(dtype)
+    rows = np.repeat(np.arange(V.shape[0]), np.diff(V.indptr))
+    want = (W.astype(np.float64) @ H.astype(np.float64))[rows, V.indices]
+    got = sparse_kl.wh_at_nonzeros(V, W, H)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=10 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kl_products_match_dense_formulas(dtype):
+    V, W, H = _block(dtype)
+    eps = 1e-3
+    dense = V.toarray().astype(np.float64)
+    WH = W.astype(np.float64) @ H.astype(np.float64)
+    ratio = np.where(dense > 0, dense / (WH + eps), 0.0)
+    tol = dict(rtol=50 * np.finfo(dtype).eps, atol=0)
+    np.testing.assert_allclose(sparse_kl.ratio_times_ht(V, W, H, eps), ratio @ H.T.astype(np.float64), **tol)
+    numer, wh = sparse_kl.wt_ratio(V, W, H, eps, with_wh=True)
+    assert numer.shape == H.shape and numer.dtype == dtype and numer.flags.c_contiguous
+    np.testing.assert_allclose(numer, W.T.astype(np.float64) @ ratio, **tol)
+    np.testing.assert_array_equal(wh, sparse_kl.wh_at_nonzeros(V, W, H))
+    assert sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)[1] is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wt_ratio_adds_in_scipys_order(dtype):
+    """Bitwise what scipy's Vᵀ W gives on the ratios: the same sums in the same order."""
+    V, W, H = _block(dtype, seed=3)
+    eps = dtype(1e-3)
+    R = V.copy()
+    R.data = V.data / (sparse_kl.wh_at_nonzeros(V, W, H) + eps)
+    numer, _ = sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)
+    assert numer.tobytes() == np.asarray((R.T @ W).T).tobytes()
+
+
+def test_views_of_a_larger_matrix_are_read_in_place():
+    """A block whose arrays are slices of a bigger CSR (dnmf's in-memory row blocks)."""
+    V, W, H = _block(np.float64)
+    lo, hi = 10, 30
+    start, stop = V.indptr[lo], V.indptr[hi]
+    view = sp.csr_matrix((hi - lo, V.shape[1]))
+    view.data, view.indices, view.indptr = V.data[start:stop], V.indices[start:stop], V.indptr[lo : hi + 1] - start
+    assert np.shares_memory(view.data, V.data)
+    got = sparse_kl.ratio_times_ht(view, W[lo:hi], H, 1e-3)
+    want = sparse_kl.ratio_times_ht(V[lo:hi], W[lo:hi], H, 1e-3)
+    assert got.tobytes() == want.tobytes()
+
+
+def test_in_memory_csr_blocks_view_v_and_fits_leave_it_unchanged():
+    """dnmf's row blocks of a CSR V share its arrays (no copy of V per pass), and no fit,
+    of any loss, writes to them."""
+    import dnmf
+    from dnmf.data.store import open_matrix
+
+    rng = np.random.default_rng(4)
+    V = sp.random(300, 80, density=0.1, format="csr", random_state=5, dtype=np.float64)
+    V.data += 0.1
+    before = (V.data.tobytes(), V.indices.tobytes(), V.indptr.tobytes())
+    matrix = open_matrix(V, chunks=64)
+    graph = dict(matrix.data.__dask_graph__())
+    blocks = [graph[row[0]] for row in matrix.data.__dask_keys__()]
+    assert len(blocks) == 5
+    assert all(np.shares_memory(b.data, V.data) and np.shares_memory(b.indices, V.indices) for b in blocks)
+    assert sp.vstack(blocks).toarray().tobytes() == V.toarray().tobytes()
+    for beta in ("frobenius", "kullback-leibler", 1.5):
+        dnmf.NMF(4, beta_loss=beta, max_iter=5, chunks=64, random_state=int(rng.integers(100))).fit(V)
+    dnmf.NMF(4, solver="hals", max_iter=5, chunks=64).fit(V)
+    assert (V.data.tobytes(), V.indices.tobytes(), V.indptr.tobytes()) == before
