@@ -10,8 +10,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import Rule
-from .products import Partials, as_float_block, block_partials, frobenius_residual, l1_norm
-from .updates import update_w
+from .products import (
+    Partials,
+    as_float_block,
+    block_partials,
+    frobenius_residual,
+    l1_norm,
+    stacked_products_agree,
+)
+from .updates import apply_w_update, update_w
 
 
 def step_block(
@@ -48,6 +55,11 @@ def step_block(
     else:
         W_new = update_w(V_b, W_b, H, HHt, rule)
         partials = block_partials(V_b, W_new, H, rule, with_loss, exact)
+    return with_w_norms(W_new, W_b, partials)
+
+
+def with_w_norms(W_new: np.ndarray, W_b: np.ndarray, partials: Partials):
+    """``(W_new, partials)`` with the norms of a step: ‖W_new‖², ‖W_new − W_b‖², ‖W_new‖₁."""
     delta = W_new - W_b
     return W_new, partials._replace(
         w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
@@ -74,18 +86,67 @@ def _frobenius_step_tiled(
     """The W update and the Frobenius partials of a dense block, tile by tile (W's rows
     update independently, so this is the block's update); ``exact`` adds ½‖V_t − W_t H‖²
     of each tile while it is in cache."""
-    W_new = np.empty_like(W_b)
-    numer = np.zeros(H.shape, dtype=W_b.dtype)
-    residual = 0.0
+    return frobenius_steps_tiled(V_b, [W_b], [H], [HHt], [rule], [exact])[0]
+
+
+def frobenius_steps_tiled(V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rules: list, exact: list) -> list:
+    """:func:`_frobenius_step_tiled` for several fits of one dense block (fused replicates),
+    each tile of V_b read once for all of them.
+
+    Each fit gets exactly its own computation, tile by tile, so each result is bitwise the
+    fit's alone; where :func:`~.products.stacked_products_agree` says the BLAS gives each
+    fit's product bit for bit inside a stacked one, a tile's products are one GEMM for all
+    the fits, V_t [H_1; …; H_R]ᵀ and [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity),
+    and otherwise one per fit.
+
+    Parameters
+    ----------
+    V_b : array of shape (n_b, p), the W_bs' dtype
+    W_bs, Hs, HHts : lists of arrays (n_b, r_k), (r_k, p) and (r_k, r_k)
+    rules : list of Rule (β = 2, MU or one-sweep HALS: :func:`_fuses_in_tiles`)
+    exact : list of bool
+
+    Returns
+    -------
+    list of ``(W_b_new, Partials)`` (numer, denom and the exact residual; the norms of W left at 0)
+    """
+    dtype = W_bs[0].dtype
+    ranks = tuple(H.shape[0] for H in Hs)
+    bounds = np.cumsum((0, *ranks))
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    H_all = np.concatenate(Hs) if len(Hs) > 1 else None
+    W_news = [np.empty_like(W_b) for W_b in W_bs]
+    numers = [np.zeros(H.shape, dtype=W_b.dtype) for W_b, H in zip(W_bs, Hs)]
+    residuals = [0.0] * len(Hs)
     step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]))
     for start in range(0, V_b.shape[0], step):
         V_t = V_b[start : start + step]
-        W_t = update_w(V_t, W_b[start : start + step], H, HHt, rule)
-        W_new[start : start + step] = W_t
-        numer += W_t.T @ V_t
-        if exact:
-            residual += frobenius_residual(V_t, W_t, H)
-    return W_new, Partials(numer, W_new.T @ W_new, residual, 0.0, 0.0)
+        stop = start + V_t.shape[0]
+        stack_vh, stack_wv = (False, False) if H_all is None else stacked_products_agree(*V_t.shape, ranks, dtype)
+        if stack_vh:
+            VHt = V_t @ H_all.T
+            crosses = [np.ascontiguousarray(VHt[:, part]) for part in parts]
+        else:
+            crosses = [V_t @ H.T for H in Hs]
+        W_ts = [
+            apply_w_update(W_b[start:stop], cross, None, HHt, None, rule)
+            for W_b, cross, HHt, rule in zip(W_bs, crosses, HHts, rules)
+        ]
+        if stack_wv:
+            WtV = np.concatenate(W_ts, axis=1).T @ V_t
+            for numer, part in zip(numers, parts):
+                numer += WtV[part]
+        else:
+            for numer, W_t in zip(numers, W_ts):
+                numer += W_t.T @ V_t
+        for k, (W_t, H) in enumerate(zip(W_ts, Hs)):
+            W_news[k][start:stop] = W_t
+            if exact[k]:
+                residuals[k] += frobenius_residual(V_t, W_t, H)
+    return [
+        (W_new, Partials(numer, W_new.T @ W_new, residual, 0.0, 0.0))
+        for W_new, numer, residual in zip(W_news, numers, residuals)
+    ]
 
 
 def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exact: bool = False) -> Partials:
