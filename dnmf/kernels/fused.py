@@ -2,24 +2,33 @@
 replicates (:mod:`dnmf.solvers.fused`).
 
 Each replicate gets exactly the computation it would get alone, so each result is bitwise
-the single fit's. Most replicates get the very call they would get alone
-(:func:`~.step.step_block` or :func:`~.step.initial_partials_block`, with their own W_b, H,
-HHᵀ and flags), and share only the read (and the conversion) of V_b. The steps that the single
+the single fit's. In general each replicate gets the very call it would get alone
+(:func:`~.step.step_block` or :func:`~.step.initial_partials_block`, with its own W_b, H,
+HHᵀ and flags), and the replicates share only the read (and the conversion) of V_b. The steps that the single
 fit runs tile by tile (dense, β = 2, MU or one-sweep HALS: the case where V's products are
 all the work) run together, tile by tile (:func:`~.step.frobenius_steps_tiled`): each tile is
 read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
 [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity), where the BLAS gives each replicate's
 product bit for bit inside the stacked one (:func:`~.products.stacked_products_agree`,
-measured once per shapes; otherwise one product per replicate).
+measured once per shapes; otherwise one product per replicate). Dense β = 2 starts share
+their W_bᵀV_b the same way (:func:`~.step.frobenius_starts`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from .beta import Rule
 from .products import as_float_block
-from .step import _fuses_in_tiles, frobenius_steps_tiled, initial_partials_block, step_block, with_w_norms
+from .step import (
+    _fuses_in_tiles,
+    frobenius_starts,
+    frobenius_steps_tiled,
+    initial_partials_block,
+    step_block,
+    with_w_norms,
+)
 
 START, STEP = "start", "step"
 
@@ -49,10 +58,18 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
     out: list = [None] * len(kinds)
     tiled: dict = {}  # dtype -> the replicates whose steps run tile by tile, together
+    starts: dict = {}  # dtype -> the replicates whose dense β = 2 starts share W_bᵀV_b's GEMM
     for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
         dtype = np.dtype(_w(W).dtype)
         if kind == STEP and _fuses_in_tiles(converted[dtype], rule):
             tiled.setdefault(dtype, []).append(k)
+        elif kind == START and rule.frobenius and not sp.issparse(converted[dtype]):
+            starts.setdefault(dtype, []).append(k)
+    for dtype, members in starts.items():
+        partials = frobenius_starts(converted[dtype], [_w(W_bs[k]) for k in members], [Hs[k] for k in members],
+                                    [exact[k] for k in members])
+        for k, part in zip(members, partials):
+            out[k] = part
     for dtype, members in tiled.items():
         W_olds = [_w(W_bs[k]) for k in members]
         steps = frobenius_steps_tiled(
