@@ -151,7 +151,7 @@ def test_tiled_steps_together_equal_each_step_alone_bitwise(monkeypatch, shape, 
     exact = [k % 2 == 0 for k in range(len(ranks))]
     monkeypatch.setattr(step, "FUSED_TILE_ENTRIES", 7 * shape[1])  # tiles of 7 rows, and a shorter last one
     answers = stacked_use(monkeypatch)
-    together = step.frobenius_steps_tiled(V, Ws, Hs, [H @ H.T for H in Hs], rules[: len(ranks)], exact)
+    together = step.frobenius_steps(V, Ws, Hs, [H @ H.T for H in Hs], rules[: len(ranks)], exact)
     for W, H, rule, ex, (W_new, partials) in zip(Ws, Hs, rules, exact, together):
         alone_W, alone = step._frobenius_step_tiled(V, W, H, H @ H.T, rule, ex)
         assert W_new.tobytes() == alone_W.tobytes()
@@ -214,3 +214,23 @@ def test_frobenius_starts_together_equal_each_start_alone_bitwise(shape, ranks, 
     for W, H, ex, together in zip(Ws, Hs, exact, frobenius_starts(V, Ws, Hs, exact)):
         alone = initial_partials_block(V, W, H, Rule("mu", 2.0, 1e-10), ex)
         assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(together, alone))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ranks", [((50, 40), (3, 3, 3, 3)), ((300, 400), (10,) * 5), ((120, 64), (2, 5, 3))])
+def test_whole_block_steps_together_equal_each_step_alone_bitwise(shape, ranks, dtype):
+    from dnmf.kernels.beta import Rule
+    from dnmf.kernels.step import frobenius_steps, step_block
+
+    rng = np.random.default_rng(len(ranks))
+    V = rng.random(shape).astype(dtype)
+    Ws = [rng.random((shape[0], r)).astype(dtype) for r in ranks]
+    Hs = [rng.random((r, shape[1])).astype(dtype) for r in ranks]
+    rules = [Rule("mu", 2.0, 1e-10), Rule("hals", 2.0, 1e-10, w_sweeps=3), Rule("bpp", 2.0, 1e-10)]
+    rules = [rules[k % 3] for k in range(len(ranks))]
+    exact = [k % 2 == 0 for k in range(len(ranks))]
+    together = frobenius_steps(V, Ws, Hs, [H @ H.T for H in Hs], rules, exact, tiled=False)
+    for W, H, rule, ex, (W_new, partials) in zip(Ws, Hs, rules, exact, together):
+        alone_W, alone = step_block(V, W, H, H @ H.T, rule, exact=ex)
+        assert W_new.tobytes() == alone_W.tobytes()
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(partials[:3], alone[:3]))

@@ -4,10 +4,10 @@ replicates (:mod:`dnmf.solvers.fused`).
 Each replicate gets exactly the computation it would get alone, so each result is bitwise
 the single fit's. In general each replicate gets the very call it would get alone
 (:func:`~.step.step_block` or :func:`~.step.initial_partials_block`, with its own W_b, H,
-HHᵀ and flags), and the replicates share only the read (and the conversion) of V_b. The steps that the single
-fit runs tile by tile (dense, β = 2, MU or one-sweep HALS: the case where V's products are
-all the work) run together, tile by tile (:func:`~.step.frobenius_steps_tiled`): each tile is
-read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
+HHᵀ and flags), and the replicates share only the read (and the conversion) of V_b. Their
+steps on a dense V at β = 2 (MU, HALS, BPP: V's products are all the work with V) run
+together, tile by tile as the single fit tiles them (:func:`~.step.frobenius_steps`): each
+tile is read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
 [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity), where the BLAS gives each replicate's
 product bit for bit inside the stacked one (:func:`~.products.stacked_products_agree`,
 measured once per shapes; otherwise one product per replicate). Dense β = 2 starts share
@@ -24,7 +24,7 @@ from .products import as_float_block
 from .step import (
     _fuses_in_tiles,
     frobenius_starts,
-    frobenius_steps_tiled,
+    frobenius_steps,
     initial_partials_block,
     step_block,
     with_w_norms,
@@ -57,26 +57,27 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     dtypes = {np.dtype(_w(W).dtype) for W in W_bs}
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
     out: list = [None] * len(kinds)
-    tiled: dict = {}  # dtype -> the replicates whose steps run tile by tile, together
+    steps: dict = {}  # (dtype, tiled) -> the replicates whose dense β = 2 steps run together
     starts: dict = {}  # dtype -> the replicates whose dense β = 2 starts share W_bᵀV_b's GEMM
     for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
         dtype = np.dtype(_w(W).dtype)
-        if kind == STEP and _fuses_in_tiles(converted[dtype], rule):
-            tiled.setdefault(dtype, []).append(k)
-        elif kind == START and rule.frobenius and not sp.issparse(converted[dtype]):
+        dense = not sp.issparse(converted[dtype])
+        if kind == STEP and dense and rule.frobenius:
+            steps.setdefault((dtype, _fuses_in_tiles(converted[dtype], rule)), []).append(k)
+        elif kind == START and dense and rule.frobenius:
             starts.setdefault(dtype, []).append(k)
     for dtype, members in starts.items():
         partials = frobenius_starts(converted[dtype], [_w(W_bs[k]) for k in members], [Hs[k] for k in members],
                                     [exact[k] for k in members])
         for k, part in zip(members, partials):
             out[k] = part
-    for dtype, members in tiled.items():
+    for (dtype, tiled), members in steps.items():
         W_olds = [_w(W_bs[k]) for k in members]
-        steps = frobenius_steps_tiled(
+        results = frobenius_steps(
             converted[dtype], W_olds, [Hs[k] for k in members], [HHts[k] for k in members],
-            [rules[k] for k in members], [exact[k] for k in members],
+            [rules[k] for k in members], [exact[k] for k in members], tiled,
         )
-        for k, W_old, (W_new, partials) in zip(members, W_olds, steps):
+        for k, W_old, (W_new, partials) in zip(members, W_olds, results):
             out[k] = with_w_norms(W_new, W_old, partials)
     for k, (kind, W, H, HHt, rule, loss, ex) in enumerate(zip(kinds, W_bs, Hs, HHts, rules, with_loss, exact)):
         if out[k] is not None:

@@ -88,12 +88,15 @@ def _frobenius_step_tiled(
     """The W update and the Frobenius partials of a dense block, tile by tile (W's rows
     update independently, so this is the block's update); ``exact`` adds ½‖V_t − W_t H‖²
     of each tile while it is in cache."""
-    return frobenius_steps_tiled(V_b, [W_b], [H], [HHt], [rule], [exact])[0]
+    return frobenius_steps(V_b, [W_b], [H], [HHt], [rule], [exact])[0]
 
 
-def frobenius_steps_tiled(V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rules: list, exact: list) -> list:
-    """:func:`_frobenius_step_tiled` for several fits of one dense block (fused replicates),
-    each tile of V_b read once for all of them.
+def frobenius_steps(
+    V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rules: list, exact: list, tiled: bool = True
+) -> list:
+    """The β = 2 steps of several fits on one dense block (fused replicates), each tile of V_b
+    read once for all of them: each fit's :func:`_frobenius_step_tiled`, or with ``tiled``
+    False its :func:`step_block` on the whole block.
 
     Each fit gets exactly its own computation, tile by tile, so each result is bitwise the
     fit's alone; where :func:`~.products.stacked_products_agree` says the BLAS gives each
@@ -105,8 +108,11 @@ def frobenius_steps_tiled(V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rul
     ----------
     V_b : array of shape (n_b, p), the W_bs' dtype
     W_bs, Hs, HHts : lists of arrays (n_b, r_k), (r_k, p) and (r_k, r_k)
-    rules : list of Rule (β = 2, MU or one-sweep HALS: :func:`_fuses_in_tiles`)
+    rules : list of Rule (β = 2; tiled: MU or one-sweep HALS, :func:`_fuses_in_tiles`)
     exact : list of bool
+    tiled : bool
+        Tiles of ``FUSED_TILE_ENTRIES`` (as :func:`_frobenius_step_tiled`), or the whole
+        block as one tile (as :func:`step_block` otherwise).
 
     Returns
     -------
@@ -120,11 +126,13 @@ def frobenius_steps_tiled(V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rul
     W_news = [np.empty_like(W_b) for W_b in W_bs]
     numers = [np.zeros(H.shape, dtype=W_b.dtype) for W_b, H in zip(W_bs, Hs)]
     residuals = [0.0] * len(Hs)
-    step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]))
+    step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]) if tiled else V_b.shape[0])
     for start in range(0, V_b.shape[0], step):
         V_t = V_b[start : start + step]
         stop = start + V_t.shape[0]
-        stack_vh, stack_wv = (False, False) if H_all is None else stacked_products_agree(*V_t.shape, ranks, dtype)
+        stack_vh, stack_wv = (False, False)
+        if H_all is not None and _c_ordered(V_t, *Hs):
+            stack_vh, stack_wv = stacked_products_agree(*V_t.shape, ranks, dtype)
         if stack_vh:
             VHt = V_t @ H_all.T
             crosses = [np.ascontiguousarray(VHt[:, part]) for part in parts]
@@ -134,19 +142,21 @@ def frobenius_steps_tiled(V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rul
             apply_w_update(W_b[start:stop], cross, None, HHt, None, rule)
             for W_b, cross, HHt, rule in zip(W_bs, crosses, HHts, rules)
         ]
-        if stack_wv:
+        if stack_wv and _c_ordered(*W_ts):
             WtV = np.concatenate(W_ts, axis=1).T @ V_t
-            for numer, part in zip(numers, parts):
-                numer += WtV[part]
+            products = [WtV[part] for part in parts]
         else:
-            for numer, W_t in zip(numers, W_ts):
-                numer += W_t.T @ V_t
-        for k, (W_t, H) in enumerate(zip(W_ts, Hs)):
+            products = [W_t.T @ V_t for W_t in W_ts]
+        for k, (W_t, H, product) in enumerate(zip(W_ts, Hs, products)):
             W_news[k][start:stop] = W_t
+            if tiled:
+                numers[k] += product
+            else:  # the one tile's product as it is (0 + x would turn a −0 into +0)
+                numers[k] = product
             if exact[k]:
                 residuals[k] += frobenius_residual(V_t, W_t, H)
     return [
-        (W_new, Partials(numer, W_new.T @ W_new, residual, 0.0, 0.0))
+        (W_new, Partials(numer, W_new.T @ W_new if tiled else gram(W_new), residual, 0.0, 0.0))
         for W_new, numer, residual in zip(W_news, numers, residuals)
     ]
 
@@ -165,7 +175,7 @@ def frobenius_starts(V_b: np.ndarray, W_bs: list, Hs: list, exact: list) -> list
     (otherwise one product per fit), and the rest is each fit's own computation."""
     dtype = W_bs[0].dtype
     ranks = tuple(W_b.shape[1] for W_b in W_bs)
-    if len(W_bs) > 1 and stacked_products_agree(V_b.shape[0], V_b.shape[1], ranks, dtype)[1]:
+    if len(W_bs) > 1 and _c_ordered(V_b, *W_bs) and stacked_products_agree(*V_b.shape, ranks, dtype)[1]:
         WtV = np.concatenate(W_bs, axis=1).T @ V_b
         bounds = np.cumsum((0, *ranks))
         numers = [WtV[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -177,3 +187,10 @@ def frobenius_starts(V_b: np.ndarray, W_bs: list, Hs: list, exact: list) -> list
         )
         for W_b, H, numer, ex in zip(W_bs, Hs, numers, exact)
     ]
+
+
+def _c_ordered(*arrays: np.ndarray) -> bool:
+    """Whether the arrays are C-contiguous and aligned, as in
+    :func:`~.products.stacked_products_agree`'s measurement (another layout makes numpy call
+    the BLAS with other transposes, or not at all)."""
+    return all(a.flags.c_contiguous and a.flags.aligned for a in arrays)
