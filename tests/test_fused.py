@@ -201,22 +201,6 @@ def test_fused_tiled_steps_share_their_products_and_equal_the_fits_alone(monkeyp
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,ranks", [((50, 40), (3, 3, 3, 3)), ((333, 517), (2, 7)), ((1000, 300), (10,) * 4)])
-def test_frobenius_starts_together_equal_each_start_alone_bitwise(shape, ranks, dtype):
-    from dnmf.kernels.beta import Rule
-    from dnmf.kernels.step import frobenius_starts, initial_partials_block
-
-    rng = np.random.default_rng(sum(ranks))
-    V = rng.random(shape).astype(dtype)
-    Ws = [rng.random((shape[0], r)).astype(dtype) for r in ranks]
-    Hs = [rng.random((r, shape[1])).astype(dtype) for r in ranks]
-    exact = [k % 2 == 1 for k in range(len(ranks))]
-    for W, H, ex, together in zip(Ws, Hs, exact, frobenius_starts(V, Ws, Hs, exact)):
-        alone = initial_partials_block(V, W, H, Rule("mu", 2.0, 1e-10), ex)
-        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(together, alone))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,ranks", [((50, 40), (3, 3, 3, 3)), ((300, 400), (10,) * 5), ((120, 64), (2, 5, 3))])
 def test_whole_block_steps_together_equal_each_step_alone_bitwise(shape, ranks, dtype):
     from dnmf.kernels.beta import Rule

@@ -10,8 +10,7 @@ together, tile by tile as the single fit tiles them (:func:`~.step.frobenius_ste
 tile is read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
 [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity), where the BLAS gives each replicate's
 product bit for bit inside the stacked one (:func:`~.products.stacked_products_agree`,
-measured once per shapes; otherwise one product per replicate). Dense β = 2 starts share
-their W_bᵀV_b the same way (:func:`~.step.frobenius_starts`).
+measured once per shapes; otherwise one product per replicate).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from .beta import Rule
 from .products import as_float_block
 from .step import (
     _fuses_in_tiles,
-    frobenius_starts,
     frobenius_steps,
     initial_partials_block,
     step_block,
@@ -58,19 +56,11 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
     out: list = [None] * len(kinds)
     steps: dict = {}  # (dtype, tiled) -> the replicates whose dense β = 2 steps run together
-    starts: dict = {}  # dtype -> the replicates whose dense β = 2 starts share W_bᵀV_b's GEMM
     for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
         dtype = np.dtype(_w(W).dtype)
         dense = not sp.issparse(converted[dtype])
         if kind == STEP and dense and rule.frobenius:
             steps.setdefault((dtype, _fuses_in_tiles(converted[dtype], rule)), []).append(k)
-        elif kind == START and dense and rule.frobenius:
-            starts.setdefault(dtype, []).append(k)
-    for dtype, members in starts.items():
-        partials = frobenius_starts(converted[dtype], [_w(W_bs[k]) for k in members], [Hs[k] for k in members],
-                                    [exact[k] for k in members])
-        for k, part in zip(members, partials):
-            out[k] = part
     for (dtype, tiled), members in steps.items():
         W_olds = [_w(W_bs[k]) for k in members]
         results = frobenius_steps(

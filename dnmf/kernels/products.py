@@ -10,6 +10,7 @@ as a block-sized array; for sparse V it is formed at V's nonzeros only.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -107,10 +108,16 @@ def stacked_products_agree(n_rows: int, p: int, ranks: tuple[int, ...], dtype) -
     has a separate kernel for m·n·k ≤ 10⁶, and numpy calls GEMV for a single column; so a
     width-R·r product may round differently from a width-r one, and often does at small sizes.
     The answer is therefore measured, once per shapes, dtype and BLAS thread count: both ways
-    on random values of these shapes (what the BLAS does is the same for any values).
+    on random values of these shapes (what the BLAS does is the same for any values). That
+    costs about one pass of the fits over a tile, so it pays where the shapes recur (every
+    iteration's tiles), not for a fit's one pass at its start.
     """
-    return _stacked_products_agree(int(n_rows), int(p), tuple(int(r) for r in ranks), np.dtype(dtype).str,
-                                   _blas_threads())
+    key = (int(n_rows), int(p), tuple(int(r) for r in ranks), np.dtype(dtype).str, _blas_threads())
+    with _MEASURING:  # one measurement per key, however many tasks ask at once
+        return _stacked_products_agree(*key)
+
+
+_MEASURING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=512)

@@ -14,7 +14,6 @@ from .products import (
     Partials,
     as_float_block,
     block_partials,
-    dot_t,
     frobenius_residual,
     gram,
     l1_norm,
@@ -166,27 +165,6 @@ def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exac
     V_b = as_float_block(V_b, W_b.dtype)
     partials = block_partials(V_b, W_b, H, rule, exact=exact)
     return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))
-
-
-def frobenius_starts(V_b: np.ndarray, W_bs: list, Hs: list, exact: list) -> list:
-    """:func:`initial_partials_block` at β = 2 for several fits of one dense block (fused
-    replicates): their W_bᵀV_b are one GEMM, [W_1 … W_R]ᵀ V_b, where
-    :func:`~.products.stacked_products_agree` says each is then bitwise the fit's own
-    (otherwise one product per fit), and the rest is each fit's own computation."""
-    dtype = W_bs[0].dtype
-    ranks = tuple(W_b.shape[1] for W_b in W_bs)
-    if len(W_bs) > 1 and _c_ordered(V_b, *W_bs) and stacked_products_agree(*V_b.shape, ranks, dtype)[1]:
-        WtV = np.concatenate(W_bs, axis=1).T @ V_b
-        bounds = np.cumsum((0, *ranks))
-        numers = [WtV[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        numers = [dot_t(W_b, V_b) for W_b in W_bs]
-    return [
-        Partials(numer, gram(W_b), frobenius_residual(V_b, W_b, H) if ex else 0.0, 0.0, 0.0)._replace(
-            w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b)
-        )
-        for W_b, H, numer, ex in zip(W_bs, Hs, numers, exact)
-    ]
 
 
 def _c_ordered(*arrays: np.ndarray) -> bool:
