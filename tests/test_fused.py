@@ -176,9 +176,6 @@ def test_stacked_products_agree_is_measured_and_true_where_it_says_so():
             if wv:
                 assert np.array_equal(WtV[start:stop], W.T @ V)
             start = stop
-    # On the benchmark's tiles (and larger) the BLAS of every supported platform stacks bitwise so far:
-    # a regression here means fused replicates lose their speed, not their bits.
-    assert stacked_products_agree(209, 5000, (10,) * 20, np.float32) == (True, True)
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])
@@ -197,7 +194,8 @@ def test_fused_tiled_steps_share_their_products_and_equal_the_fits_alone(monkeyp
         fused = fit_fused(V, runs, summarize=outcome)
         alone = [outcome(fit(V, s)) for s in runs]
     assert all(same(a, b) for a, b in zip(fused.results, alone))
-    assert (True, True) in answers  # some tiles' products were stacked
+    if stacked_products_agree(7, V.shape[1], (4, 4, 4), V.dtype) == (True, True):  # OpenBLAS here: yes
+        assert (True, True) in answers  # the tiles' products were stacked (else each fit's own were checked)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
