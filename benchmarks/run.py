@@ -267,7 +267,8 @@ def lines_fused(res: dict, params: dict) -> list[dict]:
     passes = res["passes"] / res["fit_passes"]
     return [
         line(f"{label}: fused / one by one", f"{ratio:.2f}", f"≤ {goal}", ratio <= goal,
-             f"{res['fused']:.1f} s vs {res['alone']:.1f} s; bitwise equal: {res['bitwise']}"),
+             f"{res['fused']:.1f} s vs {res['alone']:.1f} s (CPU {res['fused_cpu']:.1f} s vs {res['alone_cpu']:.1f} s, "
+             f"ratio {res['fused_cpu'] / res['alone_cpu']:.2f}); bitwise equal: {res['bitwise']}"),
         line(f"{label}: passes over V fused / one by one", f"{passes:.3f}", f"≤ {1 / params['replicates']:.3f}",
              passes <= 1 / params["replicates"] + 1e-9, f"{res['passes']} of {res['fit_passes']}"),
     ]

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from dnmf.errors import ParameterError
+from dnmf.kernels.products import stacked_products_agree
 from dnmf.run.fused import fit_fused
 from dnmf.run.pipeline import fit
 from dnmf.run.restarts import spawn_seeds
@@ -118,3 +119,100 @@ def test_a_fit_that_fails_leaves_the_others_running():
         warnings.simplefilter("ignore")
         fit_fused(V, runs, summarize=lambda fact: finished.append(fact.result.n_iter))
     assert finished == [15, 15]  # the other fits ran to their end, without deadlock
+
+
+def stacked_use(monkeypatch) -> list:
+    """Record what :func:`stacked_products_agree` answers in the tiled steps."""
+    from dnmf.kernels import step
+
+    answers = []
+
+    def recording(*args):
+        answer = stacked_products_agree(*args)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(step, "stacked_products_agree", recording)
+    return answers
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ranks", [((97, 30), (4, 4, 4)), ((60, 41), (3, 3, 3, 3)), ((300, 400), (10,) * 6),
+                                         ((53, 1000), (2, 5, 3)), ((40, 20), (1, 1))])
+def test_tiled_steps_together_equal_each_step_alone_bitwise(monkeypatch, shape, ranks, dtype):
+    from dnmf.kernels import step
+    from dnmf.kernels.beta import Rule
+
+    rng = np.random.default_rng(sum(shape))
+    V = rng.random(shape).astype(dtype)
+    Ws = [rng.random((shape[0], r)).astype(dtype) for r in ranks]
+    Hs = [rng.random((r, shape[1])).astype(dtype) for r in ranks]
+    rules = [Rule("mu", 2.0, 1e-10), Rule("hals", 2.0, 1e-10)] * len(ranks)
+    exact = [k % 2 == 0 for k in range(len(ranks))]
+    monkeypatch.setattr(step, "FUSED_TILE_ENTRIES", 7 * shape[1])  # tiles of 7 rows, and a shorter last one
+    answers = stacked_use(monkeypatch)
+    together = step.frobenius_steps(V, Ws, Hs, [H @ H.T for H in Hs], rules[: len(ranks)], exact)
+    for W, H, rule, ex, (W_new, partials) in zip(Ws, Hs, rules, exact, together):
+        alone_W, alone = step._frobenius_step_tiled(V, W, H, H @ H.T, rule, ex)
+        assert W_new.tobytes() == alone_W.tobytes()
+        assert partials.numer.tobytes() == alone.numer.tobytes() and partials.denom.tobytes() == alone.denom.tobytes()
+        assert partials.loss == alone.loss
+    assert len(answers) == -(-shape[0] // 7)
+
+
+def test_stacked_products_agree_is_measured_and_true_where_it_says_so():
+    rng = np.random.default_rng(3)
+    for n, p, ranks in [(209, 500, (10,) * 5), (7, 40, (3, 3, 3, 3)), (50, 40, (2, 5, 3))]:
+        vh, wv = stacked_products_agree(n, p, ranks, np.float32)
+        assert (vh, wv) == stacked_products_agree(n, p, ranks, np.dtype("float32"))  # cached
+        V = rng.random((n, p)).astype(np.float32)
+        Hs = [rng.random((r, p)).astype(np.float32) for r in ranks]
+        Ws = [rng.random((n, r)).astype(np.float32) for r in ranks]
+        VHt, WtV, start = V @ np.concatenate(Hs).T, np.concatenate(Ws, axis=1).T @ V, 0
+        for H, W in zip(Hs, Ws):
+            stop = start + H.shape[0]
+            if vh:
+                assert np.array_equal(VHt[:, start:stop], V @ H.T)
+            if wv:
+                assert np.array_equal(WtV[start:stop], W.T @ V)
+            start = stop
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_fused_tiled_steps_share_their_products_and_equal_the_fits_alone(monkeypatch, solver, local):
+    from dnmf.kernels import step
+
+    V = data(False)
+    base = FitSettings.from_params(n_components=4, solver=solver, init="random", max_iter=25, tol=1e-4, tol_x=1e-3,
+                                   chunks=50, local=local, inner_sweeps=1)
+    runs = [replace(base, seed=s) for s in spawn_seeds(11, 3)]
+    monkeypatch.setattr(step, "FUSED_TILE_ENTRIES", 7 * V.shape[1])  # blocks of 50 rows in tiles of 7
+    answers = stacked_use(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fit_fused(V, runs, summarize=outcome)
+        alone = [outcome(fit(V, s)) for s in runs]
+    assert all(same(a, b) for a, b in zip(fused.results, alone))
+    if stacked_products_agree(7, V.shape[1], (4, 4, 4), V.dtype) == (True, True):  # OpenBLAS here: yes
+        assert (True, True) in answers  # the tiles' products were stacked (else each fit's own were checked)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ranks", [((50, 40), (3, 3, 3, 3)), ((300, 400), (10,) * 5), ((120, 64), (2, 5, 3))])
+def test_whole_block_steps_together_equal_each_step_alone_bitwise(shape, ranks, dtype):
+    from dnmf.kernels.beta import Rule
+    from dnmf.kernels.step import frobenius_steps, step_block
+
+    rng = np.random.default_rng(len(ranks))
+    V = rng.random(shape).astype(dtype)
+    Ws = [rng.random((shape[0], r)).astype(dtype) for r in ranks]
+    Hs = [rng.random((r, shape[1])).astype(dtype) for r in ranks]
+    rules = [Rule("mu", 2.0, 1e-10), Rule("hals", 2.0, 1e-10, w_sweeps=3), Rule("bpp", 2.0, 1e-10)]
+    rules = [rules[k % 3] for k in range(len(ranks))]
+    exact = [k % 2 == 0 for k in range(len(ranks))]
+    together = frobenius_steps(V, Ws, Hs, [H @ H.T for H in Hs], rules, exact, tiled=False)
+    for W, H, rule, ex, (W_new, partials) in zip(Ws, Hs, rules, exact, together):
+        alone_W, alone = step_block(V, W, H, H @ H.T, rule, exact=ex)
+        assert W_new.tobytes() == alone_W.tobytes()
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(partials[:3], alone[:3]))

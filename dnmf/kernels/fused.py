@@ -1,25 +1,32 @@
 """Several fits' work on one row block, reading V_b once: the per-block kernel of fused
 replicates (:mod:`dnmf.solvers.fused`).
 
-Each replicate gets exactly the call it would get alone (:func:`~.step.step_block` or
-:func:`~.step.initial_partials_block`, with its own W_b, H, HHᵀ and flags), so each result is
-bitwise the single fit's; what the replicates share is the read (and the conversion) of V_b.
-A single GEMM V_b [H_1; …; H_R]ᵀ (and [W_1 … W_R]ᵀ V_b) would raise the arithmetic intensity
-R-fold, but its columns are V_b H_rᵀ bit for bit only where the BLAS sums over p alike for
-every width, and they are not: with OpenBLAS 0.3 (SkylakeX kernels), float32 and float64, one
-or two threads, a 333 × 517 block with R = 7, r = 3, a 1000 × 1000 block with r = 1 (GEMV) and
-a 50 × 5000 block with r = 7 (two threads) round differently in some columns, while 1500 × 2000
-with r = 10 does not. So the replicates keep their own products, inside one task per block:
-each fit's bits are the single fit's, and V_b is still read once for all of them.
+Each replicate gets exactly the computation it would get alone, so each result is bitwise
+the single fit's. In general each replicate gets the very call it would get alone
+(:func:`~.step.step_block` or :func:`~.step.initial_partials_block`, with its own W_b, H,
+HHᵀ and flags), and the replicates share only the read (and the conversion) of V_b. Their
+steps on a dense V at β = 2 (MU, HALS, BPP: V's products are all the work with V) run
+together, tile by tile as the single fit tiles them (:func:`~.step.frobenius_steps`): each
+tile is read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
+[W_1 … W_R]ᵀ V_t (R times the arithmetic intensity), where the BLAS gives each replicate's
+product bit for bit inside the stacked one (:func:`~.products.stacked_products_agree`,
+measured once per shapes; otherwise one product per replicate).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from .beta import Rule
 from .products import as_float_block
-from .step import initial_partials_block, step_block
+from .step import (
+    _fuses_in_tiles,
+    frobenius_steps,
+    initial_partials_block,
+    step_block,
+    with_w_norms,
+)
 
 START, STEP = "start", "step"
 
@@ -47,14 +54,30 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     """
     dtypes = {np.dtype(_w(W).dtype) for W in W_bs}
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
-    out = []
-    for kind, W, H, HHt, rule, loss, ex in zip(kinds, W_bs, Hs, HHts, rules, with_loss, exact):
+    out: list = [None] * len(kinds)
+    steps: dict = {}  # (dtype, tiled) -> the replicates whose dense β = 2 steps run together
+    for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
+        dtype = np.dtype(_w(W).dtype)
+        dense = not sp.issparse(converted[dtype])
+        if kind == STEP and dense and rule.frobenius:
+            steps.setdefault((dtype, _fuses_in_tiles(converted[dtype], rule)), []).append(k)
+    for (dtype, tiled), members in steps.items():
+        W_olds = [_w(W_bs[k]) for k in members]
+        results = frobenius_steps(
+            converted[dtype], W_olds, [Hs[k] for k in members], [HHts[k] for k in members],
+            [rules[k] for k in members], [exact[k] for k in members], tiled,
+        )
+        for k, W_old, (W_new, partials) in zip(members, W_olds, results):
+            out[k] = with_w_norms(W_new, W_old, partials)
+    for k, (kind, W, H, HHt, rule, loss, ex) in enumerate(zip(kinds, W_bs, Hs, HHts, rules, with_loss, exact)):
+        if out[k] is not None:
+            continue
         W = _w(W)
         V = converted[np.dtype(W.dtype)]
         if kind == START:
-            out.append(initial_partials_block(V, W, H, rule, ex))
+            out[k] = initial_partials_block(V, W, H, rule, ex)
         else:
-            out.append(step_block(V, W, H, HHt, rule, loss, ex))
+            out[k] = step_block(V, W, H, HHt, rule, loss, ex)
     return out
 
 

@@ -9,7 +9,9 @@ as a block-sized array; for sparse V it is formed at V's nonzeros only.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -94,6 +96,59 @@ def dot_t(W_b: np.ndarray, V_b) -> np.ndarray:
 def _dot_ht(V_b, H: np.ndarray) -> np.ndarray:
     """V_b Hᵀ for dense or sparse V_b, as a dense (n_b, r) array."""
     return np.asarray(V_b @ H.T)
+
+
+def stacked_products_agree(n_rows: int, p: int, ranks: tuple[int, ...], dtype) -> tuple[bool, bool]:
+    """Whether one product for several factors gives each factor's product bit for bit here.
+
+    For an (n_rows, p) block V_t and factors H_k (r_k, p), W_k (n_rows, r_k) of ``dtype``:
+    whether the columns of V_t [H_1; …; H_R]ᵀ are V_t H_kᵀ, and the rows of
+    [W_1 … W_R]ᵀ V_t are W_kᵀ V_t, bit for bit, for every k (the first and the second answer).
+
+    A BLAS sums each entry over the shared dimension in an order that depends on the shapes
+    of the call, not on the values: OpenBLAS 0.3 (SkylakeX kernels) splits the sum at
+    different places when the call runs threaded or not (a thread count it picks from m·n·k),
+    has a separate kernel for m·n·k ≤ 10⁶, and numpy calls GEMV for a single column; so a
+    width-R·r product may round differently from a width-r one, and often does at small sizes.
+    The answer is therefore measured, once per shapes, dtype and BLAS thread count: both ways
+    on random values of these shapes (what the BLAS does is the same for any values). That
+    costs about one pass of the fits over a tile, so it pays where the shapes recur (every
+    iteration's tiles), not for a fit's one pass at its start.
+    """
+    key = (int(n_rows), int(p), tuple(int(r) for r in ranks), np.dtype(dtype).str, _blas_threads())
+    with _MEASURING:  # one measurement per key, however many tasks ask at once
+        return _stacked_products_agree(*key)
+
+
+_MEASURING = threading.Lock()
+
+
+@functools.lru_cache(maxsize=512)
+def _stacked_products_agree(n_rows: int, p: int, ranks: tuple[int, ...], dtype: str, threads) -> tuple[bool, bool]:
+    rng = np.random.default_rng(n_rows * 7919 + p)
+    V = rng.random((n_rows, p)).astype(dtype)
+    Hs = [rng.random((r, p)).astype(dtype) for r in ranks]
+    Ws = [rng.random((n_rows, r)).astype(dtype) for r in ranks]
+    bounds = np.cumsum((0, *ranks))
+    VHt = V @ np.concatenate(Hs).T
+    WtV = np.concatenate(Ws, axis=1).T @ V
+    parts = list(zip(bounds[:-1], bounds[1:], Hs, Ws))
+    vh = all(np.array_equal(VHt[:, a:b], V @ H.T) for a, b, H, _ in parts)
+    wv = all(np.array_equal(WtV[a:b], W.T @ V) for a, b, _, W in parts)
+    return bool(vh), bool(wv)
+
+
+@functools.cache
+def _blas_controllers() -> list:
+    """threadpoolctl's handles on the BLAS libraries loaded (found once: a scan of the process)."""
+    from threadpoolctl import ThreadpoolController
+
+    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+
+
+def _blas_threads() -> tuple[int, ...]:
+    """The BLAS libraries' current thread counts (a few microseconds)."""
+    return tuple(lib.get_num_threads() for lib in _blas_controllers())
 
 
 def gram(A: np.ndarray) -> np.ndarray:

@@ -10,8 +10,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beta import Rule
-from .products import Partials, as_float_block, block_partials, frobenius_residual, l1_norm
-from .updates import update_w
+from .products import (
+    Partials,
+    as_float_block,
+    block_partials,
+    frobenius_residual,
+    gram,
+    l1_norm,
+    stacked_products_agree,
+)
+from .updates import apply_w_update, update_w
 
 
 def step_block(
@@ -48,6 +56,11 @@ def step_block(
     else:
         W_new = update_w(V_b, W_b, H, HHt, rule)
         partials = block_partials(V_b, W_new, H, rule, with_loss, exact)
+    return with_w_norms(W_new, W_b, partials)
+
+
+def with_w_norms(W_new: np.ndarray, W_b: np.ndarray, partials: Partials):
+    """``(W_new, partials)`` with the norms of a step: ‖W_new‖², ‖W_new − W_b‖², ‖W_new‖₁."""
     delta = W_new - W_b
     return W_new, partials._replace(
         w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
@@ -74,18 +87,77 @@ def _frobenius_step_tiled(
     """The W update and the Frobenius partials of a dense block, tile by tile (W's rows
     update independently, so this is the block's update); ``exact`` adds ½‖V_t − W_t H‖²
     of each tile while it is in cache."""
-    W_new = np.empty_like(W_b)
-    numer = np.zeros(H.shape, dtype=W_b.dtype)
-    residual = 0.0
-    step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]))
+    return frobenius_steps(V_b, [W_b], [H], [HHt], [rule], [exact])[0]
+
+
+def frobenius_steps(
+    V_b: np.ndarray, W_bs: list, Hs: list, HHts: list, rules: list, exact: list, tiled: bool = True
+) -> list:
+    """The β = 2 steps of several fits on one dense block (fused replicates), each tile of V_b
+    read once for all of them: each fit's :func:`_frobenius_step_tiled`, or with ``tiled``
+    False its :func:`step_block` on the whole block.
+
+    Each fit gets exactly its own computation, tile by tile, so each result is bitwise the
+    fit's alone; where :func:`~.products.stacked_products_agree` says the BLAS gives each
+    fit's product bit for bit inside a stacked one, a tile's products are one GEMM for all
+    the fits, V_t [H_1; …; H_R]ᵀ and [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity),
+    and otherwise one per fit.
+
+    Parameters
+    ----------
+    V_b : array of shape (n_b, p), the W_bs' dtype
+    W_bs, Hs, HHts : lists of arrays (n_b, r_k), (r_k, p) and (r_k, r_k)
+    rules : list of Rule (β = 2; tiled: MU or one-sweep HALS, :func:`_fuses_in_tiles`)
+    exact : list of bool
+    tiled : bool
+        Tiles of ``FUSED_TILE_ENTRIES`` (as :func:`_frobenius_step_tiled`), or the whole
+        block as one tile (as :func:`step_block` otherwise).
+
+    Returns
+    -------
+    list of ``(W_b_new, Partials)`` (numer, denom and the exact residual; the norms of W left at 0)
+    """
+    dtype = W_bs[0].dtype
+    ranks = tuple(H.shape[0] for H in Hs)
+    bounds = np.cumsum((0, *ranks))
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    H_all = np.concatenate(Hs) if len(Hs) > 1 else None
+    W_news = [np.empty_like(W_b) for W_b in W_bs]
+    numers = [np.zeros(H.shape, dtype=W_b.dtype) for W_b, H in zip(W_bs, Hs)]
+    residuals = [0.0] * len(Hs)
+    step = max(1, FUSED_TILE_ENTRIES // max(1, V_b.shape[1]) if tiled else V_b.shape[0])
     for start in range(0, V_b.shape[0], step):
         V_t = V_b[start : start + step]
-        W_t = update_w(V_t, W_b[start : start + step], H, HHt, rule)
-        W_new[start : start + step] = W_t
-        numer += W_t.T @ V_t
-        if exact:
-            residual += frobenius_residual(V_t, W_t, H)
-    return W_new, Partials(numer, W_new.T @ W_new, residual, 0.0, 0.0)
+        stop = start + V_t.shape[0]
+        stack_vh, stack_wv = (False, False)
+        if H_all is not None and _c_ordered(V_t, *Hs):
+            stack_vh, stack_wv = stacked_products_agree(*V_t.shape, ranks, dtype)
+        if stack_vh:
+            VHt = V_t @ H_all.T
+            crosses = [np.ascontiguousarray(VHt[:, part]) for part in parts]
+        else:
+            crosses = [V_t @ H.T for H in Hs]
+        W_ts = [
+            apply_w_update(W_b[start:stop], cross, None, HHt, None, rule)
+            for W_b, cross, HHt, rule in zip(W_bs, crosses, HHts, rules)
+        ]
+        if stack_wv and _c_ordered(*W_ts):
+            WtV = np.concatenate(W_ts, axis=1).T @ V_t
+            products = [WtV[part] for part in parts]
+        else:
+            products = [W_t.T @ V_t for W_t in W_ts]
+        for k, (W_t, H, product) in enumerate(zip(W_ts, Hs, products)):
+            W_news[k][start:stop] = W_t
+            if tiled:
+                numers[k] += product
+            else:  # the one tile's product as it is (0 + x would turn a −0 into +0)
+                numers[k] = product
+            if exact[k]:
+                residuals[k] += frobenius_residual(V_t, W_t, H)
+    return [
+        (W_new, Partials(numer, W_new.T @ W_new if tiled else gram(W_new), residual, 0.0, 0.0))
+        for W_new, numer, residual in zip(W_news, numers, residuals)
+    ]
 
 
 def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exact: bool = False) -> Partials:
@@ -93,3 +165,10 @@ def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exac
     V_b = as_float_block(V_b, W_b.dtype)
     partials = block_partials(V_b, W_b, H, rule, exact=exact)
     return partials._replace(w_sq=float(np.vdot(W_b, W_b)), w_l1=l1_norm(W_b))
+
+
+def _c_ordered(*arrays: np.ndarray) -> bool:
+    """Whether the arrays are C-contiguous and aligned, as in
+    :func:`~.products.stacked_products_agree`'s measurement (another layout makes numpy call
+    the BLAS with other transposes, or not at all)."""
+    return all(a.flags.c_contiguous and a.flags.aligned for a in arrays)

@@ -10,11 +10,13 @@ once and runs each fit's kernel on it (:func:`dnmf.kernels.fused.fused_block`), 
 fit's W is persisted and its partials are summed in its own fixed-order tree, the tree of the
 fit run alone. A fit whose loop stops leaves, and the others go on without it.
 
-Each fit's kernel calls, their inputs and their summation order are those of the fit run
-alone, so each fused fit equals, bit for bit, the same fit run alone with its seed (dense or
-sparse V, MU for any β, HALS, BPP; in process or as Dask graphs). V's scan (its sums and
+Each fit's block computations, their inputs and their summation order are those of the fit
+run alone, so each fused fit equals, bit for bit, the same fit run alone with its seed (dense
+or sparse V, MU for any β, HALS, BPP; in process or as Dask graphs). V's scan (its sums and
 validation) is made once for all the fits too. So R fits read V once per iteration instead
-of R times. The fused path covers the plain row-block solver; a masked V or a grid layout
+of R times; and where the work is V's products (dense, β = 2) the fits' products of a tile
+of V are one GEMM, R times the arithmetic intensity, wherever the BLAS gives each fit's bits
+inside it (measured: :mod:`dnmf.kernels.fused`). The fused path covers the plain row-block solver; a masked V or a grid layout
 raises :class:`~dnmf.errors.ParameterError`.
 """
 
