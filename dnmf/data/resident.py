@@ -1,0 +1,179 @@
+"""In-memory arrays made resident on a dask.distributed cluster, block by block, and sent again
+when a worker holding some of their blocks is lost.
+
+An array the client holds (a numpy or scipy.sparse V, a mask, a starting W) would otherwise go
+into the task graphs: the whole array pickled through the scheduler with every graph that reads
+it ("Sending large graph", 800 MB and seconds per fit for a 20000 x 5000 float64 V), kept
+there as the lineage of every result. ``client.scatter`` puts the blocks on the workers without
+a graph, but scattered data has no lineage: when its worker dies the scheduler forgets it and
+every task that needs it, and the fit fails.
+
+:func:`make_resident` gives each block a key whose task *receives* the block from the client:
+
+1. the task, on whichever worker the scheduler picks, puts a request (block, reply name, its
+   own address) in a :class:`distributed.Queue` and waits on a :class:`distributed.Variable`
+   named in the request (seceded from the worker's threads, so it blocks none);
+2. a thread of the client (:class:`_Sender`) answers each request by scattering the block
+   straight to the requesting worker (``direct``, no detour through the scheduler) and
+   setting the reply variable to it;
+3. the task takes the block (from its own worker's memory: no copy) and ends with it as its
+   result.
+
+The blocks are placed this way once, when the array is persisted; they cross the network once,
+in row blocks. A worker lost later takes its blocks with it, but their keys have a task, so the
+scheduler runs it again elsewhere and the client sends them again, as for any lost result:
+every computation waiting on them goes on, and, since the blocks are the client's own, bit for
+bit as before. The sender stops when the last reference to the resident array's futures goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+from itertools import product
+from typing import Any
+
+import dask
+import dask.array as da
+from dask._task_spec import Task
+from dask.highlevelgraph import HighLevelGraph
+
+from ..errors import BlockNotReceived
+
+logger = logging.getLogger(__name__)
+
+# How long a block's task waits for the client to send it (seconds): past it, the client that
+# holds the array is taken to be gone.
+RECEIVE_TIMEOUT = 600
+
+
+def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
+    """``arr``, an array whose blocks the client holds, resident on ``client``'s workers.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The client whose workers take the blocks.
+    arr : dask array
+        An array of blocks in this process's memory (a graph of views of a numpy array, or of
+        slices of a scipy.sparse one): computing a block needs no worker.
+    prefix : str
+        What the array is (``"dnmf-V"``); its keys are ``(f"{prefix}-resident-{uuid}", i, j)``.
+
+    Returns
+    -------
+    dask array
+        ``arr``'s values and chunks, persisted on the workers, each block sent once; a block
+        lost with its worker is sent again (see the module docstring).
+    """
+    name = f"{prefix}-resident-{uuid.uuid4().hex}"
+    sender = _Sender(client, f"{name}-requests", _block_source(arr))
+    indices = list(product(*(range(len(sizes)) for sizes in arr.chunks)))
+    dsk = {
+        (name, *index): Task((name, *index), receive_block, sender.queue_name, index, RECEIVE_TIMEOUT)
+        for index in indices
+    }
+    graph = HighLevelGraph.from_collections(name, dsk)
+    lazy = da.Array(graph, name, chunks=arr.chunks, dtype=arr.dtype, meta=arr._meta)
+    sender.start()
+    (resident,) = dask.persist(lazy)
+    from distributed import futures_of, wait
+
+    futures = futures_of(resident)
+    wait(futures)
+    # The sender serves as long as the array's futures are held (its blocks may be lost and
+    # asked for again until then).
+    weakref.finalize(futures[0], sender.stop)
+    return resident
+
+
+def _block_source(arr: da.Array) -> Callable[[tuple], Any]:
+    """Block ``index`` of ``arr``, computed here (a view, or a slice of a sparse matrix)."""
+
+    def block(index: tuple) -> Any:
+        (value,) = dask.compute(arr.blocks[index], scheduler="sync")
+        return value
+
+    return block
+
+
+def receive_block(queue_name: str, index: tuple, timeout: float) -> Any:
+    """The task of a resident block: ask the client for block ``index`` and wait for it.
+
+    Runs on a worker; the wait is seceded from the worker's threads. Raises
+    :class:`BlockNotReceived` when nothing comes within ``timeout`` seconds.
+    """
+    from distributed import Queue, Variable, get_worker, worker_client
+
+    address = get_worker().address
+    reply = f"{queue_name}-reply-{uuid.uuid4().hex}"
+    with worker_client() as client:
+        requests = Queue(queue_name, client=client)
+        requests.put((index, reply, address))
+        requests.close()
+        variable = Variable(reply, client=client)
+        try:
+            future = variable.get(timeout=timeout)
+        except TimeoutError as e:
+            raise BlockNotReceived(
+                f"Block {index} of an array held by the client ({queue_name}) was lost with its worker, "
+                f"and the client did not send it again within {timeout} s: the client is gone."
+            ) from e
+        block = future.result()
+        variable.delete()
+    return block
+
+
+class _Sender:
+    """The client's side of :func:`receive_block`: a daemon thread that answers each request
+    by scattering the block to the worker that asked for it, until :meth:`stop` or the client
+    closes."""
+
+    def __init__(self, client, queue_name: str, source: Callable[[tuple], Any]):
+        self.client = client
+        self.queue_name = queue_name
+        self.source = source
+        self._thread = threading.Thread(target=self._serve, name=f"dnmf-sender-{queue_name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Make the thread end (from any thread, a garbage collection's included: the request
+        that ends it is sent from a thread of its own)."""
+        threading.Thread(target=self._put_end, name=f"dnmf-sender-end-{self.queue_name}", daemon=True).start()
+
+    def _put_end(self) -> None:
+        from distributed import Queue
+
+        try:
+            if self.client.status == "running":
+                Queue(self.queue_name, client=self.client).put(None)
+        except Exception:  # the client closed meanwhile, and the thread with it
+            pass
+
+    def _serve(self) -> None:
+        from distributed import Queue, Variable
+
+        requests = Queue(self.queue_name, client=self.client)
+        while True:
+            try:
+                request = requests.get()
+            except Exception:  # the client closed: nothing more can be asked for
+                return
+            if request is None:
+                break
+            index, reply, address = request
+            try:
+                future = self.client.scatter(self.source(index), workers=[address], direct=True, hash=False)
+                Variable(reply, client=self.client).set(future)
+                del future  # the reply variable holds the block until the task has it
+            except Exception as e:  # the asking worker is gone too: its task will ask again elsewhere
+                logger.info("block %s of %s not sent to %s: %s: %s", index, self.queue_name, address, type(e).__name__, e)
+        try:
+            requests.close()
+        except Exception:
+            pass
