@@ -41,6 +41,7 @@ import dask.array as da
 from dask._task_spec import Task
 from dask.highlevelgraph import HighLevelGraph
 
+from ..cluster import current_client
 from ..errors import BlockNotReceived
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,13 @@ def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
     # asked for again until then).
     weakref.finalize(futures[0], sender.stop)
     return resident
+
+
+def to_workers(arr: da.Array, prefix: str) -> da.Array:
+    """``arr`` (blocks in this process's memory) made resident on the current distributed
+    client's workers (:func:`make_resident`); ``arr`` itself under dask's local schedulers."""
+    client = current_client()
+    return arr if client is None else make_resident(client, arr, prefix)
 
 
 def _block_source(arr: da.Array) -> Callable[[tuple], Any]:

@@ -31,7 +31,7 @@ import dask.array as da
 from threadpoolctl import threadpool_limits
 
 from ..cluster import current_client, worker_memory_limits, worker_threads, workers_share_this_machine
-from ..data.resident import make_resident
+from ..data.resident import to_workers
 from ..data.store import TARGET_BLOCK_BYTES, Matrix
 from ..errors import ParameterError, StoreError
 
@@ -239,9 +239,8 @@ def apply_cache(plan: CachePlan, matrix: Matrix) -> Matrix:
     if plan.storage != V_CACHED:
         return matrix
     logger.info("caching V (%s bytes) in memory", plan.v_bytes)
-    client = current_client()
-    if matrix.in_memory and client is not None:
-        return dataclasses.replace(matrix, data=make_resident(client, matrix.data, "dnmf-V"), reads_inline=False)
+    if matrix.in_memory and current_client() is not None:
+        return dataclasses.replace(matrix, data=to_workers(matrix.data, "dnmf-V"), reads_inline=False)
     (data,) = dask.persist(matrix.data)
     wait_until_persisted(data)
     return dataclasses.replace(matrix, data=data, reads_inline=False)
