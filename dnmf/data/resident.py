@@ -80,7 +80,7 @@ def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
     graph = HighLevelGraph.from_collections(name, dsk)
     lazy = da.Array(graph, name, chunks=arr.chunks, dtype=arr.dtype, meta=arr._meta)
     sender.start()
-    (resident,) = dask.persist(lazy)
+    resident = client.persist(lazy)
     from distributed import futures_of, wait
 
     futures = futures_of(resident)
@@ -99,9 +99,16 @@ def to_workers(arr: da.Array, prefix: str) -> da.Array:
 
 
 def _block_source(arr: da.Array) -> Callable[[tuple], Any]:
-    """Block ``index`` of ``arr``, computed here (a view, or a slice of a sparse matrix)."""
+    """Block ``index`` of ``arr``: the graph's own value when it is there (a view of the
+    user's array, sent without a copy), else computed here (a slice of a sparse matrix)."""
+    graph = arr.__dask_graph__()
 
     def block(index: tuple) -> Any:
+        value = graph.get((arr.name, *index))
+        if hasattr(value, "value"):  # a DataNode of dask's task spec
+            value = value.value
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            return value
         (value,) = dask.compute(arr.blocks[index], scheduler="sync")
         return value
 
