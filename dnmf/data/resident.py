@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 import weakref
 from collections.abc import Callable
 from itertools import product
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 # How long a block's task waits for the client to send it (seconds): past it, the client that
 # holds the array is taken to be gone.
 RECEIVE_TIMEOUT = 600
+# Requests the client answers at once.
+SENDER_THREADS = 4
 
 
 def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
@@ -171,24 +174,33 @@ class _Sender:
             pass
 
     def _serve(self) -> None:
-        from distributed import Queue, Variable
+        from distributed import Queue
 
         requests = Queue(self.queue_name, client=self.client)
-        while True:
-            try:
-                request = requests.get()
-            except Exception:  # the client closed: nothing more can be asked for
-                return
-            if request is None:
-                break
-            index, reply, address = request
-            try:
-                future = self.client.scatter(self.source(index), workers=[address], direct=True, hash=False)
-                Variable(reply, client=self.client).set(future)
-                del future  # the reply variable holds the block until the task has it
-            except Exception as e:  # the asking worker is gone too: its task will ask again elsewhere
-                logger.info("block %s of %s not sent to %s: %s: %s", index, self.queue_name, address, type(e).__name__, e)
+        # Requests come in bursts (every block at once when the array is placed): answered a
+        # few at a time, the round trips of each overlap the others' and the transfers go to
+        # several workers at once.
+        with ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix=f"dnmf-sender-{self.queue_name}") as pool:
+            while True:
+                try:
+                    request = requests.get()
+                except Exception:  # the client closed: nothing more can be asked for
+                    return
+                if request is None:
+                    break
+                pool.submit(self._send, *request)
         try:
             requests.close()
         except Exception:
             pass
+
+    def _send(self, index: tuple, reply: str, address: str) -> None:
+        """Scatter block ``index`` to the worker at ``address`` and name it in ``reply``."""
+        from distributed import Variable
+
+        try:
+            future = self.client.scatter(self.source(index), workers=[address], direct=True, hash=False)
+            Variable(reply, client=self.client).set(future)
+            del future  # the reply variable holds the block until the task has it
+        except Exception as e:  # the asking worker is gone too: its task will ask again elsewhere
+            logger.info("block %s of %s not sent to %s: %s: %s", index, self.queue_name, address, type(e).__name__, e)
