@@ -31,9 +31,9 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from typing import Any
 
@@ -73,6 +73,8 @@ def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
         ``arr``'s values and chunks, persisted on the workers, each block sent once; a block
         lost with its worker is sent again (see the module docstring).
     """
+    from distributed import futures_of, wait
+
     name = f"{prefix}-resident-{uuid.uuid4().hex}"
     sender = _Sender(client, f"{name}-requests", _block_source(arr))
     indices = list(product(*(range(len(sizes)) for sizes in arr.chunks)))
@@ -84,8 +86,6 @@ def make_resident(client, arr: da.Array, prefix: str) -> da.Array:
     lazy = da.Array(graph, name, chunks=arr.chunks, dtype=arr.dtype, meta=arr._meta)
     sender.start()
     resident = client.persist(lazy)
-    from distributed import futures_of, wait
-
     futures = futures_of(resident)
     wait(futures)
     # The sender serves as long as the array's futures are held (its blocks may be lost and
