@@ -12,7 +12,9 @@ every task that needs it, and the fit fails.
 
 1. the task, on whichever worker the scheduler picks, puts a request (block, reply name, its
    own address) in a :class:`distributed.Queue` and waits on a :class:`distributed.Variable`
-   named in the request (seceded from the worker's threads, so it blocks none);
+   named in the request, holding its thread: a worker takes the next block only once it has
+   this one, so the blocks spread over the workers as evenly as their threads (seceded, the
+   tasks went 7 / 5 to two workers, and every pass waited on the fuller one);
 2. a thread of the client (:class:`_Sender`) answers each request by scattering the block
    straight to the requesting worker (``direct``, no detour through the scheduler) and
    setting the reply variable to it;
@@ -121,14 +123,14 @@ def _block_source(arr: da.Array) -> Callable[[tuple], Any]:
 def receive_block(queue_name: str, index: tuple, timeout: float) -> Any:
     """The task of a resident block: ask the client for block ``index`` and wait for it.
 
-    Runs on a worker; the wait is seceded from the worker's threads. Raises
+    Runs on a worker, holding its thread while it waits (see the module docstring). Raises
     :class:`BlockNotReceived` when nothing comes within ``timeout`` seconds.
     """
     from distributed import Queue, Variable, get_worker, worker_client
 
     address = get_worker().address
     reply = f"{queue_name}-reply-{uuid.uuid4().hex}"
-    with worker_client() as client:
+    with worker_client(separate_thread=False) as client:
         requests = Queue(queue_name, client=client)
         requests.put((index, reply, address))
         requests.close()
