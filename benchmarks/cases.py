@@ -346,6 +346,39 @@ def _cluster_dtype(client, n, p, r, dtype, lo, hi, repeats, solvers) -> dict:
     return out
 
 
+def case_cluster_numpy(n, p, r, dtype, lo, hi, repeats):
+    """A numpy V fitted on a 2-worker LocalCluster (1 thread each), against the threaded
+    scheduler: seconds to the first iteration (V placed on the workers, scanned, the start's
+    pass), seconds per iteration, the large-graph warnings of one fit, and whether the two
+    results are bitwise equal."""
+    from dnmf.cluster import connect
+
+    V = dense_uniform(n, p, dtype)
+    W0, H0 = start(V.shape, r, mean_of(V), dtype)
+
+    def first_iteration(**kw) -> float:
+        """Seconds from the fit's call to the end of its first iteration."""
+        seen = []
+        tick = time.perf_counter()
+        dnmf_fit(V, W0, H0, "mu", 1, callbacks=[lambda record: seen.append(time.perf_counter() - tick)], **kw)
+        return seen[0]
+
+    out = {}
+    out.update(steady_state({"threaded_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k)}, lo, hi, repeats))
+    out["threaded_first"] = median(first_iteration() for _ in range(repeats))
+    threaded = dnmf_fit(V, W0, H0, "mu", lo)
+    with connect("local", n_workers=2, threads_per_worker=1):  # dnmf's own LocalCluster
+        out.update(steady_state({"cluster_mu": lambda k: dnmf_fit(V, W0, H0, "mu", k)}, lo, hi, repeats))
+        out["cluster_first_all"] = [first_iteration() for _ in range(repeats)]
+        out["cluster_first"] = median(out["cluster_first_all"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster = dnmf_fit(V, W0, H0, "mu", lo)
+    out["large_graph_warnings"] = sum("large graph" in str(w.message) or "Large object" in str(w.message) for w in caught)
+    out["bitwise"] = bool(np.array_equal(cluster.components_, threaded.components_))
+    return out
+
+
 def case_wide(n, p, r, dtype, lo, hi, repeats, column_chunks):
     """A wide V: the 2-D grid (W by row blocks, H by column blocks) vs row blocks holding all
     columns, MU, threaded scheduler."""
@@ -539,6 +572,7 @@ CASES = {
     "sparse_kl": case_sparse_kl,
     "convergence": case_convergence,
     "cluster": case_cluster,
+    "cluster_numpy": case_cluster_numpy,
     "out_of_core": case_out_of_core,
     "memory": case_memory,
     "small": case_small,

@@ -34,6 +34,7 @@ FULL = {
     "convergence": ("convergence", dict(n=20000, p=5000, r=20, dtype="float32", sk_iters=200, max_iter=200)),
     "kl": ("kl", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
     "cluster": ("cluster", dict(n=20000, p=5000, r=20, lo=5, hi=15, repeats=2)),
+    "cluster_numpy": ("cluster_numpy", dict(n=20000, p=5000, r=20, dtype="float64", lo=5, hi=15, repeats=2)),
     "out_of_core": ("out_of_core", dict(n=20000, p=5000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
     "sparse": ("sparse", dict(n=200000, p=20000, density=0.005, r=20, dtype="float32", lo=2, hi=6, repeats=2)),
     "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
@@ -52,6 +53,7 @@ QUICK = {
     "convergence": ("convergence", dict(n=6000, p=2000, r=20, dtype="float32", sk_iters=100, max_iter=100)),
     "kl": ("kl", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "cluster": ("cluster", dict(n=6000, p=2000, r=20, lo=5, hi=15, repeats=2)),
+    "cluster_numpy": ("cluster_numpy", dict(n=6000, p=2000, r=20, dtype="float64", lo=5, hi=15, repeats=2)),
     "out_of_core": ("out_of_core", dict(n=6000, p=2000, r=20, dtype="float32", lo=5, hi=15, repeats=2)),
     "sparse": ("sparse", dict(n=40000, p=8000, density=0.005, r=20, dtype="float32", lo=5, hi=20, repeats=2)),
     "memory": ("memory", dict(n=6000, p=2000, r=20, dtype="float32", iters=5)),
@@ -189,6 +191,19 @@ def lines_cluster(res: dict) -> list[dict]:
     return out
 
 
+def lines_cluster_numpy(res: dict) -> list[dict]:
+    """A numpy V on the LocalCluster: sent to the workers once, outside the graphs."""
+    warned = res["large_graph_warnings"]
+    return [
+        line("numpy V, LocalCluster: large-graph warnings per fit", warned, "0", warned == 0),
+        line("numpy V, LocalCluster: bitwise equal to the threaded fit", res["bitwise"], "True", res["bitwise"]),
+        line("numpy V, LocalCluster: seconds to the first iteration", f"{res['cluster_first']:.2f} s", None, None,
+             f"threaded {res['threaded_first']:.2f} s"),
+        line("numpy V, LocalCluster / threaded scheduler, MU", f"{res['cluster_mu'] / res['threaded_mu']:.2f}", None, None,
+             f"{ms(res['cluster_mu'])} vs {ms(res['threaded_mu'])}/iter"),
+    ]
+
+
 def lines_out_of_core(res: dict) -> list[dict]:
     out = [line("out-of-core: read V once from Zarr (Blosc-lz4)", ms(res["read_once"]))]
     for s in ("mu", "hals"):
@@ -310,8 +325,10 @@ def main(argv=None) -> int:
         if key.startswith("dense"):
             rows += lines_dense(res, f"dense {params['n']}×{params['p']} {params['dtype']}")
         else:
-            rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster, "out_of_core": lines_out_of_core,
-                     "memory": lambda r: lines_memory(r, params), "memory_sparse": lambda r: lines_memory(r, params), "small": lines_small, "wide": lambda r: lines_wide(r, params),
+            rows += {"convergence": lines_convergence, "kl": lines_kl, "cluster": lines_cluster,
+                     "cluster_numpy": lines_cluster_numpy, "out_of_core": lines_out_of_core,
+                     "memory": lambda r: lines_memory(r, params), "memory_sparse": lambda r: lines_memory(r, params),
+                     "small": lines_small, "wide": lambda r: lines_wide(r, params),
                      "sparse_out_of_core": lambda r: lines_sparse_out_of_core(r, params),
                      "sparse_kl": lambda r: lines_sparse_kl(r, params),
                      "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),

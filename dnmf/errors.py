@@ -36,6 +36,11 @@ class FormatError(DnmfError):
     """A file cannot be read as a matrix in the format its name or contents suggest."""
 
 
+class BlockNotReceived(DnmfError):
+    """A block the client holds was lost with its worker and the client did not send it again
+    (:mod:`dnmf.data.resident`)."""
+
+
 class MatrixTypeError(InvalidMatrixError, TypeError):
     """The input's entries are not numbers (an object array holding other things)."""
 

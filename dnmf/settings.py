@@ -285,7 +285,8 @@ TABLE: tuple[Setting, ...] = (
     Setting("checkpoint_every", DEFAULT_CHECKPOINT_EVERY, _checkpoint_every, help="Iterations between checkpoints."),
     Setting("checkpoint_interval", None, _checkpoint_interval, help="Also checkpoint when this many seconds have passed."),
     Setting("cache", "auto", _choice("cache", CACHE_CHOICES),
-            help="Keep V in the workers' memory: auto (when it fits half of it), true or false (stream it)."),
+            help="Keep V in the workers' memory: auto (when it fits half of it), true or false (stream it). "
+                 "A V given in memory is sent to the workers once, whatever this says."),
     Setting("reroot_every", None, _reroot_every,
             help="Reload W from a spill every this many iterations on a cluster (default 20; 0: never)."),
     Setting("spill_dir", None, _path("spill_dir"), help="Where re-rooting spills W: a folder every worker can reach, or a URL."),

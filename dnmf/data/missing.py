@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InvalidMatrixError, ParameterError, expected
 from ..graph import TaskGraph, map_blocks, map_reduce, row_block_keys
 from ..kernels import masked
+from .resident import to_workers
 from .store import Matrix, MatrixStats
 
 MISSING_VALUES = (None, "nan")
@@ -53,7 +54,8 @@ def open_mask(mask, matrix: Matrix) -> da.Array:
         if mask.dtype != bool:
             raise InvalidMatrixError(expected("a boolean mask (True = observed)", f"dtype {mask.dtype}"))
         name = f"dnmf-mask-{uuid.uuid4().hex}"
-        return da.from_array(mask, chunks=(matrix.row_chunks, (matrix.shape[1],)), name=name)
+        # Under a distributed client the mask goes to the workers once, outside any graph.
+        return to_workers(da.from_array(mask, chunks=(matrix.row_chunks, (matrix.shape[1],)), name=name), "dnmf-mask")
     if tuple(arr.shape) != matrix.shape:
         raise InvalidMatrixError(expected(f"a mask of V's shape {matrix.shape}", f"shape {tuple(arr.shape)}"))
     if arr.dtype != bool:

@@ -7,7 +7,10 @@ The decisions the fit pipeline (:mod:`dnmf.run.pipeline`) takes once V is open:
 - **Cache or stream V** (``cache="auto" | True | False``). :func:`plan_cache` keeps V in
   cluster memory (``persist``) when it fits in ``CACHE_FRACTION`` of the workers' total
   memory limit (of the available RAM under the threaded scheduler); otherwise every pass
-  reads V's row blocks from the store again, one block per task.
+  reads V's row blocks from the store again, one block per task. A V given in memory (numpy,
+  scipy.sparse) has no store the workers could read: under a distributed client its blocks
+  are sent to the workers once and stay there (:mod:`dnmf.data.resident`), whatever ``cache``
+  says.
 - **Re-rooting** (:mod:`dnmf.run.reroot`) under dask.distributed, every
   :func:`reroot_interval` iterations.
 - **In this thread or as graphs.** :func:`runs_locally`: a small in-memory V under dask's
@@ -27,7 +30,8 @@ import dask
 import dask.array as da
 from threadpoolctl import threadpool_limits
 
-from ..cluster import worker_memory_limits, worker_threads, workers_share_this_machine
+from ..cluster import current_client, worker_memory_limits, worker_threads, workers_share_this_machine
+from ..data.resident import to_workers
 from ..data.store import TARGET_BLOCK_BYTES, Matrix
 from ..errors import ParameterError, StoreError
 
@@ -51,7 +55,7 @@ DEFAULT_REROOT_EVERY = 20
 LOCAL_MAX_BYTES = 16 * 2**20
 
 V_IN_MEMORY = "in-memory"  # given as numpy / scipy and run by the threaded scheduler
-V_CACHED = "cached"  # persisted in the workers' (or this process's) memory
+V_CACHED = "cached"  # persisted in the workers' (or this process's) memory; sent there once if in memory
 V_STREAMED = "streamed"  # read from its store on every pass
 
 
@@ -211,8 +215,13 @@ def cache_budget(client) -> int:
 def plan_cache(cache, matrix: Matrix, client, nnz: int | None = None) -> CachePlan | None:
     """Decide where V lives; None when it depends on V's nnz, not known yet (sparse V)."""
     v_bytes = matrix_bytes(matrix, nnz)
-    if matrix.in_memory and client is None:
-        return CachePlan(V_IN_MEMORY, v_bytes, None)
+    if matrix.in_memory:  # nothing to stream it from: in this process, or sent to the workers once
+        if client is not None and v_bytes > cache_budget(client):
+            logger.warning(
+                "V (%.0f MiB, given in memory) takes more than half of the workers' memory; its blocks "
+                "are sent to them all the same", v_bytes / 2**20,
+            )
+        return CachePlan(V_IN_MEMORY if client is None else V_CACHED, v_bytes, None)
     if cache is True:
         return CachePlan(V_CACHED, v_bytes, None)
     if cache is False:
@@ -224,10 +233,14 @@ def plan_cache(cache, matrix: Matrix, client, nnz: int | None = None) -> CachePl
 
 
 def apply_cache(plan: CachePlan, matrix: Matrix) -> Matrix:
-    """V persisted in memory when the plan says "cached", else unchanged."""
+    """V persisted in memory when the plan says "cached", else unchanged. A V given in memory
+    goes to the current distributed client's workers once, block by block, without a graph
+    (:func:`~dnmf.data.resident.make_resident`)."""
     if plan.storage != V_CACHED:
         return matrix
     logger.info("caching V (%s bytes) in memory", plan.v_bytes)
+    if matrix.in_memory and current_client() is not None:
+        return dataclasses.replace(matrix, data=to_workers(matrix.data, "dnmf-V"), reads_inline=False)
     (data,) = dask.persist(matrix.data)
     wait_until_persisted(data)
     return dataclasses.replace(matrix, data=data, reads_inline=False)

@@ -33,6 +33,7 @@ from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
 from .rows import Step, relative_change
+from ..data.resident import to_workers
 from ..data.store import Matrix, kl_offset
 from ..graph import Key, TaskGraph, compute, row_block_keys
 
@@ -180,7 +181,7 @@ class GridSolver:
         if isinstance(H, da.Array):
             return H.astype(self.matrix.dtype).rechunk(chunks)
         H = np.asarray(H, dtype=self.matrix.dtype)
-        return da.from_array(H, chunks=chunks, name=f"dnmf-H0-{uuid.uuid4().hex}")
+        return to_workers(da.from_array(H, chunks=chunks, name=f"dnmf-H0-{uuid.uuid4().hex}"), "dnmf-H0")
 
     def _objective(self, terms: float, w_gram, h_gram) -> float:
         offset = kl_offset(self.matrix, self.kl_offset, self._cache) if self.rule.kullback_leibler else 0.0

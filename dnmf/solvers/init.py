@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import InvalidMatrixError, ParameterError, expected
+from ..data.resident import to_workers
 from ..data.store import Matrix, MatrixStats, unit_exponent
 from ..graph import TaskGraph, compute, map_blocks, row_block_keys
 
@@ -81,7 +82,8 @@ def custom_start(matrix: Matrix, r: int, W, H) -> Start:
         _nonzero("W", None, nonzero)
     else:
         W_np = _nonzero("W", _nonnegative("W", W).astype(matrix.dtype))
-        W_dask = da.from_array(W_np, chunks=(matrix.row_chunks, (r,)), name=f"dnmf-W0-{uuid.uuid4().hex}")
+        # Under a distributed client W goes to the workers once, outside any graph.
+        W_dask = to_workers(da.from_array(W_np, chunks=(matrix.row_chunks, (r,)), name=f"dnmf-W0-{uuid.uuid4().hex}"), "dnmf-W0")
     return Start(W_dask, H, "custom")
 
 

@@ -1,0 +1,140 @@
+"""Where in-memory data lives under a distributed client (dnmf.data.resident).
+
+A numpy or scipy.sparse V, a mask, a custom start W or grid H: sent to the workers once, block
+by block, never pickled into a task graph (dask's "Sending large graph" / "Large object"
+warnings are errors here, for matrices well past their 10 MB threshold), sent again when a
+worker holding some blocks is lost, and the fit bitwise the threaded one's.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import warnings
+
+import dask
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
+
+import dnmf
+from dnmf.cluster import close_client, get_client
+from dnmf.data.resident import make_resident
+from dnmf.graph import from_blocks
+
+from conftest import worker_killer
+
+SETTINGS = dict(n_components=6, init="random", random_state=3, max_iter=8, tol=0, tol_x=0)
+LARGE_GRAPH = ".*(Sending large graph|Large object)"
+
+
+@pytest.fixture(scope="module")
+def client():
+    client, owned = get_client("local", n_workers=2, threads_per_worker=1)
+    try:
+        yield client
+    finally:
+        close_client(client, owned)
+
+
+def dense_v(n=2400, p=800, seed=0) -> np.ndarray:
+    """A non-negative float64 V of 15 MB (n x p), past dask's 10 MB large-graph threshold."""
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 6)) @ rng.random((6, p)) + 0.01 * rng.random((n, p))
+
+
+def fit(X, client=None, **params):
+    """(model, W) of a fit under ``client`` (the threaded scheduler for None); a graph carrying
+    data past dask's threshold is an error."""
+    fit_args = params.pop("fit_args", {})
+    model = dnmf.NMF(**{**SETTINGS, **params})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=LARGE_GRAPH)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if client is None:
+            with dask.config.set(scheduler="threads"):
+                W = model.fit_transform(X, **fit_args)
+        else:
+            with client.as_current():
+                W = model.fit_transform(X, **fit_args)
+    return model, np.asarray(W)
+
+
+def senders() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dnmf-sender")]
+
+
+def assert_same_fit(a, W_a, b, W_b) -> None:
+    assert np.array_equal(W_a, W_b) and np.array_equal(a.components_, b.components_)
+    assert [r["objective"] for r in a.history_] == [r["objective"] for r in b.history_]
+
+
+def test_a_numpy_v_goes_to_the_workers_once_outside_the_graphs(client):
+    V = dense_v()
+    ref, W_ref = fit(V)
+    model, W = fit(V, client)
+    assert model.fit_info_["scheduler"] == "distributed" and model.fit_info_["v_storage"] == "cached"
+    assert_same_fit(model, W, ref, W_ref)
+
+
+def test_a_sparse_v_goes_to_the_workers_once_outside_the_graphs(client):
+    rng = np.random.default_rng(1)
+    V = sp.random(6000, 4000, density=0.05, format="csr", random_state=rng) * 3.0  # 14 MB of CSR arrays
+    V = V + sp.csr_matrix(dense_v(6000, 4000) * (rng.random((6000, 4000)) < 0.01))
+    ref, W_ref = fit(V)
+    model, W = fit(V, client)
+    assert model.fit_info_["v_sparse"] and model.fit_info_["v_storage"] == "cached"
+    assert_same_fit(model, W, ref, W_ref)
+
+
+@pytest.mark.parametrize("column_chunks", [None, 400])
+def test_a_custom_start_goes_to_the_workers_outside_the_graphs(client, column_chunks):
+    V = dense_v()
+    rng = np.random.default_rng(4)
+    W0 = rng.uniform(0.1, 1, (V.shape[0], 6))
+    H0 = rng.uniform(0.1, 1, (6, V.shape[1]))
+    params = dict(init="custom", column_chunks=column_chunks, fit_args=dict(W=W0, H=H0))
+    ref, W_ref = fit(V, **params)
+    model, W = fit(V, client, **params)
+    assert model.fit_info_["layout"] == ("rows" if column_chunks is None else "grid")
+    assert_same_fit(model, W, ref, W_ref)
+
+
+def test_a_mask_goes_to_the_workers_outside_the_graphs(client):
+    V = dense_v()
+    mask = np.random.default_rng(6).random(V.shape) > 0.1  # 1.9 MB, next to V's 15 MB
+    params = dict(fit_args=dict(mask=mask))
+    ref, W_ref = fit(V, **params)
+    model, W = fit(V, client, **params)
+    assert_same_fit(model, W, ref, W_ref)
+
+
+def test_the_client_stops_sending_once_the_blocks_are_dropped(client):
+    V = dense_v(400, 300)
+    views = [[V[:200]], [V[200:]]]
+    arr = make_resident(client, from_blocks("test", views, chunks=((200, 200), (300,)), dtype=V.dtype), "test")
+    assert len(senders()) >= 1
+    holders = client.who_has(arr)
+    assert all(holders.values())  # every block on a worker
+    with client.as_current():
+        assert np.array_equal(arr.compute(), V)
+    del arr
+    deadline = time.monotonic() + 10
+    while senders() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert senders() == []
+
+
+def test_a_worker_killed_mid_fit_of_a_numpy_v_changes_nothing(client):
+    V = dense_v()
+    ref, W_ref = fit(V, max_iter=10)
+    killed = []
+    before = set(client.scheduler_info()["workers"])
+    model, W = fit(V, client, max_iter=10, callbacks=[worker_killer(client, 4, killed)])
+    assert killed and killed[0] not in client.scheduler_info()["workers"]
+    assert before != set(client.scheduler_info()["workers"])
+    assert model.n_iter_ == 10
+    assert_same_fit(model, W, ref, W_ref)
