@@ -40,7 +40,7 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False, col_offset: int 
     """
     # A block with no bad entries: its values tile by tile (a sparse block's stored values
     # alone: its zeros add nothing), with no block-sized temporary.
-    clean = _clean_dense_stats(V_b.data if sp.issparse(V_b) else np.asarray(V_b), with_xlogx)
+    clean = _clean_dense_stats(V_b.data.reshape(-1, 1) if sp.issparse(V_b) else np.asarray(V_b), with_xlogx)
     if clean is not None:
         return clean
     if sp.issparse(V_b):
