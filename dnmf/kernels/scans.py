@@ -40,7 +40,7 @@ def block_stats(V_b, row_offset: int, with_xlogx: bool = False, col_offset: int 
     """
     # A block with no bad entries: its values tile by tile (a sparse block's stored values
     # alone: its zeros add nothing), with no block-sized temporary.
-    clean = _clean_dense_stats(V_b.data.reshape(-1, 1) if sp.issparse(V_b) else np.asarray(V_b), with_xlogx)
+    clean = _clean_dense_stats(V_b.data if sp.issparse(V_b) else np.asarray(V_b), with_xlogx)
     if clean is not None:
         return clean
     if sp.issparse(V_b):
@@ -78,6 +78,8 @@ def _clean_dense_stats(values: np.ndarray, with_xlogx: bool) -> BlockStats | Non
     block-sized temporary); None as soon as a tile has a negative or non-finite entry."""
     v_sq = v_sum = xlogx = 0.0
     nnz = 0
+    if values.size == 0:
+        return BlockStats(v_sq, v_sum, nnz, 0, 0, None, None, xlogx)
     flat = values.reshape(values.shape[0], -1)
     for start, stop in row_tiles(flat.shape[0], flat.shape[1]):
         tile = flat[start:stop].astype(np.float64).ravel()
