@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -257,11 +257,22 @@ def _from_sparse(X, layout: _Layout) -> da.Array:
     return da.from_array(X, chunks=chunks, asarray=False, name=name, meta=X[:0])
 
 
+# A sparse block's kernels hold temporaries the size of its non-zeros (KL's WH at the non-zeros
+# in float64 and its quotients, the scan's coordinates): ~6 x the block's CSR bytes at the peak
+# (51 MiB for an 8 MiB block with MU-KL here), where the dense kernels work in row tiles. So
+# when the block budget is sized for the workers' memory, sparse blocks take this fraction of
+# it: 2 x 256 MiB workers streaming a 2·10⁶-row sparse V paused at 80% with 8 MiB blocks.
+SPARSE_BUDGET_FRACTION = 1 / 4
+
+
 def _sparse_chunks(shape, itemsize: int, density: float, layout: _Layout, native=None) -> tuple:
     """The chunks of a sparse V of ``shape`` and ``density`` (stored entries / n·p): row blocks
-    of about the block budget in CSR bytes (values and column indices), or a grid. ``native``
-    (a dask array's chunks) are kept when they already are row blocks of about that size."""
+    of about the block budget in CSR bytes (values and column indices; a fraction of a budget
+    sized for the workers, see ``SPARSE_BUDGET_FRACTION``), or a grid. ``native`` (a dask
+    array's chunks) are kept when they already are row blocks of about that size."""
     entry_bytes = itemsize * 2 * min(1.0, density)
+    if layout.block_bytes is not None:
+        layout = replace(layout, block_bytes=max(1, int(layout.block_bytes * SPARSE_BUDGET_FRACTION)))
     cols = layout.columns(shape, entry_bytes)
     if cols is None:
         default = auto_row_block(*shape, itemsize * 2, density=density, target_bytes=layout.block_bytes)
