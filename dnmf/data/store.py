@@ -259,9 +259,9 @@ def _from_sparse(X, layout: _Layout) -> da.Array:
 
 # A sparse block's kernels hold temporaries the size of its non-zeros (KL's WH at the non-zeros
 # in float64 and its quotients, the scan's coordinates): ~6 x the block's CSR bytes at the peak
-# (51 MiB for an 8 MiB block with MU-KL here), where the dense kernels work in row tiles. So
-# when the block budget is sized for the workers' memory, sparse blocks take this fraction of
-# it: 2 x 256 MiB workers streaming a 2·10⁶-row sparse V paused at 80% with 8 MiB blocks.
+# (51 MiB traced for MU-KL's step on an 8 MiB block here, 21 MiB for reading it), where the
+# dense kernels work in row tiles. So when the block budget is sized for the workers' memory,
+# sparse blocks take this fraction of it.
 SPARSE_BUDGET_FRACTION = 1 / 4
 
 

@@ -338,10 +338,10 @@ def release(*collections) -> None:
     has just replaced (its tasks are submitted, so the scheduler keeps each old block until
     the tasks reading it are done, and can still recompute it for a lost worker).
 
-    Without this the old W stays whole in the workers beside the new one until the step
-    returns: twice W's n x r at the peak, the part of a streaming worker's memory that grows
-    with n (2 workers of 256 MiB paused at 80% and hung on a 4 x 10⁶-row sparse V). The
-    state the blocks belong to must not be computed again. Nothing happens without
+    Without this the old W stays whole in the workers beside the new one (and the step
+    results) until the step returns: 3 x W's n x r at the peak instead of ~1.5 x
+    (tests/test_sparse_memory.py), the part of a streaming worker's memory that grows with n.
+    The state the blocks belong to must not be computed again. Nothing happens without
     dask.distributed (no futures).
     """
     for future in futures_of([c for c in collections if c is not None]):
