@@ -38,6 +38,19 @@ def _dot(W, Ht, i, c):  # pragma: no cover - compiled
 
 
 @numba.jit(**_JIT)
+def _dot4(W, Ht, i, c0, c1, c2, c3):  # pragma: no cover - compiled
+    """W_i · Hᵀ_c for four columns c, each summed over k in order, the four side by side."""
+    s0 = s1 = s2 = s3 = W.dtype.type(0)
+    for k in range(W.shape[1]):
+        w = W[i, k]
+        s0 += w * Ht[c0, k]
+        s1 += w * Ht[c1, k]
+        s2 += w * Ht[c2, k]
+        s3 += w * Ht[c3, k]
+    return s0, s1, s2, s3
+
+
+@numba.jit(**_JIT)
 def _wh_values(indptr, indices, W, Ht):  # pragma: no cover - compiled
     n, r = W.shape
     out = np.empty(indices.shape[0], dtype=W.dtype)
@@ -45,13 +58,7 @@ def _wh_values(indptr, indices, W, Ht):  # pragma: no cover - compiled
         j, stop = indptr[i], indptr[i + 1]
         while j + 4 <= stop:
             c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0 = s1 = s2 = s3 = W.dtype.type(0)
-            for k in range(r):
-                w = W[i, k]
-                s0 += w * Ht[c0, k]
-                s1 += w * Ht[c1, k]
-                s2 += w * Ht[c2, k]
-                s3 += w * Ht[c3, k]
+            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
             out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
             j += 4
         while j < stop:
@@ -70,13 +77,7 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps):  # pragma: no cover - co
         j, stop = indptr[i], indptr[i + 1]
         while j + 4 <= stop:
             c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0 = s1 = s2 = s3 = W.dtype.type(0)
-            for k in range(r):
-                w = W[i, k]
-                s0 += w * Ht[c0, k]
-                s1 += w * Ht[c1, k]
-                s2 += w * Ht[c2, k]
-                s3 += w * Ht[c3, k]
+            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
             q0, q1 = data[j] / (s0 + eps), data[j + 1] / (s1 + eps)
             q2, q3 = data[j + 2] / (s2 + eps), data[j + 3] / (s3 + eps)
             for k in range(r):
@@ -115,13 +116,7 @@ def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - 
         j, stop = indptr[i], indptr[i + 1]
         while j + 4 <= stop:
             c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0 = s1 = s2 = s3 = W.dtype.type(0)
-            for k in range(r):
-                w = W[i, k]
-                s0 += w * Ht[c0, k]
-                s1 += w * Ht[c1, k]
-                s2 += w * Ht[c2, k]
-                s3 += w * Ht[c3, k]
+            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
             if keep:
                 wh_out[j], wh_out[j + 1], wh_out[j + 2], wh_out[j + 3] = s0, s1, s2, s3
             _add_ratio(out_t, W, i, c0, data[j] / (s0 + eps))
