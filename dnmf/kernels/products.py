@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
-from . import sparse_kl
+from .sparse_kl import ratio_times_ht, wh_at_nonzeros, wt_ratio
 from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
 
 
@@ -170,7 +170,7 @@ def frobenius_residual(V_b, W_b: np.ndarray, H: np.ndarray) -> float:
     if sp.issparse(V_b):
         # ‖V − WH‖² = Σ_nz (V² − 2 V WH) + ‖WH‖²: WH at the non-zeros only, and
         # ‖WH‖² = ⟨WᵀW, HHᵀ⟩ from the factors, every sum in float64.
-        wh = sparse_kl.wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
+        wh = wh_at_nonzeros(V_b, W_b, H).astype(np.float64)
         values = V_b.data.astype(np.float64)
         W64, H64 = W_b.astype(np.float64), H.astype(np.float64)
         wh_sq = float(np.vdot(W64.T @ W64, H64 @ H64.T))
@@ -248,7 +248,7 @@ def w_products(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> tuple[np.ndar
         return _dot_ht(V_b, H), None
     if rule.kullback_leibler:
         if sp.issparse(V_b):
-            return sparse_kl.ratio_times_ht(V_b, W_b, H, eps), None
+            return ratio_times_ht(V_b, W_b, H, eps), None
         return _kl_ratio_times_ht(V_b, W_b, H, eps), None
     V_d = V_b.toarray() if sp.issparse(V_b) else V_b
     wh = W_b @ H
@@ -272,7 +272,7 @@ def _kl_partials_sparse(
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
     and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
     divergence, the non-zeros' terms plus Σ WH over the zeros)."""
-    numer, wh = sparse_kl.wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
+    numer, wh = wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
     col_w = W_b.sum(axis=0)
     loss = 0.0
     values = V_b.data
