@@ -17,121 +17,20 @@ scheduler runs blocks in parallel.
 
 from __future__ import annotations
 
-import numba
+import functools
+from types import SimpleNamespace
+
 import numpy as np
 import scipy.sparse as sp
 
-_JIT = dict(nopython=True, nogil=True, cache=True, fastmath=False, boundscheck=False)
 
+@functools.cache
+def _jit() -> SimpleNamespace:
+    """The compiled loops, imported on first use: numba and llvmlite cost ~60 MB of every
+    process that imports them, which a dense or Frobenius fit on 256 MiB workers cannot spare."""
+    from . import _sparse_kl_jit as k
 
-# Each kernel walks a row's non-zeros four at a time: the four dot products W_i · Hᵀ_c are
-# summed side by side (each over k in order, as one at a time would), so their additions
-# overlap instead of waiting on each other.
-
-
-@numba.jit(**_JIT)
-def _dot(W, Ht, i, c):  # pragma: no cover - compiled
-    s = W.dtype.type(0)
-    for k in range(W.shape[1]):
-        s += W[i, k] * Ht[c, k]
-    return s
-
-
-@numba.jit(**_JIT)
-def _dot4(W, Ht, i, c0, c1, c2, c3):  # pragma: no cover - compiled
-    """W_i · Hᵀ_c for four columns c, each summed over k in order, the four side by side."""
-    s0 = s1 = s2 = s3 = W.dtype.type(0)
-    for k in range(W.shape[1]):
-        w = W[i, k]
-        s0 += w * Ht[c0, k]
-        s1 += w * Ht[c1, k]
-        s2 += w * Ht[c2, k]
-        s3 += w * Ht[c3, k]
-    return s0, s1, s2, s3
-
-
-@numba.jit(**_JIT)
-def _wh_values(indptr, indices, W, Ht):  # pragma: no cover - compiled
-    n, r = W.shape
-    out = np.empty(indices.shape[0], dtype=W.dtype)
-    for i in range(n):
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
-            j += 4
-        while j < stop:
-            out[j] = _dot(W, Ht, i, indices[j])
-            j += 1
-    return out
-
-
-@numba.jit(**_JIT)
-def _ratio_times_ht(indptr, indices, data, W, Ht, eps):  # pragma: no cover - compiled
-    n, r = W.shape
-    out = np.zeros((n, r), dtype=W.dtype)
-    acc = np.zeros(r, dtype=W.dtype)
-    for i in range(n):
-        acc[:] = 0
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            q0, q1 = data[j] / (s0 + eps), data[j + 1] / (s1 + eps)
-            q2, q3 = data[j + 2] / (s2 + eps), data[j + 3] / (s3 + eps)
-            for k in range(r):
-                a = acc[k]
-                a += q0 * Ht[c0, k]
-                a += q1 * Ht[c1, k]
-                a += q2 * Ht[c2, k]
-                a += q3 * Ht[c3, k]
-                acc[k] = a
-            j += 4
-        while j < stop:
-            c = indices[j]
-            q = data[j] / (_dot(W, Ht, i, c) + eps)
-            for k in range(r):
-                acc[k] += q * Ht[c, k]
-            j += 1
-        out[i, :] = acc
-    return out
-
-
-@numba.jit(**_JIT)
-def _add_ratio(out_t, W, i, c, ratio):  # pragma: no cover - compiled
-    for k in range(W.shape[1]):
-        out_t[c, k] += ratio * W[i, k]
-
-
-@numba.jit(**_JIT)
-def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - compiled
-    """Wᵀ (V / (WH + ε)) transposed, (p, r): each ratio added into its column's sums at once,
-    in the order scipy's product Vᵀ W adds a CSR block's values. With ``wh_out`` of length nnz
-    (else 0), WH is written there too, for the loss."""
-    n, r = W.shape
-    out_t = np.zeros(Ht.shape, dtype=W.dtype)
-    keep = wh_out.shape[0] > 0
-    for i in range(n):
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            if keep:
-                wh_out[j], wh_out[j + 1], wh_out[j + 2], wh_out[j + 3] = s0, s1, s2, s3
-            _add_ratio(out_t, W, i, c0, data[j] / (s0 + eps))
-            _add_ratio(out_t, W, i, c1, data[j + 1] / (s1 + eps))
-            _add_ratio(out_t, W, i, c2, data[j + 2] / (s2 + eps))
-            _add_ratio(out_t, W, i, c3, data[j + 3] / (s3 + eps))
-            j += 4
-        while j < stop:
-            c = indices[j]
-            s = _dot(W, Ht, i, c)
-            if keep:
-                wh_out[j] = s
-            _add_ratio(out_t, W, i, c, data[j] / (s + eps))
-            j += 1
-    return out_t
+    return SimpleNamespace(ratio_times_ht=k._ratio_times_ht, wt_ratio=k._wt_ratio, wh_values=k._wh_values)
 
 
 def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
@@ -144,7 +43,7 @@ def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
 def ratio_times_ht(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
     """(V_b / (W_b H + ε)) Hᵀ over V_b's non-zeros: the numerator of KL's W update, (n_b, r)."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
-    return _ratio_times_ht(indptr, indices, data, W, Ht, W.dtype.type(eps))
+    return _jit().ratio_times_ht(indptr, indices, data, W, Ht, W.dtype.type(eps))
 
 
 def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_wh: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -152,11 +51,11 @@ def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, wit
     W_b H there (in V_b.data's order; None otherwise), for the loss."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
     wh = np.empty(V_b.nnz if with_wh else 0, dtype=W.dtype)
-    out_t = _wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh)
+    out_t = _jit().wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh)
     return np.ascontiguousarray(out_t.T), (wh if with_wh else None)
 
 
 def wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
     """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
     indptr, indices, _, W, Ht = _parts(V_b, W_b, H)
-    return _wh_values(indptr, indices, W, Ht)
+    return _jit().wh_values(indptr, indices, W, Ht)
