@@ -34,8 +34,10 @@ def sparse_counts(n: int, p: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
 
 @pytest.mark.slow
 def test_a_sparse_v_fifty_times_the_workers_memory_streams_on_two_small_workers(tmp_path):
-    n, p, nnz = 1_000_000, 6_000, 6_000_000  # dense: 48 GB of float64; CSR: ~80 MB
-    limit = 400 * MiB  # 2 workers: 800 MiB in all
+    n, p, nnz = 1_000_000, 7_000, 6_000_000  # dense: 56 GB of float64; CSR: ~80 MB
+    # 2 workers: 1 GiB in all, as the issue asks. Each worker spends ~125 MiB on numba (its
+    # import and LLVM) for the compiled KL kernels; 400 MiB workers paused on that.
+    limit = 512 * MiB
     assert n * p * 8 >= 50 * 2 * limit
     X = sparse_counts(n, p, nnz)
     path = tmp_path / "cells.h5ad"
