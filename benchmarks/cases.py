@@ -468,6 +468,33 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     return out
 
 
+def case_sparse_memory(n, p, density, r, dtype, growth, workers, memory_limit_mib, iters):
+    """Peak worker memory of fits streaming a sparse store (cache=False) of n and of
+    ``growth`` x n rows (the same rows repeated), MU-KL and HALS, on a fresh LocalCluster of
+    ``workers`` one-thread workers per fit (so each peak is that fit's)."""
+    from dnmf.cluster import close_client, get_client
+
+    base = sparse_uniform(n, p, density, dtype)
+    out = {}
+    with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent)) as tmp:
+        for rows in (n, growth * n):
+            path = str(Path(tmp) / f"v{rows}.zarr")
+            write_sparse_store(path, sp.vstack([base] * (rows // n), format="csr"))
+            for name, params in (("kl", dict(beta_loss="kullback-leibler")), ("hals", dict(solver="hals"))):
+                client, _ = get_client("local", n_workers=workers, memory_limit=f"{memory_limit_mib}MiB")
+                try:
+                    with client.as_current():
+                        model = dnmf.NMF(r, init="random", random_state=0, max_iter=iters, tol=0, tol_x=0, cache=False,
+                                         **params).fit(path)
+                    peaks = client.run(lambda dask_worker: max(dask_worker.monitor.quantities["memory"]))
+                    logs = client.get_worker_logs()
+                finally:
+                    close_client(client, True)
+                paused = any("Pausing worker" in message for worker_logs in logs.values() for _, message in worker_logs)
+                out[f"{name}_{rows}"] = {"peak": max(peaks.values()), "blocks": model.fit_info_["row_blocks"], "paused": paused}
+    return out
+
+
 def _proc_status(field: str) -> int | None:
     """A ``/proc/self/status`` field in bytes (Linux), None elsewhere."""
     try:
@@ -570,6 +597,7 @@ CASES = {
     "sparse": case_sparse,
     "sparse_out_of_core": case_sparse_out_of_core,
     "sparse_kl": case_sparse_kl,
+    "sparse_memory": case_sparse_memory,
     "convergence": case_convergence,
     "cluster": case_cluster,
     "cluster_numpy": case_cluster_numpy,

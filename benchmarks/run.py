@@ -41,6 +41,8 @@ FULL = {
     "memory_sparse": ("memory", dict(n=200000, p=20000, r=10, dtype="float32", iters=5, density=0.02)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=5, repeats=1)),
     "sparse_kl": ("sparse_kl", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
+    "sparse_memory": ("sparse_memory", dict(n=50000, p=20000, density=0.01, r=10, dtype="float32", growth=8, workers=2,
+                                            memory_limit_mib=512, iters=3)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),
     "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
     "fused": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20)),
@@ -60,6 +62,8 @@ QUICK = {
     "memory_sparse": ("memory", dict(n=40000, p=8000, r=10, dtype="float32", iters=5, density=0.02)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
     "sparse_kl": ("sparse_kl", dict(n=40000, p=8000, density=0.02, r=10, dtype="float32", lo=2, hi=8, repeats=2)),
+    "sparse_memory": ("sparse_memory", dict(n=20000, p=8000, density=0.01, r=10, dtype="float32", growth=8, workers=2,
+                                            memory_limit_mib=512, iters=2)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=3)),
     "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
     "fused": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10)),
@@ -240,6 +244,20 @@ def lines_sparse_out_of_core(res: dict, params: dict) -> list[dict]:
     return out
 
 
+def lines_sparse_memory(res: dict, params: dict) -> list[dict]:
+    n, big = params["n"], params["growth"] * params["n"]
+    label = (f"sparse on disk ×{params['p']}, {100 * params['density']:.0f}%, r={params['r']}, "
+             f"{params['workers']} workers × {params['memory_limit_mib']} MiB")
+    out = []
+    for name, what in (("kl", "MU-KL"), ("hals", "HALS")):
+        small, large = res[f"{name}_{n}"], res[f"{name}_{big}"]
+        ratio = large["peak"] / small["peak"]
+        out.append(line(f"{label}: {what} peak worker memory, n = {big} / n = {n}", f"{ratio:.2f}", "≤ 1.2", ratio <= 1.2,
+                        f"{small['peak'] / 2**20:.0f} → {large['peak'] / 2**20:.0f} MiB, {small['blocks']} → {large['blocks']} blocks"
+                        + (", paused" if small["paused"] or large["paused"] else "")))
+    return out
+
+
 def lines_memory(mem: dict, params: dict) -> list[dict]:
     kind = "dense" if params.get("density") is None else f"CSR {100 * params['density']:.0f}%"
     out = []
@@ -331,6 +349,7 @@ def main(argv=None) -> int:
                      "small": lines_small, "wide": lambda r: lines_wide(r, params),
                      "sparse_out_of_core": lambda r: lines_sparse_out_of_core(r, params),
                      "sparse_kl": lambda r: lines_sparse_kl(r, params),
+                     "sparse_memory": lambda r: lines_sparse_memory(r, params),
                      "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),
                      }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import dnmf
 from dnmf.data import ondisk
 from dnmf.data.results import load_result
-from dnmf.data.store import open_matrix
+from dnmf.data.store import SPARSE_BUDGET_FRACTION, open_matrix
 from dnmf.errors import FormatError, ParameterError, StoreError
 
 from conftest import tree_digest
@@ -110,10 +110,10 @@ def test_anndata_objects_in_memory_and_backed(stores):
 
 def test_blocks_sized_from_nonzeros_per_row(stores):
     X, where = stores
-    budget = 4096  # bytes of CSR per block
+    budget = 16384  # a block budget: sparse blocks take SPARSE_BUDGET_FRACTION of it in CSR bytes
     on_disk = open_matrix(str(where / "cells.h5ad"), block_bytes=budget)
     in_memory = open_matrix(X, block_bytes=budget)
-    dense_rows = budget // (X.shape[1] * 4)
+    dense_rows = int(budget * SPARSE_BUDGET_FRACTION) // (X.shape[1] * 4)
     assert on_disk.sparse and on_disk.row_chunks == in_memory.row_chunks
     assert max(on_disk.row_chunks) > 3 * dense_rows  # 12% non-zeros: far more rows than dense
     # A dask array of small CSR blocks is re-blocked the same way (its density sampled).

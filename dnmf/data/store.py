@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -280,11 +280,23 @@ def _csr_rows(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     return block
 
 
+# A sparse block's kernels hold temporaries the size of its non-zeros, where the dense kernels
+# work in row tiles: reading a block from its store (21 MiB traced for an 8 MiB CSR block),
+# scipy's transposed product (a copy of the block's values and indices), WH at the non-zeros for
+# the KL objective. MU-KL's step peaked at 51 MiB on that block before the compiled KL kernels
+# (dnmf.kernels.sparse_kl), which hold only WH. So when the block budget is sized for the
+# workers' memory, sparse blocks take this fraction of it.
+SPARSE_BUDGET_FRACTION = 1 / 4
+
+
 def _sparse_chunks(shape, itemsize: int, density: float, layout: _Layout, native=None) -> tuple:
     """The chunks of a sparse V of ``shape`` and ``density`` (stored entries / n·p): row blocks
-    of about the block budget in CSR bytes (values and column indices), or a grid. ``native``
-    (a dask array's chunks) are kept when they already are row blocks of about that size."""
+    of about the block budget in CSR bytes (values and column indices; a fraction of a budget
+    sized for the workers, see ``SPARSE_BUDGET_FRACTION``), or a grid. ``native`` (a dask
+    array's chunks) are kept when they already are row blocks of about that size."""
     entry_bytes = itemsize * 2 * min(1.0, density)
+    if layout.block_bytes is not None:
+        layout = replace(layout, block_bytes=max(1, int(layout.block_bytes * SPARSE_BUDGET_FRACTION)))
     cols = layout.columns(shape, entry_bytes)
     if cols is None:
         default = auto_row_block(*shape, itemsize * 2, density=density, target_bytes=layout.block_bytes)

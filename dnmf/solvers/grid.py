@@ -32,7 +32,7 @@ import numpy as np
 from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
-from .rows import Step, relative_change
+from .rows import Step, relative_change, release
 from ..data.resident import to_workers
 from ..data.store import Matrix, kl_offset
 from ..graph import Key, TaskGraph, compute, row_block_keys
@@ -138,6 +138,7 @@ class GridSolver:
         W_new, H_new, partials, summary = dask.persist(
             W_new, H_new, partials, graph.delayed(summary), optimize_graph=False
         )
+        release(state.W, state.H, state.partials)
         w_sums, terms, h_sums = compute(summary)[0]
         penalty = self._penalty(w_sums, h_sums)
         objective = self._objective(terms, w_sums.gram, h_sums.gram) + penalty if with_loss else float("nan")
