@@ -230,14 +230,20 @@ def test_a_streamed_zarr_block_is_read_inside_the_task_that_uses_it(tmp_path):
     assert in_memory.block_inputs() == [row[0] for row in in_memory.data.__dask_keys__()]
 
 
-def step_results_on_workers(client) -> int:
-    """How many (W_i, partials_i) step results the workers hold."""
+def step_results_on_workers(client, settle: float = 0.0) -> int:
+    """How many (W_i, partials_i) step results the workers hold; with ``settle``, waiting up to
+    that many seconds for them to be freed (W's getitems, which free them, may still be
+    running when the step returns)."""
 
     def is_step_result(value) -> bool:
         return type(value) is tuple and len(value) == 2 and isinstance(value[0], np.ndarray)
 
-    held = client.run(lambda dask_worker: sum(map(is_step_result, dask_worker.data.values())))
-    return sum(held.values())
+    deadline = time.monotonic() + settle
+    while True:
+        held = sum(client.run(lambda dask_worker: sum(map(is_step_result, dask_worker.data.values()))).values())
+        if held == 0 or time.monotonic() > deadline:
+            return held
+        time.sleep(0.02)
 
 
 def test_step_results_are_kept_only_while_blocks_times_h_is_small(client, tmp_path, monkeypatch):
@@ -249,7 +255,9 @@ def test_step_results_are_kept_only_while_blocks_times_h_is_small(client, tmp_pa
         for label, total in [("small", solvers.SMALL_H_TOTAL_BYTES), ("large", 0)]:
             monkeypatch.setattr(solvers, "SMALL_H_TOTAL_BYTES", total)
             seen = held[label] = []
-            held[label, "fit"] = fit(path, cache=False, callbacks=[lambda record, seen=seen: seen.append(step_results_on_workers(client))])
+            settle = 0.0 if label == "small" else 5.0
+            held[label, "fit"] = fit(path, cache=False, callbacks=[
+                lambda record, seen=seen, settle=settle: seen.append(step_results_on_workers(client, settle))])
     # 12 row blocks: with a small H the workers keep the results of the last steps (W_i with the
     # r x p partials, 12 a step); with a large one, W's blocks, and the results are freed once
     # reduced. The two give the same fit.
