@@ -231,3 +231,120 @@ def test_consensus_of_a_sparse_matrix_with_kl():
     rank = result[4]
     assert best_cosines(H, rank.H).min() >= 0.95
     assert rank.W.shape == (200, 4) and np.isfinite(rank.error) and result.settings["solver"] == "mu"
+
+
+# ---------------------------------------------------------------------------
+# AnnData in and out: a layer read, a new K{K}.h5ad written beside the other results
+
+ANNDATA_SETTINGS = dict(n_replicates=4, max_iter=100, tol=1e-4, random_state=0, chunks=100)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    """300 cells x 60 genes of 3 planted programs: "counts" (and an identical "raw") as layers,
+    X a different matrix; written as .h5ad and AnnData .zarr; and the in-memory run."""
+    anndata = pytest.importorskip("anndata")
+    rng = np.random.default_rng(4)
+    H = np.zeros((3, 60))
+    for i in range(3):
+        H[i, i * 20 : (i + 1) * 20] = rng.uniform(0.5, 1.5, 20)
+    counts = sp.csr_matrix(rng.poisson(3 * rng.gamma(1, 1, (300, 3)) @ H).astype(np.float32))
+    adata = anndata.AnnData(X=sp.csr_matrix(np.ones((300, 60), np.float32)), layers={"counts": counts, "raw": counts.copy()})
+    adata.obs_names = [f"cell{i}" for i in range(300)]
+    adata.var_names = [f"gene{j}" for j in range(60)]
+    adata.obs["batch"] = ["a", "b"] * 150
+    where = tmp_path_factory.mktemp("cells")
+    adata.write_h5ad(where / "cells.h5ad")
+    adata.write_zarr(where / "cells.zarr")
+    inputs = {name: digest(where / name) for name in ("cells.h5ad", "cells.zarr")}
+    memory = anndata.read_h5ad(where / "cells.h5ad")
+    result = dnmf.consensus(memory, [3], layer="counts", workdir=where / "mem", **ANNDATA_SETTINGS)
+    return where, inputs, memory, result
+
+
+def test_consensus_of_an_anndata_layer_writes_a_new_anndata_per_rank(cells):
+    import anndata
+
+    where, inputs, memory, result = cells
+    rank = result[3]
+    back = anndata.read_h5ad(where / "mem" / "K3.h5ad")
+    assert back.X is None and back.shape == (300, 60)
+    assert same_bits(back.obsm["X_nmf"], np.asarray(rank.W)) and same_bits(back.varm["NMF_components"], rank.H.T)
+    assert list(back.obs_names) == list(memory.obs_names) and list(back.var_names) == list(memory.var_names)
+    assert list(back.obs["batch"]) == ["a", "b"] * 150
+    uns = back.uns["dnmf"]
+    assert uns["rank"] == 3 and uns["stability"] == rank.stability and uns["error"] == rank.error
+    assert uns["n_outliers"] == rank.n_outliers and list(uns["seeds"]) == list(rank.seeds)
+    assert json.loads(uns["settings"])["layer"] == "counts" and uns["written_by"] == "dnmf"
+    assert rank.stability > 0.9  # the 3 planted programs
+    # The TSV rows are the gene names; the input files are untouched.
+    table = (where / "mem" / "programs_K3.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in table[1:]] == list(memory.var_names)
+    assert {name: digest(where / name) for name in inputs} == inputs
+    assert [p.name for p in (where / "mem").iterdir() if p.name.startswith(".")] == []
+
+
+def test_consensus_of_h5ad_and_zarr_paths_equals_the_anndata_in_memory_bitwise(cells):
+    import anndata
+
+    where, inputs, memory, result = cells
+    for name in inputs:
+        work = where / f"from-{name.replace('.', '-')}"
+        from_path = dnmf.consensus(str(where / name), [3], layer="counts", workdir=work, **ANNDATA_SETTINGS)
+        assert same_bits(from_path[3].H, result[3].H), name
+        back = anndata.read_h5ad(work / "K3.h5ad")
+        assert same_bits(back.varm["NMF_components"], result[3].H.T), name
+        assert same_bits(back.obsm["X_nmf"], np.asarray(from_path[3].W)), name  # W streamed from K3.zarr
+        assert list(back.obs_names) == list(memory.obs_names) and list(back.var_names) == list(memory.var_names)
+        assert (work / "programs_K3.tsv").read_text() == (where / "mem" / "programs_K3.tsv").read_text()
+    assert {name: digest(where / name) for name in inputs} == inputs
+
+
+def test_consensus_resume_writes_a_missing_anndata_and_refuses_another_layer(cells, tmp_path):
+    where, inputs, memory, result = cells
+    work = tmp_path / "work"
+    dnmf.consensus(memory, [3], layer="counts", workdir=work, **ANNDATA_SETTINGS)
+    h5ad, tsv, group = work / "K3.h5ad", work / "programs_K3.tsv", work / "K3.zarr" / "zarr.json"
+    first, stamp = digest(h5ad), group.stat().st_mtime_ns
+    # Killed between the rank's Zarr group and its TSV / AnnData: a resume writes them, the rank is not redone.
+    h5ad.unlink()
+    tsv.unlink()
+    dnmf.consensus(memory, [3], layer="counts", workdir=work, **ANNDATA_SETTINGS)
+    assert digest(h5ad) == first and group.stat().st_mtime_ns == stamp
+    assert tsv.read_text() == (where / "mem" / "programs_K3.tsv").read_text()
+    # A complete rank is not written again.
+    before = h5ad.stat().st_mtime_ns
+    dnmf.consensus(memory, [3], layer="counts", workdir=work, **ANNDATA_SETTINGS)
+    assert h5ad.stat().st_mtime_ns == before
+    # Another layer (here the same numbers) is refused, saying which.
+    with pytest.raises(CheckpointMismatchError, match="layer 'counts' there, 'raw' now"):
+        dnmf.consensus(memory, [3], layer="raw", workdir=work, **ANNDATA_SETTINGS)
+    with pytest.raises(CheckpointMismatchError, match="layer"):
+        dnmf.consensus(str(where / "cells.h5ad"), [3], workdir=work, **ANNDATA_SETTINGS)
+    assert digest(h5ad) == first
+    # A changed filter redoes the consensus step, and its AnnData with it.
+    refiltered = dnmf.consensus(memory, [3], layer="counts", workdir=work, **ANNDATA_SETTINGS, density_threshold=0.2)
+    import anndata
+
+    back = anndata.read_h5ad(h5ad)
+    assert back.uns["dnmf"]["density_threshold"] == 0.2 and same_bits(back.varm["NMF_components"], refiltered[3].H.T)
+
+
+def test_cli_consensus_of_an_h5ad_layer(cells, tmp_path):
+    import anndata
+
+    where, inputs, memory, result = cells
+    out = tmp_path / "cons"
+    args = ["consensus", str(where / "cells.h5ad"), "--layer", "counts", "--ranks", "3", "--replicates", "4",
+            "--max-iter", "100", "--tol", "1e-4", "--seed", "0", "--chunks", "100", "--out", str(out),
+            "--scheduler", "threads"]
+    ran = CliRunner().invoke(main, args)
+    assert ran.exit_code == 0, ran.output
+    assert "K*.h5ad" in ran.output
+    back = anndata.read_h5ad(out / "K3.h5ad")
+    assert same_bits(back.varm["NMF_components"], result[3].H.T)
+    assert list(back.obs_names) == list(memory.obs_names) and list(back.var_names) == list(memory.var_names)
+    assert (out / "programs_K3.tsv").read_text() == (where / "mem" / "programs_K3.tsv").read_text()
+    refused = CliRunner().invoke(main, [*args[:2], "--layer", "raw", *args[4:]])
+    assert refused.exit_code == 1 and "layer 'counts' there, 'raw' now" in refused.output
+    assert {name: digest(where / name) for name in inputs} == inputs

@@ -196,32 +196,61 @@ def save_anndata(path, model, W, like=None, overwrite: bool = False) -> Path:
     be, lie inside or hold the input, and an existing one is replaced only with ``overwrite``
     when dnmf wrote it. It is written to a hidden sibling, renamed into place when complete.
     """
-    import anndata
-
-    H = np.asarray(model.components_)
-    if W.ndim != 2 or W.shape[1] != H.shape[0]:
-        raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
-    text = str(path)
-    if not text.endswith((".h5ad", ".zarr")):
-        raise StoreError(expected("an AnnData output path ending in .h5ad or .zarr", text))
-    like_path = like if isinstance(like, (str, Path)) else getattr(like, "filename", None)
-    obs, var = _obs_var(like, W.shape[0], H.shape[1])
+    like_path = _like_path(like)
     record = {
         "config": model_config(model), "n_iter": model.n_iter_, "stop_reason": model.stop_reason_,
         "reconstruction_err": model.reconstruction_err_, "seed": getattr(model, "seed_", None),
         "input_path": None if like_path is None else str(like_path), "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    return write_anndata(path, W, model.components_, like=like, uns={"record": _json_text(record)},
+                         overwrite=overwrite)
+
+
+def write_anndata(path, W, H, like=None, uns: dict | None = None, overwrite: bool = False,
+                  protected: dict | None = None) -> Path:
+    """Write W and H as a new AnnData with no X at ``path`` (``.h5ad`` or ``.zarr``).
+
+    ``obsm["X_nmf"]`` = W (n_samples, K; numpy, or dask written block by block),
+    ``varm["NMF_components"]`` = Hᵀ (n_features, K), ``uns["dnmf"]`` = ``uns`` (values
+    AnnData can store) with ``written_by = "dnmf"``, which marks the file as dnmf's own.
+    ``obs`` / ``var`` come from ``like`` (see :func:`anndata_frames`), numbered when None.
+    ``path`` is checked like every output, never the input ``like`` nor anything in
+    ``protected`` (role: path); it is written to a hidden sibling and renamed into place when
+    complete, replacing an earlier one only with ``overwrite`` and only when dnmf wrote it.
+    """
+    import anndata
+
+    H = np.asarray(H)
+    if W.ndim != 2 or W.shape[1] != H.shape[0]:
+        raise StoreError(expected(f"W with {H.shape[0]} columns, as H has rows", f"shape {W.shape}"))
+    text = str(path)
+    if not text.endswith((".h5ad", ".zarr")):
+        raise StoreError(expected("an AnnData output path ending in .h5ad or .zarr", text))
+    like_path = _like_path(like)
+    obs, var = anndata_frames(like, W.shape[0], H.shape[1])
     adata = anndata.AnnData(
         obs=obs, var=var, obsm={ANNDATA_W: W}, varm={ANNDATA_H: H.T.copy()},
-        uns={"dnmf": {"record": _json_text(record), "written_by": "dnmf"}},
+        uns={"dnmf": {**(uns or {}), "written_by": "dnmf"}},
     )
-    with atomic_directory(text, overwrite, protected={"input": like_path}, owned=anndata_written_by_dnmf) as tmp:
+    protect = dict(protected or {})
+    if like_path is not None:
+        protect["input" if protect.get("input") in (None, like_path) else "AnnData input"] = like_path
+    with atomic_directory(text, overwrite, protected=protect, owned=anndata_written_by_dnmf) as tmp:
         if text.endswith(".h5ad"):
             adata.write_h5ad(tmp)
         else:
             adata.write_zarr(tmp)
     return Path(text)
+
+
+def _like_path(like):
+    """The file an AnnData ``like`` was read from (a path, a backed object), else None."""
+    if isinstance(like, (str, Path)):
+        return like
+    if isinstance(like, tuple):
+        return None
+    return getattr(like, "filename", None)
 
 
 def _json_text(record: dict) -> str:
@@ -230,9 +259,10 @@ def _json_text(record: dict) -> str:
     return json.dumps(json_safe(record))
 
 
-def _obs_var(like, n: int, p: int):
-    """obs and var (pandas DataFrames) of ``like`` (AnnData, .h5ad or .zarr path), or plain
-    numbered ones; their lengths must be V's."""
+def anndata_frames(like, n: int, p: int):
+    """obs and var (pandas DataFrames) of ``like``: an AnnData object (copied), the path of a
+    ``.h5ad`` file or AnnData ``.zarr`` store (only obs and var are read, never X), an
+    ``(obs, var)`` pair, or None for plain numbered ones; their lengths must be n and p."""
     import pandas as pd
 
     if like is None:
@@ -251,6 +281,8 @@ def _obs_var(like, n: int, p: int):
 
             group = zarr.open_group(where, mode="r")
             obs, var = read_elem(group["obs"]), read_elem(group["var"])
+    elif isinstance(like, tuple):
+        obs, var = like
     else:
         obs, var = like.obs.copy(), like.var.copy()
     if (len(obs), len(var)) != (n, p):
@@ -259,7 +291,7 @@ def _obs_var(like, n: int, p: int):
 
 
 def anndata_written_by_dnmf(path) -> bool:
-    """Whether the AnnData at ``path`` is one :func:`save_anndata` wrote (so --overwrite may replace it)."""
+    """Whether the AnnData at ``path`` is one :func:`write_anndata` wrote (so --overwrite may replace it)."""
     try:
         if str(path).endswith(".h5ad"):
             import h5py

@@ -21,13 +21,19 @@ same V in the same ``workdir`` (a job killed and started again) reads what is th
 only what is missing. Replicates are fitted bitwise reproducibly, and the consensus step is
 deterministic, so a resumed run gives the same consensus bit for bit. Changing only the
 filter (``density_threshold``, ``neighbor_fraction``) reuses the replicates and redoes the
-consensus step. The layout of ``workdir``::
+consensus step. A rank already complete is never written again (its ``programs_K{K}.tsv`` and
+``K{K}.h5ad`` are written when missing: a kill between them and its Zarr group). The input is
+only read: ``K{K}.h5ad`` is a new file beside the other results. The layout of ``workdir``::
 
     dnmf_consensus.json        the settings and V's fingerprint (what a resume must match)
     replicates/K{K}/{i}.npz    replicate i of rank K: H, its final objective, its seed
     K{K}.zarr                  rank K: H (consensus), W (refitted), components (R·K rows of H),
                                labels, density; attrs: the measures and the filter
     programs_K{K}.tsv          the consensus programs, one column per program, one row per feature
+                               (named by the input's var_names for an AnnData input)
+    K{K}.h5ad                  for an AnnData input only: a new AnnData with no X, the input's
+                               obs and var, obsm["X_nmf"] = W, varm["NMF_components"] = Hᵀ and
+                               uns["dnmf"] the rank's measures, seeds and the run's settings
     consensus.json             the measures per rank, the suggested K and its reason
     k_plot.png                 stability and error against K
     density.png                the local-density histograms, with the threshold
@@ -55,8 +61,10 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from ..cluster import current_client
+from ..data import ondisk
 from ..data.outputs import atomic_directory, check_output, mark_written
-from ..data.store import Matrix, open_matrix, scan_matrix, validate_stats
+from ..data.results import anndata_frames, anndata_written_by_dnmf, write_anndata
+from ..data.store import Matrix, is_anndata, open_matrix, scan_matrix, validate_stats
 from ..data.zarrio import json_safe, write_array
 from ..errors import CheckpointMismatchError, ParameterError, StoreError, expected
 from ..run.fused import fit_fused
@@ -75,7 +83,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "dnmf_consensus.json"
 STATE_FORMAT = 1
 # What the replicates depend on: a resume must match these (the filter may change).
-REPLICATE_KEYS = ("fingerprint", "n_replicates", "beta_loss", "solver", "max_iter", "tol", "tol_x", "seed")
+# ``layer``: the AnnData layer V was read from (None: X; absent from records of earlier versions).
+REPLICATE_KEYS = ("fingerprint", "layer", "n_replicates", "beta_loss", "solver", "max_iter", "tol", "tol_x", "seed")
 FILTER_KEYS = ("density_threshold", "neighbor_fraction")
 OUTPUT_NAMES = ("consensus.json", "k_plot.png", "density.png")
 
@@ -98,6 +107,8 @@ def consensus(
     workdir=None,
     input_path=None,
     max_concurrent: int | None = None,
+    layer: str | None = None,
+    like=None,
 ) -> Consensus:
     """Consensus NMF of X for each rank in ``ranks`` (see the module docstring).
 
@@ -130,6 +141,15 @@ def consensus(
         :data:`dnmf.run.fused.FUSED_MEMORY_BYTES`). A replicate is written to ``workdir`` when
         it ends, so a kill loses the replicates in flight: fewer at once (a new one starts as
         one ends) lose less and share fewer passes.
+    layer : str, optional
+        For an AnnData input (an AnnData object in memory or backed, a ``.h5ad`` file, an
+        AnnData ``.zarr`` store): the layer to factor instead of X. It is recorded in
+        ``workdir``: a resume must read the same layer.
+    like : AnnData, or the path of a ``.h5ad`` file or AnnData ``.zarr`` store, optional
+        Whose obs and var the ``K{K}.h5ad`` results carry (and whose var_names name the rows
+        of ``programs_K{K}.tsv``); read, never written. Default: X itself when it is AnnData
+        (an object or the path of an AnnData store); with neither, no ``K{K}.h5ad`` is
+        written. Its obs and var must have V's numbers of rows and columns.
 
     Returns
     -------
@@ -143,13 +163,13 @@ def consensus(
     )
     if workdir is None:
         return _consensus(X, wanted, base, n_replicates, random_state, density_threshold, neighbor_fraction,
-                          error_margin, None, max_concurrent)
+                          error_margin, None, max_concurrent, layer, like)
     workdir = os.fspath(workdir)
     check_output(workdir, protected={"input": input_path}, kind="folder", label="workdir")
     with FolderLock(workdir, "consensus folder"):
         os.makedirs(workdir, exist_ok=True)
         return _consensus(X, wanted, base, n_replicates, random_state, density_threshold, neighbor_fraction,
-                          error_margin, _Workdir(workdir), max_concurrent)
+                          error_margin, _Workdir(workdir, input_path), max_concurrent, layer, like)
 
 
 def _check_params(n_replicates, density_threshold, neighbor_fraction, error_margin) -> None:
@@ -163,16 +183,31 @@ def _check_params(n_replicates, density_threshold, neighbor_fraction, error_marg
         raise ParameterError(expected("error_margin a non-negative number", error_margin))
 
 
+def _anndata_like(X, like):
+    """What the ``K{K}.h5ad`` take obs and var from: ``like``, else X when it is AnnData (an
+    object, or the path of a .h5ad file or AnnData .zarr store), else None."""
+    if like is not None:
+        return like
+    if is_anndata(X):
+        return X
+    if isinstance(X, (str, os.PathLike)) and ondisk.is_anndata_store(X):
+        return os.fspath(X)
+    return None
+
+
 def _consensus(X, wanted, base, n_replicates, random_state, density_threshold, neighbor_fraction, error_margin,
-               work, max_concurrent) -> Consensus:
+               work, max_concurrent, layer=None, like=None) -> Consensus:
     saved = work.read_state() if work is not None else None
     chunks = base.chunks
     if saved is not None and chunks is None:
         chunks = tuple(saved["fingerprint"]["row_chunks"])  # the blocks the replicates were fitted on
-    matrix = open_matrix(X, chunks, block_bytes=block_bytes_for_workers(current_client()))
+    matrix = open_matrix(X, chunks, block_bytes=block_bytes_for_workers(current_client()), layer=layer)
     n, p = matrix.shape
     if wanted[-1] > min(n, p):
         raise ParameterError(f"Rank {wanted[-1]} is larger than min(n_samples, n_features) = {min(n, p)}; ask for smaller ranks.")
+    like = _anndata_like(X, like)
+    # obs and var of an AnnData input, for the K{K}.h5ad: read (and checked against V) once, before any fit
+    frames = anndata_frames(like, n, p) if like is not None and work is not None else None
     with blas_threads_for_scheduler():
         stats = scan_matrix(matrix)
     validate_stats(stats, base.beta)
@@ -190,10 +225,12 @@ def _consensus(X, wanted, base, n_replicates, random_state, density_threshold, n
         "n_replicates": int(n_replicates), "beta_loss": base.params["beta_loss"], "solver": base.solver,
         "max_iter": int(base.max_iter), "tol": float(base.tol), "tol_x": float(base.tol_x), "seed": seed,
         "density_threshold": float(density_threshold), "neighbor_fraction": float(neighbor_fraction),
-        "ranks": wanted, "source": matrix.source,
+        "ranks": wanted, "source": matrix.source, "layer": layer,
     }, keep_nonfinite=True)
     if work is not None:
         work.adopt(record, saved)
+        work.frames = frames
+        work.settings = {key: record[key] for key in record if key not in ("dnmf_consensus", "ranks")}
     job = _Job(matrix, base, stats.v_sq, stats.mean, n_replicates, seed, density_threshold, neighbor_fraction, work, max_concurrent)
     results = tuple(job.rank(k) for k in wanted)
     suggested, reason = suggest_k(results, error_margin)
@@ -221,6 +258,7 @@ class _Job:
     def rank(self, k: int) -> ConsensusRank:
         if self.work is not None and (done := self.work.load_rank(k)) is not None:
             logger.info("rank %d: consensus read from %s", k, self.work.rank_path(k))
+            self.work.complete_rank(done)
             return done
         seeds = spawn_seeds(self.seed, self.n_replicates, key=(k,))
         Hs, losses = self.replicates(k, seeds)
@@ -333,8 +371,10 @@ class _Workdir:
     whole file or none; files of other names are never touched.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, input_path=None):
+        self.path, self.input_path = path, input_path
+        self.frames = None  # (obs, var) of an AnnData input: the K{K}.h5ad are written
+        self.settings: dict = {}  # the run's record, copied into each K{K}.h5ad
 
     def _file(self, *parts) -> str:
         return os.path.join(self.path, *parts)
@@ -344,7 +384,7 @@ class _Workdir:
         if not os.path.exists(path):
             names = os.listdir(self.path) if os.path.isdir(self.path) else []
             clashes = [name for name in names if name in OUTPUT_NAMES or name == "replicates"
-                       or re.fullmatch(r"K\d+\.zarr|programs_K\d+\.tsv", name)]
+                       or re.fullmatch(r"K\d+\.(zarr|h5ad)|programs_K\d+\.tsv", name)]
             if clashes:
                 raise StoreError(
                     f"{self.path!r} holds {min(clashes)!r} but no {STATE_FILE}, so it is not a dnmf consensus "
@@ -366,10 +406,12 @@ class _Workdir:
         if saved is not None:
             differ = [key for key in REPLICATE_KEYS if saved.get(key) != record.get(key)]
             if differ:
+                values = "; ".join(f"{key} {saved.get(key)!r} there, {record.get(key)!r} now"
+                                   for key in differ if key != "fingerprint")
                 raise CheckpointMismatchError(
                     f"{self.path!r} holds replicates of another run (its {', '.join(differ)} differ"
-                    f"{' (V is not the same matrix or its blocks differ)' if 'fingerprint' in differ else ''}); "
-                    "use the same settings to continue it, or another folder."
+                    f"{' (V is not the same matrix or its blocks differ)' if 'fingerprint' in differ else ''}"
+                    f"{': ' + values if values else ''}); use the same settings to continue it, or another folder."
                 )
         self._write_text(STATE_FILE, json.dumps(record, indent=2))
 
@@ -408,10 +450,29 @@ class _Workdir:
     def rank_path(self, k: int) -> str:
         return self._file(f"K{k}.zarr")
 
+    def anndata_path(self, k: int) -> str:
+        return self._file(f"K{k}.h5ad")
+
+    def tsv_name(self, k: int) -> str:
+        return f"programs_K{k}.tsv"
+
     def save_rank(self, res: ConsensusRank, components: np.ndarray, filter_record: dict) -> ConsensusRank:
-        """Write rank K's consensus (Zarr) and programs (TSV); the result reads W from the store."""
+        """Write rank K's consensus (Zarr), then its programs (TSV) and, for an AnnData input,
+        its AnnData; the result reads W from the store.
+
+        The TSV and AnnData of an earlier consensus of K (another filter) are removed first, so
+        a kill leaves none that disagrees with the Zarr group; a resume writes the missing ones.
+        """
         import zarr
 
+        stale = self.anndata_path(res.rank)
+        if os.path.lexists(stale):
+            if not anndata_written_by_dnmf(stale):
+                raise StoreError(f"{stale!r} is not an AnnData dnmf wrote, and dnmf writes nothing over it; "
+                                 "move it away to continue.")
+            os.remove(stale)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._file(self.tsv_name(res.rank)))
         with atomic_directory(self.rank_path(res.rank), overwrite=True) as tmp:
             group = zarr.open_group(str(tmp), mode="w")
             write_array(group, "H", res.H)
@@ -424,9 +485,31 @@ class _Workdir:
                 "dnmf_consensus_rank": STATE_FORMAT, **res.summary(), **filter_record, "seeds": list(res.seeds),
             }, keep_nonfinite=True))
             mark_written(group, "dnmf.rank.consensus")
-        self._write_text(f"programs_K{res.rank}.tsv", programs_tsv(res.H))
         W = res.W if isinstance(res.W, np.ndarray) else da.from_zarr(self.rank_path(res.rank), component="W")
-        return replace(res, W=W)
+        res = replace(res, W=W)
+        self.complete_rank(res)
+        return res
+
+    def complete_rank(self, res: ConsensusRank) -> None:
+        """Write rank K's programs TSV and (for an AnnData input) AnnData where missing."""
+        names = None if self.frames is None else [str(name) for name in self.frames[1].index]
+        if not os.path.exists(self._file(self.tsv_name(res.rank))):
+            self._write_text(self.tsv_name(res.rank), programs_tsv(res.H, names))
+        if self.frames is not None and not os.path.exists(self.anndata_path(res.rank)):
+            write_anndata(self.anndata_path(res.rank), res.W, res.H, like=self.frames, uns=self.rank_uns(res),
+                          protected={"input": self.input_path})
+            logger.info("rank %d: wrote %s", res.rank, self.anndata_path(res.rank))
+
+    def rank_uns(self, res: ConsensusRank) -> dict:
+        """uns["dnmf"] of rank K's AnnData: its measures, seeds and filter, and the run's settings."""
+        state = self.read_state() or {}
+        return {
+            "kind": "consensus", **{key: value for key, value in res.summary().items() if value is not None},
+            "seeds": np.asarray(res.seeds, dtype=np.int64),
+            "replicate_losses": np.asarray(res.replicate_losses, dtype=np.float64),
+            **{key: float(state[key]) for key in FILTER_KEYS if key in state},
+            "settings": json.dumps(json_safe(self.settings, keep_nonfinite=True)),
+        }
 
     def load_rank(self, k: int) -> ConsensusRank | None:
         """Rank K's consensus as saved, when it is complete and was made with this filter."""
