@@ -36,6 +36,38 @@ def test_tree_below_root_folds_to_the_root(n_leaves):
         assert keys == [root]
 
 
+def _scheduler_rank(hlg) -> dict:
+    """Each key's place in the order a distributed scheduler prefers its tasks: by the layer's
+    ``priority`` annotation (higher first), then dask's static order."""
+    from dask.order import order
+
+    tasks = dict(hlg)
+    static = order(tasks)
+    annotated = {key: -(layer.annotations or {}).get("priority", 0) for layer in hlg.layers.values() for key in layer}
+    return {key: rank for rank, key in enumerate(sorted(tasks, key=lambda k: (annotated[k], static[k])))}
+
+
+@pytest.mark.parametrize("n_blocks", [64, 172])
+def test_a_pass_sums_its_first_blocks_before_it_runs_the_rest(n_blocks, monkeypatch):
+    """dask's static order put the node summing blocks 0-7 after ~3/4 of the per-block tasks
+    (128 of 172), so the workers held nearly every block's r x p partials until a pass ended;
+    the trees' layer at REDUCE_PRIORITY puts each node right after its inputs."""
+    from dnmf import graph as graph_module
+
+    def ranks(priority):
+        monkeypatch.setattr(graph_module, "REDUCE_PRIORITY", priority)
+        graph = graph_module.TaskGraph("t")
+        steps = graph.map(np.add, [(("w", i),) for i in range(n_blocks)], ("h",))
+        top = graph.reduce_below_root(steps, np.add)
+        rank = _scheduler_rank(graph.delayed(top[0]).__dask_graph__())
+        firsts = [key for key in rank if isinstance(key, tuple) and key[0].endswith("-sum0")]
+        return max(sum(rank[step] < rank[node] for step in steps) - SPLIT_EVERY * (node[1] + 1) for node in firsts)
+
+    # How many more blocks than its own (and those of the nodes before it) run before a node.
+    assert ranks(graph_module.REDUCE_PRIORITY) <= 0
+    assert ranks(0) >= n_blocks // 2  # what the static order alone does
+
+
 @pytest.fixture(scope="module")
 def client():
     from distributed import Client, LocalCluster
