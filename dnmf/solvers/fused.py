@@ -70,7 +70,8 @@ class FusedPasses:
 
     Use one per V: ``with passes.member() as member: fit(..., fused=member)`` in each fit's
     thread. ``n_passes`` counts the passes over V made (each serving one or more fits),
-    ``n_fit_passes`` the passes the fits asked for.
+    ``n_fit_passes`` the passes the fits asked for (on a grid, a pass is a start's or a step's
+    graph: a step reads V twice, for every fit in the pass).
     """
 
     def __init__(self):
