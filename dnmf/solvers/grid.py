@@ -293,10 +293,10 @@ def _chunk_tasks(graph: TaskGraph, matrix: Matrix, asks: list[ChunkPass], label:
     rows = matrix.grid_inputs()
     if len(asks) == 1:
         (ask,) = asks
-        return [
+        return [[
             graph.map(ask.kernel, row, w_key, ask.h_keys, *ask.args, label=("chunk", label, i))
             for i, (row, w_key) in enumerate(zip(rows, ask.w_keys))
-        ]
+        ]]
     n_cols = len(matrix.col_chunks)
     funcs, args = [ask.kernel for ask in asks], [list(ask.args) for ask in asks]
     h_keys = [[ask.h_keys[j] for ask in asks] for j in range(n_cols)]
