@@ -351,6 +351,11 @@ class TaskGraph:
     def _trees_layer(self) -> str:
         return f"{self.name}-trees"
 
+    def scope(self, prefix: str) -> Scope:
+        """This graph with the labels of what is added through it prefixed by ``prefix``: to
+        build several computations of one kind side by side in one graph (fused fits)."""
+        return Scope(self, prefix)
+
     @property
     def graph(self) -> HighLevelGraph:
         """The tasks, as a layer named ``name`` over the dependencies' graphs, and their trees
@@ -379,6 +384,46 @@ class TaskGraph:
     def array(self, blocks: list[Key], chunks: tuple, dtype: DTypeLike) -> da.Array:
         """The dask array whose blocks are ``blocks`` (from :meth:`map_blocks`), of ``chunks``."""
         return da.Array(self.graph, blocks[0][0], chunks=chunks, dtype=dtype)
+
+
+class Scope:
+    """A :class:`TaskGraph` seen with its labels prefixed (:meth:`TaskGraph.scope`): the same
+    calls, whose keys (and arrays' and trees' names) carry ``prefix``, so that builders that
+    label their tasks alike can share one graph without their keys meeting."""
+
+    def __init__(self, graph: TaskGraph, prefix: str):
+        self.graph = graph
+        self.prefix = prefix
+
+    def _label(self, label: Label) -> tuple:
+        return (self.prefix, *_parts(label))
+
+    def _name(self, name: str | None) -> str:
+        return self.prefix if name is None else f"{self.prefix}-{name}"
+
+    def constant(self, label: Label, value: Any) -> Key:
+        return self.graph.constant(self._label(label), value)
+
+    def task(self, label: Label, func: Callable, *args: Any) -> Key:
+        return self.graph.task(self._label(label), func, *args)
+
+    def map(self, func: Callable, *args: Any, label: Label = ()) -> list[Key]:
+        return self.graph.map(func, *args, label=self._label(label))
+
+    def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0) -> list[Key]:
+        return self.graph.map_blocks(func, *args, array=self._name(array), axis=axis)
+
+    def reduce(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> Key:
+        return self.graph.reduce(parts, combine, label=self._name(label))
+
+    def reduce_below_root(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> list[Key]:
+        return self.graph.reduce_below_root(parts, combine, label=self._name(label))
+
+    def delayed(self, key: Key) -> Delayed:
+        return self.graph.delayed(key)
+
+    def array(self, blocks: list[Key], chunks: tuple, dtype: DTypeLike) -> da.Array:
+        return self.graph.array(blocks, chunks, dtype)
 
 
 class InProcess:

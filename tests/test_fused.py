@@ -34,7 +34,7 @@ def outcome(fact):
 
 def same(a, b) -> bool:
     return (a[0].dtype == b[0].dtype and a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
-            and a[2] == b[2] and a[3] == b[3])
+            and repr(a[2]) == repr(b[2]) and a[3] == b[3])  # repr: exact, and NaN (a skipped objective) matches
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])
@@ -72,7 +72,7 @@ def test_stops_differ_and_a_single_block_is_fused_too():
     assert all(same(a, b) for a, b in zip(fused.results, alone))
 
 
-def test_fused_fits_refuse_masks_and_grids():
+def test_fused_fits_refuse_masks():
     V = data(False)
     base = FitSettings.from_params(n_components=2, init="random", max_iter=5, chunks=50)
     from dnmf.solvers.fused import FusedPasses
@@ -80,21 +80,90 @@ def test_fused_fits_refuse_masks_and_grids():
     passes = FusedPasses()
     with passes.member() as member, pytest.raises(ParameterError, match="one fit at a time"):
         fit(V, base, mask=np.ones(V.shape, bool), fused=member)
-    grid = replace(base, column_chunks=20)
-    with passes.member() as member, pytest.raises(ParameterError, match="plain row-block solver"):
-        fit(V, grid, fused=member)
+    with passes.member() as member, pytest.raises(ParameterError, match="one fit at a time"):
+        fit(V, replace(base, column_chunks=20), mask=np.ones(V.shape, bool), fused=member)
 
 
-def test_fused_fits_on_a_local_cluster_with_rerooting_equal_the_fits_alone():
+def grid_outcome(fact):
+    assert fact.info["layout"] == "grid" and fact.info["column_blocks"] == 3
+    return outcome(fact)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("solver,beta_loss", CASES)
+def test_fused_grid_fits_equal_the_fits_run_alone_bitwise(solver, beta_loss, sparse):
+    V = data(sparse)  # 4 row blocks x 3 column blocks
+    base = FitSettings.from_params(
+        n_components=3, solver=solver, beta_loss=beta_loss, init="random", max_iter=25, tol=1e-3, tol_x=1e-2,
+        chunks=50, column_chunks=15,
+    )
+    runs = [replace(base, seed=s) for s in spawn_seeds(3, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fit_fused(V, runs, summarize=grid_outcome)
+        alone = [grid_outcome(fit(V, s)) for s in runs]
+    for a, b in zip(fused.results, alone):
+        assert same(a, b)
+    # One pass (a start, or a step's two reads of V) served every fit in flight.
+    longest = max(len(a[2]) for a in alone)
+    assert fused.n_fit_passes >= sum(len(a[2]) for a in alone)
+    assert fused.n_passes <= longest + 4 < fused.n_fit_passes
+
+
+def test_fused_grid_fits_starting_beside_others_steps_and_skipping_objectives_equal_the_fits_alone():
+    # Two fits in flight of four: a fit's start runs with the other's step; KL skips the
+    # divergence between evaluations, and a stop on such an iteration makes one more start.
+    V = data(True)
+    base = FitSettings.from_params(n_components=3, beta_loss="kullback-leibler", init="random", max_iter=30,
+                                   tol=1e-3, tol_x=1e-2, chunks=40, column_chunks=15, objective_every=3)
+    runs = [replace(base, seed=s) for s in (1, 2, 3, 4)]
+    runs[1] = replace(runs[1], callbacks=[lambda record: record.iteration == 5])  # 5: not evaluated
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fit_fused(V, runs, summarize=grid_outcome, max_concurrent=2)
+        alone = [grid_outcome(fit(V, s)) for s in runs]
+    assert len({len(a[2]) for a in alone}) > 1 and alone[1][3] == "callback"
+    assert not np.isnan(alone[1][2][-1][1])  # the objective of the stop, by one more start
+    assert all(same(a, b) for a, b in zip(fused.results, alone))
+    assert fused.n_passes < fused.n_fit_passes
+
+
+def test_run_grid_shares_each_chunk_read_between_the_graphs(monkeypatch):
+    # The fused graph reads each chunk of V once per pass for all the fits: count the kernel's calls.
+    from dnmf.kernels import fused as fused_kernels
+    from dnmf.solvers import grid
+
+    calls = []
+
+    def counting(V_b, *args):
+        calls.append(len(args[0]))
+        return fused_kernels.fused_chunk(V_b, *args)
+
+    monkeypatch.setattr(grid, "fused_chunk", counting)
+    V = data(False)
+    base = FitSettings.from_params(n_components=2, init="random", max_iter=4, tol=0, tol_x=0, chunks=40,
+                                   column_chunks=15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fit_fused(V, [replace(base, seed=s) for s in (1, 2, 3)], summarize=grid_outcome)
+    # A start (pass A) and 4 steps (passes B and A) over 4 x 3 chunks, each chunk task for 3 fits.
+    assert fused.n_passes == 5 and fused.n_fit_passes == 15
+    assert len(calls) == (1 + 2 * 4) * 12 and set(calls) == {3}
+
+
+@pytest.mark.parametrize("column_chunks", [None, 15], ids=["rows", "grid"])
+def test_fused_fits_on_a_local_cluster_with_rerooting_equal_the_fits_alone(column_chunks):
     from dnmf.cluster import connect
 
     V = data(False)
-    base = FitSettings.from_params(n_components=3, init="random", max_iter=12, tol=0, tol_x=0, chunks=40, reroot_every=4)
+    base = FitSettings.from_params(n_components=3, init="random", max_iter=12, tol=0, tol_x=0, chunks=40, reroot_every=4,
+                                   column_chunks=column_chunks)
     runs = [replace(base, seed=s) for s in (5, 6, 7)]
     with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused = fit_fused(V, runs, summarize=outcome)
-        alone = [outcome(fit(V, s)) for s in runs]
+        summary = outcome if column_chunks is None else grid_outcome
+        fused = fit_fused(V, runs, summarize=summary)
+        alone = [summary(fit(V, s)) for s in runs]
     # On a LocalCluster here, two runs of one single fit already differ in the last bits now and
     # then (as tests/test_pinned.py's distributed case does), so this checks closeness only; the
     # bitwise equality is checked under the threaded scheduler and in process above.
@@ -102,7 +171,8 @@ def test_fused_fits_on_a_local_cluster_with_rerooting_equal_the_fits_alone():
         np.testing.assert_allclose(a[0], b[0], rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)
         assert [x[0] for x in a[2]] == [x[0] for x in b[2]]
-    assert fused.n_passes <= 14 < fused.n_fit_passes
+    # The grid's re-rooting is a start (a pass over V) of its own.
+    assert fused.n_passes <= (14 if column_chunks is None else 17) < fused.n_fit_passes
 
 
 def test_a_fit_that_fails_leaves_the_others_running():

@@ -1,5 +1,6 @@
 """Several fits' work on one row block, reading V_b once: the per-block kernel of fused
-replicates (:mod:`dnmf.solvers.fused`).
+replicates (:mod:`dnmf.solvers.fused`); and its grid counterpart, :func:`fused_chunk`, on one
+chunk V_ij of a 2-D grid.
 
 Each replicate gets exactly the computation it would get alone, so each result is bitwise
 the single fit's. In general each replicate gets the very call it would get alone
@@ -81,9 +82,27 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     return out
 
 
+def fused_chunk(V_b, kernels: list, W_bs: list, H_bs: list, args: list) -> list:
+    """Several fits' kernels on one chunk V_ij of the grid (:mod:`dnmf.solvers.grid`), V_ij read
+    (and converted) once: ``kernels[k](V_ij, W_bs[k], H_bs[k], *args[k])`` for each fit k.
+
+    Each kernel (:func:`~.grid.chunk_w_products`, :func:`~.grid.chunk_h_partials`) gets the
+    call it gets alone: V_ij converted to its W's dtype (which its own conversion then keeps
+    as it is), its W_i, H_j and arguments; so each result is bitwise the single fit's.
+    """
+    converted: dict = {}
+    out = []
+    for kernel, W_b, H_b, extra in zip(kernels, W_bs, H_bs, args):
+        dtype = np.dtype(W_b.dtype)
+        if dtype not in converted:
+            converted[dtype] = as_float_block(V_b, dtype)
+        out.append(kernel(converted[dtype], W_b, H_b, *extra))
+    return out
+
+
 def _w(value) -> np.ndarray:
     """W_b of a block or of a step's (W_b, partials) result."""
     return value[0] if isinstance(value, tuple) else value
 
 
-__all__ = ["START", "STEP", "Rule", "fused_block"]
+__all__ = ["START", "STEP", "Rule", "fused_block", "fused_chunk"]

@@ -2,7 +2,8 @@
 
 :func:`fit_fused` runs each settings' fit through the one pipeline (:func:`dnmf.run.pipeline.fit`)
 in a thread of its own, all members of one :class:`~dnmf.solvers.fused.FusedPasses`: the fits
-in flight read each row block of V once per iteration between them, and V is scanned once.
+in flight read each row block of V (or each chunk of a grid) once per pass between them, and V
+is scanned once.
 Each fit's result is bitwise the one it has run alone. The fits in flight are capped so that
 their W's (and W's update) fit :data:`FUSED_MEMORY_BYTES`; the others start as fits end.
 """

@@ -200,7 +200,7 @@ def _solver(matrix: Matrix, settings: FitSettings, mask, update_h: bool, fused=N
         return stats, matrix, solver if fused is None else fused.solver(solver)
     if fused is not None:
         raise ParameterError(
-            "Fused fits run the plain row-block solver only; fit V with missing entries (a mask or NaN values) "
+            "Fused fits run the plain row-block or grid solver only; fit V with missing entries (a mask or NaN values) "
             "one fit at a time."
         )
     if matrix.is_grid:

@@ -4,7 +4,7 @@ NMF's objective is non-convex, so different starts reach different local minima.
 fits whose seeds are spawned from the user's seed (:class:`numpy.random.SeedSequence`), keep
 the one with the lowest final objective, and record every final objective.
 
-Without a mask or missing values, on row blocks, the K fits are fused
+Without a mask or missing values (on row blocks or a grid), the K fits are fused
 (:func:`dnmf.run.fused.fit_fused`): they share every pass over V, each bitwise the fit run
 alone. Otherwise they are submitted as separate Dask graphs from a small thread pool, so on a cluster
 their tasks interleave and fill the workers while each fit waits on its client-side H update.
@@ -150,7 +150,7 @@ def fit_runs(
             )
         settings = replace(settings, init=init)
     r = settings.n_components if isinstance(settings.n_components, int) else matrix.shape[1]  # None, "auto": p
-    if n_runs > 1 and mask is None and not settings.nan_is_missing and not matrix.is_grid:
+    if n_runs > 1 and mask is None and not settings.nan_is_missing:
         # The runs share their passes over V (each bitwise the run alone).
         runs = fit_fused(matrix, [replace(settings, seed=s) for s in seeds], max_concurrent=max_concurrent,
                          summarize=lambda fact: (summarize(fact), float(fact.result.state.objective)))

@@ -16,8 +16,18 @@ or sparse V, MU for any β, HALS, BPP; in process or as Dask graphs). V's scan (
 validation) is made once for all the fits too. So R fits read V once per iteration instead
 of R times; and where the work is V's products (dense, β = 2) the fits' products of a tile
 of V are one GEMM, R times the arithmetic intensity, wherever the BLAS gives each fit's bits
-inside it (measured: :mod:`dnmf.kernels.fused`). The fused path covers the plain row-block solver; a masked V or a grid layout
-raises :class:`~dnmf.errors.ParameterError`.
+inside it (measured: :mod:`dnmf.kernels.fused`).
+
+V laid out as a 2-D grid (:mod:`dnmf.solvers.grid`) is fused the same way: each fit's solver
+is then a :class:`FusedGridSolver`, which hands in its graph (a start or a step, a
+:class:`~dnmf.solvers.grid.GridWork`) instead of running it; the graphs handed in run as one
+(:func:`~dnmf.solvers.grid.run_grid`), each of their passes over V's chunks (pass B, which
+updates W, and pass A, the partials) one task per chunk V_ij that reads it once and runs every
+fit's kernel on it (:func:`~dnmf.kernels.fused.fused_chunk`); each fit's H and W updates and
+its sums, over j per row block and over i per column block, are its own tasks and trees, as
+alone. So each fused grid fit is bitwise the fit alone too, and R fits read V twice per
+iteration (as one fit on the grid does) instead of 2R times. A masked V (or missing values)
+raises :class:`~dnmf.errors.ParameterError`: those fits run one by one.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..data.store import Matrix, MatrixStats, scan_matrix
 from ..errors import ParameterError
 from ..graph import IN_PROCESS, TaskGraph, row_block_keys
 from ..kernels.fused import START, STEP, fused_block
+from .grid import GridSolver, GridWork, run_grid
 from .rows import Solver, _add_step_partials, _blocks_array, _w_blocks
 
 
@@ -59,7 +70,8 @@ class FusedPasses:
 
     Use one per V: ``with passes.member() as member: fit(..., fused=member)`` in each fit's
     thread. ``n_passes`` counts the passes over V made (each serving one or more fits),
-    ``n_fit_passes`` the passes the fits asked for.
+    ``n_fit_passes`` the passes the fits asked for (on a grid, a pass is a start's or a step's
+    graph: a step reads V twice, for every fit in the pass).
     """
 
     def __init__(self):
@@ -155,15 +167,17 @@ class FusedMember:
     def cached(self, plan, matrix: Matrix, place: Callable[[Any, Matrix], Matrix]) -> Matrix:
         return self.passes.cached(plan, matrix, place)
 
-    def solver(self, solver) -> FusedSolver:
-        """``solver`` as a :class:`FusedSolver` of this member (the plain row solver only)."""
-        if type(solver) is not Solver:
+    def solver(self, solver) -> FusedSolver | FusedGridSolver:
+        """``solver`` as a :class:`FusedSolver` (the plain row solver) or a
+        :class:`FusedGridSolver` (the grid solver) of this member."""
+        fused = {Solver: FusedSolver, GridSolver: FusedGridSolver}.get(type(solver))
+        if fused is None:
             raise ParameterError(
-                f"Fused replicates run the plain row-block solver only, not {type(solver).__name__} "
-                "(a mask, missing values or a grid layout); run those fits one by one."
+                f"Fused replicates run the plain row-block or grid solver only, not {type(solver).__name__} "
+                "(a mask or missing values); run those fits one by one."
             )
         values = {f.name: getattr(solver, f.name) for f in fields(solver) if f.init}
-        return FusedSolver(**values, member=self)
+        return fused(**values, member=self)
 
 
 @dataclass(frozen=True)
@@ -184,11 +198,43 @@ class FusedSolver(Solver):
         return self.member.passes.run(self.member.token, _Pass(self, STEP, W, H, HHt, with_loss, exact))
 
 
-def _run_together(requests: list[_Pass]) -> list[tuple]:
-    """One pass over V for every request: [(W, partials)] in the requests' order."""
-    if all(req.solver.local for req in requests):
-        return _in_process(requests)
-    return _as_graph(requests)
+@dataclass(frozen=True)
+class _GridPass:
+    """One grid fit's graph, as handed in: its solver and the graph (a start or a step)."""
+
+    solver: FusedGridSolver
+    work: GridWork
+
+
+@dataclass(frozen=True)
+class FusedGridSolver(GridSolver):
+    """A :class:`~dnmf.solvers.grid.GridSolver` whose graphs (starts and steps, each with its
+    passes over V's chunks) run with the other fits' (see the module docstring); its results
+    are bitwise the plain grid solver's."""
+
+    member: FusedMember | None = None
+
+    def _run(self, work: GridWork):
+        return self.member.passes.run(self.member.token, _GridPass(self, work))
+
+
+def _run_together(requests: list) -> list:
+    """One pass over V for every request, in the requests' order: (W, partials) for a row
+    fit's, the grid solver's result (a state or a step) for a grid fit's graph."""
+    outcomes: list = [None] * len(requests)
+    grid = [k for k, req in enumerate(requests) if isinstance(req, _GridPass)]
+    rows = [k for k, req in enumerate(requests) if not isinstance(req, _GridPass)]
+    if grid:
+        works = [requests[k].work for k in grid]
+        outcomes_grid = run_grid(requests[grid[0]].solver.matrix, works)
+        for k, outcome in zip(grid, outcomes_grid):
+            outcomes[k] = outcome
+    if rows:
+        row_requests = [requests[k] for k in rows]
+        run = _in_process if all(req.solver.local for req in row_requests) else _as_graph
+        for k, outcome in zip(rows, run(row_requests)):
+            outcomes[k] = outcome
+    return outcomes
 
 
 def _columns(requests: list[_Pass]) -> tuple:

@@ -17,13 +17,20 @@ An iteration (H first, then W, as in :mod:`dnmf.solvers`), as one graph:
 
 Every sum is a fixed-order tree, so results are bitwise reproducible on any scheduler. V is
 read twice per iteration (the row layout reads it once: its row blocks hold all columns).
+
+Each graph (a start or a step) is a :class:`GridWork`: a build that adds its own tasks and
+asks for its passes over V's chunks (:class:`ChunkPass`), run by :func:`run_grid`. Alone, a
+pass is a task per chunk running the kernel; fused fits (:mod:`dnmf.solvers.fused`) have their
+builds run together, each pass one task per chunk for all of them.
 """
 
 from __future__ import annotations
 
 import operator
 import uuid
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import dask
 import dask.array as da
@@ -32,6 +39,7 @@ import numpy as np
 from .. import kernels
 from ..errors import ParameterError
 from ..kernels import FactorSums, Rule
+from ..kernels.fused import fused_chunk
 from .rows import Step, relative_change, release
 from ..data.resident import to_workers
 from ..data.store import Matrix, kl_offset
@@ -88,27 +96,45 @@ class GridSolver:
         """The state at a starting point: one pass over V for the partials at (W, H)."""
         W = W.rechunk((self.matrix.row_chunks, (W.shape[1],)))
         H = self._column_blocks(H)
-        graph = TaskGraph("dnmf-grid-start", [self.matrix.data, W, H])
-        w_keys, h_keys = row_block_keys(W), _col_keys(H)
-        w_parts = graph.map(_w_sums_at_start, w_keys, self.rule, label="wsum")
-        w_sums = graph.reduce(w_parts, kernels.add_factor_sums, label="w")
-        p_keys, terms = self._pass_a(graph, w_keys, h_keys)
-        summary = graph.task("summary", tuple, [w_sums, terms, self._h_sums(graph, h_keys)])
-        partials = [graph.delayed(key) for key in p_keys]
-        W, H, partials, summary = dask.persist(W, H, partials, graph.delayed(summary), optimize_graph=False)
-        w_sums, terms, h_sums = compute(summary)[0]
-        penalty = self._penalty(w_sums, h_sums)
-        objective = self._objective(terms, w_sums.gram, h_sums.gram) + penalty
-        return GridState(W, H, tuple(partials), w_sums.gram, objective, penalty)
+        return self._run(GridWork("dnmf-grid-start", (W, H), lambda graph: self._start_tasks(graph, W, H)))
 
     def step(self, state: GridState, evaluate: bool = True) -> Step:
         """One iteration: H_j from the partials, pass B updating W, pass A for the next partials.
 
         ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
         """
+        dependencies = (state.W, state.H, *state.partials)
+        return self._run(GridWork("dnmf-grid-step", dependencies, lambda graph: self._step_tasks(graph, state, evaluate)))
+
+    def rerooted(self, state: GridState, reroot) -> GridState:
+        """The state with W and H replaced by ``reroot(W, "W")`` and ``reroot(H, "H")`` (the same
+        values, from a store) and the partials recomputed from them, so nothing depends on
+        earlier iterations: bitwise the same state, for one extra pass over V."""
+        return self.start(reroot(state.W, "W"), reroot(state.H, "H"))
+
+    def _run(self, work: GridWork):
+        """Run ``work``'s graph (alone here; a fused solver runs it with the other fits')."""
+        return run_grid(self.matrix, [work])[0]
+
+    def _start_tasks(self, graph: TaskGraph, W: da.Array, H: da.Array):
+        """The start's graph (a :class:`GridWork` build): pass A at (W, H), the factors' sums."""
+        w_keys, h_keys = row_block_keys(W), _col_keys(H)
+        w_parts = graph.map(_w_sums_at_start, w_keys, self.rule, label="wsum")
+        w_sums = graph.reduce(w_parts, kernels.add_factor_sums, label="w")
+        p_keys, terms = yield from self._pass_a(graph, w_keys, h_keys)
+        summary_key = graph.task("summary", tuple, [w_sums, terms, self._h_sums(graph, h_keys)])
+        W, H, partials, summary = yield Persist(
+            lambda: (W, H, [graph.delayed(key) for key in p_keys], graph.delayed(summary_key))
+        )
+        w_sums, terms, h_sums = compute(summary)[0]
+        penalty = self._penalty(w_sums, h_sums)
+        objective = self._objective(terms, w_sums.gram, h_sums.gram) + penalty
+        return GridState(W, H, tuple(partials), w_sums.gram, objective, penalty)
+
+    def _step_tasks(self, graph: TaskGraph, state: GridState, evaluate: bool):
+        """The step's graph (a :class:`GridWork` build): see :meth:`step`."""
         with_loss = evaluate or self.rule.frobenius
         W, H = state.W, state.H
-        graph = TaskGraph("dnmf-grid-step", [self.matrix.data, W, H, *state.partials])
         rule = self.rule
         old_w, old_h = row_block_keys(W), _col_keys(H)
         # 1. H's column blocks: (H_j, its sums) from the partials of column block j.
@@ -118,25 +144,22 @@ class GridSolver:
         h_sums = graph.map(operator.getitem, h_updates, 1, label="hsum")
         h_total = graph.reduce(h_sums, kernels.add_factor_sums, label="hsums")
         # 2. Pass B: W_i from the products of its chunks with the new H, summed over j.
-        products = [
-            graph.reduce(
-                graph.map(kernels.chunk_w_products, row, wk, new_h, rule, label=("wprod", i)),
-                kernels.add_w_products, label=f"wprod{i}",
-            )
-            for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), old_w))
-        ]
+        chunks = yield ChunkPass(kernels.chunk_w_products, old_w, new_h, (rule,))
+        products = [graph.reduce(row, kernels.add_w_products, label=f"wprod{i}") for i, row in enumerate(chunks)]
         w_updates = graph.map(kernels.grid_update_w, old_w, products, h_total, rule, label="wupd")
         new_w = graph.map_blocks(operator.getitem, w_updates, 0, array="W")
         w_sums = graph.map(operator.getitem, w_updates, 1, label="wsum")
         w_total = graph.reduce(w_sums, kernels.add_factor_sums, label="wsums")
         # 3. Pass A at the new (W, H).
-        p_keys, terms = self._pass_a(graph, new_w, new_h, with_loss)
-        summary = graph.task("summary", tuple, [w_total, terms, h_total])
-        W_new = graph.array(new_w, W.chunks, W.dtype)
-        H_new = graph.array(new_h, ((W.shape[1],), H.chunks[1]), H.dtype)
-        partials = [graph.delayed(key) for key in p_keys]
-        W_new, H_new, partials, summary = dask.persist(
-            W_new, H_new, partials, graph.delayed(summary), optimize_graph=False
+        p_keys, terms = yield from self._pass_a(graph, new_w, new_h, with_loss)
+        summary_key = graph.task("summary", tuple, [w_total, terms, h_total])
+        W_new, H_new, partials, summary = yield Persist(
+            lambda: (
+                graph.array(new_w, W.chunks, W.dtype),
+                graph.array(new_h, ((W.shape[1],), H.chunks[1]), H.dtype),
+                [graph.delayed(key) for key in p_keys],
+                graph.delayed(summary_key),
+            )
         )
         release(state.W, state.H, state.partials)
         w_sums, terms, h_sums = compute(summary)[0]
@@ -147,19 +170,11 @@ class GridSolver:
         h_change = relative_change(h_sums.d_sq, h_sums.sq)
         return Step(new_state, w_change, h_change)
 
-    def rerooted(self, state: GridState, reroot) -> GridState:
-        """The state with W and H replaced by ``reroot(W, "W")`` and ``reroot(H, "H")`` (the same
-        values, from a store) and the partials recomputed from them, so nothing depends on
-        earlier iterations: bitwise the same state, for one extra pass over V."""
-        return self.start(reroot(state.W, "W"), reroot(state.H, "H"))
-
-    def _pass_a(self, graph: TaskGraph, w_keys: list, h_keys: list, with_loss: bool = True) -> tuple[list, Key]:
-        """Add pass A to ``graph``: the partials per column block (a task per chunk, summed
-        over i) and the objective's terms (summed over j)."""
-        parts = [
-            graph.map(kernels.chunk_h_partials, row, wk, h_keys, self.rule, with_loss, label=("hpart", i))
-            for i, (row, wk) in enumerate(zip(self.matrix.grid_inputs(), w_keys))
-        ]
+    def _pass_a(self, graph: TaskGraph, w_keys: list, h_keys: list, with_loss: bool = True):
+        """Add pass A to ``graph`` (a build's part, ``yield from`` it): the partials per column
+        block (a task per chunk, summed over i) and the objective's terms (summed over j);
+        returns their keys."""
+        parts = yield ChunkPass(kernels.chunk_h_partials, w_keys, h_keys, (self.rule, with_loss))
         p_keys = [
             graph.reduce([row[j] for row in parts], kernels.add_partials, label=f"hpart{j}")
             for j in range(len(h_keys))
@@ -200,3 +215,96 @@ def _w_sums_at_start(W_b: np.ndarray, rule: Rule) -> FactorSums:
 
 def _h_sums_at_start(H_b: np.ndarray) -> FactorSums:
     return FactorSums(kernels.gram(H_b.T), 0.0, float(np.vdot(H_b, H_b)), 0.0, kernels.l1_norm(H_b))
+
+
+@dataclass(frozen=True)
+class ChunkPass:
+    """A pass over V's chunks that a grid graph asks for (a :class:`GridWork` build yields it):
+    ``kernel(V_ij, W_i, H_j, *args)`` for every chunk (i, j), W_i and H_j given by their keys
+    (``w_keys[i]``, ``h_keys[j]``). The build is sent back the keys of the results, [i][j]."""
+
+    kernel: Callable
+    w_keys: list
+    h_keys: list
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Persist:
+    """What a :class:`GridWork` build yields once all its tasks are added: ``collections()``
+    makes the collections to persist (W, H, the partials, the summary); the build is sent back
+    them persisted, and returns its result."""
+
+    collections: Callable[[], tuple]
+
+
+@dataclass(frozen=True)
+class GridWork:
+    """One graph of a grid solver (a start or a step), to run alone or with other fits' (fused).
+
+    prefix : what the graph is (its name's start when it runs alone).
+    dependencies : the persisted collections its tasks read, besides V.
+    build : ``build(graph)``, a generator that adds the graph's own tasks to ``graph``, yields a
+        :class:`ChunkPass` for each pass over V it needs (and is sent its results' keys), then
+        a :class:`Persist` (and is sent the persisted collections), and returns the result.
+    """
+
+    prefix: str
+    dependencies: tuple
+    build: Callable[[Any], Generator]
+
+
+def run_grid(matrix: Matrix, works: list[GridWork]) -> list:
+    """Run the graphs of ``works`` as one graph; their results, in order.
+
+    Alone, each chunk task of a pass runs its kernel. Together (fused fits), the builds go in
+    step: each round gathers the passes they ask for into one task per chunk (i, j), which
+    reads V_ij once and runs each one's kernel on it (:func:`~dnmf.kernels.fused.fused_chunk`),
+    and each build takes its own results from it, then sums them in its own trees, the trees it
+    has alone: so each result is bitwise the graph's run alone. Everything is persisted at once.
+    """
+    dependencies = [matrix.data, *(dep for work in works for dep in work.dependencies)]
+    graph = TaskGraph(works[0].prefix if len(works) == 1 else "dnmf-grid-fused", dependencies)
+    builds = [work.build(graph if len(works) == 1 else graph.scope(f"fit{r}")) for r, work in enumerate(works)]
+    asks = [next(build) for build in builds]
+    rounds = 0
+    while any(isinstance(ask, ChunkPass) for ask in asks):
+        passing = [r for r, ask in enumerate(asks) if isinstance(ask, ChunkPass)]
+        answers = _chunk_tasks(graph, matrix, [asks[r] for r in passing], rounds)
+        for r, keys in zip(passing, answers):
+            asks[r] = builds[r].send(keys)
+        rounds += 1
+    collections = [ask.collections() for ask in asks]
+    persisted = dask.persist(*[c for group in collections for c in group], optimize_graph=False)
+    results, at = [], 0
+    for build, group in zip(builds, collections):
+        try:
+            build.send(persisted[at : at + len(group)])
+        except StopIteration as done:
+            results.append(done.value)
+        else:
+            raise RuntimeError("A grid graph's build goes on past its Persist.")
+        at += len(group)
+    return results
+
+
+def _chunk_tasks(graph: TaskGraph, matrix: Matrix, asks: list[ChunkPass], label: int) -> list:
+    """The tasks of one pass over V's chunks for each of ``asks``: per ask, its results' keys [i][j]."""
+    rows = matrix.grid_inputs()
+    if len(asks) == 1:
+        (ask,) = asks
+        return [[
+            graph.map(ask.kernel, row, w_key, ask.h_keys, *ask.args, label=("chunk", label, i))
+            for i, (row, w_key) in enumerate(zip(rows, ask.w_keys))
+        ]]
+    n_cols = len(matrix.col_chunks)
+    funcs, args = [ask.kernel for ask in asks], [list(ask.args) for ask in asks]
+    h_keys = [[ask.h_keys[j] for ask in asks] for j in range(n_cols)]
+    keys: list = [[] for _ in asks]
+    for i, row in enumerate(rows):
+        w_keys = [ask.w_keys[i] for ask in asks]
+        tasks = graph.map(fused_chunk, row, [funcs] * n_cols, [w_keys] * n_cols, h_keys, [args] * n_cols,
+                          label=("chunks", label, i))
+        for k in range(len(asks)):
+            keys[k].append(graph.map(operator.getitem, tasks, k, label=("chunk", label, i, k)))
+    return keys
