@@ -37,6 +37,21 @@ def same(a, b) -> bool:
             and repr(a[2]) == repr(b[2]) and a[3] == b[3])  # repr: exact, and NaN (a skipped objective) matches
 
 
+def assert_fused_equal_alone(V, base: FitSettings, summarize) -> None:
+    """Three seeds of ``base`` fused: each bitwise the fit run alone, and one pass over V
+    serving every fit in flight (far fewer passes than the fits made)."""
+    runs = [replace(base, seed=s) for s in spawn_seeds(3, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = fit_fused(V, runs, summarize=summarize)
+        alone = [summarize(fit(V, s)) for s in runs]
+    for a, b in zip(fused.results, alone):
+        assert same(a, b)
+    longest = max(len(a[2]) for a in alone)
+    assert fused.n_fit_passes >= sum(len(a[2]) for a in alone)
+    assert fused.n_passes <= longest + 4 < fused.n_fit_passes
+
+
 @pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("solver,beta_loss", CASES)
@@ -46,17 +61,7 @@ def test_fused_fits_equal_the_fits_run_alone_bitwise(solver, beta_loss, sparse, 
         n_components=3, solver=solver, beta_loss=beta_loss, init="random", max_iter=40, tol=1e-3, tol_x=1e-2,
         chunks=50, local=local,
     )
-    runs = [replace(base, seed=s) for s in spawn_seeds(3, 4)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = fit_fused(V, runs, summarize=outcome)
-        alone = [outcome(fit(V, s)) for s in runs]
-    for a, b in zip(fused.results, alone):
-        assert same(a, b)
-    # One pass over V served every fit in flight: far fewer passes than the fits made.
-    longest = max(len(a[2]) for a in alone)
-    assert fused.n_fit_passes >= sum(len(a[2]) for a in alone)
-    assert fused.n_passes <= longest + 4 < fused.n_fit_passes
+    assert_fused_equal_alone(V, base, outcome)
 
 
 def test_stops_differ_and_a_single_block_is_fused_too():
@@ -97,17 +102,8 @@ def test_fused_grid_fits_equal_the_fits_run_alone_bitwise(solver, beta_loss, spa
         n_components=3, solver=solver, beta_loss=beta_loss, init="random", max_iter=25, tol=1e-3, tol_x=1e-2,
         chunks=50, column_chunks=15,
     )
-    runs = [replace(base, seed=s) for s in spawn_seeds(3, 4)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fused = fit_fused(V, runs, summarize=grid_outcome)
-        alone = [grid_outcome(fit(V, s)) for s in runs]
-    for a, b in zip(fused.results, alone):
-        assert same(a, b)
-    # One pass (a start, or a step's two reads of V) served every fit in flight.
-    longest = max(len(a[2]) for a in alone)
-    assert fused.n_fit_passes >= sum(len(a[2]) for a in alone)
-    assert fused.n_passes <= longest + 4 < fused.n_fit_passes
+    # A pass here is a start, or a step's two reads of V.
+    assert_fused_equal_alone(V, base, grid_outcome)
 
 
 def test_fused_grid_fits_starting_beside_others_steps_and_skipping_objectives_equal_the_fits_alone():
