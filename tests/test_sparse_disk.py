@@ -331,3 +331,25 @@ def test_no_hdf5_handle_outlives_a_fit(tmp_path):
     model, _ = fit(str(path), cache=False, chunks=20)
     ref, _ = fit(2 * X, local=False, chunks=20)
     assert np.array_equal(model.components_, ref.components_)
+
+
+def test_indptr_slices_through_cached_chunks_equal_the_stores(tmp_path):
+    """A row block's slice of indptr comes from the last decoded chunks (Zarr decodes whole
+    chunks): the same values as the store's, across chunk ends, after evictions, and never a
+    view a caller could write into the cache through."""
+    import zarr
+
+    values = np.cumsum(np.random.default_rng(0).integers(0, 9, 10_001)).astype(np.int64)
+    array = zarr.create_array(store=str(tmp_path / "ptr.zarr"), data=values, chunks=(1000,))
+    cached = ondisk.ChunkCached(array, keep=2)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        a = int(rng.integers(0, len(values)))
+        b = int(rng.integers(a, min(len(values), a + 2500) + 1))
+        got = cached[a:b]
+        assert np.array_equal(got, values[a:b]) and got.dtype == values.dtype
+        assert len(cached._chunks) <= 2
+    got = cached[5:10]
+    got[:] = -1
+    assert np.array_equal(cached[5:10], values[5:10])
+    assert np.array_equal(cached[:], values) and len(cached) == len(values)
