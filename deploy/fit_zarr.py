@@ -59,7 +59,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from dnmf.run.signals import exit_on_signals_outside_fits
+    from dnmf.run.signals import STOP_SIGNALS, exit_on_signals_outside_fits
 
     args = parse_args(argv)
     if args.scheduler == "mpi" and args.checkpoint:
@@ -67,8 +67,16 @@ def main(argv=None) -> int:
         # (its fit installs its own handler); the scheduler and worker ranks must not die of it.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     status, client = 1, []
+    requeueable = args.checkpoint and args.scheduler != "mpi"
+    if requeueable:
+        # Once the result is written there is nothing left to stop: a USR1 or TERM that arrives
+        # while the process shuts down (closing its cluster) must not kill it (status 138 or
+        # 143, a failed job after a complete fit). exit_on_signals_outside_fits restores these
+        # on leaving; until then it, and the fit's own handlers, act on them.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
     try:
-        with exit_on_signals_outside_fits() if args.checkpoint and args.scheduler != "mpi" else contextlib.nullcontext():
+        with exit_on_signals_outside_fits() if requeueable else contextlib.nullcontext():
             # (A signal before or after the fit: exit 75 as well, so the batch script requeues.)
             status = _fit(args, client)
     except SystemExit as e:

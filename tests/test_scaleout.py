@@ -922,3 +922,25 @@ def test_the_recipes_checkpoint_and_requeue_on_the_documented_status():
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
     assert any(arg.startswith("--checkpoint=s3://") for arg in pod["containers"][0]["command"])
+
+
+def test_a_stop_signal_after_the_fit_does_not_fail_the_finished_job(tmp_path):
+    """Slurm's USR1 (``--signal=B:USR1@…``) comes at a time of its own: once it came while the
+    fit's process shut down after writing its result, which then died of it (status 138) and
+    the job FAILED. After main() the stop signals are ignored: nothing is left to stop."""
+    V = small_matrix(400, 30)
+    source = tmp_path / "V.zarr"
+    zarr.create_array(store=str(source), data=V, chunks=(100, 30))
+    script = (
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO / 'deploy')!r})\n"
+        "import fit_zarr\n"
+        f"status = fit_zarr.main([{str(source)!r}, {str(tmp_path / 'out.zarr')!r}, '--rank', '3', '--max-iter', '5',"
+        f" '--checkpoint', {str(tmp_path / 'ckpt.zarr')!r}, '--n-workers', '1'])\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('survived', status)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert run.returncode == 0 and "survived 0" in run.stdout, (run.returncode, run.stdout, run.stderr[-3000:])
+    assert zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["n_iter"] == 5
