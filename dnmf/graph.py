@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Any, Protocol
 
 import dask
@@ -328,24 +328,24 @@ class TaskGraph:
         Key
             The root's key.
         """
-        self._check_open()
-        tree = self.name if label is None else f"{self.name}-{label}"
-        before = set(self._tasks)
-        root = tree_reduce(self._tasks, tree, list(parts), combine)
-        self._tree_keys.update(set(self._tasks) - before)
-        return root
+        return self._add_tree(tree_reduce, parts, combine, label)
 
     def reduce_below_root(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> list[Key]:
         """Add the fixed-order tree of ``combine`` over ``parts`` less its root
         (:func:`tree_reduce_below_root`): :func:`tree_fold` of the returned keys' values is
         what :meth:`reduce` would compute, bit for bit.
         """
+        return self._add_tree(tree_reduce_below_root, parts, combine, label)
+
+    def _add_tree(self, add: Callable, parts: Sequence[Key], combine: Callable, label: str | None):
+        """``add(tasks, name, parts, combine)`` (a tree builder) on this graph; the keys it adds
+        (the last ones in the task dict) are remembered as the trees' (see :attr:`graph`)."""
         self._check_open()
         tree = self.name if label is None else f"{self.name}-{label}"
-        before = set(self._tasks)
-        top = tree_reduce_below_root(self._tasks, tree, list(parts), combine)
-        self._tree_keys.update(set(self._tasks) - before)
-        return top
+        before = len(self._tasks)
+        out = add(self._tasks, tree, list(parts), combine)
+        self._tree_keys.update(islice(self._tasks, before, None))
+        return out
 
     @property
     def _trees_layer(self) -> str:
