@@ -14,6 +14,7 @@ import time
 import warnings
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -21,7 +22,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cluster import close_client, get_client
-from dnmf.data.resident import make_resident
+from dnmf.data.resident import make_resident, with_aligned_blocks
 from dnmf.graph import from_blocks
 
 from conftest import worker_killer
@@ -126,6 +127,41 @@ def test_the_client_stops_sending_once_the_blocks_are_dropped(client):
         gc.collect()
         time.sleep(0.05)
     assert senders() == []
+
+
+def aligned_in_workers(arr) -> list[bool]:
+    """Whether each block of a persisted ``arr`` is aligned where a task reads it."""
+    one = tuple((1,) * len(sizes) for sizes in arr.chunks)
+    flags = da.map_blocks(lambda block: np.full((1, 1), block.flags.aligned), arr, dtype=bool, chunks=one)
+    return flags.compute().ravel().tolist()
+
+
+def test_blocks_sent_to_the_workers_stay_aligned_there(client):
+    # Scattered, each block sat at an odd offset of its message: every step copied it again.
+    V = dense_v(2400, 800)
+    arr = from_blocks("test", [[V[i : i + 200]] for i in range(0, 2400, 200)], chunks=((200,) * 12, (800,)), dtype=V.dtype)
+    resident = make_resident(client, arr, "test")
+    with client.as_current():
+        assert aligned_in_workers(resident) == [True] * 12
+        assert np.array_equal(resident.compute(), V)
+
+
+def test_a_v_persisted_from_memory_gets_aligned_copies_beside_the_users_blocks(client):
+    V = dense_v(2400, 800)
+    with client.as_current(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dask's "Large object" of from_array
+        X = client.persist(da.from_array(V, chunks=(200, 800)))
+        before = aligned_in_workers(X)
+        assert not all(before)  # placed by the graph's message, at its offsets
+        assert with_aligned_blocks(X, V.nbytes, V.nbytes - 1) is X  # no room: left as it is
+        copy = with_aligned_blocks(X, V.nbytes, V.nbytes)
+        assert copy is not X and aligned_in_workers(copy) == [True] * 12
+        assert np.array_equal(copy.compute(), V)
+        assert aligned_in_workers(X) == before and np.array_equal(X.compute(), V)  # the user's, untouched
+        assert with_aligned_blocks(copy, V.nbytes, V.nbytes) is copy
+        model, W = fit(X, client)
+    ref, W_ref = fit(da.from_array(V, chunks=(200, 800)))  # the same blocks, in this process
+    assert_same_fit(model, W, ref, W_ref)
 
 
 def test_a_worker_killed_mid_fit_of_a_numpy_v_changes_nothing(client):
