@@ -12,6 +12,7 @@ import gc
 import threading
 import time
 import warnings
+from collections import Counter
 
 import dask
 import dask.array as da
@@ -22,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cluster import close_client, get_client
-from dnmf.data.resident import make_resident, with_aligned_blocks
+from dnmf.data.resident import _aligned_here, even_placement, make_resident, placed_for_the_fit
 from dnmf.graph import from_blocks
 
 from conftest import worker_killer
@@ -130,10 +131,23 @@ def test_the_client_stops_sending_once_the_blocks_are_dropped(client):
 
 
 def aligned_in_workers(arr) -> list[bool]:
-    """Whether each block of a persisted ``arr`` is aligned where a task reads it."""
-    one = tuple((1,) * len(sizes) for sizes in arr.chunks)
-    flags = da.map_blocks(lambda block: np.full((1, 1), block.flags.aligned), arr, dtype=bool, chunks=one)
-    return flags.compute().ravel().tolist()
+    """Whether each block of a persisted ``arr`` is aligned in the memory of every worker
+    that holds it."""
+    from distributed import wait
+
+    wait(arr)
+    keys = [row[0] for row in arr.__dask_keys__()]
+    flags = {}
+    for found in get_client_of(arr).run(_aligned_here, keys).values():
+        for key, flag in found:
+            flags[tuple(key)] = flags.get(tuple(key), True) and flag
+    return [flags[key] for key in keys]
+
+
+def get_client_of(arr):
+    from distributed import futures_of
+
+    return futures_of(arr)[0].client
 
 
 def test_blocks_sent_to_the_workers_stay_aligned_there(client):
@@ -146,22 +160,60 @@ def test_blocks_sent_to_the_workers_stay_aligned_there(client):
         assert np.array_equal(resident.compute(), V)
 
 
-def test_a_v_persisted_from_memory_gets_aligned_copies_beside_the_users_blocks(client):
+def holders(client, arr) -> list[str]:
+    from distributed import wait
+
+    wait(arr)
+    return [client.who_has(arr)[key][0] for key in (row[0] for row in arr.__dask_keys__())]
+
+
+def test_a_v_persisted_from_memory_gets_copies_aligned_and_spread_for_the_fit(client):
     V = dense_v(2400, 800)
     with client.as_current(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # dask's "Large object" of from_array
         X = client.persist(da.from_array(V, chunks=(200, 800)))
-        before = aligned_in_workers(X)
+        before, placed = aligned_in_workers(X), holders(client, X)
         assert not all(before)  # placed by the graph's message, at its offsets
-        assert with_aligned_blocks(X, V.nbytes, V.nbytes - 1) is X  # no room: left as it is
-        copy = with_aligned_blocks(X, V.nbytes, V.nbytes)
+        assert placed_for_the_fit(client, X, V.nbytes, V.nbytes - 1) is X  # no room: left as it is
+        copy = placed_for_the_fit(client, X, V.nbytes, V.nbytes)
         assert copy is not X and aligned_in_workers(copy) == [True] * 12
+        assert sorted(Counter(holders(client, copy)).values()) == [6, 6]
         assert np.array_equal(copy.compute(), V)
-        assert aligned_in_workers(X) == before and np.array_equal(X.compute(), V)  # the user's, untouched
-        assert with_aligned_blocks(copy, V.nbytes, V.nbytes) is copy
+        # the user's blocks where they were (a moved one leaves a copy behind), with their values
+        who = client.who_has(X)
+        assert all(worker in who[row[0]] for row, worker in zip(X.__dask_keys__(), placed))
+        assert np.array_equal(X.compute(), V)
+        assert placed_for_the_fit(client, copy, V.nbytes, V.nbytes) is copy
         model, W = fit(X, client)
     ref, W_ref = fit(da.from_array(V, chunks=(200, 800)))  # the same blocks, in this process
     assert_same_fit(model, W, ref, W_ref)
+
+
+def test_a_v_all_on_one_worker_is_spread_for_the_fit(client):
+    V = dense_v(2400, 800)
+    one = sorted(client.nthreads())[0]
+    with client.as_current():
+        X = client.persist(da.from_array(V, chunks=(200, 800)).map_blocks(np.copy), workers=[one])
+        assert set(holders(client, X)) == {one} and all(aligned_in_workers(X))
+        copy = placed_for_the_fit(client, X, V.nbytes, V.nbytes)
+        spread = holders(client, copy)
+        assert sorted(Counter(spread).values()) == [6, 6]
+        assert np.array_equal(copy.compute(), V)
+
+
+def test_an_even_placement_keeps_blocks_where_they_are_within_each_share():
+    keys = list(range(7))
+    holders_ = {k: ["a"] for k in keys[:5]} | {k: ["b"] for k in keys[5:]}
+    targets = even_placement(keys, holders_, {"a": 1, "b": 1})
+    assert Counter(targets.values()) in (Counter(a=4, b=3), Counter(a=3, b=4))
+    assert sum(targets[k] == "a" for k in keys[:5]) == Counter(targets.values())["a"]  # only a's extras move
+    assert [targets[k] for k in keys[5:]] == ["b", "b"]
+    # copies on both workers of the first keys: the keys held by one worker only stay there
+    targets = even_placement(keys, holders_ | {0: ["a", "b"], 1: ["a", "b"]}, {"a": 1, "b": 1})
+    assert [targets[k] for k in keys[2:5]] == ["a"] * 3 and [targets[k] for k in keys[5:]] == ["b", "b"]
+    targets = even_placement(keys, {}, {"a": 2, "b": 1, "c": 1})  # threads decide the shares
+    assert sorted(Counter(targets.values()).values()) in ([1, 2, 4], [2, 2, 3])
+    assert Counter(targets.values())["a"] >= 3
 
 
 def test_a_worker_killed_mid_fit_of_a_numpy_v_changes_nothing(client):

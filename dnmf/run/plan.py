@@ -31,7 +31,7 @@ import dask.array as da
 from threadpoolctl import threadpool_limits
 
 from ..cluster import current_client, worker_memory_limits, worker_threads, workers_share_this_machine
-from ..data.resident import to_workers, with_aligned_blocks
+from ..data.resident import placed_for_the_fit, to_workers
 from ..data.store import TARGET_BLOCK_BYTES, Matrix
 from ..errors import ParameterError, StoreError
 
@@ -245,9 +245,9 @@ def apply_cache(plan: CachePlan, matrix: Matrix) -> Matrix:
     wait_until_persisted(data)
     client = current_client()
     if client is not None and plan.v_bytes is not None:
-        # A V the user persisted from an in-memory array sits unaligned in the workers: copied
-        # aligned once here when there is room beside it, rather than by every task.
-        data = with_aligned_blocks(data, plan.v_bytes, cache_budget(client) - plan.v_bytes)
+        # A V the user persisted from an in-memory array can sit unaligned in the workers, or
+        # more of it on one: copied aligned and evenly once here when there is room beside it.
+        data = placed_for_the_fit(client, data, plan.v_bytes, cache_budget(client) - plan.v_bytes)
         wait_until_persisted(data)
     return dataclasses.replace(matrix, data=data, reads_inline=False)
 
