@@ -101,3 +101,41 @@ def test_cluster_equals_threaded_with_a_two_level_tree(client, monkeypatch, solv
     np.testing.assert_array_equal(W_got, W_ref)
     np.testing.assert_array_equal(got.components_, ref.components_)
     assert [r["objective"] for r in got.history_] == [r["objective"] for r in ref.history_]
+
+
+def _held_step_keys(client) -> list:
+    return [key for keys in client.has_what().values() for key in keys if "dnmf-step" in str(key)]
+
+
+def test_on_a_cluster_each_pass_is_submitted_before_the_last_one_ends(client):
+    """The next iteration's pass goes to the scheduler before this one is waited for, its H
+    updated by a task; a fit stopped early drops the pass it submitted ahead, and is the same
+    as the fit that ran exactly that far."""
+    import time
+
+    from distributed import get_task_stream
+
+    rng = np.random.default_rng(5)
+    V = rng.random((200, 5)) @ rng.random((5, 60)) + 0.01 * rng.random((200, 60))
+    kw = dict(solver="mu", init="nndsvda", random_state=0, tol=0, tol_x=0, chunks=10, local=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with dask.config.set(scheduler="threads"):
+            ref = dnmf.NMF(5, max_iter=4, **kw)
+            W_ref = ref.fit_transform(V)
+        with client.as_current(), get_task_stream(client) as stream:
+            whole = dnmf.NMF(5, max_iter=4, **kw)
+            W_whole = whole.fit_transform(V)
+        heads = [key for key in (task["key"] for task in stream.data) if str(key[0]).startswith("dnmf-step") and key[1:] == ("H",)]
+        assert len(heads) == 3  # iterations 2 to 4, each submitted during the one before
+        with client.as_current():
+            stopped = dnmf.NMF(5, max_iter=50, callbacks=[lambda record: record.iteration >= 4], **kw)
+            W_stopped = stopped.fit_transform(V)
+    for model, W in [(whole, W_whole), (stopped, W_stopped)]:
+        np.testing.assert_array_equal(W, W_ref)
+        np.testing.assert_array_equal(model.components_, ref.components_)
+        assert [r["objective"] for r in model.history_] == [r["objective"] for r in ref.history_]
+    deadline = time.monotonic() + 5  # the pass submitted for iteration 5 is cancelled, not kept
+    while (_held_step_keys(client) or any(client.processing().values())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _held_step_keys(client) == [] and not any(client.processing().values())

@@ -235,8 +235,8 @@ def step_results_on_workers(client, settle: float = 0.0) -> int:
     that many seconds for them to be freed (W's getitems, which free them, may still be
     running when the step returns)."""
 
-    def is_step_result(value) -> bool:
-        return type(value) is tuple and len(value) == 2 and isinstance(value[0], np.ndarray)
+    def is_step_result(value) -> bool:  # not the (H, HHᵀ) of a pass submitted ahead
+        return type(value) is tuple and len(value) == 2 and isinstance(value[0], np.ndarray) and hasattr(value[1], "numer")
 
     deadline = time.monotonic() + settle
     while True:

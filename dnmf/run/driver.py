@@ -82,7 +82,9 @@ class Solver(Protocol):
     plain or masked) and the grid solver (:class:`dnmf.solvers.grid.GridSolver`) implement it.
 
     ``start`` computes the state at a starting (W, H); ``step`` runs one iteration, skipping
-    the objective's per-entry work when ``evaluate`` is False (the new objective is then NaN);
+    the objective's per-entry work when ``evaluate`` is False (the new objective is then NaN),
+    and may submit the next one already when told its ``evaluate`` (``ahead``; None when it
+    is the last), leaving it in the new state; ``settled`` drops such a pass from a state;
     ``rerooted`` returns the same state with its distributed parts replaced by ``reroot(X,
     label)`` (X's values, read back from a store), so that nothing depends on earlier
     iterations.
@@ -90,7 +92,9 @@ class Solver(Protocol):
 
     def start(self, W, H) -> State: ...
 
-    def step(self, state: State, evaluate: bool = True) -> Step: ...
+    def step(self, state: State, evaluate: bool = True, ahead: bool | None = None) -> Step: ...
+
+    def settled(self, state: State) -> State: ...
 
     def rerooted(self, state: State, reroot: Callable[[Any, str], Any]) -> State: ...
 
@@ -172,7 +176,10 @@ def run(
         tick = time.perf_counter()
         iteration = (history[-1].iteration if history else 0) + 1
         anchor = last_evaluated(history, start)
-        step = solver.step(state, rules.evaluates(iteration))
+        # The next iteration's evaluate flag, when there is one: a solver on a cluster may
+        # submit it before this one ends (see Solver.step).
+        ahead = rules.evaluates(iteration + 1) if iteration < rules.max_iter else None
+        step = solver.step(state, rules.evaluates(iteration), ahead)
         state, w_change, h_change = step.state, step.w_change, step.h_change
         del step  # a hook may replace the state (re-rooting): keep nothing of the one it replaces
         check_finite(iteration, w_change, h_change, state.objective if rules.evaluates(iteration) else 0.0)
@@ -199,6 +206,7 @@ def run(
         if rules.max_time is not None and time.perf_counter() - started >= rules.max_time:
             stop_reason = "max_time"
             break
+    state = solver.settled(state)  # a pass submitted ahead is not run
     if history and math.isnan(state.objective) and stop_reason != "signal":
         # Stopped (time, callback) on an iteration that skipped the objective: one more pass.
         # Not for a signal: that run is continued later, and the pass would put an objective

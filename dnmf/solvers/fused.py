@@ -37,7 +37,7 @@ import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import dask
 import dask.array as da
@@ -186,6 +186,7 @@ class FusedSolver(Solver):
     fits' (see the module docstring); its results are bitwise the plain solver's."""
 
     member: FusedMember | None = None
+    pipelines: ClassVar[bool] = False
 
     def _start_pass(self, W: da.Array, H: np.ndarray, exact: bool):
         return self.member.passes.run(self.member.token, _Pass(self, START, W, H, None, False, exact))

@@ -98,13 +98,19 @@ class GridSolver:
         H = self._column_blocks(H)
         return self._run(GridWork("dnmf-grid-start", (W, H), lambda graph: self._start_tasks(graph, W, H)))
 
-    def step(self, state: GridState, evaluate: bool = True) -> Step:
+    def step(self, state: GridState, evaluate: bool = True, ahead: bool | None = None) -> Step:
         """One iteration: H_j from the partials, pass B updating W, pass A for the next partials.
 
         ``evaluate=False`` skips the divergence in pass A (β ≠ 2): the objective is then NaN.
+        ``ahead`` is taken as a hint only: the grid's H already lives on the workers, and each
+        iteration runs as it is asked for.
         """
         dependencies = (state.W, state.H, *state.partials)
         return self._run(GridWork("dnmf-grid-step", dependencies, lambda graph: self._step_tasks(graph, state, evaluate)))
+
+    def settled(self, state: GridState) -> GridState:
+        """``state`` (nothing is submitted ahead)."""
+        return state
 
     def rerooted(self, state: GridState, reroot) -> GridState:
         """The state with W and H replaced by ``reroot(W, "W")`` and ``reroot(H, "H")`` (the same

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import dask
 import dask.array as da
+from dask.delayed import Delayed
 import numpy as np
 from distributed import futures_of
 
@@ -28,7 +30,7 @@ from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset
-from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
+from ..graph import IN_PROCESS, SPLIT_EVERY, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -79,6 +81,8 @@ class SolverState:
         through W's chunks. None otherwise (replace W, and set this to None).
     penalty : the L1 / L2 penalty terms included in ``objective`` (0 unregularized), so that
         ``objective - penalty`` is the divergence alone.
+    ahead : the next iteration's pass, already submitted to the cluster (:class:`Pass`), or
+        None. Dropping the state drops it (its futures released, its tasks cancelled).
     """
 
     W: da.Array
@@ -87,6 +91,35 @@ class SolverState:
     objective: float
     steps: tuple | None = None
     penalty: float = 0.0
+    ahead: Pass | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A pass over V submitted to a dask.distributed cluster and not yet waited for.
+
+    H : the pass's H: an ndarray, or (a pass submitted ahead) the persisted result of the
+        task that updated it from the previous pass's partials.
+    W : the new W (a view of ``steps``, or its own persisted blocks).
+    steps : the persisted step results when they are kept (:func:`small_h`), else None.
+    sums : the persisted top of the partials' tree.
+    with_loss, exact : what the steps computed.
+
+    :meth:`top` is what the next pass's H task folds: the kept step results themselves when
+    the tree's root would fold them (at most ``SPLIT_EVERY`` blocks), a hop fewer.
+    """
+
+    H: Any
+    W: da.Array
+    steps: tuple | None
+    sums: list
+    with_loss: bool
+    exact: bool
+
+    def top(self) -> list:
+        if self.steps is not None and 1 < len(self.steps) <= SPLIT_EVERY:
+            return list(self.steps)
+        return self.sums
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,9 @@ class Solver:
     local: bool = False
     exact_below: float = 0.0
     _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Whether step(ahead=...) may submit the next pass early (a fused fit's passes wait for
+    # the other fits' instead).
+    pipelines: ClassVar[bool] = True
 
     @property
     def _inputs(self) -> list:
@@ -174,86 +210,146 @@ class Solver:
         return graph.map(kernels.step_block, V, W, H, HHt, self.rule, with_loss, exact)
 
     def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
-        return kernels.update_h(H, partials, self.rule)
+        return self._h_update(H, partials, self.rule)
+
+    @property
+    def _h_update(self):
+        """The H update, ``(H, partials, rule) -> H``: a module-level function, for a task."""
+        return kernels.update_h
 
     def _needs_loss(self, evaluate: bool) -> bool:
         """Whether a step computes the objective's per-entry work (free for β = 2)."""
         return evaluate or self.rule.frobenius
 
-    def step(self, state: SolverState, evaluate: bool = True) -> Step:
+    def step(self, state: SolverState, evaluate: bool = True, ahead: bool | None = None) -> Step:
         """One iteration: H from the partials, then one pass over V that updates W.
 
         ``evaluate=False`` skips the objective where it costs work per entry of V (β ≠ 2,
         unmasked): the new state's objective is then NaN.
+
+        ``ahead`` (the next iteration's ``evaluate``; None: no next iteration) asks for the
+        next iteration's pass to be submitted before this one is waited for, on a
+        dask.distributed cluster: its H update runs as a task on this pass's partials, and its
+        steps follow on the workers without a round trip through this process (~30 ms of a
+        140 ms iteration on a 2-worker LocalCluster here). The new state carries that pass
+        (``ahead``); the next :meth:`step` takes it up when it asks for what it computes, and
+        otherwise drops it. Every value is the same, bit for bit, either way.
         """
         H_old = state.H
-        H = self._update_h(H_old, state.partials) if self.update_h else H_old
-        HHt = kernels.gram(H.T)
         with_loss = self._needs_loss(evaluate)
         exact = evaluate and self._exact(state.objective - state.penalty)
+        following = None
         if self.local:
-            W, partials = self._w_pass_local(state.W, H, HHt, with_loss, exact)
+            H = self._update_h(H_old, state.partials) if self.update_h else H_old
+            W, partials = self._w_pass_local(state.W, H, kernels.gram(H.T), with_loss, exact)
             steps = None
+        elif (ahead is None or not self.pipelines or not self.update_h) and state.ahead is None:
+            H = self._update_h(H_old, state.partials) if self.update_h else H_old
+            W, steps, partials = self._w_pass(state, H, kernels.gram(H.T), with_loss, exact)
         else:
-            W, steps, partials = self._w_pass(state, H, HHt, with_loss, exact)
+            pending = state.ahead
+            if pending is None or (pending.with_loss, pending.exact) != (with_loss, exact):
+                H = self._update_h(H_old, state.partials) if self.update_h else H_old
+                pending = self._submit(state.W, state.steps, H, with_loss, exact)
+            if ahead is not None and self.pipelines and self.update_h and futures_of(pending.sums):
+                following = self._submit(pending.W, pending.steps, pending, self._needs_loss(ahead), False)
+            W, steps, partials, H = self._finish(pending, state)
+        HHt = kernels.gram(H.T)
         h_norm, h_delta = np.linalg.norm(H), np.linalg.norm(H - H_old)
         h_change = float(h_delta / max(h_norm, np.finfo(float).tiny)) if h_norm else relative_change(float(h_delta), 0.0)
         w_change = relative_change(partials.dw_sq, partials.w_sq)
         penalty = self._penalty(partials, H)
         objective = self._objective(partials, H, HHt, exact) + penalty if with_loss else float("nan")
-        return Step(SolverState(W, H, partials, objective, steps, penalty), w_change, h_change)
+        if following is not None and ahead and self._exact(objective - penalty):
+            following = None  # the next pass forms the objective entry by entry: submitted again
+        return Step(SolverState(W, H, partials, objective, steps, penalty, following), w_change, h_change)
+
+    def settled(self, state: SolverState) -> SolverState:
+        """``state`` without a pass submitted ahead (its tasks cancelled)."""
+        return state if state.ahead is None else replace(state, ahead=None)
 
     def _w_pass(self, state: SolverState, H: np.ndarray, HHt: np.ndarray, with_loss: bool = True, exact: bool = False):
         """One pass over V on the graph: (W, the persisted step results, the reduced partials)."""
-        W = state.W
-        graph = TaskGraph("dnmf-step", [*self._inputs, W, *(state.steps or ())])
-        shortcuts = small_h(H.nbytes, len(self.matrix.row_chunks))
-        if shortcuts:
-            # H goes into every step task: no task of its own to schedule, and no transfer of
-            # it from the worker that ran that task (~8 ms of a 2-worker LocalCluster
-            # iteration here).
-            h, hht = H, HHt
+        return self._finish(self._submit(state.W, state.steps, H, with_loss, exact), state)[:3]
+
+    def _submit(self, W: da.Array, steps: tuple | None, H, with_loss: bool, exact: bool) -> Pass:
+        """Submit a pass over V from W (and its step results, if kept) with ``H``: an ndarray,
+        or the :class:`Pass` whose partials update H in a task first (a pass submitted ahead)."""
+        collections = [*self._inputs, W, *(steps or ())]
+        if isinstance(H, Pass):
+            prior = H.H
+            folded = H.top()
+            graph = TaskGraph("dnmf-step", [*collections, *folded, prior if isinstance(prior, Delayed) else None])
+            # One task for H and HHᵀ (each hop between tasks costs the scheduler's latency);
+            # the steps take them out of its result in place.
+            head = graph.task(
+                "H", _updated_h, self._h_update, self.rule,
+                (operator.getitem, prior.key, 0) if isinstance(prior, Delayed) else prior,
+                *[total.key for total in folded],
+            )
+            h, hht = (operator.getitem, head, 0), (operator.getitem, head, 1)
+            shortcuts = small_h(W.shape[1] * self.matrix.shape[1] * self.matrix.dtype.itemsize, len(self.matrix.row_chunks))
         else:
-            # H once, as a key of its own; HHᵀ (r×r) in every task: one array for the workers
-            # to pass around instead of two, which the scheduler put on different workers, so
-            # that both waited for a transfer before their first step.
-            h, hht = graph.constant("H", H), HHt
+            graph = TaskGraph("dnmf-step", collections)
+            shortcuts = small_h(H.nbytes, len(self.matrix.row_chunks))
+            if shortcuts:
+                # H goes into every step task: no task of its own to schedule, and no transfer of
+                # it from the worker that ran that task (~8 ms of a 2-worker LocalCluster
+                # iteration here).
+                h, hht = H, kernels.gram(H.T)
+            else:
+                # H once, as a key of its own; HHᵀ (r×r) in every task: one array for the workers
+                # to pass around instead of two, which the scheduler put on different workers, so
+                # that both waited for a transfer before their first step.
+                h, hht = graph.constant("H", H), kernels.gram(H.T)
         # W_i from the previous step's (W_i, partials_i) results when there are any: the
         # kernels take either (see _w_of).
-        if state.steps is None:
-            w = row_block_keys(W)
-        else:
-            w = [(_w_of, step.key) for step in state.steps]
-        steps = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss, exact)
+        w = row_block_keys(W) if steps is None else [(_w_of, step.key) for step in steps]
+        step_keys = self._step_tasks(graph, self.matrix.block_inputs(), w, h, hht, with_loss, exact)
         # The tree's first level takes the step results, (W_i, partials_i), as they are:
-        # one task fewer per block than a getitem for each partials_i. Its root is folded here,
-        # from the sums it would fold: a hop fewer between the last step and the H update.
-        parts = steps if len(steps) > 1 else graph.map(operator.getitem, steps, 1, label="partials")
+        # one task fewer per block than a getitem for each partials_i. Its root is folded by
+        # :meth:`_finish` (or the next pass's H task) from the sums it would fold: a hop fewer
+        # between the last step and the H update.
+        parts = step_keys if len(step_keys) > 1 else graph.map(operator.getitem, step_keys, 1, label="partials")
         top = graph.reduce_below_root(parts, _add_step_partials, label="partials")
+        heads = [head] if isinstance(H, Pass) else []
         # No graph optimization: it would fuse and inline tasks across the collections, and
         # could run a step (a pass over V) twice.
         if shortcuts:
             # The step results are kept and the next step reads W_i from them; W's getitems
             # only run when W is read (checkpoint, re-rooting, the result).
-            steps, sums = dask.persist(
-                [graph.delayed(key) for key in steps], [graph.delayed(key) for key in top], optimize_graph=False
+            kept, sums, new_h = dask.persist(
+                [graph.delayed(key) for key in step_keys], [graph.delayed(key) for key in top],
+                [graph.delayed(key) for key in heads],
+                optimize_graph=False,
             )
             W_new = map_blocks(
-                "dnmf-step-W", operator.getitem, [step.key for step in steps], 0,
-                chunks=W.chunks, dtype=W.dtype, dependencies=steps,
+                "dnmf-step-W", operator.getitem, [step.key for step in kept], 0,
+                chunks=W.chunks, dtype=W.dtype, dependencies=kept,
             )
-            release(state.W, state.steps)
-            return W_new, tuple(steps), tree_fold(list(compute(*sums)), _add_step_partials)
+            return Pass(new_h[0] if new_h else H, W_new, tuple(kept), list(sums), with_loss, exact)
         # W's blocks are kept, and the step results (with their partials) freed once reduced.
-        W_new = graph.array(graph.map_blocks(operator.getitem, steps, 0, array="W"), W.chunks, W.dtype)
-        W_new, sums = dask.persist(W_new, [graph.delayed(key) for key in top], optimize_graph=False)
+        w_keys = graph.map_blocks(operator.getitem, step_keys, 0, array="W")
+        W_new, sums, new_h = dask.persist(
+            graph.array(w_keys, W.chunks, W.dtype), [graph.delayed(key) for key in top],
+            [graph.delayed(key) for key in heads], optimize_graph=False,
+        )
+        return Pass(new_h[0] if new_h else H, W_new, None, list(sums), with_loss, exact)
+
+    def _finish(self, pending: Pass, state: SolverState) -> tuple:
+        """Wait for a submitted pass: (W, its step results, the reduced partials, H as an
+        ndarray). The iterate it replaces, ``state``'s, is released (see :func:`release`)."""
         release(state.W, state.steps)
-        return W_new, None, tree_fold(list(compute(*sums)), _add_step_partials)
+        if isinstance(pending.H, Delayed):  # (H, HHᵀ) of a pass submitted ahead
+            (H, _), *sums = compute(pending.H, *pending.sums)
+        else:
+            H, sums = pending.H, compute(*pending.sums)
+        return pending.W, pending.steps, tree_fold(list(sums), _add_step_partials), H
 
     def rerooted(self, state: SolverState, reroot) -> SolverState:
         """The state with W replaced by ``reroot(W, "W")`` (its values, read back from a store)
         and no step results to read W from: nothing depends on earlier iterations."""
-        return replace(state, W=reroot(state.W, "W"), steps=None)
+        return replace(state, W=reroot(state.W, "W"), steps=None, ahead=None)
 
     def _objective(self, partials: Partials, H: np.ndarray, HHt: np.ndarray, exact: bool = False) -> float:
         """D_β(V | WH) at (W, H), the divergence alone."""
@@ -317,8 +413,9 @@ class MaskedSolver(Solver):
     def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool, exact: bool = False) -> list[Key]:
         return graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), W, H, self.rule)
 
-    def _update_h(self, H: np.ndarray, partials: Partials) -> np.ndarray:
-        return masked.masked_update_h(H, partials, self.rule)
+    @property
+    def _h_update(self):
+        return masked.masked_update_h
 
     def _needs_loss(self, evaluate: bool) -> bool:
         return True
@@ -351,6 +448,13 @@ def release(*collections) -> None:
     """
     for future in futures_of([c for c in collections if c is not None]):
         future.release()
+
+
+def _updated_h(update, rule: Rule, H: np.ndarray, *sums) -> tuple[np.ndarray, np.ndarray]:
+    """(H, HHᵀ) with H updated from the top of a pass's partials tree (the task of a pass
+    submitted ahead): the fold and the update the client would do, on a worker."""
+    H = update(H, tree_fold(list(sums), _add_step_partials), rule)
+    return H, kernels.gram(H.T)
 
 
 def _w_of(step_result) -> np.ndarray:
