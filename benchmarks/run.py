@@ -87,7 +87,12 @@ def child_env(allocator: str = "tuned") -> dict:
 def run_case(case: str, params: dict, timeout: float, allocator: str = "tuned") -> dict:
     """Run one case in a child process (``allocator``: "tuned" or glibc's "default" settings)
     and return its RESULT dict (or an error)."""
-    cmd = [sys.executable, str(HERE / "cases.py"), case, json.dumps(params)]
+    # cases.py is imported by a `-c` program, not run as the main module: a LocalCluster's
+    # workers start by importing the main module of the process that made them, and with
+    # cases.py (scikit-learn, scipy, ...) each began at 180 MiB instead of 63 MiB, enough to
+    # pause 512 MiB workers before a sparse KL fit's first pass (sparse_memory hung).
+    program = f"import sys; sys.path.insert(0, {str(HERE)!r}); import cases; cases.main()"
+    cmd = [sys.executable, "-c", program, case, json.dumps(params)]
     tick = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=child_env(allocator), capture_output=True, text=True, timeout=timeout)
