@@ -30,7 +30,7 @@ from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset
-from ..graph import IN_PROCESS, SPLIT_EVERY, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
+from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -104,9 +104,6 @@ class Pass:
     steps : the persisted step results when they are kept (:func:`small_h`), else None.
     sums : the persisted top of the partials' tree.
     with_loss, exact : what the steps computed.
-
-    :meth:`top` is what the next pass's H task folds: the kept step results themselves when
-    the tree's root would fold them (at most ``SPLIT_EVERY`` blocks), a hop fewer.
     """
 
     H: Any
@@ -115,11 +112,6 @@ class Pass:
     sums: list
     with_loss: bool
     exact: bool
-
-    def top(self) -> list:
-        if self.steps is not None and 1 < len(self.steps) <= SPLIT_EVERY:
-            return list(self.steps)
-        return self.sums
 
 
 @dataclass(frozen=True)
@@ -238,20 +230,20 @@ class Solver:
         H_old = state.H
         with_loss = self._needs_loss(evaluate)
         exact = evaluate and self._exact(state.objective - state.penalty)
+        pipelined = ahead is not None and self.pipelines and self.update_h
         following = None
         if self.local:
-            H = self._update_h(H_old, state.partials) if self.update_h else H_old
+            H = self._next_h(state)
             W, partials = self._w_pass_local(state.W, H, kernels.gram(H.T), with_loss, exact)
             steps = None
-        elif (ahead is None or not self.pipelines or not self.update_h) and state.ahead is None:
-            H = self._update_h(H_old, state.partials) if self.update_h else H_old
+        elif not pipelined and state.ahead is None:
+            H = self._next_h(state)
             W, steps, partials = self._w_pass(state, H, kernels.gram(H.T), with_loss, exact)
         else:
             pending = state.ahead
             if pending is None or (pending.with_loss, pending.exact) != (with_loss, exact):
-                H = self._update_h(H_old, state.partials) if self.update_h else H_old
-                pending = self._submit(state.W, state.steps, H, with_loss, exact)
-            if ahead is not None and self.pipelines and self.update_h and futures_of(pending.sums):
+                pending = self._submit(state.W, state.steps, self._next_h(state), with_loss, exact)
+            if pipelined and futures_of(pending.sums):  # only a distributed client's persist is asynchronous
                 following = self._submit(pending.W, pending.steps, pending, self._needs_loss(ahead), False)
             W, steps, partials, H = self._finish(pending, state)
         HHt = kernels.gram(H.T)
@@ -263,6 +255,10 @@ class Solver:
         if following is not None and ahead and self._exact(objective - penalty):
             following = None  # the next pass forms the objective entry by entry: submitted again
         return Step(SolverState(W, H, partials, objective, steps, penalty, following), w_change, h_change)
+
+    def _next_h(self, state: SolverState) -> np.ndarray:
+        """H updated from ``state``'s partials, here (``state.H`` when H is fixed)."""
+        return self._update_h(state.H, state.partials) if self.update_h else state.H
 
     def settled(self, state: SolverState) -> SolverState:
         """``state`` without a pass submitted ahead (its tasks cancelled)."""
@@ -278,14 +274,13 @@ class Solver:
         collections = [*self._inputs, W, *(steps or ())]
         if isinstance(H, Pass):
             prior = H.H
-            folded = H.top()
-            graph = TaskGraph("dnmf-step", [*collections, *folded, prior if isinstance(prior, Delayed) else None])
+            graph = TaskGraph("dnmf-step", [*collections, *H.sums, prior if isinstance(prior, Delayed) else None])
             # One task for H and HHᵀ (each hop between tasks costs the scheduler's latency);
             # the steps take them out of its result in place.
             head = graph.task(
                 "H", _updated_h, self._h_update, self.rule,
                 (operator.getitem, prior.key, 0) if isinstance(prior, Delayed) else prior,
-                *[total.key for total in folded],
+                *[total.key for total in H.sums],
             )
             h, hht = (operator.getitem, head, 0), (operator.getitem, head, 1)
             shortcuts = small_h(W.shape[1] * self.matrix.shape[1] * self.matrix.dtype.itemsize, len(self.matrix.row_chunks))
