@@ -139,3 +139,48 @@ def test_on_a_cluster_each_pass_is_submitted_before_the_last_one_ends(client):
     while (_held_step_keys(client) or any(client.processing().values())) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _held_step_keys(client) == [] and not any(client.processing().values())
+
+
+def test_the_steps_of_a_pass_submitted_ahead_do_not_wait_for_its_h_task(client, monkeypatch):
+    """Each worker updates H from the previous pass's sums itself, once per pass: the steps
+    depend on those sums, not on the H task (a hop of the scheduler's and a transfer of H
+    fewer), and the fit is the threaded one, bit for bit."""
+    from dask.core import get_dependencies
+
+    import dnmf.solvers.rows as rows
+
+    graphs = []
+    persist = rows.dask.persist
+
+    def recording(*collections, **kw):
+        items = [item for c in collections for item in (c if isinstance(c, list) else [c])]
+        graphs.append({key: task for item in items for key, task in dict(item.__dask_graph__()).items()})
+        return persist(*collections, **kw)
+
+    monkeypatch.setattr(rows.dask, "persist", recording)
+    rng = np.random.default_rng(6)
+    V = rng.random((200, 5)) @ rng.random((5, 60)) + 0.01 * rng.random((200, 60))
+    kw = dict(solver="mu", init="nndsvda", random_state=0, tol=0, tol_x=0, chunks=10, local=False, max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with dask.config.set(scheduler="threads"):
+            ref = dnmf.NMF(5, **kw).fit(V)
+        with client.as_current():
+            got = dnmf.NMF(5, **kw).fit(V)
+    np.testing.assert_array_equal(got.components_, ref.components_)
+    heads = {}  # each graph holds the earlier passes' too, as its dependencies
+    for g in graphs:
+        for key in g:
+            if isinstance(key, tuple) and key[1:] == ("H",) and key[0].startswith("dnmf-step"):
+                heads.setdefault(key, g)
+    ahead = [(g, key) for key, g in heads.items()]
+    assert len(ahead) >= 4
+    for graph, head in ahead:
+        steps = [key for key in graph if key[0] == head[0] and len(key) == 2 and isinstance(key[1], int)]
+        assert len(steps) == 20
+        sums = get_dependencies(graph, head) - {key for key in graph if key[0] == head[0]}
+        for key in steps:
+            deps = get_dependencies(graph, key)
+            assert head not in deps and sums <= deps
+    tokens = client.run(lambda: list(rows._SHARED_H))
+    assert all(any(t.startswith(head[0]) for t in per_worker) for per_worker in tokens.values() for head in [ahead[-1][1]])

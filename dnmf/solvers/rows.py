@@ -16,6 +16,8 @@ graph never grows: each iteration starts from persisted W.
 from __future__ import annotations
 
 import operator
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -30,7 +32,7 @@ from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
 from ..data.store import Matrix, kl_offset
-from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, compute, from_blocks, map_blocks, row_block_keys, tree_fold
+from ..graph import IN_PROCESS, Blocks, Key, TaskGraph, call_aligned, compute, from_blocks, map_blocks, row_block_keys, tree_fold
 
 SOLVERS = ("mu", "hals", "bpp")
 
@@ -221,7 +223,8 @@ class Solver:
 
         ``ahead`` (the next iteration's ``evaluate``; None: no next iteration) asks for the
         next iteration's pass to be submitted before this one is waited for, on a
-        dask.distributed cluster: its H update runs as a task on this pass's partials, and its
+        dask.distributed cluster: its H update runs on the workers from this pass's partials
+        (each worker's steps update H once, and a task gives it to this process), and its
         steps follow on the workers without a round trip through this process (~30 ms of a
         140 ms iteration on a 2-worker LocalCluster here). The new state carries that pass
         (``ahead``); the next :meth:`step` takes it up when it asks for what it computes, and
@@ -275,14 +278,15 @@ class Solver:
         if isinstance(H, Pass):
             prior = H.H
             graph = TaskGraph("dnmf-step", [*collections, *H.sums, prior if isinstance(prior, Delayed) else None])
-            # One task for H and HHᵀ (each hop between tasks costs the scheduler's latency);
-            # the steps take them out of its result in place.
-            head = graph.task(
-                "H", _updated_h, self._h_update, self.rule,
-                (operator.getitem, prior.key, 0) if isinstance(prior, Delayed) else prior,
-                *[total.key for total in H.sums],
-            )
-            h, hht = (operator.getitem, head, 0), (operator.getitem, head, 1)
+            previous = (operator.getitem, prior.key, 0) if isinstance(prior, Delayed) else graph.constant("H0", prior)
+            inputs = (f"{graph.name}/H", self._h_update, self.rule, previous, *[total.key for total in H.sums])
+            # The H task gives this process (H, HHᵀ), and the next pass its H. The steps do
+            # not wait for it: each worker updates H itself from the same sums, once (see
+            # _shared_updated_h), so the first steps follow the last partials with one hop
+            # of the scheduler's fewer, and no transfer of H between the workers.
+            head = graph.task("H", _shared_updated_h, *inputs)
+            shared = (_shared_updated_h, *inputs)
+            h, hht = (operator.getitem, shared, 0), (operator.getitem, shared, 1)
             shortcuts = small_h(W.shape[1] * self.matrix.shape[1] * self.matrix.dtype.itemsize, len(self.matrix.row_chunks))
         else:
             graph = TaskGraph("dnmf-step", collections)
@@ -443,6 +447,32 @@ def release(*collections) -> None:
     """
     for future in futures_of([c for c in collections if c is not None]):
         future.release()
+
+
+# (H, HHᵀ) of the last passes, by pass, in each process that runs step tasks
+# (_shared_updated_h); a few, so that two fits on one cluster do not evict each other's.
+_SHARED_H: OrderedDict = OrderedDict()
+_SHARED_H_LOCK = threading.Lock()
+SHARED_H_PASSES = 4
+SHARED_H_MAX_BYTES = 64 * 2**20
+
+
+def _shared_updated_h(token: str, update, rule: Rule, H: np.ndarray, *sums) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_updated_h` of pass ``token``, computed once in this process: its step tasks
+    (and its H task) all ask for it. A value found here is one this function computed from the
+    same inputs, so the steps' H is the H task's, bit for bit; a value not found (evicted, or an
+    H over SHARED_H_MAX_BYTES, not kept) is computed again."""
+    with _SHARED_H_LOCK:
+        found = _SHARED_H.get(token)
+    if found is not None:
+        return found
+    found = call_aligned(_updated_h, update, rule, H, *sums)
+    if found[0].nbytes <= SHARED_H_MAX_BYTES:
+        with _SHARED_H_LOCK:
+            _SHARED_H[token] = found
+            while len(_SHARED_H) > SHARED_H_PASSES:
+                _SHARED_H.popitem(last=False)
+    return found
 
 
 def _updated_h(update, rule: Rule, H: np.ndarray, *sums) -> tuple[np.ndarray, np.ndarray]:
