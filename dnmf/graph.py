@@ -286,7 +286,7 @@ class TaskGraph:
         prefix = (self.name, *_parts(label))
         return [self._add((*prefix, b), (call_aligned, func, *block)) for b, block in enumerate(_per_block(args))]
 
-    def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0) -> list[Key]:
+    def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0, eager: bool = False) -> list[Key]:
         """Add a task per block of a dask array, ``func(*args_b)`` (see :meth:`map`); the
         array itself comes from :meth:`array`.
 
@@ -299,6 +299,10 @@ class TaskGraph:
         axis : {0, 1}
             0 for row blocks (keys ``(array_name, b, 0)``), 1 for column blocks
             (``(array_name, 0, b)``).
+        eager : bool
+            Run each task as soon as it can, as the trees' nodes do (:data:`REDUCE_PRIORITY`):
+            for tasks that let a larger result be freed, such as W_i taken out of a step's
+            ``(W_i, partials_i)`` (the step result is held until its last reader has run).
 
         Returns
         -------
@@ -306,10 +310,13 @@ class TaskGraph:
             The blocks' keys, in order.
         """
         name = self.name if array is None else f"{self.name}-{array}"
-        return [
+        keys = [
             self._add((name, b, 0) if axis == 0 else (name, 0, b), (call_aligned, func, *block))
             for b, block in enumerate(_per_block(args))
         ]
+        if eager:
+            self._tree_keys.update(keys)
+        return keys
 
     def reduce(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> Key:
         """Add the fixed-order tree of ``combine`` over ``parts`` (:func:`tree_reduce`).
@@ -410,7 +417,7 @@ class Scope:
     def map(self, func: Callable, *args: Any, label: Label = ()) -> list[Key]:
         return self.graph.map(func, *args, label=self._label(label))
 
-    def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0) -> list[Key]:
+    def map_blocks(self, func: Callable, *args: Any, array: str | None = None, axis: int = 0, eager: bool = False) -> list[Key]:
         return self.graph.map_blocks(func, *args, array=self._name(array), axis=axis)
 
     def reduce(self, parts: Sequence[Key], combine: Callable, label: str | None = None) -> Key:

@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dnmf
 from dnmf.cluster import close_client, get_client
-from dnmf.data.resident import _aligned_here, even_placement, make_resident, placed_for_the_fit
+from dnmf.data.resident import _aligned_here, contiguous_placement, even_placement, make_resident, placed_for_the_fit
 from dnmf.graph import from_blocks
 
 from conftest import worker_killer
@@ -214,6 +214,50 @@ def test_an_even_placement_keeps_blocks_where_they_are_within_each_share():
     targets = even_placement(keys, {}, {"a": 2, "b": 1, "c": 1})  # threads decide the shares
     assert sorted(Counter(targets.values()).values()) in ([1, 2, 4], [2, 2, 3])
     assert Counter(targets.values())["a"] >= 3
+
+
+def test_a_contiguous_placement_gives_each_worker_one_run_of_its_share():
+    assert list(contiguous_placement(list(range(7)), {"b": 1, "a": 1}).values()) == ["a"] * 4 + ["b"] * 3
+    runs = list(contiguous_placement(list("pqrstuvwxyz"), {"a": 2, "b": 1, "c": 1}).values())
+    assert runs == sorted(runs) and Counter(runs) in (Counter(a=5, b=3, c=3), Counter(a=6, b=3, c=2), Counter(a=6, b=2, c=3))
+
+
+def test_a_streamed_v_is_stepped_in_runs_of_blocks_one_per_worker_in_order(client, tmp_path):
+    """Steps of a V read from its store could run anywhere: each worker gets a run of
+    consecutive blocks (the partials' tree sums consecutive blocks, so its nodes find their
+    leaves at hand), the first worker's run stepped from its last block down, the second's up
+    from its first; the fit is the threaded one, bit for bit."""
+    from distributed import get_task_stream
+
+    rng = np.random.default_rng(8)
+    V = (rng.random((400, 6)) @ rng.random((6, 50))).astype(np.float32)
+    path = str(tmp_path / "V.zarr")
+    da.from_array(V, chunks=(25, 50)).to_zarr(path)
+    kw = dict(SETTINGS, chunks=25, cache=False, max_iter=4, local=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with dask.config.set(scheduler="threads"):
+            ref = dnmf.NMF(**kw).fit(path)
+        with client.as_current(), get_task_stream(client) as stream:
+            got = dnmf.NMF(**kw).fit(path)
+    np.testing.assert_array_equal(got.components_, ref.components_)
+    steps = [
+        t for t in stream.data
+        if str(t["key"][0]).startswith("dnmf-step") and "sum" not in t["key"][0] and len(t["key"]) == 2 and isinstance(t["key"][1], int)
+    ]
+    passes = Counter(t["key"][0] for t in steps)
+    assert len(passes) >= 3 and set(passes.values()) == {16}
+    rising = [0, 0]  # consecutive steps of each worker's run going up the blocks, over the passes
+    for name in passes:
+        ran = sorted((t["startstops"][0]["start"], t["key"][1], t["worker"]) for t in steps if t["key"][0] == name)
+        runs = [[b for _, b, w in ran if w == worker] for worker in sorted({w for _, _, w in ran})]
+        assert [sorted(run) for run in runs] == [list(range(8)), list(range(8, 16))]
+        for i, run in enumerate(runs):
+            rising[i] += sum(b > a for a, b in zip(run, run[1:]))
+    # The order is the workers' by priority, once the steps reach them: one that arrives at an
+    # idle worker starts at once, whatever its place.
+    steps_per_run = 7 * len(passes)
+    assert rising[0] <= 0.25 * steps_per_run and rising[1] >= 0.75 * steps_per_run
 
 
 def test_a_worker_killed_mid_fit_of_a_numpy_v_changes_nothing(client):

@@ -236,16 +236,40 @@ def placed_for_the_fit(client, arr: da.Array, v_bytes: int, spare_bytes: int) ->
     return copy
 
 
+def _shares(n: int, threads: dict) -> dict:
+    """How many of ``n`` keys each worker gets: its share of the threads, the shares differing
+    by at most one key (the remainder to the workers whose exact share lost the most)."""
+    workers = sorted(threads)
+    total = sum(threads.values())
+    exact = {w: n * threads[w] / total for w in workers}
+    share = {w: int(exact[w]) for w in workers}
+    for w in sorted(workers, key=lambda w: share[w] - exact[w])[: n - sum(share.values())]:
+        share[w] += 1
+    return share
+
+
+def contiguous_placement(keys: list, threads: dict) -> dict:
+    """A worker for each key, in runs: the first worker's share of the keys (as in
+    :func:`even_placement`) in order, then the next worker's.
+
+    For the step tasks of a V streamed from its store, which could run anywhere: the partials'
+    tree sums consecutive blocks, so with runs each worker's tree nodes find their leaves on
+    it, and its results are summed and freed as it goes. Placed by the scheduler, blocks
+    alternated between the workers, and a worker that ran ahead held its results until the
+    other caught up: 35 step results (30 MiB) on one 512 MiB worker streaming a 152-block
+    sparse V (HALS), against 13 on the other.
+    """
+    share = _shares(len(keys), threads)
+    owners = [w for w in sorted(threads) for _ in range(share[w])]
+    return dict(zip(keys, owners))
+
+
 def even_placement(keys: list, holders: dict, threads: dict) -> dict:
     """A worker for each key: each worker gets a share of the keys as its share of the threads
     (shares differing by at most one key), a key staying on a worker that holds it whenever
     that worker's share allows (``holders``: the workers holding each key)."""
     workers = sorted(threads)
-    total = sum(threads.values())
-    exact = {w: len(keys) * threads[w] / total for w in workers}
-    share = {w: int(exact[w]) for w in workers}
-    for w in sorted(workers, key=lambda w: share[w] - exact[w])[: len(keys) - sum(share.values())]:
-        share[w] += 1
+    share = _shares(len(keys), threads)
     targets = {}
     # Keys held by one worker first; a key held by several (copies made by earlier tasks) stays
     # on the one with the most of its share left.

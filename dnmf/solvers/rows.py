@@ -15,6 +15,7 @@ graph never grows: each iteration starts from persisted W.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
 from collections import OrderedDict
@@ -28,6 +29,8 @@ import numpy as np
 from distributed import futures_of
 
 from .. import kernels
+from ..cluster import current_client
+from ..data.resident import contiguous_placement
 from ..errors import ParameterError
 from ..data.missing import mask_block_keys
 from ..kernels import Partials, Rule, masked
@@ -184,8 +187,12 @@ class Solver:
             partials = self._initial_partials(IN_PROCESS, self._v_blocks(), W_blocks, H, exact)
             return _blocks_array(W_blocks, W), partials
         graph = TaskGraph("dnmf-start", [*self._inputs, W])
-        total = self._initial_partials(graph, self.matrix.block_inputs(), row_block_keys(W), H, exact)
-        W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
+        parts = self._initial_parts(graph, self.matrix.block_inputs(), row_block_keys(W), H, exact)
+        total = graph.reduce(parts, kernels.add_partials)
+        # W's blocks (made here by the start's tasks, unless W was persisted) where the steps
+        # will run, so that the first pass moves none of them.
+        with self._placed(parts, row_block_keys(W)):
+            W, partials = dask.persist(W, graph.delayed(total), optimize_graph=False)
         return W, compute(partials)[0]
 
     def _exact(self, objective: float) -> bool:
@@ -196,8 +203,11 @@ class Solver:
     def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> Partials | Key:
         """The partials at (W, H): a task per row block of V, summed in the fixed tree, on a
         :class:`~dnmf.graph.TaskGraph` (V and W as keys) or in process (as blocks)."""
-        parts = blocks.map(kernels.initial_partials_block, V, W, blocks.constant("H", H), self.rule, exact)
-        return blocks.reduce(parts, kernels.add_partials)
+        return blocks.reduce(self._initial_parts(blocks, V, W, H, exact), kernels.add_partials)
+
+    def _initial_parts(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> list:
+        """The per-block partials at (W, H), before they are summed (:meth:`_initial_partials`)."""
+        return blocks.map(kernels.initial_partials_block, V, W, blocks.constant("H", H), self.rule, exact)
 
     def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool, exact: bool = False) -> list[Key]:
         """A step task per row block: W_i updated, then the partials at (W_i, H)."""
@@ -312,6 +322,49 @@ class Solver:
         parts = step_keys if len(step_keys) > 1 else graph.map(operator.getitem, step_keys, 1, label="partials")
         top = graph.reduce_below_root(parts, _add_step_partials, label="partials")
         heads = [head] if isinstance(H, Pass) else []
+        with self._placed(step_keys):
+            return self._persist(graph, W, H, step_keys, top, heads, shortcuts, with_loss, exact)
+
+    def _placed(self, *per_block: list):
+        """A context for persisting a pass on a distributed cluster: its tasks run in the order
+        of V's row blocks, and those of a V streamed from its store in runs of blocks, one run
+        per worker. Each list of ``per_block`` has a key per row block; no-op without a
+        distributed client.
+
+        - Order: dask orders tasks alike by their keys as strings, so that blocks 0, 1, 10, 100,
+          101, ... ran in that order, and the partials' tree (consecutive blocks) waited with
+          their results: 35 step results (30 MiB) held on one 512 MiB worker streaming a
+          152-block sparse V (HALS). A priority falling with the block puts them in order.
+        - Runs (:func:`~dnmf.data.resident.contiguous_placement`; loose: a worker gone leaves
+          its tasks to the others): the tree's nodes then find their leaves on their worker.
+          Blocks in the workers' memory already decide where their tasks run. The first run
+          goes from its last block down, the second up from its first, and so on, so that
+          the node over the blocks where two runs meet sums them early.
+        """
+        client = current_client()
+        if client is None:
+            return contextlib.nullcontext()
+        order = {key: -b for keys in per_block for b, key in enumerate(keys)}
+        n_blocks = len(self.matrix.row_chunks)
+        threads = client.nthreads() if self.matrix.reads_inline and n_blocks > 1 else {}
+        if len(threads) < 2:
+            return dask.annotate(priority=lambda key: order.get(key, 0))
+        owners = contiguous_placement(list(range(n_blocks)), threads)
+        where = {key: [owners[b]] for keys in per_block for b, key in enumerate(keys)}
+        # Every other worker runs its blocks from the last: the tree node over the blocks
+        # where one run meets the next then has them all early in the pass, rather than
+        # holding one worker's results until the other's run ends.
+        runs = {worker: [b for b in range(n_blocks) if owners[b] == worker] for worker in sorted(threads)}
+        rank = {b: (i if k % 2 else len(run) - 1 - i) for k, run in enumerate(runs.values()) for i, b in enumerate(run)}
+        order = {key: -rank[b] for keys in per_block for b, key in enumerate(keys)}
+        return dask.annotate(
+            priority=lambda key: order.get(key, 0), workers=lambda key: where.get(key, []), allow_other_workers=True
+        )
+
+    def _persist(self, graph: TaskGraph, W: da.Array, H, step_keys: list, top: list, heads: list, shortcuts: bool,
+                 with_loss: bool, exact: bool) -> Pass:
+        """Persist a pass's graph (:meth:`_submit`): the new W, the step results when kept, the
+        sums, and the H task's result when there is one."""
         # No graph optimization: it would fuse and inline tasks across the collections, and
         # could run a step (a pass over V) twice.
         if shortcuts:
@@ -328,7 +381,7 @@ class Solver:
             )
             return Pass(new_h[0] if new_h else H, W_new, tuple(kept), list(sums), with_loss, exact)
         # W's blocks are kept, and the step results (with their partials) freed once reduced.
-        w_keys = graph.map_blocks(operator.getitem, step_keys, 0, array="W")
+        w_keys = graph.map_blocks(operator.getitem, step_keys, 0, array="W", eager=True)
         W_new, sums, new_h = dask.persist(
             graph.array(w_keys, W.chunks, W.dtype), [graph.delayed(key) for key in top],
             [graph.delayed(key) for key in heads], optimize_graph=False,
@@ -404,10 +457,9 @@ class MaskedSolver(Solver):
     def _inputs(self) -> list:
         return [self.matrix.data, self.mask]
 
-    def _initial_partials(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> Partials | Key:
+    def _initial_parts(self, blocks: Blocks, V: list, W: list, H: np.ndarray, exact: bool = False) -> list:
         mask = mask_block_keys(self.mask, self.matrix)
-        parts = blocks.map(masked.masked_initial_partials, V, mask, W, blocks.constant("H", H), self.rule)
-        return blocks.reduce(parts, kernels.add_partials)
+        return blocks.map(masked.masked_initial_partials, V, mask, W, blocks.constant("H", H), self.rule)
 
     def _step_tasks(self, graph: TaskGraph, V: list, W: list, H, HHt, with_loss: bool, exact: bool = False) -> list[Key]:
         return graph.map(masked.masked_step_block, V, mask_block_keys(self.mask, self.matrix), W, H, self.rule)
