@@ -353,3 +353,75 @@ def test_indptr_slices_through_cached_chunks_equal_the_stores(tmp_path):
     got[:] = -1
     assert np.array_equal(cached[5:10], values[5:10])
     assert np.array_equal(cached[:], values) and len(cached) == len(values)
+
+
+def _direct_cases():
+    """(label, zarr.create_array keywords) of the 1-D arrays read from their chunk files."""
+    from numcodecs import Blosc
+    from zarr.codecs import BloscCodec
+
+    return [
+        ("v3 blosc-lz4", dict(zarr_format=3, compressors=(BloscCodec(cname="lz4", clevel=5),))),
+        ("v3 blosc-zstd, bit shuffle", dict(zarr_format=3, compressors=(BloscCodec(cname="zstd", shuffle="bitshuffle"),))),
+        ("v3 raw", dict(zarr_format=3, compressors=None)),
+        ("v2 blosc", dict(zarr_format=2, compressors=Blosc(cname="lz4"))),
+        ("v2 raw", dict(zarr_format=2, compressors=None)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64, np.float64])
+@pytest.mark.parametrize("case", range(5))
+def test_chunks_read_from_their_files_equal_zarrs_read(tmp_path, case, dtype):
+    """Slices of a local array read straight from its chunk files are Zarr's bytes: across
+    chunk ends, whole chunks, the short last chunk, empty slices, chunks never written (the
+    fill value)."""
+    import zarr
+
+    label, kw = _direct_cases()[case]
+    values = (np.random.default_rng(case).random(10_007) * 1000).astype(dtype)
+    array = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=values.shape, dtype=dtype, chunks=(1000,),
+                              fill_value=7, **kw)
+    array[:6000] = values[:6000]
+    array[8000:] = values[8000:]  # chunks 6 and 7 never written
+    want = array[:]
+    direct = ondisk.direct_chunks(array)
+    assert isinstance(direct, ondisk.DirectChunks), label
+    assert len(direct) == len(values) and direct.dtype == want.dtype
+    rng = np.random.default_rng(1)
+    bounds = [(0, 10_007), (0, 1000), (1000, 3000), (999, 1001), (5, 5), (10_000, 10_007), (5500, 8500)]
+    bounds += [tuple(sorted(rng.integers(0, 10_008, 2))) for _ in range(100)]
+    for a, b in bounds:
+        got = direct[a:b]
+        assert got.dtype == want.dtype and got.tobytes() == want[a:b].tobytes(), (label, a, b)
+    assert np.all(direct[6000:8000] == 7)
+    assert direct[1234] == want[1234] and direct[-1] == want[-1] and direct[6500] == 7
+    with pytest.raises(IndexError):
+        direct[10_007]
+
+
+def test_arrays_zarr_must_decode_are_read_through_zarr(tmp_path):
+    """Codecs other than Blosc, sharding, big-endian values or a store that is not the local
+    disk: no direct reader (Zarr reads them)."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    values = np.arange(5000, dtype=np.float32)
+    zstd = zarr.create_array(store=str(tmp_path / "z.zarr"), data=values, chunks=(1000,), compressors=(ZstdCodec(),))
+    sharded = zarr.create_array(store=str(tmp_path / "s.zarr"), data=values, chunks=(1000,), shards=(2000,))
+    big = zarr.create_array(store=str(tmp_path / "b.zarr"), data=values.astype(">f4"), chunks=(1000,), zarr_format=2,
+                            compressors=None)
+    memory = zarr.create_array(store=zarr.storage.MemoryStore(), data=values, chunks=(1000,))
+    for array in (zstd, sharded, big, memory):
+        assert ondisk.direct_chunks(array) is None
+
+
+def test_a_damaged_raw_chunk_is_a_clear_error(tmp_path):
+    import zarr
+
+    array = zarr.create_array(store=str(tmp_path / "r.zarr"), data=np.arange(3000, dtype=np.int32), chunks=(1000,),
+                              compressors=None)
+    direct = ondisk.direct_chunks(array)
+    chunk = tmp_path / "r.zarr" / "c" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(StoreError, match="damaged"):
+        direct[1500:2500]
