@@ -502,11 +502,12 @@ def release(*collections) -> None:
 
 
 # (H, HHᵀ) of the last passes, by pass, in each process that runs step tasks
-# (_shared_updated_h); a few, so that two fits on one cluster do not evict each other's.
+# (_shared_updated_h): two, so that two fits on one cluster do not evict each other's at every
+# pass, and an H over 16 MiB not kept (what is kept stays in the workers after the fit).
 _SHARED_H: OrderedDict = OrderedDict()
 _SHARED_H_LOCK = threading.Lock()
-SHARED_H_PASSES = 4
-SHARED_H_MAX_BYTES = 64 * 2**20
+SHARED_H_PASSES = 2
+SHARED_H_MAX_BYTES = 16 * 2**20
 
 
 def _shared_updated_h(token: str, update, rule: Rule, H: np.ndarray, *sums) -> tuple[np.ndarray, np.ndarray]:
