@@ -344,18 +344,18 @@ class Solver:
         client = current_client()
         if client is None:
             return contextlib.nullcontext()
-        order = {key: -b for keys in per_block for b, key in enumerate(keys)}
         n_blocks = len(self.matrix.row_chunks)
         threads = client.nthreads() if self.matrix.reads_inline and n_blocks > 1 else {}
         if len(threads) < 2:
+            order = {key: -b for keys in per_block for b, key in enumerate(keys)}
             return dask.annotate(priority=lambda key: order.get(key, 0))
         owners = contiguous_placement(list(range(n_blocks)), threads)
         where = {key: [owners[b]] for keys in per_block for b, key in enumerate(keys)}
         # Every other worker runs its blocks from the last: the tree node over the blocks
         # where one run meets the next then has them all early in the pass, rather than
         # holding one worker's results until the other's run ends.
-        runs = {worker: [b for b in range(n_blocks) if owners[b] == worker] for worker in sorted(threads)}
-        rank = {b: (i if k % 2 else len(run) - 1 - i) for k, run in enumerate(runs.values()) for i, b in enumerate(run)}
+        runs = [[b for b in range(n_blocks) if owners[b] == worker] for worker in sorted(threads)]
+        rank = {b: (i if k % 2 else len(run) - 1 - i) for k, run in enumerate(runs) for i, b in enumerate(run)}
         order = {key: -rank[b] for keys in per_block for b, key in enumerate(keys)}
         return dask.annotate(
             priority=lambda key: order.get(key, 0), workers=lambda key: where.get(key, []), allow_other_workers=True
