@@ -704,8 +704,12 @@ def test_the_slurm_recipe_outlives_its_time_limit_by_requeueing_and_ends_bitwise
         if any(f"JobState={s}" in state for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
             break
         if "JobState=PENDING" in state and "Reason=BeginTime" in state:
-            # Slurm holds a requeued job back for 2 minutes: let it start at once.
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
+            # Slurm holds a requeued job back for 2 minutes: let it start at once, once the
+            # node is done with the run before (started on a node still completing it, a
+            # run failed to launch once: exit code 1 after 0 s, nothing in its log).
+            node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm, capture_output=True, text=True)
+            if node.stdout.strip() == "idle":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
         time.sleep(2)
     else:
         subprocess.run(["scancel", job_id], env=slurm)
