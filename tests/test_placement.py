@@ -217,8 +217,10 @@ def test_an_even_placement_keeps_blocks_where_they_are_within_each_share():
 
 
 def test_a_contiguous_placement_gives_each_worker_one_run_of_its_share():
-    assert list(contiguous_placement(list(range(7)), {"b": 1, "a": 1}).values()) == ["a"] * 4 + ["b"] * 3
-    runs = list(contiguous_placement(list("pqrstuvwxyz"), {"a": 2, "b": 1, "c": 1}).values())
+    placed = contiguous_placement(7, {"b": 1, "a": 1})
+    assert [w for w, _ in placed] == ["a"] * 4 + ["b"] * 3
+    assert [i for _, i in placed] == [3, 2, 1, 0, 0, 1, 2]  # the first run from its end, the second from its start
+    runs = [w for w, _ in contiguous_placement(11, {"a": 2, "b": 1, "c": 1})]
     assert runs == sorted(runs) and Counter(runs) in (Counter(a=5, b=3, c=3), Counter(a=6, b=3, c=2), Counter(a=6, b=2, c=3))
 
 

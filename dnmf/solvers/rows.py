@@ -337,9 +337,7 @@ class Solver:
           152-block sparse V (HALS). A priority falling with the block puts them in order.
         - Runs (:func:`~dnmf.data.resident.contiguous_placement`; loose: a worker gone leaves
           its tasks to the others): the tree's nodes then find their leaves on their worker.
-          Blocks in the workers' memory already decide where their tasks run. The first run
-          goes from its last block down, the second up from its first, and so on, so that
-          the node over the blocks where two runs meet sums them early.
+          Blocks in the workers' memory already decide where their tasks run.
         """
         client = current_client()
         if client is None:
@@ -349,14 +347,9 @@ class Solver:
         if len(threads) < 2:
             order = {key: -b for keys in per_block for b, key in enumerate(keys)}
             return dask.annotate(priority=lambda key: order.get(key, 0))
-        owners = contiguous_placement(list(range(n_blocks)), threads)
-        where = {key: [owners[b]] for keys in per_block for b, key in enumerate(keys)}
-        # Every other worker runs its blocks from the last: the tree node over the blocks
-        # where one run meets the next then has them all early in the pass, rather than
-        # holding one worker's results until the other's run ends.
-        runs = [[b for b in range(n_blocks) if owners[b] == worker] for worker in sorted(threads)]
-        rank = {b: (i if k % 2 else len(run) - 1 - i) for k, run in enumerate(runs) for i, b in enumerate(run)}
-        order = {key: -rank[b] for keys in per_block for b, key in enumerate(keys)}
+        runs = contiguous_placement(n_blocks, threads)
+        where = {key: [runs[b][0]] for keys in per_block for b, key in enumerate(keys)}
+        order = {key: -runs[b][1] for keys in per_block for b, key in enumerate(keys)}
         return dask.annotate(
             priority=lambda key: order.get(key, 0), workers=lambda key: where.get(key, []), allow_other_workers=True
         )
