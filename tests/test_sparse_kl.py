@@ -7,10 +7,15 @@ import scipy.sparse as sp
 from dnmf.kernels import sparse_kl
 
 
-def _block(dtype, seed=0):
-    """A CSR block whose rows hold 0 to 9 stored entries (every tail of the 4-wide loop)."""
+# Ranks below, at, between and past the kernels' eight lanes: 7 is a short group alone, 10 one
+# whole group and a short one, 17 two whole groups and one column.
+RANKS = [7, 8, 10, 17]
+
+
+def _block(dtype, seed=0, r=7):
+    """A CSR block whose rows hold 0 to 9 stored entries, of rank r."""
     rng = np.random.default_rng(seed)
-    n, p, r = 40, 30, 7
+    n, p = 40, 30
     rows = [np.sort(rng.choice(p, size=i % 10, replace=False)) for i in range(n)]
     indptr = np.cumsum([0] + [len(c) for c in rows])
     indices = np.concatenate(rows)
@@ -21,9 +26,10 @@ def _block(dtype, seed=0):
     return V, W, H
 
 
+@pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_wh_at_nonzeros_is_the_dense_product_there(dtype):
-    V, W, H = _block(dtype)
+def test_wh_at_nonzeros_is_the_dense_product_there(dtype, r):
+    V, W, H = _block(dtype, r=r)
     rows = np.repeat(np.arange(V.shape[0]), np.diff(V.indptr))
     want = (W.astype(np.float64) @ H.astype(np.float64))[rows, V.indices]
     got = sparse_kl.wh_at_nonzeros(V, W, H)
@@ -31,9 +37,10 @@ def test_wh_at_nonzeros_is_the_dense_product_there(dtype):
     np.testing.assert_allclose(got, want, rtol=10 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kl_products_match_dense_formulas(dtype):
-    V, W, H = _block(dtype)
+def test_kl_products_match_dense_formulas(dtype, r):
+    V, W, H = _block(dtype, r=r)
     eps = 1e-3
     dense = V.toarray().astype(np.float64)
     WH = W.astype(np.float64) @ H.astype(np.float64)
@@ -47,15 +54,38 @@ def test_kl_products_match_dense_formulas(dtype):
     assert sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)[1] is None
 
 
+@pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_wt_ratio_adds_in_scipys_order(dtype):
-    """Bitwise what scipy's Vᵀ W gives on the ratios: the same sums in the same order."""
-    V, W, H = _block(dtype, seed=3)
+def test_both_products_add_in_scipys_order(dtype, r):
+    """Bitwise what scipy's V Hᵀ and Vᵀ W give on the ratios: the same sums in the same order."""
+    V, W, H = _block(dtype, seed=3, r=r)
     eps = dtype(1e-3)
     R = V.copy()
     R.data = V.data / (sparse_kl.wh_at_nonzeros(V, W, H) + eps)
     numer, _ = sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)
     assert numer.tobytes() == np.asarray((R.T @ W).T).tobytes()
+    assert sparse_kl.ratio_times_ht(V, W, H, eps).tobytes() == np.asarray(R @ np.ascontiguousarray(H.T)).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_dot_products_have_one_order_whatever_the_rank_s_padding(dtype):
+    """W_i · Hᵀ_c is summed in a fixed order: the same bits when W and H are padded with zero
+    columns to any width (the kernels' lanes hold the same values, zeros past the rank), and
+    the same bits from every kernel. Summed one column after another it differs."""
+    V, W, H = _block(dtype, seed=5, r=10)
+    wh = sparse_kl.wh_at_nonzeros(V, W, H)
+    for width in (16, 19, 24):
+        Wp = np.zeros((W.shape[0], width), dtype)
+        Wp[:, :10] = W
+        Hp = np.zeros((width, H.shape[1]), dtype)
+        Hp[:10] = H
+        assert sparse_kl.wh_at_nonzeros(V, Wp, Hp).tobytes() == wh.tobytes()
+    assert sparse_kl.wt_ratio(V, W, H, 1e-3, with_wh=True)[1].tobytes() == wh.tobytes()
+    rows = np.repeat(np.arange(V.shape[0]), np.diff(V.indptr))
+    in_order = np.zeros(V.nnz, dtype)
+    for k in range(10):
+        in_order += W[rows, k] * H[k, V.indices]
+    assert not np.array_equal(in_order, wh)
 
 
 def test_views_of_a_larger_matrix_are_read_in_place():

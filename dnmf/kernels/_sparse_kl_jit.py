@@ -2,121 +2,174 @@
 
 Kept apart so that importing the kernels does not import numba and llvmlite (~60 MB in
 every worker process): only a fit with KL on sparse blocks loads this module.
+
+Each non-zero costs a dot product of two rank-r rows (W_i · Hᵀ_c) and an update of a rank-r
+row by a multiple of another. Written as loops over k, numba compiles both to scalar code:
+its vectorizer cannot reorder the dot product's sum, and it leaves straight-line code alone
+(numba turns LLVM's SLP vectorizer off by default). So the two row operations are written
+here in LLVM's vector type directly, eight lanes at a time (:func:`_lane_dot`,
+:func:`_lane_axpy`), with the rank as a compile-time constant (``numba.literally``: one
+compiled kernel per rank, cached on disk like the others).
+
+The dot product's order is fixed and written out: lane l sums the products of columns
+l, l + 8, l + 16, ... in order, and the eight lanes are then added as a tree (l + l+4, then
++2, then +1). Columns past the last whole eight count as zeros, exactly as if the rows were
+padded. So the value depends on the two rows alone: not on the machine's vector width, the
+threads or the kernel asking. An update adds q·x to each column on its own (a multiply, then
+an add; never fused), as scalar code would.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 _JIT = dict(nopython=True, nogil=True, cache=True, fastmath=False, boundscheck=False)
+_ROW = dict(_JIT, inline="always")
+
+LANES = 8
+_I32 = ir.IntType(32)
 
 
-# Each kernel walks a row's non-zeros four at a time: the four dot products W_i · Hᵀ_c are
-# summed side by side (each over k in order, as one at a time would), so their additions
-# overlap instead of waiting on each other.
+def _row_pointer(context, builder, arraytype, array, row):
+    """A pointer to ``array[row, 0]`` (a C-contiguous 2-D array)."""
+    view = context.make_array(arraytype)(context, builder, array)
+    zero = context.get_constant(types.intp, 0)
+    return cgutils.get_item_pointer(context, builder, arraytype, view, [row, zero], wraparound=False)
+
+
+def _lanes(builder, pointer, start, count, vector, align):
+    """The vector of ``pointer[start:start + count]``, zeros past ``count``."""
+    if count == LANES:
+        at = builder.gep(pointer, [ir.Constant(ir.IntType(64), start)])
+        return builder.load(builder.bitcast(at, vector.as_pointer()), align=align)
+    out = ir.Constant(vector, [0.0] * LANES)
+    for lane in range(count):
+        value = builder.load(builder.gep(pointer, [ir.Constant(ir.IntType(64), start + lane)]), align=align)
+        out = builder.insert_element(out, value, ir.Constant(_I32, lane))
+    return out
+
+
+def _chunks(width: int):
+    """(start, count) of the lane groups covering ``width`` columns: whole eights, then the rest."""
+    return [(start, min(LANES, width - start)) for start in range(0, width, LANES)]
+
+
+def _halves(builder, value, width):
+    lanes = ir.VectorType(_I32, width // 2)
+    low = builder.shuffle_vector(value, value, ir.Constant(lanes, list(range(width // 2))))
+    high = builder.shuffle_vector(value, value, ir.Constant(lanes, list(range(width // 2, width))))
+    return low, high
+
+
+@intrinsic
+def _lane_dot(typingctx, A, i, B, c, width):
+    """Σ_k A[i, k] B[c, k] over the first ``width`` (a literal) columns, in the fixed order above."""
+    if not isinstance(width, types.IntegerLiteral):
+        return None
+    n = width.literal_value
+    sig = A.dtype(A, types.intp, B, types.intp, width)
+
+    def codegen(context, builder, sig, args):
+        a, i, b, c, _ = args
+        vector = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+        align = sig.args[0].dtype.bitwidth // 8
+        row_a = _row_pointer(context, builder, sig.args[0], a, i)
+        row_b = _row_pointer(context, builder, sig.args[2], b, c)
+        total = None
+        for start, count in _chunks(n):
+            product = builder.fmul(_lanes(builder, row_a, start, count, vector, align),
+                                   _lanes(builder, row_b, start, count, vector, align))
+            total = product if total is None else builder.fadd(total, product)
+        if total is None:
+            return context.get_constant(sig.return_type, 0)
+        width_now = LANES
+        while width_now > 1:
+            low, high = _halves(builder, total, width_now)
+            total = builder.fadd(low, high)
+            width_now //= 2
+        return builder.extract_element(total, ir.Constant(_I32, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _lane_axpy(typingctx, Y, y, q, X, x, width, whole):
+    """Y[y, k] += q · X[x, k] for the first ``width`` (a literal) columns, eight at a time. The
+    last group, when short, is done column by column, or with ``whole`` (a literal 1: Y's rows
+    are padded to whole eights) as eight lanes, X's missing columns counting as zeros."""
+    if not isinstance(width, types.IntegerLiteral) or not isinstance(whole, types.IntegerLiteral):
+        return None
+    n, whole_rows = width.literal_value, bool(whole.literal_value)
+    sig = types.void(Y, types.intp, Y.dtype, X, types.intp, width, whole)
+
+    def codegen(context, builder, sig, args):
+        y_array, y, q, x_array, x, _, _ = args
+        dtype = context.get_value_type(sig.args[0].dtype)
+        vector = ir.VectorType(dtype, LANES)
+        align = sig.args[0].dtype.bitwidth // 8
+        row_y = _row_pointer(context, builder, sig.args[0], y_array, y)
+        row_x = _row_pointer(context, builder, sig.args[3], x_array, x)
+        for start, count in _chunks(n):
+            if count == LANES or whole_rows:
+                scale = builder.insert_element(ir.Constant(vector, ir.Undefined), q, ir.Constant(_I32, 0))
+                scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+                at = builder.bitcast(builder.gep(row_y, [ir.Constant(ir.IntType(64), start)]), vector.as_pointer())
+                added = builder.fadd(builder.load(at, align=align),
+                                     builder.fmul(scale, _lanes(builder, row_x, start, count, vector, align)))
+                builder.store(added, at, align=align)
+            else:
+                for k in range(start, start + count):
+                    index = ir.Constant(ir.IntType(64), k)
+                    at = builder.gep(row_y, [index])
+                    term = builder.fmul(q, builder.load(builder.gep(row_x, [index]), align=align))
+                    builder.store(builder.fadd(builder.load(at, align=align), term), at, align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @numba.jit(**_JIT)
-def _dot(W, Ht, i, c):  # pragma: no cover - compiled
-    s = W.dtype.type(0)
-    for k in range(W.shape[1]):
-        s += W[i, k] * Ht[c, k]
-    return s
-
-
-@numba.jit(**_JIT)
-def _dot4(W, Ht, i, c0, c1, c2, c3):  # pragma: no cover - compiled
-    """W_i · Hᵀ_c for four columns c, each summed over k in order, the four side by side."""
-    s0 = s1 = s2 = s3 = W.dtype.type(0)
-    for k in range(W.shape[1]):
-        w = W[i, k]
-        s0 += w * Ht[c0, k]
-        s1 += w * Ht[c1, k]
-        s2 += w * Ht[c2, k]
-        s3 += w * Ht[c3, k]
-    return s0, s1, s2, s3
-
-
-@numba.jit(**_JIT)
-def _wh_values(indptr, indices, W, Ht):  # pragma: no cover - compiled
-    n, r = W.shape
+def _wh_values(indptr, indices, W, Ht, rank):  # pragma: no cover - compiled
+    numba.literally(rank)
     out = np.empty(indices.shape[0], dtype=W.dtype)
-    for i in range(n):
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            out[j], out[j + 1], out[j + 2], out[j + 3] = s0, s1, s2, s3
-            j += 4
-        while j < stop:
-            out[j] = _dot(W, Ht, i, indices[j])
-            j += 1
+    for i in range(W.shape[0]):
+        for j in range(indptr[i], indptr[i + 1]):
+            out[j] = _lane_dot(W, i, Ht, indices[j], rank)
     return out
 
 
 @numba.jit(**_JIT)
-def _ratio_times_ht(indptr, indices, data, W, Ht, eps):  # pragma: no cover - compiled
-    n, r = W.shape
-    out = np.zeros((n, r), dtype=W.dtype)
-    acc = np.zeros(r, dtype=W.dtype)
-    for i in range(n):
-        acc[:] = 0
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            q0, q1 = data[j] / (s0 + eps), data[j + 1] / (s1 + eps)
-            q2, q3 = data[j + 2] / (s2 + eps), data[j + 3] / (s3 + eps)
-            for k in range(r):
-                a = acc[k]
-                a += q0 * Ht[c0, k]
-                a += q1 * Ht[c1, k]
-                a += q2 * Ht[c2, k]
-                a += q3 * Ht[c3, k]
-                acc[k] = a
-            j += 4
-        while j < stop:
+def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cover - compiled
+    """(V / (WH + ε)) Hᵀ, (n, r) in the first r columns of an (n, whole eights) array: each
+    row's ratios added into the row at once, in the order scipy's product V Hᵀ adds a CSR
+    block's values. The rows are whole eights wide so that they are read and written as
+    vectors."""
+    numba.literally(rank)
+    out = np.zeros((W.shape[0], -(-rank // LANES) * LANES), dtype=W.dtype)
+    for i in range(W.shape[0]):
+        for j in range(indptr[i], indptr[i + 1]):
             c = indices[j]
-            q = data[j] / (_dot(W, Ht, i, c) + eps)
-            for k in range(r):
-                acc[k] += q * Ht[c, k]
-            j += 1
-        out[i, :] = acc
+            _lane_axpy(out, i, data[j] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
     return out
 
 
 @numba.jit(**_JIT)
-def _add_ratio(out_t, W, i, c, ratio):  # pragma: no cover - compiled
-    for k in range(W.shape[1]):
-        out_t[c, k] += ratio * W[i, k]
-
-
-@numba.jit(**_JIT)
-def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out):  # pragma: no cover - compiled
+def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, rank):  # pragma: no cover - compiled
     """Wᵀ (V / (WH + ε)) transposed, (p, r): each ratio added into its column's sums at once,
     in the order scipy's product Vᵀ W adds a CSR block's values. With ``wh_out`` of length nnz
     (else 0), WH is written there too, for the loss."""
-    n, r = W.shape
-    out_t = np.zeros(Ht.shape, dtype=W.dtype)
+    numba.literally(rank)
+    out_t = np.zeros((Ht.shape[0], rank), dtype=W.dtype)
     keep = wh_out.shape[0] > 0
-    for i in range(n):
-        j, stop = indptr[i], indptr[i + 1]
-        while j + 4 <= stop:
-            c0, c1, c2, c3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
-            s0, s1, s2, s3 = _dot4(W, Ht, i, c0, c1, c2, c3)
-            if keep:
-                wh_out[j], wh_out[j + 1], wh_out[j + 2], wh_out[j + 3] = s0, s1, s2, s3
-            _add_ratio(out_t, W, i, c0, data[j] / (s0 + eps))
-            _add_ratio(out_t, W, i, c1, data[j + 1] / (s1 + eps))
-            _add_ratio(out_t, W, i, c2, data[j + 2] / (s2 + eps))
-            _add_ratio(out_t, W, i, c3, data[j + 3] / (s3 + eps))
-            j += 4
-        while j < stop:
+    for i in range(W.shape[0]):
+        for j in range(indptr[i], indptr[i + 1]):
             c = indices[j]
-            s = _dot(W, Ht, i, c)
+            s = _lane_dot(W, i, Ht, c, rank)
             if keep:
                 wh_out[j] = s
-            _add_ratio(out_t, W, i, c, data[j] / (s + eps))
-            j += 1
+            _lane_axpy(out_t, c, data[j] / (s + eps), W, i, rank, 0)
     return out_t

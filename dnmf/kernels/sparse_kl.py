@@ -43,7 +43,8 @@ def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
 def ratio_times_ht(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
     """(V_b / (W_b H + ε)) Hᵀ over V_b's non-zeros: the numerator of KL's W update, (n_b, r)."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
-    return _jit().ratio_times_ht(indptr, indices, data, W, Ht, W.dtype.type(eps))
+    out = _jit().ratio_times_ht(indptr, indices, data, W, Ht, W.dtype.type(eps), W.shape[1])
+    return out if out.shape[1] == W.shape[1] else np.ascontiguousarray(out[:, : W.shape[1]])
 
 
 def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_wh: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -51,11 +52,11 @@ def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, wit
     W_b H there (in V_b.data's order; None otherwise), for the loss."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
     wh = np.empty(V_b.nnz if with_wh else 0, dtype=W.dtype)
-    out_t = _jit().wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh)
+    out_t = _jit().wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh, W.shape[1])
     return np.ascontiguousarray(out_t.T), (wh if with_wh else None)
 
 
 def wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
     """(W_b H) at the stored entries of a CSR block, in V_b.data's order."""
     indptr, indices, _, W, Ht = _parts(V_b, W_b, H)
-    return _jit().wh_values(indptr, indices, W, Ht)
+    return _jit().wh_values(indptr, indices, W, Ht, W.shape[1])
