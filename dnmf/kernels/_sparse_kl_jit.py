@@ -173,3 +173,22 @@ def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, rank):  # pragma: no co
                 wh_out[j] = s
             _lane_axpy(out_t, c, data[j] / (s + eps), W, i, rank, 0)
     return out_t
+
+
+# A kernel called with the rank as a plain int goes through numba's literal dispatch on every
+# call: ~8 ms of Python holding the GIL here, 20 times per iteration of a 10-block fit, which
+# stalled the other thread's reads of a streamed V (MU-KL read 858 ms of blocks per iteration
+# against 243 for HALS). The compiled kernel for each signature is kept and called directly.
+_ENTRIES: dict = {}
+
+
+def call(kernel, *args):
+    """``kernel(*args)``, its last argument (the rank) a compile-time constant: compiled (or
+    loaded from numba's cache) on first use, then called straight."""
+    signature = tuple(numba.typeof(a) for a in args[:-1]) + (types.literal(args[-1]),)
+    entry = _ENTRIES.get((kernel, signature))
+    if entry is not None:
+        return entry(*args)
+    out = kernel(*args)
+    _ENTRIES[kernel, signature] = kernel.overloads[signature].entry_point
+    return out

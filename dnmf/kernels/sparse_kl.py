@@ -30,7 +30,11 @@ def _jit() -> SimpleNamespace:
     process that imports them, which a dense or Frobenius fit on 256 MiB workers cannot spare."""
     from . import _sparse_kl_jit as k
 
-    return SimpleNamespace(ratio_times_ht=k._ratio_times_ht, wt_ratio=k._wt_ratio, wh_values=k._wh_values)
+    return SimpleNamespace(
+        ratio_times_ht=functools.partial(k.call, k._ratio_times_ht),
+        wt_ratio=functools.partial(k.call, k._wt_ratio),
+        wh_values=functools.partial(k.call, k._wh_values),
+    )
 
 
 def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
