@@ -190,5 +190,7 @@ def call(kernel, *args):
     if entry is not None:
         return entry(*args)
     out = kernel(*args)
-    _ENTRIES[kernel, signature] = kernel.overloads[signature].entry_point
+    compiled = kernel.overloads.get(signature)
+    if compiled is not None:  # else numba typed the arguments otherwise: dispatched every time
+        _ENTRIES[kernel, signature] = compiled.entry_point
     return out
