@@ -9,7 +9,7 @@ its vectorizer cannot reorder the dot product's sum, and it leaves straight-line
 (numba turns LLVM's SLP vectorizer off by default). So the two row operations are written
 here in LLVM's vector type directly, eight lanes at a time (:func:`_lane_dot`,
 :func:`_lane_axpy`), with the rank as a compile-time constant (``numba.literally``: one
-compiled kernel per rank, cached on disk like the others).
+compiled kernel per rank, cached on disk like the others, and called through :func:`call`).
 
 The dot product's order is fixed and written out: lane l sums the products of columns
 l, l + 8, l + 16, ... in order, and the eight lanes are then added as a tree (l + l+4, then
@@ -28,7 +28,6 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 _JIT = dict(nopython=True, nogil=True, cache=True, fastmath=False, boundscheck=False)
-_ROW = dict(_JIT, inline="always")
 
 LANES = 8
 _I32 = ir.IntType(32)
@@ -58,6 +57,12 @@ def _chunks(width: int):
     return [(start, min(LANES, width - start)) for start in range(0, width, LANES)]
 
 
+def _rows_of(*arrays) -> bool:
+    """Whether the row operations take these array types: 2-D, C-contiguous (a row's columns
+    follow each other), one dtype."""
+    return all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == arrays[0].dtype for a in arrays)
+
+
 def _halves(builder, value, width):
     lanes = ir.VectorType(_I32, width // 2)
     low = builder.shuffle_vector(value, value, ir.Constant(lanes, list(range(width // 2))))
@@ -68,7 +73,7 @@ def _halves(builder, value, width):
 @intrinsic
 def _lane_dot(typingctx, A, i, B, c, width):
     """Σ_k A[i, k] B[c, k] over the first ``width`` (a literal) columns, in the fixed order above."""
-    if not isinstance(width, types.IntegerLiteral):
+    if not isinstance(width, types.IntegerLiteral) or not _rows_of(A, B):
         return None
     n = width.literal_value
     sig = A.dtype(A, types.intp, B, types.intp, width)
@@ -101,7 +106,7 @@ def _lane_axpy(typingctx, Y, y, q, X, x, width, whole):
     """Y[y, k] += q · X[x, k] for the first ``width`` (a literal) columns, eight at a time. The
     last group, when short, is done column by column, or with ``whole`` (a literal 1: Y's rows
     are padded to whole eights) as eight lanes, X's missing columns counting as zeros."""
-    if not isinstance(width, types.IntegerLiteral) or not isinstance(whole, types.IntegerLiteral):
+    if not isinstance(width, types.IntegerLiteral) or not isinstance(whole, types.IntegerLiteral) or not _rows_of(Y, X):
         return None
     n, whole_rows = width.literal_value, bool(whole.literal_value)
     sig = types.void(Y, types.intp, Y.dtype, X, types.intp, width, whole)
