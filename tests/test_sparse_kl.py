@@ -47,11 +47,22 @@ def test_kl_products_match_dense_formulas(dtype, r):
     ratio = np.where(dense > 0, dense / (WH + eps), 0.0)
     tol = dict(rtol=50 * np.finfo(dtype).eps, atol=0)
     np.testing.assert_allclose(sparse_kl.ratio_times_ht(V, W, H, eps), ratio @ H.T.astype(np.float64), **tol)
-    numer, wh = sparse_kl.wt_ratio(V, W, H, eps, with_wh=True)
-    assert numer.shape == H.shape and numer.dtype == dtype and numer.flags.c_contiguous
+    numer, runs = sparse_kl.wt_ratio(V, W, H, eps)
+    assert numer.shape == H.shape and numer.dtype == dtype and numer.flags.c_contiguous and runs == []
     np.testing.assert_allclose(numer, W.T.astype(np.float64) @ ratio, **tol)
-    np.testing.assert_array_equal(wh, sparse_kl.wh_at_nonzeros(V, W, H))
-    assert sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)[1] is None
+
+
+@pytest.mark.parametrize("entries", [1, 7, 40, 10**6])
+def test_wt_ratio_by_runs_of_rows_gives_the_same_bits_and_wh_run_by_run(entries):
+    """The rows in runs of about ``entries`` non-zeros (1: about a row per run): the same sums,
+    and each run's values of V and WH, in order, covering every non-zero once."""
+    V, W, H = _block(np.float32, seed=7, r=10)
+    whole, _ = sparse_kl.wt_ratio(V, W, H, 1e-3)
+    numer, runs = sparse_kl.wt_ratio(V, W, H, 1e-3, per_run=lambda v, wh: (v.copy(), wh.copy()), run_entries=entries)
+    assert numer.tobytes() == whole.tobytes()
+    assert (len(runs) == 1) == (entries >= V.nnz)
+    assert np.concatenate([v for v, _ in runs]).tobytes() == V.data.tobytes()
+    assert np.concatenate([wh for _, wh in runs]).tobytes() == sparse_kl.wh_at_nonzeros(V, W, H).tobytes()
 
 
 @pytest.mark.parametrize("r", RANKS)
@@ -62,7 +73,7 @@ def test_both_products_add_in_scipys_order(dtype, r):
     eps = dtype(1e-3)
     R = V.copy()
     R.data = V.data / (sparse_kl.wh_at_nonzeros(V, W, H) + eps)
-    numer, _ = sparse_kl.wt_ratio(V, W, H, eps, with_wh=False)
+    numer, _ = sparse_kl.wt_ratio(V, W, H, eps)
     assert numer.tobytes() == np.asarray((R.T @ W).T).tobytes()
     assert sparse_kl.ratio_times_ht(V, W, H, eps).tobytes() == np.asarray(R @ np.ascontiguousarray(H.T)).tobytes()
 
@@ -80,7 +91,8 @@ def test_the_dot_products_have_one_order_whatever_the_rank_s_padding(dtype):
         Hp = np.zeros((width, H.shape[1]), dtype)
         Hp[:10] = H
         assert sparse_kl.wh_at_nonzeros(V, Wp, Hp).tobytes() == wh.tobytes()
-    assert sparse_kl.wt_ratio(V, W, H, 1e-3, with_wh=True)[1].tobytes() == wh.tobytes()
+    runs = sparse_kl.wt_ratio(V, W, H, 1e-3, per_run=lambda v, wh: wh.copy())[1]
+    assert np.concatenate(runs).tobytes() == wh.tobytes()
     rows = np.repeat(np.arange(V.shape[0]), np.diff(V.indptr))
     in_order = np.zeros(V.nnz, dtype)
     for k in range(10):

@@ -163,12 +163,12 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cove
 
 
 @numba.jit(**_JIT)
-def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, rank):  # pragma: no cover - compiled
-    """Wᵀ (V / (WH + ε)) transposed, (p, r): each ratio added into its column's sums at once,
-    in the order scipy's product Vᵀ W adds a CSR block's values. With ``wh_out`` of length nnz
+def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, out_t, rank):  # pragma: no cover - compiled
+    """Wᵀ (V / (WH + ε)) transposed, (p, r), added into ``out_t``: each ratio added into its
+    column's sums at once, in the order scipy's product Vᵀ W adds a CSR block's values (so
+    rows given in runs, one call each, add up to the same bits). With ``wh_out`` of length nnz
     (else 0), WH is written there too, for the loss."""
     numba.literally(rank)
-    out_t = np.zeros((Ht.shape[0], rank), dtype=W.dtype)
     keep = wh_out.shape[0] > 0
     for i in range(W.shape[0]):
         for j in range(indptr[i], indptr[i + 1]):
@@ -177,7 +177,6 @@ def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, rank):  # pragma: no co
             if keep:
                 wh_out[j] = s
             _lane_axpy(out_t, c, data[j] / (s + eps), W, i, rank, 0)
-    return out_t
 
 
 # A kernel called with the rank as a plain int goes through numba's literal dispatch on every
@@ -192,10 +191,9 @@ def call(kernel, *args):
     loaded from numba's cache) on first use, then called straight."""
     signature = tuple(numba.typeof(a) for a in args[:-1]) + (types.literal(args[-1]),)
     entry = _ENTRIES.get((kernel, signature))
-    if entry is not None:
-        return entry(*args)
-    out = kernel(*args)
-    compiled = kernel.overloads.get(signature)
-    if compiled is not None:  # else numba typed the arguments otherwise: dispatched every time
-        _ENTRIES[kernel, signature] = compiled.entry_point
-    return out
+    if entry is None:
+        # Compiled for that signature (or loaded from numba's cache) at once, without first
+        # typing the rank as an int and being told to start again with it as a constant.
+        kernel.compile(signature)
+        entry = _ENTRIES[kernel, signature] = kernel.overloads[signature].entry_point
+    return entry(*args)

@@ -272,21 +272,31 @@ def _kl_partials_sparse(
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
     and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
     divergence, the non-zeros' terms plus Σ WH over the zeros)."""
-    numer, wh = wt_ratio(V_b, W_b, H, eps, with_wh=with_loss or exact)
     col_w = W_b.sum(axis=0)
-    loss = 0.0
-    values = V_b.data
-    # By chunks: the float64 terms of a whole block would double its size in temporaries.
-    chunks = [slice(start, start + KL_TILE_ENTRIES) for start in range(0, V_b.nnz, KL_TILE_ENTRIES)]
+    h_sums = H.sum(axis=1, dtype=np.float64)
+    # By runs of rows (see wt_ratio): WH and the float64 terms of a whole block would be 3 times
+    # its size in temporaries.
     if exact:
-        total_wh = float(np.dot(W_b.sum(axis=0, dtype=np.float64), H.sum(axis=1, dtype=np.float64)))
-        loss = math.fsum(kl_terms(values[c], wh[c]) - float(np.sum(wh[c], dtype=np.float64)) for c in chunks) + total_wh
+        numer, terms = wt_ratio(V_b, W_b, H, eps, per_run=_exact_kl_terms, run_entries=KL_TILE_ENTRIES)
+        loss = math.fsum(terms) + float(np.dot(W_b.sum(axis=0, dtype=np.float64), h_sums))
     elif with_loss:
-        np.log(wh, out=wh)
-        loss = -math.fsum(float(np.dot(values[c].astype(np.float64), wh[c].astype(np.float64))) for c in chunks) + float(
-            np.dot(col_w.astype(np.float64), H.sum(axis=1, dtype=np.float64))
-        )
+        numer, terms = wt_ratio(V_b, W_b, H, eps, per_run=_v_log_wh_sum, run_entries=KL_TILE_ENTRIES)
+        loss = -math.fsum(terms) + float(np.dot(col_w.astype(np.float64), h_sums))
+    else:
+        numer, loss = wt_ratio(V_b, W_b, H, eps)[0], 0.0
     return Partials(numer, col_w, loss, 0.0, 0.0)
+
+
+def _exact_kl_terms(values: np.ndarray, wh: np.ndarray) -> float:
+    """The KL divergence's terms at some non-zeros of V, less Σ WH there (which the whole
+    Σ WH, added once, holds)."""
+    return kl_terms(values, wh) - float(np.sum(wh, dtype=np.float64))
+
+
+def _v_log_wh_sum(values: np.ndarray, wh: np.ndarray) -> float:
+    """Σ V log(WH) at some non-zeros of V, in float64 (``wh`` overwritten with its log)."""
+    np.log(wh, out=wh)
+    return float(np.dot(values.astype(np.float64), wh.astype(np.float64)))
 
 
 # The dense KL kernels work on row tiles of about this many entries, so the elementwise

@@ -18,6 +18,7 @@ scheduler runs blocks in parallel.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -51,13 +52,39 @@ def ratio_times_ht(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: floa
     return out if out.shape[1] == W.shape[1] else np.ascontiguousarray(out[:, : W.shape[1]])
 
 
-def wt_ratio(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, with_wh: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """W_bᵀ (V_b / (W_b H + ε)) over V_b's non-zeros, (r, p), and with ``with_wh`` the values
-    W_b H there (in V_b.data's order; None otherwise), for the loss."""
+def wt_ratio(
+    V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float, per_run: Callable | None = None, run_entries: int = 2**18
+) -> tuple[np.ndarray, list]:
+    """W_bᵀ (V_b / (W_b H + ε)) over V_b's non-zeros, (r, p), and with ``per_run`` the list of
+    ``per_run(values, wh)`` over runs of whole rows of about ``run_entries`` non-zeros each:
+    V_b's values there and W_b H at them (for the loss; empty list without ``per_run``). WH is
+    thus never held for a whole block (4 bytes per non-zero: 32 MB for a block of 8M), and
+    the sums are the same bits however the rows are split."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
-    wh = np.empty(V_b.nnz if with_wh else 0, dtype=W.dtype)
-    out_t = _jit().wt_ratio(indptr, indices, data, W, Ht, W.dtype.type(eps), wh, W.shape[1])
-    return np.ascontiguousarray(out_t.T), (wh if with_wh else None)
+    eps, rank = W.dtype.type(eps), W.shape[1]
+    out_t = np.zeros((Ht.shape[0], rank), dtype=W.dtype)
+    out = []
+    if per_run is None:
+        _jit().wt_ratio(indptr, indices, data, W, Ht, eps, np.empty(0, dtype=W.dtype), out_t, rank)
+    for lo, hi in _row_runs(indptr, run_entries) if per_run is not None else ():
+        start, stop = int(indptr[lo]), int(indptr[hi])
+        wh = np.empty(stop - start, dtype=W.dtype)
+        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
+                        out_t, rank)
+        out.append(per_run(V_b.data[start:stop], wh))
+    return np.ascontiguousarray(out_t.T), out
+
+
+def _row_runs(indptr: np.ndarray, entries: int) -> list[tuple[int, int]]:
+    """``(lo, hi)``: runs of consecutive rows of a CSR matrix of about ``entries`` non-zeros each
+    (a row with more is a run of its own), covering every row."""
+    n, runs, lo = len(indptr) - 1, [], 0
+    while lo < n:
+        hi = int(np.searchsorted(indptr, indptr[lo] + entries, side="right")) - 1
+        hi = min(n, max(hi, lo + 1))
+        runs.append((lo, hi))
+        lo = hi
+    return runs
 
 
 def wh_at_nonzeros(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray) -> np.ndarray:
