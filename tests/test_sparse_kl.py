@@ -133,3 +133,28 @@ def test_in_memory_csr_blocks_view_v_and_fits_leave_it_unchanged():
         dnmf.NMF(4, beta_loss=beta, max_iter=5, chunks=64, random_state=int(rng.integers(100))).fit(V)
     dnmf.NMF(4, solver="hals", max_iter=5, chunks=64).fit(V)
     assert (V.data.tobytes(), V.indices.tobytes(), V.indptr.tobytes()) == before
+
+
+def test_w_transpose_v_of_an_in_memory_row_block_reads_it_in_place():
+    """Wᵀ V_b of a CSR row block whose arrays are views into V's (dnmf's in-memory blocks):
+    scipy's values bit for bit, without the copy of the block that ``V_b.T`` makes of views
+    (scipy prunes arrays much smaller than their base)."""
+    import tracemalloc
+
+    from dnmf.kernels.products import dot_t
+
+    V = sp.random(40000, 50, density=0.2, format="csr", random_state=1, dtype=np.float64)
+    lo, hi = 5000, 15000  # a quarter of V
+    start, stop = V.indptr[lo], V.indptr[hi]
+    block = sp.csr_matrix((hi - lo, V.shape[1]))
+    block.data, block.indices, block.indptr = V.data[start:stop], V.indices[start:stop], V.indptr[lo : hi + 1] - start
+    W = np.random.default_rng(2).random((hi - lo, 5))
+    want = np.ascontiguousarray(np.asarray((block.T @ W).T))
+    tracemalloc.start()
+    try:
+        got = dot_t(W, block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.ascontiguousarray(got).tobytes() == want.tobytes()
+    assert peak < block.data.nbytes / 4, (peak, block.data.nbytes)
