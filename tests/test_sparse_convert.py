@@ -182,3 +182,27 @@ def test_cli_fit_of_an_mtx_goes_through_a_sparse_store(tmp_path, monkeypatch):
     from dnmf.data.results import load_result
 
     assert np.array_equal(load_result(tmp_path / "r.zarr").H, ref.components_)
+
+
+def test_convert_no_compress_writes_raw_chunks_that_fit_as_the_compressed_store(tmp_path):
+    """``--no-compress``: every array of the store raw (the direct reader's raw path), the same
+    values as the compressed store, and the same fit bit for bit; a dense array raw too."""
+    from dnmf.data import ondisk
+
+    X = sp.random(300, 40, density=0.2, random_state=9, format="csr", dtype=np.float32)
+    X.data = np.ceil(X.data * 7)
+    sp.save_npz(tmp_path / "X.npz", X)
+    runner = CliRunner()
+    for name, flags in (("C.zarr", []), ("R.zarr", ["--no-compress"]), ("D.zarr", ["--no-compress", "--dense"])):
+        out = runner.invoke(main, ["convert", str(tmp_path / "X.npz"), str(tmp_path / name), "-q", *flags])
+        assert out.exit_code == 0, out.output
+    compressed, raw = (zarr.open_group(str(tmp_path / n), mode="r") for n in ("C.zarr", "R.zarr"))
+    for part in ("data", "indices", "indptr"):
+        assert raw[part].compressors == () and compressed[part].compressors != ()
+    assert ondisk.direct_chunks(raw["data"]).blosc is False
+    assert zarr.open_array(str(tmp_path / "D.zarr"), mode="r").compressors == ()
+    assert_same_csr(stored_csr(tmp_path / "R.zarr"), stored_csr(tmp_path / "C.zarr"))
+    fits = [dnmf.NMF(3, solver=s, max_iter=4, tol=0, tol_x=0, cache=False, chunks=70, random_state=0).fit(str(tmp_path / n))
+            for n in ("C.zarr", "R.zarr") for s in ("hals", "mu")]
+    assert fits[0].components_.tobytes() == fits[2].components_.tobytes()
+    assert fits[1].components_.tobytes() == fits[3].components_.tobytes()

@@ -463,20 +463,20 @@ def _check_shape(path: str, name: str, shape) -> tuple[int, int]:
 ENTRIES_PER_CHUNK = 2**20  # the Zarr chunk of data and indices: 4-8 MiB
 
 
-def create_csr_store(path, shape: tuple[int, int], dtype, index_dtype=np.int32):
+def create_csr_store(path, shape: tuple[int, int], dtype, index_dtype=np.int32, compressed: bool = True):
     """A new Zarr group at ``path`` in AnnData's CSR encoding (``data``, ``indices``, ``indptr``,
-    ``encoding-type: csr_matrix``, ``shape``), empty, to fill with :class:`CSRWriter`."""
+    ``encoding-type: csr_matrix``, ``shape``), empty, to fill with :class:`CSRWriter`; its
+    chunks compressed with :func:`~dnmf.data.zarrio.default_compressors`, or raw."""
     import zarr
 
     from .zarrio import default_compressors
 
     group = zarr.open_group(store=str(path), mode="w")
     group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [int(s) for s in shape]})
-    spec = {"chunks": (ENTRIES_PER_CHUNK,), "compressors": default_compressors()}
+    spec = {"chunks": (ENTRIES_PER_CHUNK,), "compressors": default_compressors() if compressed else None}
     group.create_array("data", shape=(0,), dtype=np.dtype(dtype), **spec)
     group.create_array("indices", shape=(0,), dtype=np.dtype(index_dtype), **spec)
-    group.create_array("indptr", shape=(shape[0] + 1,), dtype=np.int64, chunks=(ENTRIES_PER_CHUNK,),
-                       compressors=default_compressors())
+    group.create_array("indptr", shape=(shape[0] + 1,), dtype=np.int64, **spec)
     return group
 
 
