@@ -421,11 +421,12 @@ def case_out_of_core(n, p, r, dtype, lo, hi, repeats):
     return out
 
 
-def write_sparse_store(path: str, V: sp.csr_matrix, rows: int = 65536) -> None:
-    """V as a dnmf sparse store (AnnData's CSR encoding), as dnmf convert writes it."""
+def write_sparse_store(path: str, V: sp.csr_matrix, rows: int = 65536, compressed: bool = True) -> None:
+    """V as a dnmf sparse store (AnnData's CSR encoding), as dnmf convert writes it (with
+    ``compressed=False``: as ``dnmf convert --no-compress`` does)."""
     from dnmf.data.ondisk import CSRWriter, create_csr_store
 
-    writer = CSRWriter(create_csr_store(path, V.shape, V.dtype))
+    writer = CSRWriter(create_csr_store(path, V.shape, V.dtype, compressed=compressed))
     for start in range(0, V.shape[0], rows):
         writer.append(V[start : start + rows])
     writer.close()
@@ -445,15 +446,18 @@ def read_sparse_once_seconds(path: str) -> float:
 
 def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     """Sparse V streamed from a sparse store (cache=False) vs the same CSR in memory, vs
-    reading the store once, vs scikit-learn on the CSR; dask's threaded scheduler."""
+    reading the store once, vs scikit-learn on the CSR; the same from an uncompressed store
+    (``raw_*``); dask's threaded scheduler."""
     V = sparse_uniform(n, p, density, dtype)
     W0, H0 = start(V.shape, r, float(V.sum(dtype=np.float64)) / (n * p), dtype)
     out = {"nnz": int(V.nnz)}
     with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent)) as tmp:
-        path = str(Path(tmp) / "v.zarr")
+        path, raw = str(Path(tmp) / "v.zarr"), str(Path(tmp) / "raw.zarr")
         write_sparse_store(path, V)
-        read_sparse_once_seconds(path)  # warm the page cache
-        out["read_once"] = median(read_sparse_once_seconds(path) for _ in range(max(3, repeats)))
+        write_sparse_store(raw, V, compressed=False)
+        for key, where in (("read_once", path), ("raw_read_once", raw)):
+            read_sparse_once_seconds(where)  # warm the page cache
+            out[key] = median(read_sparse_once_seconds(where) for _ in range(max(3, repeats)))
         kl = "kullback-leibler"
         out.update(steady_state({
             "disk_kl": lambda k: dnmf_fit(path, W0, H0, "mu", k, kl, cache=False),
@@ -462,6 +466,8 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
             "mem_hals": lambda k: dnmf_fit(V, W0, H0, "hals", k),
             "disk_mu": lambda k: dnmf_fit(path, W0, H0, "mu", k, cache=False),
             "disk_hals_plain": lambda k: dnmf_fit(path, W0, H0, "hals", k, cache=False, inner_sweeps=1),
+            "raw_kl": lambda k: dnmf_fit(raw, W0, H0, "mu", k, kl, cache=False),
+            "raw_hals": lambda k: dnmf_fit(raw, W0, H0, "hals", k, cache=False),
             "sklearn_mu": lambda k: sk_fit(V, W0, H0, "mu", k),
             "sklearn_cd": lambda k: sk_fit(V, W0, H0, "cd", k),
         }, lo, hi, repeats))

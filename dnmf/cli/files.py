@@ -48,7 +48,7 @@ def info(path, dataset, layer, no_scan, as_json):
               "for sparse sources (.npz, coordinate .mtx, CSR/CSC groups), dense otherwise.")
 @click.option("--compress/--no-compress", "compressed", default=True, show_default=True,
               help="Blosc-lz4 chunks, or raw ones: larger on disk, but read without decoding (a pass over a "
-              "sparse store in about 2/3 of the time).")
+              "sparse store in about half the time).")
 def convert(src, dst, chunks, dataset, quiet, overwrite, dense, compressed):
     """Write SRC (.npy, .npz, .mtx(.gz), .csv/.tsv, HDF5, 10x .h5, .h5ad, an AnnData .zarr's
     sparse matrix) as a Zarr store DST that dnmf reads by row blocks: a row-chunked array, or a

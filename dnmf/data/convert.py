@@ -537,7 +537,7 @@ def convert(
     compressed : bool, default=True
         Blosc-lz4 chunks (:func:`~dnmf.data.zarrio.default_compressors`), or raw ones (False):
         larger on disk (1.6 times for random float32 values, more for counts), but read with no
-        decoding: a pass over a 79M-non-zero sparse store took 102 ms instead of 152 here,
+        decoding: a pass over a 79M-non-zero sparse store took 64-102 ms instead of 152 here,
         which is most of what streaming adds to an in-memory iteration.
 
     Returns
