@@ -64,14 +64,14 @@ def wt_ratio(
     eps, rank = W.dtype.type(eps), W.shape[1]
     out_t = np.zeros((Ht.shape[0], rank), dtype=W.dtype)
     out = []
-    if per_run is None:
-        _jit().wt_ratio(indptr, indices, data, W, Ht, eps, np.empty(0, dtype=W.dtype), out_t, rank)
-    for lo, hi in _row_runs(indptr, run_entries) if per_run is not None else ():
+    # Without per_run, one call over every row and no WH kept.
+    for lo, hi in _row_runs(indptr, run_entries) if per_run is not None else [(0, len(indptr) - 1)]:
         start, stop = int(indptr[lo]), int(indptr[hi])
-        wh = np.empty(stop - start, dtype=W.dtype)
+        wh = np.empty(stop - start if per_run is not None else 0, dtype=W.dtype)
         _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
                         out_t, rank)
-        out.append(per_run(V_b.data[start:stop], wh))
+        if per_run is not None:
+            out.append(per_run(V_b.data[start:stop], wh))
     return np.ascontiguousarray(out_t.T), out
 
 
