@@ -282,3 +282,67 @@ def test_whole_block_steps_together_equal_each_step_alone_bitwise(shape, ranks, 
         alone_W, alone = step_block(V, W, H, H @ H.T, rule, exact=ex)
         assert W_new.tobytes() == alone_W.tobytes()
         assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(partials[:3], alone[:3]))
+
+
+GIB = 2**30
+ATLAS = dict(n_fits=50, shape=(200000, 20000), n_components=10, itemsize=4)  # the case of issue 18
+
+
+def worker_hold(width: int, limit: int, v_held: int, n_workers: int = 2, **case) -> float:
+    """What :func:`fused_width` expects a worker to hold with ``width`` fits in flight."""
+    from dnmf.graph import SPLIT_EVERY
+    from dnmf.run import fused
+
+    (n, p), r, itemsize = case["shape"], case["n_components"], case["itemsize"]
+    per_fit = fused.WORKER_OVERHEAD * (2 * n * r * itemsize / n_workers + SPLIT_EVERY * r * p * itemsize)
+    return fused.WORKER_BASE_BYTES + v_held / n_workers + width * per_fit
+
+
+def test_fused_width_fits_the_workers_memory_beside_v():
+    from dnmf.run.fused import FUSED_MEMORY_BYTES, WORKER_FRACTION, fused_width
+
+    # In this process: W twice per fit within the budget, whatever the workers.
+    alone = fused_width(**ATLAS)
+    assert alone == min(50, FUSED_MEMORY_BYTES // (2 * 200000 * 10 * 4)) == 50
+    assert fused_width(**ATLAS, limits=[0, 0], in_use=[0, 0]) == alone  # no limits: nothing to fit
+    # 2 workers x 2 GiB holding a 624 MiB CSR between them: fewer fits, the most that fit.
+    v = 624 * 2**20
+    width = fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[0, 0], v_held=v)
+    assert 1 < width < 50
+    assert worker_hold(width, 2 * GIB, v, **ATLAS) <= WORKER_FRACTION * 2 * GIB < worker_hold(width + 1, 2 * GIB, v, **ATLAS)
+    # The tightest worker decides; V held, a busier process and a higher rank all leave fewer.
+    assert fused_width(**ATLAS, limits=[2 * GIB, GIB], in_use=[0, 0], v_held=v) < width
+    assert fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[0, 0]) > width
+    assert fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[GIB // 2] * 2, v_held=v) < width
+    assert fused_width(**{**ATLAS, "n_components": 15}, limits=[2 * GIB] * 2, in_use=[0, 0], v_held=v) < width
+    # Workers too small for even one more: still one fit at a time (each fit plans its own blocks).
+    assert fused_width(**ATLAS, limits=[256 * 2**20] * 2, in_use=[0, 0], v_held=v) == 1
+
+
+def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
+    from dnmf.cluster import connect
+    from dnmf.run import fused
+
+    V = data(False)
+    base = FitSettings.from_params(n_components=3, init="random", max_iter=6, tol=0, tol_x=0, chunks=40)
+    runs = [replace(base, seed=s) for s in (5, 6, 7)]
+    asked = []
+    width = fused.fused_width
+
+    def spy(*args, **kw):
+        asked.append(kw)
+        return width(*args, **kw)
+
+    monkeypatch.setattr(fused, "fused_width", spy)
+    with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = fit_fused(V, runs, summarize=outcome)
+        # Fits that do not fit the workers together run two at a time: the third starts as one ends.
+        monkeypatch.setattr(fused, "WORKER_OVERHEAD", 0.2 * GIB / (2 * 160 * 3 * 8 / 2 + 8 * 3 * 40 * 8))
+        waves = fit_fused(V, runs, summarize=outcome)
+    told = [kw for kw in asked if kw.get("limits")]
+    assert told and told[0]["limits"] == [GIB, GIB] and told[0]["v_held"] == V.nbytes
+    assert all(used > 0 for used in told[0]["in_use"])
+    assert together.n_passes <= 6 + 2 and waves.n_passes >= 2 * 6
+    for a, b in zip(together.results, waves.results):  # the same fits, however many in flight
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)

@@ -138,9 +138,10 @@ def consensus(
     input_path : path, optional
         The path V was read from, which ``workdir`` may not be, lie inside or hold.
     max_concurrent : replicates fused at once (default: as many as their W's fit in
-        :data:`dnmf.run.fused.FUSED_MEMORY_BYTES`). A replicate is written to ``workdir`` when
-        it ends, so a kill loses the replicates in flight: fewer at once (a new one starts as
-        one ends) lose less and share fewer passes.
+        :data:`dnmf.run.fused.FUSED_MEMORY_BYTES` and, under a distributed client, as many as
+        the workers hold beside V: :func:`dnmf.run.fused.fused_width`). A replicate is written
+        to ``workdir`` when it ends, so a kill loses the replicates in flight: fewer at once (a
+        new one starts as one ends) lose less and share fewer passes.
     layer : str, optional
         For an AnnData input (an AnnData object in memory or backed, a ``.h5ad`` file, an
         AnnData ``.zarr`` store): the layer to factor instead of X. It is recorded in

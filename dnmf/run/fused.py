@@ -4,30 +4,93 @@
 in a thread of its own, all members of one :class:`~dnmf.solvers.fused.FusedPasses`: the fits
 in flight read each row block of V (or each chunk of a grid) once per pass between them, and V
 is scanned once.
-Each fit's result is bitwise the one it has run alone. The fits in flight are capped so that
-their W's (and W's update) fit :data:`FUSED_MEMORY_BYTES`; the others start as fits end.
+Each fit's result is bitwise the one it has run alone. The fits in flight are capped
+(:func:`fused_width`) so that their W's (and W's update) fit :data:`FUSED_MEMORY_BYTES`, and,
+under a distributed client, so that what they hold in the workers fits beside V there; the
+others start as fits end.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..cluster import current_client
+from ..cluster import current_client, worker_memory_in_use, worker_memory_limits
+from ..graph import SPLIT_EVERY
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
 from .pipeline import Factorization, fit, open_v
-from .plan import blas_threads_for_scheduler
+from .plan import blas_threads_for_scheduler, matrix_bytes, plan_cache
+
+logger = logging.getLogger(__name__)
 
 FUSED_MEMORY_BYTES = 2**30
 MAX_FUSED_FITS = 256
+# Under a distributed client, the fits in flight take at most this fraction of the tightest
+# worker's memory limit, with its process and its share of V: dask spills from 60% and pauses
+# a worker at 80%. 50 replicates of rank 10 on a 200000×20000 CSR (2%) in 2 workers × 2 GiB,
+# all in flight under the W-only rule, held both workers paused for 14 minutes.
+WORKER_FRACTION = 0.6
+# A worker's own memory once dnmf's kernels are loaded (numpy, scipy, dask; 127-180 MiB here),
+# when its last heartbeat said less.
+WORKER_BASE_BYTES = 160 * 2**20
+# A worker's process grows by more than the arrays a fit holds there: 22 MiB per fit against
+# the 14.4 MiB its arrays add up to (the case above, 20 fits in flight).
+WORKER_OVERHEAD = 1.5
 
 
-def fused_width(n_fits: int, shape: tuple[int, int], n_components: int, itemsize: int) -> int:
-    """How many fits to run together: their W's (twice: W and its update) within the budget."""
-    per_fit = 2 * shape[0] * n_components * itemsize
-    return int(max(1, min(n_fits, MAX_FUSED_FITS, FUSED_MEMORY_BYTES // max(1, per_fit))))
+def fused_width(
+    n_fits: int,
+    shape: tuple[int, int],
+    n_components: int,
+    itemsize: int,
+    *,
+    limits: list[int] | tuple = (),
+    in_use: list[int] | tuple = (),
+    v_held: int = 0,
+) -> int:
+    """How many fits to run together.
+
+    In this process: their W's, twice (W and its update), within :data:`FUSED_MEMORY_BYTES`.
+    On workers with memory ``limits`` (bytes each; ``in_use``: their processes' memory now;
+    ``v_held``: the bytes of V the workers hold during the fits, spread evenly): per worker,
+    each fit's share of W twice and the r×p partials of the blocks its summation tree waits
+    for (up to :data:`~dnmf.graph.SPLIT_EVERY`), times ``WORKER_OVERHEAD``, within
+    ``WORKER_FRACTION`` of the tightest worker's limit less its process and its share of V.
+    Workers without a limit are not counted; at least 1, at most ``n_fits`` and
+    :data:`MAX_FUSED_FITS`.
+    """
+    n, p = shape
+    w_bytes = 2 * n * n_components * itemsize
+    width = min(n_fits, MAX_FUSED_FITS, FUSED_MEMORY_BYTES // max(1, w_bytes))
+    limited = [(limit, used) for limit, used in zip(limits, list(in_use) + [0] * len(limits)) if limit > 0]
+    if limited:
+        n_workers = len(limits)
+        per_worker = WORKER_OVERHEAD * (w_bytes / n_workers + SPLIT_EVERY * n_components * p * itemsize)
+        room = min(WORKER_FRACTION * limit - max(used, WORKER_BASE_BYTES) for limit, used in limited) - v_held / n_workers
+        width = min(width, room // per_worker)
+    return int(max(1, width))
+
+
+def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) -> int:
+    """:func:`fused_width` for ``matrix`` under the current client (if any)."""
+    client = current_client()
+    shape, itemsize = matrix.shape, matrix.dtype.itemsize
+    if client is None:
+        return fused_width(n_fits, shape, n_components, itemsize)
+    # V's bytes the workers will hold: all of it when it is in memory here (sent to them) or
+    # cached there; unknown (a sparse V not yet scanned): counted when it would be cached.
+    plan = plan_cache(settings.cache, matrix, client, matrix.nnz)
+    v_bytes = matrix_bytes(matrix, matrix.nnz)
+    held = v_bytes if (plan is None or plan.cached) and v_bytes is not None else 0
+    width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client),
+                        in_use=worker_memory_in_use(client), v_held=held)
+    if width < min(n_fits, fused_width(n_fits, shape, n_components, itemsize)):
+        logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
+                    "beside V (max_concurrent= sets it)", width, n_fits)
+    return width
 
 
 @dataclass(frozen=True)
@@ -59,14 +122,15 @@ def fit_fused(
         first settings' chunks).
     settings : the fits' settings (typically one rank, several seeds); no checkpoints.
     summarize : what to keep of each fit (called in its thread as soon as it ends).
-    max_concurrent : fits run together at most (default: :func:`fused_width`).
+    max_concurrent : fits run together at most (default: :func:`fused_width`, for the current
+        client's workers when there is one).
     """
     settings = list(settings)
     if not settings:
         return FusedRuns([], 0, 0)
     matrix = open_v(X, settings[0])
     r = max(s.n_components if isinstance(s.n_components, int) else matrix.shape[1] for s in settings)
-    workers = max_concurrent or fused_width(len(settings), matrix.shape, r, matrix.dtype.itemsize)
+    workers = max_concurrent or _width_for(len(settings), matrix, settings[0], r)
     passes = FusedPasses()
     passes.expect(min(workers, len(settings)))  # the first fits start together
 
