@@ -64,6 +64,17 @@ def test_fused_fits_equal_the_fits_run_alone_bitwise(solver, beta_loss, sparse, 
     assert_fused_equal_alone(V, base, outcome)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("solver,beta_loss", [CASES[1], CASES[2]])
+def test_fused_fits_summed_in_one_tree_of_two_levels_equal_the_fits_alone(solver, beta_loss, sparse):
+    # 9 row blocks: the partials' tree has a node of 8 blocks, a node of the last block alone,
+    # and a root; the fused graph sums every fit in one such tree.
+    V = data(sparse)
+    base = FitSettings.from_params(n_components=3, solver=solver, beta_loss=beta_loss, init="random", max_iter=6,
+                                   tol=0, tol_x=0, chunks=18, local=False)
+    assert_fused_equal_alone(V, base, outcome)
+
+
 def test_stops_differ_and_a_single_block_is_fused_too():
     V = data(False)
     base = FitSettings.from_params(n_components=4, solver="mu", init="random", max_iter=200, tol=1e-4, tol_x=1e-3,

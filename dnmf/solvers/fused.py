@@ -33,7 +33,7 @@ raises :class:`~dnmf.errors.ParameterError`: those fits run one by one.
 from __future__ import annotations
 
 import contextlib
-import operator
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -46,7 +46,7 @@ import numpy as np
 from .. import kernels
 from ..data.store import Matrix, MatrixStats, scan_matrix
 from ..errors import ParameterError
-from ..graph import IN_PROCESS, TaskGraph, row_block_keys
+from ..graph import IN_PROCESS, TaskGraph, realign, row_block_keys
 from ..kernels.fused import START, STEP, fused_block
 from .grid import GridSolver, GridWork, run_grid
 from .rows import Solver, _add_step_partials, _blocks_array, _w_blocks
@@ -238,6 +238,17 @@ def _run_together(requests: list) -> list:
     return outcomes
 
 
+def _fit_w(results: list, r: int) -> np.ndarray:
+    """Fit ``r``'s new W_b from a fused block's results (a step's ``(W_b, partials)``)."""
+    return results[r][0]
+
+
+def _add_fits(combines: tuple, a: list, b: list) -> list:
+    """The sums of two fused tree nodes, fit by fit: ``combines[r]`` of fit r's values, each
+    realigned first as the fit's own tree realigns its values (:func:`~dnmf.graph.realign`)."""
+    return [combine(realign(x), realign(y)) for combine, x, y in zip(combines, a, b)]
+
+
 def _columns(requests: list[_Pass]) -> tuple:
     """The per-replicate arguments of :func:`fused_block`, besides V_b and W_b."""
     return (
@@ -279,22 +290,20 @@ def _as_graph(requests: list[_Pass]) -> list[tuple]:
         fused_block, matrix.block_inputs(), [kinds] * n_blocks, [[keys[b] for keys in w_keys] for b in range(n_blocks)],
         [Hs] * n_blocks, [HHts] * n_blocks, [rules] * n_blocks, [losses] * n_blocks, [exact] * n_blocks, label="pass",
     )
-    w_blocks, totals = [], []
-    for r, req in enumerate(requests):
-        items = graph.map(operator.getitem, tasks, r, label=("fit", r))
-        if req.kind == START:
-            w_blocks.append(None)
-            totals.append(graph.reduce(items, kernels.add_partials, label=f"partials-{r}"))
-        else:
-            w_blocks.append(graph.map_blocks(operator.getitem, items, 0, array=f"W{r}"))
-            # The single fit's tree: over the (W_i, partials_i) results, or partials_0 alone.
-            parts = items if n_blocks > 1 else graph.map(operator.getitem, items, 1, label=("fit-partials", r))
-            totals.append(graph.reduce(parts, _add_step_partials, label=f"partials-{r}"))
+    # Each fit's W, a task per block; the fits' partials summed in one tree over the pass's
+    # tasks whose every node adds each fit's values as that fit's own tree would (the same
+    # leaves, grouping and order: bitwise the same sums), instead of a tree and a getitem per
+    # block for every fit: 36 fits of 20 blocks made ~1600 tasks a pass, now ~750.
+    w_blocks = [None if req.kind == START else graph.map_blocks(_fit_w, tasks, r, array=f"W{r}")
+                for r, req in enumerate(requests)]
+    combines = tuple(kernels.add_partials if req.kind == START else _add_step_partials for req in requests)
+    total = graph.reduce(tasks, functools.partial(_add_fits, combines), label="partials")
     collections = [
         req.W if blocks is None else graph.array(blocks, req.W.chunks, req.W.dtype)
         for req, blocks in zip(requests, w_blocks)
     ]
-    persisted = dask.persist(*collections, *[graph.delayed(key) for key in totals], optimize_graph=False)
-    Ws, sums = persisted[: len(requests)], persisted[len(requests) :]
-    partials = dask.compute(*sums)
+    persisted = dask.persist(*collections, graph.delayed(total), optimize_graph=False)
+    Ws, (sums,) = persisted[: len(requests)], dask.compute(persisted[-1])
+    # A single block's "sum" is its task's results: a step's (W_0, partials_0) gives partials_0.
+    partials = [part if isinstance(part, kernels.Partials) else part[1] for part in sums]
     return list(zip(Ws, partials))
