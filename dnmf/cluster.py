@@ -352,13 +352,6 @@ def worker_memory_limits(client) -> list[int]:
     return [int(info.get("memory_limit") or 0) for info in workers.values()]
 
 
-def worker_memory_in_use(client) -> list[int]:
-    """Each worker's process memory in bytes, as its last heartbeat told the scheduler (0 when
-    it has not told yet)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [int((info.get("metrics") or {}).get("memory") or 0) for info in workers.values()]
-
-
 def worker_threads(client) -> list[int]:
     """Each worker's number of threads."""
     workers = client.scheduler_info(n_workers=-1)["workers"]

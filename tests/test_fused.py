@@ -315,19 +315,18 @@ def test_fused_width_fits_the_workers_memory_beside_v():
     # In this process: W twice per fit within the budget, whatever the workers.
     alone = fused_width(**ATLAS)
     assert alone == min(50, FUSED_MEMORY_BYTES // (2 * 200000 * 10 * 4)) == 50
-    assert fused_width(**ATLAS, limits=[0, 0], in_use=[0, 0]) == alone  # no limits: nothing to fit
+    assert fused_width(**ATLAS, limits=[0, 0]) == alone  # no limits: nothing to fit
     # 2 workers x 2 GiB holding a 624 MiB CSR between them: fewer fits, the most that fit.
     v = 624 * 2**20
-    width = fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[0, 0], v_held=v)
+    width = fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v)
     assert 1 < width < 50
     assert worker_hold(width, 2 * GIB, v, **ATLAS) <= WORKER_FRACTION * 2 * GIB < worker_hold(width + 1, 2 * GIB, v, **ATLAS)
-    # The tightest worker decides; V held, a busier process and a higher rank all leave fewer.
-    assert fused_width(**ATLAS, limits=[2 * GIB, GIB], in_use=[0, 0], v_held=v) < width
-    assert fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[0, 0]) > width
-    assert fused_width(**ATLAS, limits=[2 * GIB] * 2, in_use=[GIB // 2] * 2, v_held=v) < width
-    assert fused_width(**{**ATLAS, "n_components": 15}, limits=[2 * GIB] * 2, in_use=[0, 0], v_held=v) < width
+    # The tightest worker decides; V held there and a higher rank leave fewer.
+    assert fused_width(**ATLAS, limits=[2 * GIB, GIB], v_held=v) < width
+    assert fused_width(**ATLAS, limits=[2 * GIB] * 2) > width
+    assert fused_width(**{**ATLAS, "n_components": 15}, limits=[2 * GIB] * 2, v_held=v) < width
     # Workers too small for even one more: still one fit at a time (each fit plans its own blocks).
-    assert fused_width(**ATLAS, limits=[256 * 2**20] * 2, in_use=[0, 0], v_held=v) == 1
+    assert fused_width(**ATLAS, limits=[256 * 2**20] * 2, v_held=v) == 1
 
 
 def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
@@ -348,12 +347,14 @@ def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
     with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         together = fit_fused(V, runs, summarize=outcome)
+        # Planned again alike: not from what the workers reported holding during the last one.
+        again = fit_fused(V, runs, summarize=outcome)
         # Fits that do not fit the workers together run two at a time: the third starts as one ends.
         monkeypatch.setattr(fused, "WORKER_OVERHEAD", 0.2 * GIB / (2 * 160 * 3 * 8 / 2 + 8 * 3 * 40 * 8))
         waves = fit_fused(V, runs, summarize=outcome)
     told = [kw for kw in asked if kw.get("limits")]
-    assert told and told[0]["limits"] == [GIB, GIB] and told[0]["v_held"] == V.nbytes
-    assert all(used > 0 for used in told[0]["in_use"])
+    assert len(told) == 3 and told[0] == told[1] and told[0]["limits"] == [GIB, GIB] and told[0]["v_held"] == V.nbytes
+    assert again.n_passes == together.n_passes
     assert together.n_passes <= 6 + 2 and waves.n_passes >= 2 * 6
     for a, b in zip(together.results, waves.results):  # the same fits, however many in flight
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..cluster import current_client, worker_memory_in_use, worker_memory_limits
+from ..cluster import current_client, worker_memory_limits
 from ..graph import SPLIT_EVERY
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
@@ -33,8 +33,10 @@ MAX_FUSED_FITS = 256
 # a worker at 80%. 50 replicates of rank 10 on a 200000×20000 CSR (2%) in 2 workers × 2 GiB,
 # all in flight under the W-only rule, held both workers paused for 14 minutes.
 WORKER_FRACTION = 0.6
-# A worker's own memory once dnmf's kernels are loaded (numpy, scipy, dask; 127-180 MiB here),
-# when its last heartbeat said less.
+# A worker's own memory once dnmf's kernels are loaded (numpy, scipy, dask; 127-180 MiB here).
+# What the workers report holding is not asked: right after a fit their heartbeats still
+# count its V and W's (1.2 GB of 4 GiB after 50 replicates), and the next rank got 6 fits in
+# flight instead of 37.
 WORKER_BASE_BYTES = 160 * 2**20
 # A worker's process grows by more than the arrays a fit holds there: 22 MiB per fit against
 # the 14.4 MiB its arrays add up to (the case above, 20 fits in flight).
@@ -48,28 +50,28 @@ def fused_width(
     itemsize: int,
     *,
     limits: list[int] | tuple = (),
-    in_use: list[int] | tuple = (),
     v_held: int = 0,
 ) -> int:
     """How many fits to run together.
 
     In this process: their W's, twice (W and its update), within :data:`FUSED_MEMORY_BYTES`.
-    On workers with memory ``limits`` (bytes each; ``in_use``: their processes' memory now;
-    ``v_held``: the bytes of V the workers hold during the fits, spread evenly): per worker,
-    each fit's share of W twice and the r×p partials of the blocks its summation tree waits
-    for (up to :data:`~dnmf.graph.SPLIT_EVERY`), times ``WORKER_OVERHEAD``, within
-    ``WORKER_FRACTION`` of the tightest worker's limit less its process and its share of V.
-    Workers without a limit are not counted; at least 1, at most ``n_fits`` and
+    On workers with memory ``limits`` (bytes each; ``v_held``: the bytes of V they will hold
+    during the fits, spread evenly): per worker, each fit's share of W twice and the r×p
+    partials of the blocks its summation tree waits for (up to :data:`~dnmf.graph.SPLIT_EVERY`),
+    times ``WORKER_OVERHEAD``, within
+    ``WORKER_FRACTION`` of the tightest worker's limit less its process (``WORKER_BASE_BYTES``)
+    and its share of V. What else the workers hold is not counted (``max_concurrent=`` sets
+    fewer fits). Workers without a limit are not counted; at least 1, at most ``n_fits`` and
     :data:`MAX_FUSED_FITS`.
     """
     n, p = shape
     w_bytes = 2 * n * n_components * itemsize
     width = min(n_fits, MAX_FUSED_FITS, FUSED_MEMORY_BYTES // max(1, w_bytes))
-    limited = [(limit, used) for limit, used in zip(limits, list(in_use) + [0] * len(limits)) if limit > 0]
+    limited = [limit for limit in limits if limit > 0]
     if limited:
         n_workers = len(limits)
         per_worker = WORKER_OVERHEAD * (w_bytes / n_workers + SPLIT_EVERY * n_components * p * itemsize)
-        room = min(WORKER_FRACTION * limit - max(used, WORKER_BASE_BYTES) for limit, used in limited) - v_held / n_workers
+        room = WORKER_FRACTION * min(limited) - WORKER_BASE_BYTES - v_held / n_workers
         width = min(width, room // per_worker)
     return int(max(1, width))
 
@@ -84,9 +86,8 @@ def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) ->
     # cached there; unknown (a sparse V not yet scanned): counted when it would be cached.
     plan = plan_cache(settings.cache, matrix, client, matrix.nnz)
     v_bytes = matrix_bytes(matrix, matrix.nnz)
-    held = v_bytes if (plan is None or plan.cached) and v_bytes is not None else 0
-    width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client),
-                        in_use=worker_memory_in_use(client), v_held=held)
+    v_held = v_bytes if (plan is None or plan.cached) and v_bytes is not None else 0
+    width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held)
     if width < min(n_fits, fused_width(n_fits, shape, n_components, itemsize)):
         logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
                     "beside V (max_concurrent= sets it)", width, n_fits)
