@@ -84,9 +84,9 @@ def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) ->
         return fused_width(n_fits, shape, n_components, itemsize)
     # V's bytes the workers will hold: all of it when it is in memory here (sent to them) or
     # cached there; unknown (a sparse V not yet scanned): counted when it would be cached.
-    plan = plan_cache(settings.cache, matrix, client, matrix.nnz)
     v_bytes = matrix_bytes(matrix, matrix.nnz)
-    v_held = v_bytes if (plan is None or plan.cached) and v_bytes is not None else 0
+    cached = matrix.in_memory or (plan := plan_cache(settings.cache, matrix, client, matrix.nnz)) is None or plan.cached
+    v_held = v_bytes if cached and v_bytes is not None else 0
     width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held)
     if width < min(n_fits, fused_width(n_fits, shape, n_components, itemsize)):
         logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
