@@ -42,9 +42,9 @@ def write_counts(path: str, n: int, p: int, density: float, programs: int, rows_
         rows = min(n, start + rows_per_block) - start
         W = rng.dirichlet(np.full(programs, 0.1), size=rows).astype(np.float32)
         cols = np.sort(rng.choice(p, size=(rows, per_row)), axis=1)
-        cols = np.array([np.unique(c) for c in cols], dtype=object)
-        counts = np.array([len(c) for c in cols])
-        cols = np.concatenate(cols).astype(np.int32)
+        keep = np.ones(cols.shape, dtype=bool)
+        keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # each column once per row
+        counts, cols = keep.sum(axis=1), cols[keep].astype(np.int32)
         row_of = np.repeat(np.arange(rows), counts)
         rates = 4.0 * np.einsum("ij,ji->i", W[row_of], H[:, cols])
         values = (1 + rng.poisson(rates)).astype(np.float32)

@@ -58,11 +58,10 @@ def fused_width(
     On workers with memory ``limits`` (bytes each; ``v_held``: the bytes of V they will hold
     during the fits, spread evenly): per worker, each fit's share of W twice and the r×p
     partials of the blocks its summation tree waits for (up to :data:`~dnmf.graph.SPLIT_EVERY`),
-    times ``WORKER_OVERHEAD``, within
-    ``WORKER_FRACTION`` of the tightest worker's limit less its process (``WORKER_BASE_BYTES``)
-    and its share of V. What else the workers hold is not counted (``max_concurrent=`` sets
-    fewer fits). Workers without a limit are not counted; at least 1, at most ``n_fits`` and
-    :data:`MAX_FUSED_FITS`.
+    times ``WORKER_OVERHEAD``, within ``WORKER_FRACTION`` of the tightest worker's limit less
+    its process (``WORKER_BASE_BYTES``) and its share of V. What else the workers hold is not
+    counted (``max_concurrent=`` sets fewer fits). Workers without a limit are not counted; at
+    least 1, at most ``n_fits`` and :data:`MAX_FUSED_FITS`.
     """
     n, p = shape
     w_bytes = 2 * n * n_components * itemsize
@@ -80,15 +79,20 @@ def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) ->
     """:func:`fused_width` for ``matrix`` under the current client (if any)."""
     client = current_client()
     shape, itemsize = matrix.shape, matrix.dtype.itemsize
+    in_process = fused_width(n_fits, shape, n_components, itemsize)
     if client is None:
-        return fused_width(n_fits, shape, n_components, itemsize)
-    # V's bytes the workers will hold: all of it when it is in memory here (sent to them) or
-    # cached there; unknown (a sparse V not yet scanned): counted when it would be cached.
+        return in_process
+    # V's bytes the workers will hold: all of V when it is in memory here (sent to them) or
+    # cached there (a cache plan not known yet, before a sparse V's scan, counts as cached).
     v_bytes = matrix_bytes(matrix, matrix.nnz)
-    cached = matrix.in_memory or (plan := plan_cache(settings.cache, matrix, client, matrix.nnz)) is None or plan.cached
+    if matrix.in_memory:
+        cached = True
+    else:
+        plan = plan_cache(settings.cache, matrix, client, matrix.nnz)
+        cached = plan is None or plan.cached
     v_held = v_bytes if cached and v_bytes is not None else 0
     width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held)
-    if width < min(n_fits, fused_width(n_fits, shape, n_components, itemsize)):
+    if width < in_process:
         logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
                     "beside V (max_concurrent= sets it)", width, n_fits)
     return width

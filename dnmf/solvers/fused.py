@@ -243,6 +243,12 @@ def _fit_w(results: list, r: int) -> np.ndarray:
     return results[r][0]
 
 
+def _partials_of(results: list) -> list:
+    """Each fit's partials from a fused block's results (a step's ``(W_b, partials)`` gives
+    partials)."""
+    return [part if isinstance(part, kernels.Partials) else part[1] for part in results]
+
+
 def _add_fits(combines: tuple, a: list, b: list) -> list:
     """The sums of two fused tree nodes, fit by fit: ``combines[r]`` of fit r's values, each
     realigned first as the fit's own tree realigns its values (:func:`~dnmf.graph.realign`)."""
@@ -297,13 +303,14 @@ def _as_graph(requests: list[_Pass]) -> list[tuple]:
     w_blocks = [None if req.kind == START else graph.map_blocks(_fit_w, tasks, r, array=f"W{r}")
                 for r, req in enumerate(requests)]
     combines = tuple(kernels.add_partials if req.kind == START else _add_step_partials for req in requests)
-    total = graph.reduce(tasks, functools.partial(_add_fits, combines), label="partials")
+    if n_blocks > 1:
+        total = graph.reduce(tasks, functools.partial(_add_fits, combines), label="partials")
+    else:  # the one block's partials, taken on its worker (its W's stay there)
+        (total,) = graph.map(_partials_of, tasks, label="partials")
     collections = [
         req.W if blocks is None else graph.array(blocks, req.W.chunks, req.W.dtype)
         for req, blocks in zip(requests, w_blocks)
     ]
     persisted = dask.persist(*collections, graph.delayed(total), optimize_graph=False)
-    Ws, (sums,) = persisted[: len(requests)], dask.compute(persisted[-1])
-    # A single block's "sum" is its task's results: a step's (W_0, partials_0) gives partials_0.
-    partials = [part if isinstance(part, kernels.Partials) else part[1] for part in sums]
+    Ws, (partials,) = persisted[: len(requests)], dask.compute(persisted[-1])
     return list(zip(Ws, partials))
