@@ -358,3 +358,100 @@ def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
     assert together.n_passes <= 6 + 2 and waves.n_passes >= 2 * 6
     for a, b in zip(together.results, waves.results):  # the same fits, however many in flight
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)
+
+
+def csr_case(rng, n: int, p: int, density: float, dtype, index_dtype, duplicates: bool = False) -> sp.csr_matrix:
+    """A CSR block with sorted indices, an empty row and (with ``duplicates``) repeated entries."""
+    V = sp.random(n, p, density=density, format="coo", dtype=np.float64, random_state=rng)
+    rows, cols, vals = V.row, V.col, rng.random(V.nnz) * 5
+    rows, cols, vals = rows[rows != 1], cols[rows != 1], vals[rows != 1]  # row 1 empty
+    if duplicates:
+        rows, cols, vals = np.r_[rows, rows[::3]], np.r_[cols, cols[::3]], np.r_[vals, vals[::3] / 2]
+    order = np.lexsort((cols, rows))  # by row, then column; a duplicate keeps its place after the first
+    indptr = np.searchsorted(rows[order], np.arange(n + 1)).astype(index_dtype)
+    return sp.csr_matrix((vals[order].astype(dtype), cols[order].astype(index_dtype), indptr), shape=(n, p))
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,ranks,density,width,rows", [((60, 300), (3, 5, 2), 0.1, 7, 8), ((200, 40), (10,) * 6, 0.3, 1, 1),
+                                                             ((33, 1000), (4, 4), 0.02, None, None), ((5, 8), (1, 2), 0.5, 3, 2)])
+def test_stacked_sparse_products_give_each_fit_scipys_bits(shape, ranks, density, width, rows, dtype, index_dtype):
+    from dnmf.kernels.products import _dot_ht, dot_t
+    from dnmf.kernels.stacked import stacked_dot_ht, stacked_dot_t, stacks
+
+    rng = np.random.default_rng(sum(shape) + len(ranks))
+    for duplicates in (False, True):
+        V = csr_case(rng, *shape, density, dtype, index_dtype, duplicates)
+        assert V.has_sorted_indices and stacks(V, dtype)
+        Hs = [rng.random((r, shape[1])).astype(dtype) for r in ranks]
+        Ws = [rng.random((shape[0], r)).astype(dtype) for r in ranks]
+        for got, H in zip(stacked_dot_ht(V, Hs, width, rows), Hs):
+            alone = _dot_ht(V, H)
+            assert got.tobytes() == alone.tobytes() and got.flags.c_contiguous == alone.flags.c_contiguous
+        for got, W in zip(stacked_dot_t(Ws, V, width), Ws):
+            alone = dot_t(W, V)
+            assert got.shape == alone.shape and got.tobytes(order="A") == alone.tobytes(order="A")
+            assert got.flags.f_contiguous == alone.flags.f_contiguous
+
+
+def test_stacked_sparse_products_refuse_blocks_they_would_sum_otherwise():
+    from dnmf.kernels.stacked import stacks
+
+    rng = np.random.default_rng(5)
+    V = csr_case(rng, 30, 50, 0.2, np.float32, np.int32)
+    assert stacks(V, np.float32)
+    assert not stacks(V, np.float64)  # the factors' dtype differs from V's
+    assert not stacks(V.tocsc(), np.float32) and not stacks(V.toarray(), np.float32)
+    unsorted = V.copy()
+    start, stop = unsorted.indptr[2], unsorted.indptr[3]
+    unsorted.indices[start:stop] = unsorted.indices[start:stop][::-1].copy()
+    unsorted.data[start:stop] = unsorted.data[start:stop][::-1].copy()
+    unsorted.has_sorted_indices = False
+    assert stop - start > 1 and not stacks(unsorted, np.float32)
+    mixed = sp.csr_matrix((V.data, V.indices.astype(np.int64), V.indptr.astype(np.int32)), shape=V.shape)
+    mixed.indices = V.indices.astype(np.int64)  # scipy unifies them at construction; force them apart
+    assert not stacks(mixed, np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ranks", [(3, 3, 3, 3), (10,) * 5, (2, 5, 3)])
+def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks, dtype):
+    from dnmf.kernels import stacked
+    from dnmf.kernels.beta import Rule
+    from dnmf.kernels.step import sparse_frobenius_steps, step_block
+
+    monkeypatch.setattr(stacked, "SLAB_BYTES", 64)  # slabs of 16 columns: many per block
+    monkeypatch.setattr(stacked, "TILE_BYTES", 1000)  # tiles of a few rows
+    rng = np.random.default_rng(len(ranks))
+    V = csr_case(rng, 120, 300, 0.05, dtype, np.int32, duplicates=True)
+    Ws = [rng.random((V.shape[0], r)).astype(dtype) for r in ranks]
+    Hs = [rng.random((r, V.shape[1])).astype(dtype) for r in ranks]
+    rules = [Rule("mu", 2.0, 1e-10), Rule("hals", 2.0, 1e-10, w_sweeps=3), Rule("bpp", 2.0, 1e-10)]
+    rules = [rules[k % 3] for k in range(len(ranks))]
+    exact = [k % 2 == 0 for k in range(len(ranks))]
+    together = sparse_frobenius_steps(V, Ws, Hs, [H @ H.T for H in Hs], rules, exact)
+    for W, H, rule, ex, (W_new, partials) in zip(Ws, Hs, rules, exact, together):
+        alone_W, alone = step_block(V, W, H, H @ H.T, rule, exact=ex)
+        assert W_new.tobytes() == alone_W.tobytes()
+        assert partials.numer.tobytes(order="A") == alone.numer.tobytes(order="A")
+        assert partials.numer.flags.f_contiguous == alone.numer.flags.f_contiguous
+        assert partials.denom.tobytes() == alone.denom.tobytes() and partials.loss == alone.loss
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])
+@pytest.mark.parametrize("solver", ["mu", "hals", "bpp"])
+def test_fused_sparse_float32_fits_take_stacked_products_and_equal_the_fits_alone(monkeypatch, solver, local):
+    from dnmf.kernels import fused as fused_kernel
+    from dnmf.kernels import stacked
+
+    monkeypatch.setattr(stacked, "SLAB_BYTES", 256)  # several slabs over V's 40 columns
+    monkeypatch.setattr(stacked, "TILE_BYTES", 512)  # and tiles of a few rows
+    groups = []
+    steps = fused_kernel.sparse_frobenius_steps
+    monkeypatch.setattr(fused_kernel, "sparse_frobenius_steps", lambda V, Ws, *a: groups.append(len(Ws)) or steps(V, Ws, *a))
+    V = data(True).astype(np.float32)
+    base = FitSettings.from_params(n_components=3, solver=solver, init="random", max_iter=30, tol=1e-4, tol_x=1e-3,
+                                   chunks=50, local=local)
+    assert_fused_equal_alone(V, base, outcome)
+    assert groups and max(groups) == 4  # the four fits' steps shared each block's products

@@ -11,7 +11,9 @@ together, tile by tile as the single fit tiles them (:func:`~.step.frobenius_ste
 tile is read once for all of them, and its products are one GEMM for all, V_t [H_1; …; H_R]ᵀ and
 [W_1 … W_R]ᵀ V_t (R times the arithmetic intensity), where the BLAS gives each replicate's
 product bit for bit inside the stacked one (:func:`~.products.stacked_products_agree`,
-measured once per shapes; otherwise one product per replicate).
+measured once per shapes; otherwise one product per replicate). On a CSR block their two
+products are likewise taken once for all (:func:`~.step.sparse_frobenius_steps`, by the
+slab-tiled loops of :mod:`.stacked`, which give each replicate scipy's bits).
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import scipy.sparse as sp
 
 from .beta import Rule
 from .products import as_float_block
+from .stacked import stacks
 from .step import (
     _fuses_in_tiles,
     frobenius_steps,
     initial_partials_block,
+    sparse_frobenius_steps,
     step_block,
     with_w_norms,
 )
 
 START, STEP = "start", "step"
+SPARSE = "sparse"  # the group of replicates whose β = 2 steps on a CSR block run stacked
 
 
 def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list, with_loss: list, exact: list) -> list:
@@ -56,18 +61,27 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     dtypes = {np.dtype(_w(W).dtype) for W in W_bs}
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
     out: list = [None] * len(kinds)
-    steps: dict = {}  # (dtype, tiled) -> the replicates whose dense β = 2 steps run together
+    steps: dict = {}  # (dtype, tiled) -> the replicates whose β = 2 steps run together
     for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
         dtype = np.dtype(_w(W).dtype)
-        dense = not sp.issparse(converted[dtype])
-        if kind == STEP and dense and rule.frobenius:
+        if kind != STEP or not rule.frobenius:
+            continue
+        if not sp.issparse(converted[dtype]):
             steps.setdefault((dtype, _fuses_in_tiles(converted[dtype], rule)), []).append(k)
+        elif stacks(converted[dtype], dtype):
+            steps.setdefault((dtype, SPARSE), []).append(k)
     for (dtype, tiled), members in steps.items():
+        if tiled == SPARSE and len(members) == 1:
+            continue  # one fit alone: its own call (scipy's loops are faster at one rank)
         W_olds = [_w(W_bs[k]) for k in members]
-        results = frobenius_steps(
+        arguments = (
             converted[dtype], W_olds, [Hs[k] for k in members], [HHts[k] for k in members],
-            [rules[k] for k in members], [exact[k] for k in members], tiled,
+            [rules[k] for k in members], [exact[k] for k in members],
         )
+        if tiled == SPARSE:
+            results = sparse_frobenius_steps(*arguments)
+        else:
+            results = frobenius_steps(*arguments, tiled)
         for k, W_old, (W_new, partials) in zip(members, W_olds, results):
             out[k] = with_w_norms(W_new, W_old, partials)
     for k, (kind, W, H, HHt, rule, loss, ex) in enumerate(zip(kinds, W_bs, Hs, HHts, rules, with_loss, exact)):

@@ -19,6 +19,7 @@ from .products import (
     l1_norm,
     stacked_products_agree,
 )
+from .stacked import stacked_dot_ht, stacked_dot_t
 from .updates import apply_w_update, update_w
 
 
@@ -157,6 +158,30 @@ def frobenius_steps(
     return [
         (W_new, Partials(numer, W_new.T @ W_new if tiled else gram(W_new), residual, 0.0, 0.0))
         for W_new, numer, residual in zip(W_news, numers, residuals)
+    ]
+
+
+def sparse_frobenius_steps(V_b, W_bs: list, Hs: list, HHts: list, rules: list, exact: list) -> list:
+    """The β = 2 steps of several fits on one CSR block (fused replicates), V_b's two products
+    taken once for all of them (:mod:`.stacked`): V_b [H_1; …; H_R]ᵀ, each fit's W update, then
+    [W_1 … W_R]ᵀ V_b at the new W's. Each fit's products are bitwise the ones it takes alone
+    (V_b must qualify: :func:`~.stacked.stacks`), and the rest is its own call, so each result
+    is bitwise :func:`step_block`'s.
+
+    Returns
+    -------
+    list of ``(W_b_new, Partials)`` (the norms of W left at 0, as :func:`frobenius_steps`)
+    """
+    crosses = stacked_dot_ht(V_b, Hs)
+    W_news = [
+        apply_w_update(W_b, cross, None, HHt, None, rule)
+        for W_b, cross, HHt, rule in zip(W_bs, crosses, HHts, rules)
+    ]
+    del crosses
+    numers = stacked_dot_t(W_news, V_b)
+    return [
+        (W_new, Partials(numer, gram(W_new), frobenius_residual(V_b, W_new, H) if ex else 0.0, 0.0, 0.0))
+        for W_new, numer, H, ex in zip(W_news, numers, Hs, exact)
     ]
 
 

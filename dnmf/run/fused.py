@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import dask
+from dask.system import CPU_COUNT
+
 from ..cluster import current_client, worker_memory_limits
 from ..graph import SPLIT_EVERY
 from ..settings import FitSettings
@@ -145,8 +148,13 @@ def fit_fused(
         return summarize(fact)
 
     # BLAS limits are process-wide: set here for all the fits' threads (with the client, as
-    # each fit sets them), so no fit's end restores them while the others run.
-    with blas_threads_for_scheduler(current_client()):
+    # each fit sets them), so no fit's end restores them while the others run. Likewise the
+    # threaded scheduler's width: a pass runs in one of the fits' threads, and dask gives a
+    # thread other than the main one a pool of its own of Python's default size (CPUs + 4:
+    # 6 threads on 2 cores, each with a block of V and its products in flight).
+    client = current_client()
+    threads = dask.config.get("num_workers", None) or (None if client is not None else CPU_COUNT)
+    with blas_threads_for_scheduler(client), dask.config.set(num_workers=threads):
         if workers <= 1 or len(settings) <= 1:
             results = [one(s) for s in settings]
         else:
