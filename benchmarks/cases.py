@@ -558,9 +558,10 @@ def case_small(n, p, r, iters, repeats):
     return {name: median(v) for name, v in per.items()}
 
 
-def case_fused(n, p, r, replicates, dtype, iters, out_of_core=False):
+def case_fused(n, p, r, replicates, dtype, iters, out_of_core=False, density=None, solver="mu"):
     """R fits of rank r from R seeds: fused (one pass over V per iteration for all) against the
-    same fits one by one; their results are checked bitwise equal."""
+    same fits one by one; their results are checked bitwise equal. With ``density``, V is an
+    in-memory CSR of that density (the fits' two products with each block then stacked)."""
     import zarr
     from dataclasses import replace as _replace
 
@@ -568,9 +569,9 @@ def case_fused(n, p, r, replicates, dtype, iters, out_of_core=False):
     from dnmf.run.pipeline import fit
     from dnmf.settings import FitSettings
 
-    V = dense_planted(n, p, r, dtype)
+    V = dense_planted(n, p, r, dtype) if density is None else sparse_uniform(n, p, density, dtype)
     # Out of core: V streamed from its store every pass (not cached in memory).
-    base = FitSettings.from_params(n_components=r, solver="mu", init="random", max_iter=iters, tol=0, tol_x=0,
+    base = FitSettings.from_params(n_components=r, solver=solver, init="random", max_iter=iters, tol=0, tol_x=0,
                                    cache=False if out_of_core else "auto")
     runs = [_replace(base, seed=s) for s in range(replicates)]
     out = {}

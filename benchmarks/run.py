@@ -47,6 +47,8 @@ FULL = {
     "wide": ("wide", dict(n=1000, p=200000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=20000)),
     "fused": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20)),
     "fused_out_of_core": ("fused", dict(n=20000, p=5000, r=10, replicates=20, dtype="float32", iters=20, out_of_core=True)),
+    "fused_sparse": ("fused", dict(n=200000, p=20000, r=10, replicates=20, dtype="float32", iters=4, density=0.02,
+                                   solver="hals")),
 }
 
 QUICK = {
@@ -68,6 +70,8 @@ QUICK = {
     "wide": ("wide", dict(n=500, p=100000, r=20, dtype="float32", lo=3, hi=9, repeats=2, column_chunks=10000)),
     "fused": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10)),
     "fused_out_of_core": ("fused", dict(n=6000, p=2000, r=10, replicates=20, dtype="float32", iters=10, out_of_core=True)),
+    "fused_sparse": ("fused", dict(n=40000, p=8000, r=10, replicates=20, dtype="float32", iters=4, density=0.02,
+                                   solver="hals")),
 }
 
 
@@ -304,11 +308,13 @@ def lines_wide(res: dict, params: dict) -> list[dict]:
 def lines_fused(res: dict, params: dict) -> list[dict]:
     where = "out of core (Zarr)" if params.get("out_of_core") else "in memory"
     goal = 0.15 if params.get("out_of_core") else 0.3
+    if params.get("density"):  # issue 18's goals are for dense V: the sparse line is information
+        where, goal = f"{params['solver'].upper()} sparse {params['density']:.0%} {where}", None
     label = f"{params['replicates']} replicates r={params['r']} {params['n']}×{params['p']} {where}"
     ratio = res["fused"] / res["alone"]
     passes = res["passes"] / res["fit_passes"]
     return [
-        line(f"{label}: fused / one by one", f"{ratio:.2f}", f"≤ {goal}", ratio <= goal,
+        line(f"{label}: fused / one by one", f"{ratio:.2f}", goal and f"≤ {goal}", goal and ratio <= goal,
              f"{res['fused']:.1f} s vs {res['alone']:.1f} s (CPU {res['fused_cpu']:.1f} s vs {res['alone_cpu']:.1f} s, "
              f"ratio {res['fused_cpu'] / res['alone_cpu']:.2f}); bitwise equal: {res['bitwise']}"),
         line(f"{label}: passes over V fused / one by one", f"{passes:.3f}", f"≤ {1 / params['replicates']:.3f}",
@@ -360,6 +366,7 @@ def main(argv=None) -> int:
                      "sparse_kl": lambda r: lines_sparse_kl(r, params),
                      "sparse_memory": lambda r: lines_sparse_memory(r, params),
                      "fused": lambda r: lines_fused(r, params), "fused_out_of_core": lambda r: lines_fused(r, params),
+                     "fused_sparse": lambda r: lines_fused(r, params),
                      }.get(key, lambda r: lines_sparse(r, params))(res)
         print(f"[{key}] done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
