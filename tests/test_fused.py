@@ -455,3 +455,35 @@ def test_fused_sparse_float32_fits_take_stacked_products_and_equal_the_fits_alon
                                    chunks=50, local=local)
     assert_fused_equal_alone(V, base, outcome)
     assert groups and max(groups) == 4  # the four fits' steps shared each block's products
+
+
+def test_fused_passes_in_process_run_as_many_blocks_at_once_as_cpus(monkeypatch):
+    # A pass runs in one of the fits' threads, where dask's threaded scheduler would make a
+    # pool of Python's default size (CPUs + 4): each thread holding a block and its products.
+    import threading
+    import time
+
+    from dask.system import CPU_COUNT
+
+    from dnmf.solvers import fused as fused_solver
+
+    running, most, lock = [0], [0], threading.Lock()
+    block = fused_solver.fused_block
+
+    def counted(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.02)  # long enough for every pool thread to pick up a block
+            return block(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(fused_solver, "fused_block", counted)
+    V = data(True)
+    base = FitSettings.from_params(n_components=3, solver="hals", init="random", max_iter=3, tol=0, tol_x=0,
+                                   chunks=10, local=False)  # 16 blocks a pass on the threaded scheduler
+    fit_fused(V, [replace(base, seed=s) for s in spawn_seeds(2, 3)], summarize=outcome)
+    assert most[0] == min(CPU_COUNT, 16)
