@@ -415,14 +415,21 @@ def test_stacked_sparse_products_refuse_blocks_they_would_sum_otherwise():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("ranks", [(3, 3, 3, 3), (10,) * 5, (2, 5, 3)])
-def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks, dtype):
+@pytest.mark.parametrize("ranks,groups", [((3, 3, 3, 3), 1), ((10,) * 5, 3), ((2, 5, 3), 2)])
+def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks, groups, dtype):
     from dnmf.kernels import stacked
     from dnmf.kernels.beta import Rule
     from dnmf.kernels.step import sparse_frobenius_steps, step_block
 
     monkeypatch.setattr(stacked, "SLAB_BYTES", 64)  # slabs of 16 columns: many per block
     monkeypatch.setattr(stacked, "TILE_BYTES", 1000)  # tiles of a few rows
+    # Groups of at most 12 columns (ranks 10: two fits, then two, then one; 2, 5, 3: 7, then 3)
+    # ... or 20 for the four fits of rank 3, all in one group.
+    columns = 20 if ranks == (3, 3, 3, 3) else 12
+    monkeypatch.setattr(stacked, "STACK_BYTES", columns * 2 * (120 + 300) * np.dtype(dtype).itemsize)
+    stacked_calls = []
+    product = stacked.stacked_dot_ht
+    monkeypatch.setattr("dnmf.kernels.step.stacked_dot_ht", lambda V, Hs: stacked_calls.append(len(Hs)) or product(V, Hs))
     rng = np.random.default_rng(len(ranks))
     V = csr_case(rng, 120, 300, 0.05, dtype, np.int32, duplicates=True)
     Ws = [rng.random((V.shape[0], r)).astype(dtype) for r in ranks]
@@ -437,6 +444,7 @@ def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks,
         assert partials.numer.tobytes(order="A") == alone.numer.tobytes(order="A")
         assert partials.numer.flags.f_contiguous == alone.numer.flags.f_contiguous
         assert partials.denom.tobytes() == alone.denom.tobytes() and partials.loss == alone.loss
+    assert len(stacked_calls) == groups and sum(stacked_calls) == len(ranks)
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["in-process", "graph"])

@@ -35,6 +35,11 @@ from .products import _dot_ht, dot_t
 # row tiles and 0.42–0.45 s in tiles of 2000–5000 rows; 0.51 / 0.40 / 0.44 s for Wᵀ V.
 SLAB_BYTES = 2**20
 TILE_BYTES = 2**23
+# The fits whose products are stacked together hold at most about this much in temporaries
+# (the stacked factor, the stacked product and each fit's copy of its part: about
+# 2·(n_b + p)·R·r values); more fits are taken in groups (:func:`stack_groups`). At
+# 20000 × 20000 float32, 838 columns: 83 fits of rank 10.
+STACK_BYTES = 2**28
 
 
 @functools.cache
@@ -58,6 +63,19 @@ def stacks(V_b, dtype) -> bool:
 def _width(columns: int, itemsize: int) -> int:
     """Slab width: V's columns whose rows of an (·, ``columns``) matrix make ``SLAB_BYTES``."""
     return max(16, SLAB_BYTES // max(1, columns * itemsize))
+
+
+def stack_groups(ranks, shape: tuple[int, int], itemsize: int) -> list[slice]:
+    """Consecutive groups of fits (slices of ``ranks``) whose stacked products with a block of
+    ``shape`` keep their temporaries within ``STACK_BYTES``; a fit alone if it exceeds that."""
+    columns = max(1, STACK_BYTES // max(1, 2 * (shape[0] + shape[1]) * itemsize))
+    groups, start, width = [], 0, 0
+    for k, r in enumerate(ranks):
+        if width and width + r > columns:
+            groups.append(slice(start, k))
+            start, width = k, 0
+        width += r
+    return [*groups, slice(start, len(ranks))] if len(ranks) else []
 
 
 def _parts(Xs: list, axis: int) -> list[slice]:
@@ -110,4 +128,4 @@ def _agrees(dtype: str, index_dtype: str) -> bool:
     )
 
 
-__all__ = ["SLAB_BYTES", "TILE_BYTES", "stacked_dot_ht", "stacked_dot_t", "stacks"]
+__all__ = ["SLAB_BYTES", "STACK_BYTES", "TILE_BYTES", "stack_groups", "stacked_dot_ht", "stacked_dot_t", "stacks"]

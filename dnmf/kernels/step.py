@@ -19,7 +19,7 @@ from .products import (
     l1_norm,
     stacked_products_agree,
 )
-from .stacked import stacked_dot_ht, stacked_dot_t
+from .stacked import stack_groups, stacked_dot_ht, stacked_dot_t
 from .updates import apply_w_update, update_w
 
 
@@ -168,21 +168,26 @@ def sparse_frobenius_steps(V_b, W_bs: list, Hs: list, HHts: list, rules: list, e
     (V_b must qualify: :func:`~.stacked.stacks`), and the rest is its own call, so each result
     is bitwise :func:`step_block`'s.
 
+    Many fits are taken in groups (:func:`~.stacked.stack_groups`), bounding the temporaries.
+
     Returns
     -------
     list of ``(W_b_new, Partials)`` (the norms of W left at 0, as :func:`frobenius_steps`)
     """
-    crosses = stacked_dot_ht(V_b, Hs)
-    W_news = [
-        apply_w_update(W_b, cross, None, HHt, None, rule)
-        for W_b, cross, HHt, rule in zip(W_bs, crosses, HHts, rules)
-    ]
-    del crosses
-    numers = stacked_dot_t(W_news, V_b)
-    return [
-        (W_new, Partials(numer, gram(W_new), frobenius_residual(V_b, W_new, H) if ex else 0.0, 0.0, 0.0))
-        for W_new, numer, H, ex in zip(W_news, numers, Hs, exact)
-    ]
+    out = []
+    for group in stack_groups([H.shape[0] for H in Hs], V_b.shape, V_b.dtype.itemsize):
+        crosses = stacked_dot_ht(V_b, Hs[group])
+        W_news = [
+            apply_w_update(W_b, cross, None, HHt, None, rule)
+            for W_b, cross, HHt, rule in zip(W_bs[group], crosses, HHts[group], rules[group])
+        ]
+        del crosses
+        numers = stacked_dot_t(W_news, V_b)
+        out += [
+            (W_new, Partials(numer, gram(W_new), frobenius_residual(V_b, W_new, H) if ex else 0.0, 0.0, 0.0))
+            for W_new, numer, H, ex in zip(W_news, numers, Hs[group], exact[group])
+        ]
+    return out
 
 
 def initial_partials_block(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule, exact: bool = False) -> Partials:
