@@ -415,17 +415,15 @@ def test_stacked_sparse_products_refuse_blocks_they_would_sum_otherwise():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("ranks,groups", [((3, 3, 3, 3), 1), ((10,) * 5, 3), ((2, 5, 3), 2)])
-def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks, groups, dtype):
+@pytest.mark.parametrize("ranks,columns,groups", [((3, 3, 3, 3), 20, 1), ((10,) * 5, 20, 3), ((2, 5, 3), 8, 2)])
+def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks, columns, groups, dtype):
     from dnmf.kernels import stacked
     from dnmf.kernels.beta import Rule
     from dnmf.kernels.step import sparse_frobenius_steps, step_block
 
     monkeypatch.setattr(stacked, "SLAB_BYTES", 64)  # slabs of 16 columns: many per block
     monkeypatch.setattr(stacked, "TILE_BYTES", 1000)  # tiles of a few rows
-    # Groups of at most 12 columns (ranks 10: two fits, then two, then one; 2, 5, 3: 7, then 3)
-    # ... or 20 for the four fits of rank 3, all in one group.
-    columns = 20 if ranks == (3, 3, 3, 3) else 12
+    # Groups of at most ``columns`` ranks: 3 + 3 + 3 + 3; 10 + 10, 10 + 10, 10; 2 + 5, 3.
     monkeypatch.setattr(stacked, "STACK_BYTES", columns * 2 * (120 + 300) * np.dtype(dtype).itemsize)
     stacked_calls = []
     product = stacked.stacked_dot_ht
