@@ -299,14 +299,18 @@ GIB = 2**30
 ATLAS = dict(n_fits=50, shape=(200000, 20000), n_components=10, itemsize=4)  # the case of issue 18
 
 
-def worker_hold(width: int, limit: int, v_held: int, n_workers: int = 2, **case) -> float:
+def worker_hold(width: int, limit: int, v_held: int, n_workers: int = 2, stacked_rows: int = 0, threads: int = 1,
+                **case) -> float:
     """What :func:`fused_width` expects a worker to hold with ``width`` fits in flight."""
     from dnmf.graph import SPLIT_EVERY
     from dnmf.run import fused
 
     (n, p), r, itemsize = case["shape"], case["n_components"], case["itemsize"]
     per_fit = fused.WORKER_OVERHEAD * (2 * n * r * itemsize / n_workers + SPLIT_EVERY * r * p * itemsize)
-    return fused.WORKER_BASE_BYTES + v_held / n_workers + width * per_fit
+    if stacked_rows:  # one running task's stacked temporaries per thread
+        per_fit += threads * 2 * (stacked_rows + p) * r * itemsize
+    base = fused.WORKER_BASE_BYTES + (fused.STACKED_BASE_BYTES if stacked_rows else 0)
+    return base + v_held / n_workers + width * per_fit
 
 
 def test_fused_width_fits_the_workers_memory_beside_v():
@@ -327,6 +331,13 @@ def test_fused_width_fits_the_workers_memory_beside_v():
     assert fused_width(**{**ATLAS, "n_components": 15}, limits=[2 * GIB] * 2, v_held=v) < width
     # Workers too small for even one more: still one fit at a time (each fit plans its own blocks).
     assert fused_width(**ATLAS, limits=[256 * 2**20] * 2, v_held=v) == 1
+    # A CSR V's products stacked: each fit's share of a running task's temporaries counts too,
+    # per thread of a worker.
+    stacked = fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000)
+    assert 1 < stacked < width
+    assert (worker_hold(stacked, 2 * GIB, v, stacked_rows=20000, **ATLAS) <= WORKER_FRACTION * 2 * GIB
+            < worker_hold(stacked + 1, 2 * GIB, v, stacked_rows=20000, **ATLAS))
+    assert fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000, threads=2) < stacked
 
 
 def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import dask
 from dask.system import CPU_COUNT
 
-from ..cluster import current_client, worker_memory_limits
+from ..cluster import current_client, worker_memory_limits, worker_threads
 from ..graph import SPLIT_EVERY
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
@@ -41,6 +41,9 @@ WORKER_FRACTION = 0.6
 # count its V and W's (1.2 GB of 4 GiB after 50 replicates), and the next rank got 6 fits in
 # flight instead of 37.
 WORKER_BASE_BYTES = 160 * 2**20
+# What numba and the stacked products' compiled loops add to a worker's process (108 MiB
+# measured), when a CSR V's fused products are stacked (:mod:`dnmf.kernels.stacked`).
+STACKED_BASE_BYTES = 110 * 2**20
 # A worker's process grows by more than the arrays a fit holds there: 22 MiB per fit against
 # the 14.4 MiB its arrays add up to (the case above, 20 fits in flight).
 WORKER_OVERHEAD = 1.5
@@ -54,6 +57,8 @@ def fused_width(
     *,
     limits: list[int] | tuple = (),
     v_held: int = 0,
+    stacked_rows: int = 0,
+    threads: int = 1,
 ) -> int:
     """How many fits to run together.
 
@@ -62,9 +67,12 @@ def fused_width(
     during the fits, spread evenly): per worker, each fit's share of W twice and the r×p
     partials of the blocks its summation tree waits for (up to :data:`~dnmf.graph.SPLIT_EVERY`),
     times ``WORKER_OVERHEAD``, within ``WORKER_FRACTION`` of the tightest worker's limit less
-    its process (``WORKER_BASE_BYTES``) and its share of V. What else the workers hold is not
-    counted (``max_concurrent=`` sets fewer fits). Workers without a limit are not counted; at
-    least 1, at most ``n_fits`` and :data:`MAX_FUSED_FITS`.
+    its process (``WORKER_BASE_BYTES``) and its share of V. With ``stacked_rows`` (a CSR V's
+    largest row block: the fits' products with it are stacked, :mod:`dnmf.kernels.stacked`),
+    each fit also adds 2·(rows + p)·r values of temporaries to each of a worker's ``threads``
+    running tasks, and the compiled loops take ``STACKED_BASE_BYTES`` of each worker. What else the workers hold is not counted (``max_concurrent=`` sets fewer
+    fits). Workers without a limit are not counted; at least 1, at most ``n_fits`` and
+    :data:`MAX_FUSED_FITS`.
     """
     n, p = shape
     w_bytes = 2 * n * n_components * itemsize
@@ -73,7 +81,10 @@ def fused_width(
     if limited:
         n_workers = len(limits)
         per_worker = WORKER_OVERHEAD * (w_bytes / n_workers + SPLIT_EVERY * n_components * p * itemsize)
-        room = WORKER_FRACTION * min(limited) - WORKER_BASE_BYTES - v_held / n_workers
+        if stacked_rows:
+            per_worker += threads * 2 * (stacked_rows + p) * n_components * itemsize
+        base = WORKER_BASE_BYTES + (STACKED_BASE_BYTES if stacked_rows else 0)
+        room = WORKER_FRACTION * min(limited) - base - v_held / n_workers
         width = min(width, room // per_worker)
     return int(max(1, width))
 
@@ -94,7 +105,9 @@ def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) ->
         plan = plan_cache(settings.cache, matrix, client, matrix.nnz)
         cached = plan is None or plan.cached
     v_held = v_bytes if cached and v_bytes is not None else 0
-    width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held)
+    stacked_rows = max(matrix.row_chunks) if matrix.sparse else 0
+    width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held,
+                        stacked_rows=stacked_rows, threads=max(worker_threads(client), default=1))
     if width < in_process:
         logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
                     "beside V (max_concurrent= sets it)", width, n_fits)
