@@ -400,7 +400,7 @@ def test_stacked_sparse_products_give_each_fit_scipys_bits(shape, ranks, density
         for got, H in zip(stacked_dot_ht(V, Hs, width, rows), Hs):
             alone = _dot_ht(V, H)
             assert got.tobytes() == alone.tobytes() and got.flags.c_contiguous == alone.flags.c_contiguous
-        for got, W in zip(stacked_dot_t(Ws, V, width), Ws):
+        for got, W in zip(stacked_dot_t(Ws, V, width, rows), Ws):
             alone = dot_t(W, V)
             assert got.shape == alone.shape and got.tobytes(order="A") == alone.tobytes(order="A")
             assert got.flags.f_contiguous == alone.flags.f_contiguous

@@ -7,9 +7,10 @@ here whatever r. Stacked, the rows are R·r wide, so each non-zero does R times 
 one read of its index and value; but the stacked Hᵀ (p × R·r: 29 MB at p = 20000, R·r = 360,
 float32) no longer stays in cache, and one scipy product over it was no faster than the R
 products (1057 ms against 930 ms on a block of 4M non-zeros at R = 36). So the loops here
-(:mod:`._stacked_jit`, numba) walk V_b slab by slab of ``SLAB_BYTES`` of the stacked matrix's
-rows: measured on that block, 0.18 s for each of the two stacked products against 0.45 s for
-the 36 products alone (2.5×), and 0.06 s against 0.10 s at R = 8.
+(:mod:`._stacked_jit`, numba) walk V_b in tiles of rows, each slab by slab of ``SLAB_BYTES`` of
+the stacked matrix's rows: measured on that block, 0.18 s for each of the two stacked
+products against 0.45 s for the 36 products alone (2.5×), and 0.06 s against 0.10 s at
+R = 8; on a block of 20000 rows, 0.36–0.38 s against 0.9 s.
 
 Bits: each output value is the sum of the same terms in the same order as scipy's loops add
 them (a row's non-zeros in stored order; a column's by rows, then stored order), each a
@@ -28,11 +29,11 @@ import scipy.sparse as sp
 
 from .products import _dot_ht, dot_t
 
-# Each slab of V's columns reads this many bytes of the stacked matrix's rows (its rows j in
-# the slab), and V Hᵀ updates its output in tiles of V's rows of ``TILE_BYTES``: both stay
-# in cache while the slab's non-zeros use them. Measured on a block of 20000 × 20000 at 2%,
+# Each slab of V's columns reads (or, for Wᵀ V, updates) this many bytes of rows of the
+# column-indexed matrix, within a tile of V's rows whose rows of the row-indexed matrix take
+# ``TILE_BYTES``: both stay in cache while the slab's non-zeros use them. Measured on a block of 20000 × 20000 at 2%,
 # R·r = 360, float32: slabs of 0.5, 1 and 2 MiB took 0.58 / 0.47 / 0.48 s for V Hᵀ without
-# row tiles and 0.42–0.45 s in tiles of 2000–5000 rows; 0.51 / 0.40 / 0.44 s for Wᵀ V.
+# row tiles and 0.42–0.45 s in tiles of 2000–5000 rows; 0.51 / 0.40 / 0.44 s for Wᵀ V (0.36–0.37 s in tiles).
 SLAB_BYTES = 2**20
 TILE_BYTES = 2**23
 # The fits whose products are stacked together hold at most about this much in temporaries
@@ -87,24 +88,25 @@ def stacked_dot_ht(V_b: sp.csr_matrix, Hs: list, width: int | None = None, rows:
     """``[V_b H_kᵀ for each H_k]`` (each (n_b, r_k), C-ordered) from one pass over V_b,
     bitwise :func:`~.products._dot_ht` each; V_b must qualify (:func:`stacks`). ``width`` and
     ``rows``: the slabs and tiles (default: from ``SLAB_BYTES`` and ``TILE_BYTES``)."""
-    X = np.ascontiguousarray(np.concatenate(Hs).T)
-    Y = np.zeros((V_b.shape[0], X.shape[1]), dtype=X.dtype)
-    rows = rows or max(1, TILE_BYTES // max(1, X.shape[1] * X.itemsize))
-    width = width or _width(X.shape[1], X.itemsize)
-    _jit().csr_times_dense(V_b.indptr, V_b.indices, V_b.data, X, Y, width, rows)
-    del X
+    Y = _stacked(V_b, np.concatenate(Hs).T, (V_b.shape[0], sum(H.shape[0] for H in Hs)), width, rows, False)
     return [np.ascontiguousarray(Y[:, part]) for part in _parts(Hs, 0)]
 
 
-def stacked_dot_t(W_bs: list, V_b: sp.csr_matrix, width: int | None = None) -> list:
+def stacked_dot_t(W_bs: list, V_b: sp.csr_matrix, width: int | None = None, rows: int | None = None) -> list:
     """``[W_kᵀ V_b for each W_k]`` (each (r_k, p), F-ordered as :func:`~.products.dot_t` gives
     it) from one pass over V_b, bitwise :func:`~.products.dot_t` each; V_b must qualify."""
-    W = np.ascontiguousarray(np.concatenate(W_bs, axis=1))
-    Y = np.zeros((V_b.shape[1], W.shape[1]), dtype=W.dtype)
-    width = width or _width(W.shape[1], W.itemsize)
-    _jit().csr_t_times_dense(V_b.indptr, V_b.indices, V_b.data, W, Y, width)
-    del W
+    Y = _stacked(V_b, np.concatenate(W_bs, axis=1), (V_b.shape[1], sum(W.shape[1] for W in W_bs)), width, rows, True)
     return [np.ascontiguousarray(Y[:, part]).T for part in _parts(W_bs, 1)]
+
+
+def _stacked(V_b, F: np.ndarray, shape: tuple[int, int], width, rows, transposed: bool) -> np.ndarray:
+    """V_b F (or V_bᵀ F), a new (``shape``) array, from the compiled loop."""
+    F = np.ascontiguousarray(F)
+    Y = np.zeros(shape, dtype=F.dtype)
+    rows = rows or max(1, TILE_BYTES // max(1, F.shape[1] * F.itemsize))
+    width = width or _width(F.shape[1], F.itemsize)
+    _jit().csr_products(V_b.indptr, V_b.indices, V_b.data, F, Y, width, rows, transposed)
+    return Y
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +124,7 @@ def _agrees(dtype: str, index_dtype: str) -> bool:
     Hs = [rng.random((r, p)).astype(dtype) for r in (3, 5)]
     Ws = [rng.random((n, r)).astype(dtype) for r in (3, 5)]
     vh = stacked_dot_ht(V, Hs, width=23, rows=7)
-    wv = stacked_dot_t(Ws, V, width=23)
+    wv = stacked_dot_t(Ws, V, width=23, rows=7)
     return all(np.array_equal(a, _dot_ht(V, H)) for a, H in zip(vh, Hs)) and all(
         np.array_equal(a, dot_t(W, V)) for a, W in zip(wv, Ws)
     )
