@@ -385,8 +385,10 @@ def csr_case(rng, n: int, p: int, density: float, dtype, index_dtype, duplicates
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,ranks,density,width,rows", [((60, 300), (3, 5, 2), 0.1, 7, 8), ((200, 40), (10,) * 6, 0.3, 1, 1),
-                                                             ((33, 1000), (4, 4), 0.02, None, None), ((5, 8), (1, 2), 0.5, 3, 2)])
+@pytest.mark.parametrize("shape,ranks,density,width,rows", [
+    ((60, 300), (3, 5, 2), 0.1, 7, 8), ((200, 40), (10,) * 6, 0.3, 1, 1),
+    ((33, 1000), (4, 4), 0.02, None, None), ((5, 8), (1, 2), 0.5, 3, 2),
+])
 def test_stacked_sparse_products_give_each_fit_scipys_bits(shape, ranks, density, width, rows, dtype, index_dtype):
     from dnmf.kernels.products import _dot_ht, dot_t
     from dnmf.kernels.stacked import stacked_dot_ht, stacked_dot_t, stacks
@@ -438,7 +440,8 @@ def test_sparse_steps_together_equal_each_step_alone_bitwise(monkeypatch, ranks,
     monkeypatch.setattr(stacked, "STACK_BYTES", columns * 2 * (120 + 300) * np.dtype(dtype).itemsize)
     stacked_calls = []
     product = stacked.stacked_dot_ht
-    monkeypatch.setattr("dnmf.kernels.step.stacked_dot_ht", lambda V, Hs: stacked_calls.append(len(Hs)) or product(V, Hs))
+    monkeypatch.setattr("dnmf.kernels.step.stacked_dot_ht",
+                        lambda V, Hs: stacked_calls.append(len(Hs)) or product(V, Hs))
     rng = np.random.default_rng(len(ranks))
     V = csr_case(rng, 120, 300, 0.05, dtype, np.int32, duplicates=True)
     Ws = [rng.random((V.shape[0], r)).astype(dtype) for r in ranks]
@@ -466,7 +469,8 @@ def test_fused_sparse_float32_fits_take_stacked_products_and_equal_the_fits_alon
     monkeypatch.setattr(stacked, "TILE_BYTES", 512)  # and tiles of a few rows
     groups = []
     steps = fused_kernel.sparse_frobenius_steps
-    monkeypatch.setattr(fused_kernel, "sparse_frobenius_steps", lambda V, Ws, *a: groups.append(len(Ws)) or steps(V, Ws, *a))
+    monkeypatch.setattr(fused_kernel, "sparse_frobenius_steps",
+                        lambda V, Ws, *a: groups.append(len(Ws)) or steps(V, Ws, *a))
     V = data(True).astype(np.float32)
     base = FitSettings.from_params(n_components=3, solver=solver, init="random", max_iter=30, tol=1e-4, tol_x=1e-3,
                                    chunks=50, local=local)

@@ -31,9 +31,10 @@ from .products import _dot_ht, dot_t
 
 # Each slab of V's columns reads (or, for Wᵀ V, updates) this many bytes of rows of the
 # column-indexed matrix, within a tile of V's rows whose rows of the row-indexed matrix take
-# ``TILE_BYTES``: both stay in cache while the slab's non-zeros use them. Measured on a block of 20000 × 20000 at 2%,
-# R·r = 360, float32: slabs of 0.5, 1 and 2 MiB took 0.58 / 0.47 / 0.48 s for V Hᵀ without
-# row tiles and 0.42–0.45 s in tiles of 2000–5000 rows; 0.51 / 0.40 / 0.44 s for Wᵀ V (0.36–0.37 s in tiles).
+# ``TILE_BYTES``: both stay in cache while the slab's non-zeros use them. Measured on a block
+# of 20000 × 20000 at 2%, R·r = 360, float32: slabs of 0.5, 1 and 2 MiB took 0.58 / 0.47 /
+# 0.48 s for V Hᵀ without row tiles and 0.42–0.45 s in tiles of 2000–5000 rows; 0.51 / 0.40 /
+# 0.44 s for Wᵀ V, 0.36–0.37 s in tiles.
 SLAB_BYTES = 2**20
 TILE_BYTES = 2**23
 # The fits whose products are stacked together hold at most about this much in temporaries
@@ -45,7 +46,7 @@ STACK_BYTES = 2**28
 
 @functools.cache
 def _jit():
-    """The compiled loops (numba, ~60 MB of a process: imported on first use only)."""
+    """The compiled loop (numba and it: 108 MiB of a process, imported on first use only)."""
     from . import _stacked_jit
 
     return _stacked_jit

@@ -70,9 +70,9 @@ def fused_width(
     its process (``WORKER_BASE_BYTES``) and its share of V. With ``stacked_rows`` (a CSR V's
     largest row block: the fits' products with it are stacked, :mod:`dnmf.kernels.stacked`),
     each fit also adds 2·(rows + p)·r values of temporaries to each of a worker's ``threads``
-    running tasks, and the compiled loops take ``STACKED_BASE_BYTES`` of each worker. What else the workers hold is not counted (``max_concurrent=`` sets fewer
-    fits). Workers without a limit are not counted; at least 1, at most ``n_fits`` and
-    :data:`MAX_FUSED_FITS`.
+    running tasks, and the compiled loop takes ``STACKED_BASE_BYTES`` of each worker. What
+    else the workers hold is not counted (``max_concurrent=`` sets fewer fits). Workers
+    without a limit are not counted; at least 1, at most ``n_fits`` and :data:`MAX_FUSED_FITS`.
     """
     n, p = shape
     w_bytes = 2 * n * n_components * itemsize
