@@ -340,6 +340,24 @@ def test_fused_width_fits_the_workers_memory_beside_v():
     assert fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000, threads=2) < stacked
 
 
+def test_fused_passes_on_a_cluster_send_each_h_once_without_a_large_graph_warning():
+    import dask
+
+    from dnmf.cluster import connect
+
+    rng = np.random.default_rng(4)
+    V = rng.random((60, 2000))
+    base = FitSettings.from_params(n_components=3, init="random", max_iter=3, tol=0, tol_x=0, chunks=30)
+    runs = [replace(base, seed=s) for s in range(4)]  # 4 H's of 48 kB: 192 kB of a pass's graph
+    small = {"distributed.admin.large-graph-warning-threshold": "100kB"}
+    with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB"), dask.config.set(small), \
+            warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fused = fit_fused(V, runs, summarize=outcome)
+    assert fused.n_passes < fused.n_fit_passes
+    assert not [w for w in seen if "large graph" in str(w.message)]
+
+
 def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
     from dnmf.cluster import connect
     from dnmf.run import fused

@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import dask
 import dask.array as da
 import numpy as np
+from dask.utils import parse_bytes
 
 from .. import kernels
 from ..data.store import Matrix, MatrixStats, scan_matrix
@@ -311,6 +312,14 @@ def _as_graph(requests: list[_Pass]) -> list[tuple]:
         req.W if blocks is None else graph.array(blocks, req.W.chunks, req.W.dtype)
         for req, blocks in zip(requests, w_blocks)
     ]
-    persisted = dask.persist(*collections, graph.delayed(total), optimize_graph=False)
+    # The fits' H's (and HHᵀ's) are in the graph once each, keys that every block's task reads:
+    # what the pass needs, not repeated (0.8 MB a fit at r = 10, p = 20000). So dask's warning
+    # about a large graph, given on every pass from about 12 such fits, is raised by their bytes.
+    constants = sum(req.H.nbytes + (0 if req.HHt is None else req.HHt.nbytes) for req in requests)
+    with dask.config.set({LARGE_GRAPH: parse_bytes(str(dask.config.get(LARGE_GRAPH, "10MB"))) + constants}):
+        persisted = dask.persist(*collections, graph.delayed(total), optimize_graph=False)
     Ws, (partials,) = persisted[: len(requests)], dask.compute(persisted[-1])
     return list(zip(Ws, partials))
+
+
+LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
