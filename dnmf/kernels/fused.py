@@ -60,6 +60,7 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
     """
     dtypes = {np.dtype(_w(W).dtype) for W in W_bs}
     converted = {dtype: as_float_block(V_b, dtype) for dtype in dtypes}
+    stacked = {dtype: stacks(V, dtype) for dtype, V in converted.items()}
     out: list = [None] * len(kinds)
     steps: dict = {}  # (dtype, tiled) -> the replicates whose β = 2 steps run together
     for k, (kind, W, rule) in enumerate(zip(kinds, W_bs, rules)):
@@ -68,7 +69,7 @@ def fused_block(V_b, kinds: list, W_bs: list, Hs: list, HHts: list, rules: list,
             continue
         if not sp.issparse(converted[dtype]):
             steps.setdefault((dtype, _fuses_in_tiles(converted[dtype], rule)), []).append(k)
-        elif stacks(converted[dtype], dtype):
+        elif stacked[dtype]:
             steps.setdefault((dtype, SPARSE), []).append(k)
     for (dtype, tiled), members in steps.items():
         if tiled == SPARSE and len(members) == 1:

@@ -89,14 +89,16 @@ def stacked_dot_ht(V_b: sp.csr_matrix, Hs: list, width: int | None = None, rows:
     """``[V_b H_kᵀ for each H_k]`` (each (n_b, r_k), C-ordered) from one pass over V_b,
     bitwise :func:`~.products._dot_ht` each; V_b must qualify (:func:`stacks`). ``width`` and
     ``rows``: the slabs and tiles (default: from ``SLAB_BYTES`` and ``TILE_BYTES``)."""
-    Y = _stacked(V_b, np.concatenate(Hs).T, (V_b.shape[0], sum(H.shape[0] for H in Hs)), width, rows, False)
+    Ht = np.concatenate([H.T for H in Hs], axis=1)  # (p, Σr), C-ordered: one copy
+    Y = _stacked(V_b, Ht, (V_b.shape[0], Ht.shape[1]), width, rows, False)
     return [np.ascontiguousarray(Y[:, part]) for part in _parts(Hs, 0)]
 
 
 def stacked_dot_t(W_bs: list, V_b: sp.csr_matrix, width: int | None = None, rows: int | None = None) -> list:
     """``[W_kᵀ V_b for each W_k]`` (each (r_k, p), F-ordered as :func:`~.products.dot_t` gives
     it) from one pass over V_b, bitwise :func:`~.products.dot_t` each; V_b must qualify."""
-    Y = _stacked(V_b, np.concatenate(W_bs, axis=1), (V_b.shape[1], sum(W.shape[1] for W in W_bs)), width, rows, True)
+    W = np.concatenate(W_bs, axis=1)
+    Y = _stacked(V_b, W, (V_b.shape[1], W.shape[1]), width, rows, True)
     return [np.ascontiguousarray(Y[:, part]).T for part in _parts(W_bs, 1)]
 
 

@@ -52,6 +52,8 @@ from ..kernels.fused import START, STEP, fused_block
 from .grid import GridSolver, GridWork, run_grid
 from .rows import Solver, _add_step_partials, _blocks_array, _w_blocks
 
+LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"  # dask's setting (see _as_graph)
+
 
 @dataclass(frozen=True)
 class _Pass:
@@ -321,5 +323,3 @@ def _as_graph(requests: list[_Pass]) -> list[tuple]:
     Ws, (partials,) = persisted[: len(requests)], dask.compute(persisted[-1])
     return list(zip(Ws, partials))
 
-
-LARGE_GRAPH = "distributed.admin.large-graph-warning-threshold"
