@@ -300,7 +300,7 @@ ATLAS = dict(n_fits=50, shape=(200000, 20000), n_components=10, itemsize=4)  # t
 
 
 def worker_hold(width: int, limit: int, v_held: int, n_workers: int = 2, stacked_rows: int = 0, threads: int = 1,
-                **case) -> float:
+                lineage_passes: int = 0, **case) -> float:
     """What :func:`fused_width` expects a worker to hold with ``width`` fits in flight."""
     from dnmf.graph import SPLIT_EVERY
     from dnmf.run import fused
@@ -309,6 +309,7 @@ def worker_hold(width: int, limit: int, v_held: int, n_workers: int = 2, stacked
     per_fit = fused.WORKER_OVERHEAD * (2 * n * r * itemsize / n_workers + SPLIT_EVERY * r * p * itemsize)
     if stacked_rows:  # one running task's stacked temporaries per thread
         per_fit += threads * 2 * (stacked_rows + p) * r * itemsize
+    per_fit += lineage_passes * (r * p + r * r) * itemsize  # the H's and HHᵀ's kept since W's last re-rooting
     base = fused.WORKER_BASE_BYTES + (fused.STACKED_BASE_BYTES if stacked_rows else 0)
     return base + v_held / n_workers + width * per_fit
 
@@ -338,6 +339,12 @@ def test_fused_width_fits_the_workers_memory_beside_v():
     assert (worker_hold(stacked, 2 * GIB, v, stacked_rows=20000, **ATLAS) <= WORKER_FRACTION * 2 * GIB
             < worker_hold(stacked + 1, 2 * GIB, v, stacked_rows=20000, **ATLAS))
     assert fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000, threads=2) < stacked
+    # The passes' H's the workers keep until W is re-rooted count too: 20 passes of 0.8 MB per
+    # fit, at 27 fits in flight, took the workers of issue 18's case to 1.6 GiB of 2.
+    kept = fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000, lineage_passes=20)
+    assert 1 < kept < fused_width(**ATLAS, limits=[2 * GIB] * 2, v_held=v, stacked_rows=20000, lineage_passes=4) < stacked
+    assert (worker_hold(kept, 2 * GIB, v, stacked_rows=20000, lineage_passes=20, **ATLAS) <= WORKER_FRACTION * 2 * GIB
+            < worker_hold(kept + 1, 2 * GIB, v, stacked_rows=20000, lineage_passes=20, **ATLAS))
 
 
 def test_fused_passes_on_a_cluster_send_each_h_once_without_a_large_graph_warning():
@@ -387,6 +394,35 @@ def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
     assert together.n_passes <= 6 + 2 and waves.n_passes >= 2 * 6
     for a, b in zip(together.results, waves.results):  # the same fits, however many in flight
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)
+
+
+
+def test_fused_fits_on_a_cluster_let_go_of_their_starts_once_they_have_stepped():
+    # A fused fit's start is persisted (its first pass is shared); its W stays on the workers
+    # only until the first step has replaced it. Held to the end, it was a second W per fit:
+    # 50 replicates held 400 MB of random starts on 2 workers (issue 18's case).
+    import time
+
+    from dask.utils import key_split
+
+    from dnmf.cluster import connect
+
+    seen = []
+
+    def keys_on_workers(record):
+        time.sleep(0.2)  # the scheduler frees released keys on the workers asynchronously
+        held = client.run(lambda dask_worker: [key_split(k) for k in dask_worker.data.keys()])
+        seen.append((record.iteration, {name for names in held.values() for name in names}))
+
+    base = FitSettings.from_params(n_components=3, init="random", max_iter=4, tol=0, tol_x=0, chunks=30,
+                                   callbacks=[keys_on_workers])
+    with connect("local", n_workers=2, threads_per_worker=1, memory_limit="1GiB") as client, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_fused(data(False), [replace(base, seed=s) for s in (1, 2)], summarize=outcome)
+    assert sorted(it for it, _ in seen) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert all("dnmf-fused" in names for _, names in seen)  # the iterates' W's are seen there
+    assert not any("dnmf-init-random" in names for _, names in seen)  # the starts' (random_start's) are not
 
 
 def csr_case(rng, n: int, p: int, density: float, dtype, index_dtype, duplicates: bool = False) -> sp.csr_matrix:

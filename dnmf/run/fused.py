@@ -25,7 +25,7 @@ from ..graph import SPLIT_EVERY
 from ..settings import FitSettings
 from ..solvers.fused import FusedPasses
 from .pipeline import Factorization, fit, open_v
-from .plan import blas_threads_for_scheduler, matrix_bytes, plan_cache
+from .plan import blas_threads_for_scheduler, matrix_bytes, plan_cache, reroot_interval
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def fused_width(
     v_held: int = 0,
     stacked_rows: int = 0,
     threads: int = 1,
+    lineage_passes: int = 0,
 ) -> int:
     """How many fits to run together.
 
@@ -70,8 +71,11 @@ def fused_width(
     its process (``WORKER_BASE_BYTES``) and its share of V. With ``stacked_rows`` (a CSR V's
     largest row block: the fits' products with it are stacked, :mod:`dnmf.kernels.stacked`),
     each fit also adds 2·(rows + p)·r values of temporaries to each of a worker's ``threads``
-    running tasks, and the compiled loop takes ``STACKED_BASE_BYTES`` of each worker. What
-    else the workers hold is not counted (``max_concurrent=`` sets fewer fits). Workers
+    running tasks, and the compiled loop takes ``STACKED_BASE_BYTES`` of each worker. With
+    ``lineage_passes`` (the passes between two re-rootings of W, :mod:`dnmf.run.reroot`), each
+    worker also keeps each fit's H and HHᵀ of that many passes: the passes' graphs hold them,
+    and the scheduler keeps those graphs while W depends on them (to recompute a lost block).
+    What else the workers hold is not counted (``max_concurrent=`` sets fewer fits). Workers
     without a limit are not counted; at least 1, at most ``n_fits`` and :data:`MAX_FUSED_FITS`.
     """
     n, p = shape
@@ -83,6 +87,7 @@ def fused_width(
         per_worker = WORKER_OVERHEAD * (w_bytes / n_workers + SPLIT_EVERY * n_components * p * itemsize)
         if stacked_rows:
             per_worker += threads * 2 * (stacked_rows + p) * n_components * itemsize
+        per_worker += lineage_passes * (p + n_components) * n_components * itemsize
         base = WORKER_BASE_BYTES + (STACKED_BASE_BYTES if stacked_rows else 0)
         room = WORKER_FRACTION * min(limited) - base - v_held / n_workers
         width = min(width, room // per_worker)
@@ -106,8 +111,11 @@ def _width_for(n_fits: int, matrix, settings: FitSettings, n_components: int) ->
         cached = plan is None or plan.cached
     v_held = v_bytes if cached and v_bytes is not None else 0
     stacked_rows = max(matrix.row_chunks) if matrix.sparse else 0
+    # Without re-rooting, the passes' H's are kept for the whole fit.
+    lineage_passes = reroot_interval(settings.reroot_every, client) or settings.max_iter
     width = fused_width(n_fits, shape, n_components, itemsize, limits=worker_memory_limits(client), v_held=v_held,
-                        stacked_rows=stacked_rows, threads=max(worker_threads(client), default=1))
+                        stacked_rows=stacked_rows, threads=max(worker_threads(client), default=1),
+                        lineage_passes=lineage_passes)
     if width < in_process:
         logger.info("fusing %d fits at a time, not %d: what more would hold does not fit the workers' memory "
                     "beside V (max_concurrent= sets it)", width, n_fits)
