@@ -4,8 +4,10 @@
     python benchmarks/bench_consensus.py --dir /tmp/c --rows 20000 --cols 2000 --ranks 3:5 --replicates 8
 
 The issue's case: K = 5..15 × 50 replicates on a 200000×20000 count matrix with 2% non-zeros,
-on a LocalCluster of 2 single-threaded workers × 2 GiB. That takes hours on 2 cores (about
-0.23 s per replicate-iteration at K = 10 here, 27 fused at a time): run it as a batch job. The matrix is written
+on a LocalCluster of 2 single-threaded workers × 2 GiB. With ``--max-iter 25`` it took 4575 s
+on 2 cores (0.33 s per replicate-iteration over all ranks, consensus steps included; 34 fits in
+flight at K = 5, 11 at K = 15; worker peaks 1374 and 1260 MiB). The default 500 iterations
+(tol 1e-5) take up to 20 times that: run it as a batch job. The matrix is written
 once to ``DIR/counts.zarr`` (a sparse store, as ``dnmf convert`` writes one) and the consensus
 works in ``DIR/consensus``, checkpointed per rank and per replicate, so the same command run
 again after a kill continues where it stopped; its time is then that run's.
