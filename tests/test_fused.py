@@ -396,7 +396,6 @@ def test_fused_fits_on_a_cluster_are_planned_by_its_workers_memory(monkeypatch):
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-12)
 
 
-
 def test_fused_fits_on_a_cluster_let_go_of_their_starts_once_they_have_stepped():
     # A fused fit's start is persisted (its first pass is shared); its W stays on the workers
     # only until the first step has replaced it. Held to the end, it was a second W per fit:

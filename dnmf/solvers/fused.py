@@ -322,4 +322,3 @@ def _as_graph(requests: list[_Pass]) -> list[tuple]:
         persisted = dask.persist(*collections, graph.delayed(total), optimize_graph=False)
     Ws, (partials,) = persisted[: len(requests)], dask.compute(persisted[-1])
     return list(zip(Ws, partials))
-
