@@ -158,3 +158,62 @@ def test_w_transpose_v_of_an_in_memory_row_block_reads_it_in_place():
         tracemalloc.stop()
     assert np.ascontiguousarray(got).tobytes() == want.tobytes()
     assert peak < block.data.nbytes / 4, (peak, block.data.nbytes)
+
+
+@pytest.mark.parametrize("r", [1, *RANKS, 33])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_v_times_h_transpose_is_scipys_bit_for_bit(dtype, r):
+    """sparse_kl.times_ht against scipy's V Hᵀ: the same bits, for rows with no, one and many
+    entries, columns out of order and repeated, 32- and 64-bit indices, and a view of a row
+    range of a larger matrix."""
+    V, _, H = _block(dtype, seed=11, r=r)
+    V.indices[V.indptr[5] : V.indptr[6]] = V.indices[V.indptr[5] : V.indptr[6]][::-1]  # out of order
+    V.indices[V.indptr[9] + 1] = V.indices[V.indptr[9]]  # a repeated column
+    assert not V.has_sorted_indices
+    wide = sp.csr_matrix((V.data, V.indices.astype(np.int64), V.indptr.astype(np.int64)), shape=V.shape)
+    lo, hi = 7, 31
+    view = sp.csr_matrix((hi - lo, V.shape[1]), dtype=dtype)
+    view.data, view.indices = V.data[V.indptr[lo] : V.indptr[hi]], V.indices[V.indptr[lo] : V.indptr[hi]]
+    view.indptr = V.indptr[lo : hi + 1] - V.indptr[lo]
+    for block in (V, wide, view):
+        got = sparse_kl.times_ht(block, H)
+        assert got.shape == (block.shape[0], r) and got.dtype == dtype and got.flags.c_contiguous
+        assert got.tobytes() == np.asarray(block @ H.T).tobytes()
+
+
+def test_large_csr_blocks_take_the_compiled_product_in_fits_with_the_same_bits(monkeypatch):
+    """Blocks of COMPILED_MIN_NNZ non-zeros and more get V Hᵀ from the compiled kernel (a
+    HALS and an MU fit, in memory and by row blocks), smaller ones from scipy; either way the
+    fit's bits are the same."""
+    import dnmf
+    from dnmf.kernels import products
+
+    V = sp.random(600, 90, density=0.2, format="csr", random_state=3, dtype=np.float32)
+    V.data += 0.1
+    H = np.ones((4, 90), np.float32)
+
+    def stored(nnz):  # a one-row CSR block of nnz stored entries
+        return sp.csr_matrix((np.ones(nnz, np.float32), np.zeros(nnz, np.int32), [0, nnz]), shape=(1, 90))
+
+    assert products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ), H)
+    assert not products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ - 1), H)
+    assert not products._compiled_dot_ht(V, H)  # too few non-zeros
+    assert not products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ), H.astype(np.float64))  # not V's dtype
+    calls = []
+    compiled = products.times_ht
+
+    def counted(V_b, H):
+        calls.append(V_b.nnz)
+        return compiled(V_b, H)
+
+    monkeypatch.setattr(products, "times_ht", counted)
+    for params in (dict(solver="hals"), dict(solver="mu")):
+        fit = dict(init="random", random_state=1, max_iter=6, tol=0, tol_x=0, chunks=200, **params)
+        scipys = dnmf.NMF(4, **fit).fit(V)
+        assert calls == []
+        with monkeypatch.context() as m:
+            m.setattr(products, "COMPILED_MIN_NNZ", 1)
+            ours = dnmf.NMF(4, **fit).fit(V)
+        assert len(calls) >= 6 * 3, params  # every block's W half-step, every iteration
+        calls.clear()
+        assert ours.components_.tobytes() == scipys.components_.tobytes(), params

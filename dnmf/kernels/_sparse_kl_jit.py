@@ -148,6 +148,19 @@ def _wh_values(indptr, indices, W, Ht, rank):  # pragma: no cover - compiled
 
 
 @numba.jit(**_JIT)
+def _times_ht(indptr, indices, data, Ht, rank):  # pragma: no cover - compiled
+    """V Hᵀ, (n, r) in the first r columns of an (n, whole eights) array: each value times its
+    column's Hᵀ row added into its row at once, in the order and with the operations of
+    scipy's V Hᵀ (a multiply, then an add, per column), so the bits are scipy's."""
+    numba.literally(rank)
+    out = np.zeros((indptr.shape[0] - 1, -(-rank // LANES) * LANES), dtype=Ht.dtype)
+    for i in range(out.shape[0]):
+        for j in range(indptr[i], indptr[i + 1]):
+            _lane_axpy(out, i, data[j], Ht, indices[j], rank, 1)
+    return out
+
+
+@numba.jit(**_JIT)
 def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cover - compiled
     """(V / (WH + ε)) Hᵀ, (n, r) in the first r columns of an (n, whole eights) array: each
     row's ratios added into the row at once, in the order scipy's product V Hᵀ adds a CSR

@@ -13,6 +13,9 @@ Each kernel walks the rows in order and each row's non-zeros in order, and accum
 V's dtype as scipy's sparse products do (the loss in float64): the results depend on the
 block alone, never on threads or scheduling. The functions release the GIL, so a threaded
 scheduler runs blocks in parallel.
+
+The same row operations make the plain product V Hᵀ of large CSR blocks (:func:`times_ht`,
+for every loss): scipy's sums, in scipy's order, eight columns at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def _jit() -> SimpleNamespace:
     from . import _sparse_kl_jit as k
 
     return SimpleNamespace(
+        times_ht=functools.partial(k.call, k._times_ht),
         ratio_times_ht=functools.partial(k.call, k._ratio_times_ht),
         wt_ratio=functools.partial(k.call, k._wt_ratio),
         wh_values=functools.partial(k.call, k._wh_values),
@@ -43,6 +47,16 @@ def _parts(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray):
     dtype = W_b.dtype
     data = V_b.data if V_b.data.dtype == dtype else V_b.data.astype(dtype)
     return V_b.indptr, V_b.indices, data, np.ascontiguousarray(W_b), np.ascontiguousarray(H.T, dtype=dtype)
+
+
+def times_ht(V_b: sp.csr_matrix, H: np.ndarray) -> np.ndarray:
+    """V_b Hᵀ, (n_b, r), bit for bit scipy's, with the KL kernels' vector row operations: each
+    non-zero's Hᵀ row is added eight lanes at a time where scipy goes column by column (at
+    rank 10 on a block of 8M non-zeros, float32: 14 ms against scipy's 23). V_b's dtype must
+    be H's."""
+    Ht = np.ascontiguousarray(H.T)
+    out = _jit().times_ht(V_b.indptr, V_b.indices, V_b.data, Ht, Ht.shape[1])
+    return out if out.shape[1] == Ht.shape[1] else np.ascontiguousarray(out[:, : Ht.shape[1]])
 
 
 def ratio_times_ht(V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, eps: float) -> np.ndarray:
