@@ -162,11 +162,13 @@ def test_w_transpose_v_of_an_in_memory_row_block_reads_it_in_place():
 
 @pytest.mark.parametrize("r", [1, *RANKS, 33])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_compiled_v_times_h_transpose_is_scipys_bit_for_bit(dtype, r):
-    """sparse_kl.times_ht against scipy's V Hᵀ: the same bits, for rows with no, one and many
-    entries, columns out of order and repeated, 32- and 64-bit indices, and a view of a row
-    range of a larger matrix."""
-    V, _, H = _block(dtype, seed=11, r=r)
+def test_the_compiled_plain_products_are_scipys_bit_for_bit(dtype, r):
+    """sparse_kl.times_ht and t_times_w against scipy's V Hᵀ and (Vᵀ W)ᵀ: the same bits, for
+    rows with no, one and many entries, columns out of order and repeated, 32- and 64-bit
+    indices, and a view of a row range of a larger matrix."""
+    from dnmf.kernels.products import _sparse_dot_t
+
+    V, W, H = _block(dtype, seed=11, r=r)
     V.indices[V.indptr[5] : V.indptr[6]] = V.indices[V.indptr[5] : V.indptr[6]][::-1]  # out of order
     V.indices[V.indptr[9] + 1] = V.indices[V.indptr[9]]  # a repeated column
     assert not V.has_sorted_indices
@@ -179,12 +181,16 @@ def test_the_compiled_v_times_h_transpose_is_scipys_bit_for_bit(dtype, r):
         got = sparse_kl.times_ht(block, H)
         assert got.shape == (block.shape[0], r) and got.dtype == dtype and got.flags.c_contiguous
         assert got.tobytes() == np.asarray(block @ H.T).tobytes()
+        W_b = W[lo:hi] if block is view else W
+        got = sparse_kl.t_times_w(block, W_b)
+        assert got.shape == (r, V.shape[1]) and got.dtype == dtype and got.T.flags.c_contiguous
+        assert got.tobytes() == np.asarray((block.T @ W_b).T).tobytes() == _sparse_dot_t(W_b, block).tobytes()
 
 
-def test_large_csr_blocks_take_the_compiled_product_in_fits_with_the_same_bits(monkeypatch):
-    """Blocks of COMPILED_MIN_NNZ non-zeros and more get V Hᵀ from the compiled kernel (a
-    HALS and an MU fit, in memory and by row blocks), smaller ones from scipy; either way the
-    fit's bits are the same."""
+def test_large_csr_blocks_take_the_compiled_products_in_fits_with_the_same_bits(monkeypatch):
+    """Blocks of COMPILED_MIN_NNZ non-zeros and more get V Hᵀ (and in float32 Wᵀ V) from the
+    compiled kernels (a HALS and an MU fit, in memory and by row blocks), smaller ones from
+    scipy; either way the fit's bits are the same."""
     import dnmf
     from dnmf.kernels import products
 
@@ -192,21 +198,31 @@ def test_large_csr_blocks_take_the_compiled_product_in_fits_with_the_same_bits(m
     V.data += 0.1
     H = np.ones((4, 90), np.float32)
 
-    def stored(nnz):  # a one-row CSR block of nnz stored entries
-        return sp.csr_matrix((np.ones(nnz, np.float32), np.zeros(nnz, np.int32), [0, nnz]), shape=(1, 90))
+    def stored(nnz, dtype=np.float32):  # a one-row CSR block of nnz stored entries
+        return sp.csr_matrix((np.ones(nnz, dtype), np.zeros(nnz, np.int32), [0, nnz]), shape=(1, 90))
 
     assert products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ), H)
     assert not products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ - 1), H)
     assert not products._compiled_dot_ht(V, H)  # too few non-zeros
     assert not products._compiled_dot_ht(stored(products.COMPILED_MIN_NNZ), H.astype(np.float64))  # not V's dtype
+    W = np.ones((1, 4), np.float32)
+    assert products._compiled_dot_t(stored(products.COMPILED_MIN_NNZ), W)
+    assert not products._compiled_dot_t(stored(products.COMPILED_MIN_NNZ - 1), W)
+    big64 = stored(products.COMPILED_MIN_NNZ, np.float64)
+    assert products._compiled_dot_ht(big64, H.astype(np.float64)) and not products._compiled_dot_t(big64, W.astype(np.float64))
     calls = []
-    compiled = products.times_ht
 
-    def counted(V_b, H):
-        calls.append(V_b.nnz)
-        return compiled(V_b, H)
+    def counted(name):
+        compiled = getattr(products, name)
 
-    monkeypatch.setattr(products, "times_ht", counted)
+        def call(*args):
+            calls.append(name)
+            return compiled(*args)
+
+        return call
+
+    for name in ("times_ht", "t_times_w"):
+        monkeypatch.setattr(products, name, counted(name))
     for params in (dict(solver="hals"), dict(solver="mu")):
         fit = dict(init="random", random_state=1, max_iter=6, tol=0, tol_x=0, chunks=200, **params)
         scipys = dnmf.NMF(4, **fit).fit(V)
@@ -214,6 +230,7 @@ def test_large_csr_blocks_take_the_compiled_product_in_fits_with_the_same_bits(m
         with monkeypatch.context() as m:
             m.setattr(products, "COMPILED_MIN_NNZ", 1)
             ours = dnmf.NMF(4, **fit).fit(V)
-        assert len(calls) >= 6 * 3, params  # every block's W half-step, every iteration
+        # every block's two products, every iteration
+        assert calls.count("times_ht") >= 6 * 3 and calls.count("t_times_w") >= 6 * 3, params
         calls.clear()
         assert ours.components_.tobytes() == scipys.components_.tobytes(), params

@@ -161,6 +161,19 @@ def _times_ht(indptr, indices, data, Ht, rank):  # pragma: no cover - compiled
 
 
 @numba.jit(**_JIT)
+def _t_times_w(indptr, indices, data, W, p, rank):  # pragma: no cover - compiled
+    """Vᵀ W, (p, r) in the first r columns of a (p, whole eights) array: each value times its
+    row's W row added into its column's row at once, in the order and with the operations of
+    scipy's Vᵀ W on V's CSR arrays (its CSC kernel), so the bits are scipy's."""
+    numba.literally(rank)
+    out_t = np.zeros((p, -(-rank // LANES) * LANES), dtype=W.dtype)
+    for i in range(W.shape[0]):
+        for j in range(indptr[i], indptr[i + 1]):
+            _lane_axpy(out_t, indices[j], data[j], W, i, rank, 1)
+    return out_t
+
+
+@numba.jit(**_JIT)
 def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cover - compiled
     """(V / (WH + ε)) Hᵀ, (n, r) in the first r columns of an (n, whole eights) array: each
     row's ratios added into the row at once, in the order scipy's product V Hᵀ adds a CSR
