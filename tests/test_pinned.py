@@ -141,6 +141,13 @@ def record() -> None:
     )
 
 
+# How far a pinned fit may move on another platform: its BLAS picks other kernels, which add
+# the products' terms in another order. The roundings that differ grow over the fits' 12
+# iterations; in float32, to 7.9e-5 of an entry (mu_float32 where OpenBLAS runs its Haswell
+# kernels, against the SkylakeX kernels it was recorded with).
+ROUNDING = {np.float64: 1e-6, np.float32: 5e-4}
+
+
 @pytest.fixture(scope="module")
 def pinned():
     return json.loads(HASHES.read_text()), np.load(ARRAYS)
@@ -156,7 +163,8 @@ def _check(name: str, W: np.ndarray, H: np.ndarray, pinned) -> None:
         if same_platform:
             assert _sha(X) == meta["hashes"][key], f"{key} changed"
         else:
-            np.testing.assert_allclose(X, want, rtol=1e-6, atol=1e-9 * float(np.abs(want).max()), err_msg=key)
+            rtol = ROUNDING[X.dtype.type]
+            np.testing.assert_allclose(X, want, rtol=rtol, atol=1e-3 * rtol * float(np.abs(want).max()), err_msg=key)
 
 
 @pytest.mark.parametrize("name", sorted(FITS))

@@ -13,10 +13,11 @@ RANKS = [7, 8, 10, 17]
 
 
 def _block(dtype, seed=0, r=7):
-    """A CSR block whose rows hold 0 to 9 stored entries, of rank r."""
+    """A CSR block whose rows hold 0 to 19 stored entries, of rank r: the kernels take a row's
+    entries eight at a time, then the rest one by one."""
     rng = np.random.default_rng(seed)
     n, p = 40, 30
-    rows = [np.sort(rng.choice(p, size=i % 10, replace=False)) for i in range(n)]
+    rows = [np.sort(rng.choice(p, size=i % 20, replace=False)) for i in range(n)]
     indptr = np.cumsum([0] + [len(c) for c in rows])
     indices = np.concatenate(rows)
     data = (rng.random(indices.size) + 0.1).astype(dtype)

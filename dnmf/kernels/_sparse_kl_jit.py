@@ -137,6 +137,72 @@ def _lane_axpy(typingctx, Y, y, q, X, x, width, whole):
     return sig, codegen
 
 
+def _pairs(builder, a, b, lanes):
+    """The lanes ``lanes`` of a and b side by side (b's numbered from LANES on)."""
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
+
+
+@intrinsic
+def _lane_ratios(typingctx, A, i, B, indices, data, j, eps, dots, ratios, width):
+    """The dot products of A[i] with B[indices[j + m]], m = 0..7, into ``dots[:8]``, and
+    data[j + m] / (dot + eps) into ``ratios[:8]``, for the first ``width`` (a literal) columns.
+
+    Each dot product is :func:`_lane_dot`'s, to the bit: its lanes hold the same products,
+    added in the same order. What differs is that the eight trees are summed together, each
+    level one add of two rows' lanes side by side (3 adds where 8 rows one by one take 24,
+    with as many shuffles), and the eight divisions are one vector division."""
+    arrays = (A, B, indices, data, dots, ratios)
+    if (not isinstance(width, types.IntegerLiteral) or not _rows_of(A, B)
+            or not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays[2:])
+            or not isinstance(indices.dtype, types.Integer)
+            or any(a.dtype != A.dtype for a in (data, dots, ratios))):
+        return None
+    n = width.literal_value
+    sig = types.void(A, types.intp, B, indices, data, types.intp, A.dtype, dots, ratios, width)
+
+    def codegen(context, builder, sig, args):
+        a, i, b, idx, values, j, eps_value, dots_out, ratios_out, _ = args
+        vector = ir.VectorType(context.get_value_type(sig.args[0].dtype), LANES)
+        align = sig.args[0].dtype.bitwidth // 8
+
+        def at(arraytype, array, index):
+            view = context.make_array(arraytype)(context, builder, array)
+            return cgutils.get_item_pointer(context, builder, arraytype, view, [index], wraparound=False)
+
+        row_a = _row_pointer(context, builder, sig.args[0], a, i)
+        groups = [(_lanes(builder, row_a, start, count, vector, align), start, count) for start, count in _chunks(n)]
+        first = at(sig.args[3], idx, j)
+        sums = []
+        for m in range(LANES):
+            c = context.cast(builder, builder.load(builder.gep(first, [ir.Constant(ir.IntType(64), m)])),
+                             sig.args[3].dtype, types.intp)
+            row_b = _row_pointer(context, builder, sig.args[2], b, c)
+            total = None
+            for lanes_a, start, count in groups:
+                product = builder.fmul(lanes_a, _lanes(builder, row_b, start, count, vector, align))
+                total = product if total is None else builder.fadd(total, product)
+            sums.append(total if total is not None else ir.Constant(vector, [0.0] * LANES))
+        # _lane_dot's tree, two rows per add: x[l] + x[l + 4], then + 2, then + 1.
+        level = [builder.fadd(_pairs(builder, sums[2 * m], sums[2 * m + 1], [0, 1, 2, 3, 8, 9, 10, 11]),
+                              _pairs(builder, sums[2 * m], sums[2 * m + 1], [4, 5, 6, 7, 12, 13, 14, 15]))
+                 for m in range(4)]
+        level = [builder.fadd(_pairs(builder, level[2 * m], level[2 * m + 1], [0, 1, 4, 5, 8, 9, 12, 13]),
+                              _pairs(builder, level[2 * m], level[2 * m + 1], [2, 3, 6, 7, 10, 11, 14, 15]))
+                 for m in range(2)]
+        total = builder.fadd(_pairs(builder, level[0], level[1], [0, 2, 4, 6, 8, 10, 12, 14]),
+                             _pairs(builder, level[0], level[1], [1, 3, 5, 7, 9, 11, 13, 15]))
+        numerators = builder.load(builder.bitcast(at(sig.args[4], values, j), vector.as_pointer()), align=align)
+        splat = builder.insert_element(ir.Constant(vector, ir.Undefined), eps_value, ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        ratio = builder.fdiv(numerators, builder.fadd(total, splat))
+        zero = context.get_constant(types.intp, 0)
+        for arraytype, array, value in ((sig.args[7], dots_out, total), (sig.args[8], ratios_out, ratio)):
+            builder.store(value, builder.bitcast(at(arraytype, array, zero), vector.as_pointer()), align=align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.jit(**_JIT)
 def _wh_values(indptr, indices, W, Ht, rank):  # pragma: no cover - compiled
     numba.literally(rank)
@@ -178,31 +244,51 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cove
     """(V / (WH + ε)) Hᵀ, (n, r) in the first r columns of an (n, whole eights) array: each
     row's ratios added into the row at once, in the order scipy's product V Hᵀ adds a CSR
     block's values. The rows are whole eights wide so that they are read and written as
-    vectors."""
+    vectors. A row's ratios are formed eight at a time (:func:`_lane_ratios`), the last few
+    one by one: the same bits."""
     numba.literally(rank)
     out = np.zeros((W.shape[0], -(-rank // LANES) * LANES), dtype=W.dtype)
+    dots = np.empty(LANES, dtype=W.dtype)
+    ratios = np.empty(LANES, dtype=W.dtype)
     for i in range(W.shape[0]):
-        for j in range(indptr[i], indptr[i + 1]):
-            c = indices[j]
-            _lane_axpy(out, i, data[j] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
+        j, end = indptr[i], indptr[i + 1]
+        while j + LANES <= end:
+            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
+            for m in range(LANES):
+                _lane_axpy(out, i, ratios[m], Ht, indices[j + m], rank, 1)
+            j += LANES
+        for k in range(j, end):
+            c = indices[k]
+            _lane_axpy(out, i, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
     return out
 
 
 @numba.jit(**_JIT)
 def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, out_t, rank):  # pragma: no cover - compiled
-    """Wᵀ (V / (WH + ε)) transposed, (p, r), added into ``out_t``: each ratio added into its
-    column's sums at once, in the order scipy's product Vᵀ W adds a CSR block's values (so
-    rows given in runs, one call each, add up to the same bits). With ``wh_out`` of length nnz
-    (else 0), WH is written there too, for the loss."""
+    """Wᵀ (V / (WH + ε)) transposed, (p, r) in the first r columns of ``out_t`` (p, whole
+    eights), added there: each ratio added into its column's sums at once, in the order
+    scipy's product Vᵀ W adds a CSR block's values (so rows given in runs, one call each, add
+    up to the same bits). With ``wh_out`` of length nnz (else 0), WH is written there too, for
+    the loss. Ratios eight at a time, as in :func:`_ratio_times_ht`."""
     numba.literally(rank)
     keep = wh_out.shape[0] > 0
+    dots = np.empty(LANES, dtype=W.dtype)
+    ratios = np.empty(LANES, dtype=W.dtype)
     for i in range(W.shape[0]):
-        for j in range(indptr[i], indptr[i + 1]):
-            c = indices[j]
+        j, end = indptr[i], indptr[i + 1]
+        while j + LANES <= end:
+            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
+            for m in range(LANES):
+                if keep:
+                    wh_out[j + m] = dots[m]
+                _lane_axpy(out_t, indices[j + m], ratios[m], W, i, rank, 1)
+            j += LANES
+        for k in range(j, end):
+            c = indices[k]
             s = _lane_dot(W, i, Ht, c, rank)
             if keep:
-                wh_out[j] = s
-            _lane_axpy(out_t, c, data[j] / (s + eps), W, i, rank, 0)
+                wh_out[k] = s
+            _lane_axpy(out_t, c, data[k] / (s + eps), W, i, rank, 1)
 
 
 # A kernel called with the rank as a plain int goes through numba's literal dispatch on every

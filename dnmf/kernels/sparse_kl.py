@@ -87,7 +87,7 @@ def wt_ratio(
     the sums are the same bits however the rows are split."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
     eps, rank = W.dtype.type(eps), W.shape[1]
-    out_t = np.zeros((Ht.shape[0], rank), dtype=W.dtype)
+    out_t = np.zeros((Ht.shape[0], -(-rank // 8) * 8), dtype=W.dtype)  # rows of whole eights, as vectors
     out = []
     # Without per_run, one call over every row and no WH kept.
     for lo, hi in _row_runs(indptr, run_entries) if per_run is not None else [(0, len(indptr) - 1)]:
@@ -97,7 +97,7 @@ def wt_ratio(
                         out_t, rank)
         if per_run is not None:
             out.append(per_run(V_b.data[start:stop], wh))
-    return np.ascontiguousarray(out_t.T), out
+    return np.ascontiguousarray(out_t[:, :rank].T), out
 
 
 def _row_runs(indptr: np.ndarray, entries: int) -> list[tuple[int, int]]:
