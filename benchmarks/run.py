@@ -40,7 +40,7 @@ FULL = {
     "memory": ("memory", dict(n=20000, p=5000, r=20, dtype="float32", iters=10)),
     "memory_sparse": ("memory", dict(n=200000, p=20000, r=10, dtype="float32", iters=5, density=0.02)),
     "sparse_out_of_core": ("sparse_out_of_core", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=5, repeats=3)),
-    "sparse_kl": ("sparse_kl", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=2)),
+    "sparse_kl": ("sparse_kl", dict(n=200000, p=20000, density=0.02, r=10, dtype="float32", lo=2, hi=6, repeats=5)),
     "sparse_memory": ("sparse_memory", dict(n=50000, p=20000, density=0.01, r=10, dtype="float32", growth=8, workers=2,
                                             memory_limit_mib=512, iters=3)),
     "small": ("small", dict(n=2000, p=500, r=10, iters=200, repeats=5)),

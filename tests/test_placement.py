@@ -178,12 +178,16 @@ def test_a_v_persisted_from_memory_gets_copies_aligned_and_spread_for_the_fit(cl
         copy = placed_for_the_fit(client, X, V.nbytes, V.nbytes)
         assert copy is not X and aligned_in_workers(copy) == [True] * 12
         assert sorted(Counter(holders(client, copy)).values()) == [6, 6]
+        # Placed so, the copy is left as it is. (Asked after copy.compute(), this failed once in
+        # a full run: the compute gathers the blocks through one worker, and the active memory
+        # manager, reducing the replicas, can keep that worker's rather than the originals,
+        # leaving the blocks uneven again, which a new copy rightly corrects.)
+        assert placed_for_the_fit(client, copy, V.nbytes, V.nbytes) is copy
         assert np.array_equal(copy.compute(), V)
         # the user's blocks where they were (a moved one leaves a copy behind), with their values
         who = client.who_has(X)
         assert all(worker in who[row[0]] for row, worker in zip(X.__dask_keys__(), placed))
         assert np.array_equal(X.compute(), V)
-        assert placed_for_the_fit(client, copy, V.nbytes, V.nbytes) is copy
         model, W = fit(X, client)
     ref, W_ref = fit(da.from_array(V, chunks=(200, 800)))  # the same blocks, in this process
     assert_same_fit(model, W, ref, W_ref)
