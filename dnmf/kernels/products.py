@@ -351,7 +351,9 @@ def _exact_kl_terms(values: np.ndarray, wh: np.ndarray) -> float:
 def _v_log_wh_sum(values: np.ndarray, wh: np.ndarray) -> float:
     """Σ V log(WH) at some non-zeros of V, in float64 (``wh`` overwritten with its log)."""
     np.log(wh, out=wh)
-    return float(np.dot(values.astype(np.float64), wh.astype(np.float64)))
+    # einsum casts to float64 in small buffers; two astype copies of a run (2 MB each) cost 2.1
+    # ms a run under glibc's default settings (fresh mmaps, faulted in), against 0.16 ms.
+    return float(np.einsum("i,i->", values, wh, dtype=np.float64))
 
 
 # The dense KL kernels work on row tiles of about this many entries, so the elementwise

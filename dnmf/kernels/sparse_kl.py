@@ -84,15 +84,21 @@ def wt_ratio(
     ``per_run(values, wh)`` over runs of whole rows of about ``run_entries`` non-zeros each:
     V_b's values there and W_b H at them (for the loss; empty list without ``per_run``). WH is
     thus never held for a whole block (4 bytes per non-zero: 32 MB for a block of 8M), and
-    the sums are the same bits however the rows are split."""
+    the sums are the same bits however the rows are split. ``wh`` is one buffer, refilled run
+    after run: ``per_run`` copies what it keeps."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
     eps, rank = W.dtype.type(eps), W.shape[1]
     out_t = np.zeros((Ht.shape[0], -(-rank // 8) * 8), dtype=W.dtype)  # rows of whole eights, as vectors
     out = []
     # Without per_run, one call over every row and no WH kept.
-    for lo, hi in _row_runs(indptr, run_entries) if per_run is not None else [(0, len(indptr) - 1)]:
+    runs = _row_runs(indptr, run_entries) if per_run is not None else [(0, len(indptr) - 1)]
+    # One buffer for every run's WH: allocated run by run, each (1 MB) came from a fresh mmap
+    # under glibc's default settings, and its first writes faulted its pages in.
+    longest = max((int(indptr[hi]) - int(indptr[lo]) for lo, hi in runs), default=0) if per_run is not None else 0
+    buffer = np.empty(longest, dtype=W.dtype)
+    for lo, hi in runs:
         start, stop = int(indptr[lo]), int(indptr[hi])
-        wh = np.empty(stop - start if per_run is not None else 0, dtype=W.dtype)
+        wh = buffer[: stop - start] if per_run is not None else buffer
         _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
                         out_t, rank)
         if per_run is not None:
