@@ -235,3 +235,31 @@ def test_large_csr_blocks_take_the_compiled_products_in_fits_with_the_same_bits(
         assert calls.count("times_ht") >= 6 * 3 and calls.count("t_times_w") >= 6 * 3, params
         calls.clear()
         assert ours.components_.tobytes() == scipys.components_.tobytes(), params
+
+
+@pytest.mark.parametrize("r", [7, 10, 17])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("penalties", [(0.0, 0.0), (0.1, 0.0), (0.05, 0.2)])
+@pytest.mark.parametrize("loss", ["none", "loss", "exact"])
+def test_a_kl_mu_step_in_one_pass_is_the_two_half_passes_bit_for_bit(dtype, r, penalties, loss, monkeypatch):
+    """step_block's one pass over a CSR block (the W update row by row between its two
+    halves) against the update from w_products, then block_partials: the same W, the same
+    partials, with and without the loss, run by run (runs of about 23 non-zeros here)."""
+    from dnmf.kernels import products, step
+    from dnmf.kernels.beta import Rule
+    from dnmf.kernels.updates import update_w
+
+    V, W, H = _block(dtype, seed=11, r=r)
+    rule = Rule(solver="mu", beta=1.0, eps=1e-6, l1_w=penalties[0], l2_w=penalties[1])
+    with_loss, exact = loss != "none", loss == "exact"
+    monkeypatch.setattr(products, "KL_TILE_ENTRIES", 23)
+    calls = []
+    monkeypatch.setattr(products, "mu_step", lambda *a, **k: calls.append(1) or sparse_kl.mu_step(*a, **k))
+    W_new, partials = step.step_block(V, W, H, H @ H.T, rule, with_loss=with_loss, exact=exact)
+    assert calls, "the one-pass step was not taken"
+    want_W = update_w(V, W, H, H @ H.T, rule)
+    want = products.block_partials(V, want_W, H, rule, with_loss, exact)
+    assert W_new.dtype == dtype and W_new.tobytes() == want_W.tobytes()
+    assert partials.numer.tobytes() == want.numer.tobytes()
+    assert partials.denom.tobytes() == want.denom.tobytes()
+    assert partials.loss == want.loss and (partials.loss != 0.0) == with_loss

@@ -291,6 +291,49 @@ def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, out_t, rank):  # pragma
             _lane_axpy(out_t, c, data[k] / (s + eps), W, i, rank, 1)
 
 
+@numba.jit(**_JIT)
+def _mu_step(indptr, indices, data, W, Ht, scale, eps, W_new, wh_out, out_t, rank):  # pragma: no cover - compiled
+    """A KL MU step on CSR rows, row by row: the row's ratios at W's row give its numerator
+    (V / (WH + ε)) Hᵀ, then ``W_new[i] = (numerator / scale[i]) · W[i]`` (``scale``: the MU
+    denominator plus ε, as :func:`dnmf.kernels.updates.mu_update` forms it), then the ratios
+    at W_new's row are added into ``out_t`` as :func:`_wt_ratio` adds them, while the Hᵀ rows
+    of the row's columns are still in cache from its first half. Each half is the same bits
+    as its own kernel: the sums go in the same order."""
+    numba.literally(rank)
+    keep = wh_out.shape[0] > 0
+    acc = np.zeros((1, -(-rank // LANES) * LANES), dtype=W.dtype)
+    dots = np.empty(LANES, dtype=W.dtype)
+    ratios = np.empty(LANES, dtype=W.dtype)
+    for i in range(W.shape[0]):
+        acc[0, :] = 0
+        start, end = indptr[i], indptr[i + 1]
+        j = start
+        while j + LANES <= end:
+            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
+            for m in range(LANES):
+                _lane_axpy(acc, 0, ratios[m], Ht, indices[j + m], rank, 1)
+            j += LANES
+        for k in range(j, end):
+            c = indices[k]
+            _lane_axpy(acc, 0, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
+        for k in range(rank):
+            W_new[i, k] = (acc[0, k] / scale[i, k]) * W[i, k]
+        j = start
+        while j + LANES <= end:
+            _lane_ratios(W_new, i, Ht, indices, data, j, eps, dots, ratios, rank)
+            for m in range(LANES):
+                if keep:
+                    wh_out[j + m] = dots[m]
+                _lane_axpy(out_t, indices[j + m], ratios[m], W_new, i, rank, 1)
+            j += LANES
+        for k in range(j, end):
+            c = indices[k]
+            s = _lane_dot(W_new, i, Ht, c, rank)
+            if keep:
+                wh_out[k] = s
+            _lane_axpy(out_t, c, data[k] / (s + eps), W_new, i, rank, 1)
+
+
 # A kernel called with the rank as a plain int goes through numba's literal dispatch on every
 # call: ~8 ms of Python holding the GIL here, 20 times per iteration of a 10-block fit, which
 # stalled the other thread's reads of a streamed V (MU-KL read 858 ms of blocks per iteration

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import xlogy
 
-from .sparse_kl import ratio_times_ht, t_times_w, times_ht, wh_at_nonzeros, wt_ratio
+from .sparse_kl import mu_step, ratio_times_ht, t_times_w, times_ht, wh_at_nonzeros, wt_ratio
 from .beta import Rule, beta_divergence_dense, objective_from_sums, objective_term
 
 
@@ -327,18 +327,38 @@ def _kl_partials_sparse(
     """KL partials of a CSR block, WH formed at V's nonzeros only: Wᵀ(V / (WH + ε)), colsum(W)
     and the loss (less the constant, as in :func:`_kl_partials_dense`; ``exact``: the whole
     divergence, the non-zeros' terms plus Σ WH over the zeros)."""
+    numer, terms = wt_ratio(V_b, W_b, H, eps, per_run=_kl_per_run(with_loss, exact), run_entries=KL_TILE_ENTRIES)
+    return _kl_sparse_partials(numer, terms, W_b, H, with_loss, exact)
+
+
+def kl_mu_step_sparse(
+    V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, scale: np.ndarray, eps: float, with_loss: bool, exact: bool = False
+) -> tuple[np.ndarray, Partials]:
+    """A KL MU step of a CSR block in one pass over its rows (:func:`~.sparse_kl.mu_step`):
+    ``W_new`` (W_b's update, ``scale`` its denominator plus ε) and the partials at
+    (W_new, H), the same bits as the update from :func:`w_products`, then
+    :func:`block_partials`."""
+    W_new, numer, terms = mu_step(V_b, W_b, H, scale, eps, per_run=_kl_per_run(with_loss, exact),
+                                  run_entries=KL_TILE_ENTRIES)
+    return W_new, _kl_sparse_partials(numer, terms, W_new, H, with_loss, exact)
+
+
+def _kl_per_run(with_loss: bool, exact: bool):
+    """What a sparse KL pass adds up run by run for the loss (None: no loss). By runs of rows
+    (see :func:`~.sparse_kl.wt_ratio`): WH and the float64 terms of a whole block would be 3
+    times its size in temporaries."""
+    return _exact_kl_terms if exact else _v_log_wh_sum if with_loss else None
+
+
+def _kl_sparse_partials(numer, terms: list, W_b: np.ndarray, H: np.ndarray, with_loss: bool, exact: bool) -> Partials:
     col_w = W_b.sum(axis=0)
     h_sums = H.sum(axis=1, dtype=np.float64)
-    # By runs of rows (see wt_ratio): WH and the float64 terms of a whole block would be 3 times
-    # its size in temporaries.
     if exact:
-        numer, terms = wt_ratio(V_b, W_b, H, eps, per_run=_exact_kl_terms, run_entries=KL_TILE_ENTRIES)
         loss = math.fsum(terms) + float(np.dot(W_b.sum(axis=0, dtype=np.float64), h_sums))
     elif with_loss:
-        numer, terms = wt_ratio(V_b, W_b, H, eps, per_run=_v_log_wh_sum, run_entries=KL_TILE_ENTRIES)
         loss = -math.fsum(terms) + float(np.dot(col_w.astype(np.float64), h_sums))
     else:
-        numer, loss = wt_ratio(V_b, W_b, H, eps)[0], 0.0
+        loss = 0.0
     return Partials(numer, col_w, loss, 0.0, 0.0)
 
 

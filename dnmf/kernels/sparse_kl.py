@@ -41,6 +41,7 @@ def _jit() -> SimpleNamespace:
         ratio_times_ht=functools.partial(k.call, k._ratio_times_ht),
         wt_ratio=functools.partial(k.call, k._wt_ratio),
         wh_values=functools.partial(k.call, k._wh_values),
+        mu_step=functools.partial(k.call, k._mu_step),
     )
 
 
@@ -87,8 +88,43 @@ def wt_ratio(
     the sums are the same bits however the rows are split. ``wh`` is one buffer, refilled run
     after run: ``per_run`` copies what it keeps."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
-    eps, rank = W.dtype.type(eps), W.shape[1]
-    out_t = np.zeros((Ht.shape[0], -(-rank // 8) * 8), dtype=W.dtype)  # rows of whole eights, as vectors
+    eps = W.dtype.type(eps)
+
+    def run(lo, hi, start, stop, wh, out_t):
+        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
+                        out_t, W.shape[1])
+
+    return _by_runs(V_b, W, run, per_run, run_entries)
+
+
+def mu_step(
+    V_b: sp.csr_matrix, W_b: np.ndarray, H: np.ndarray, scale: np.ndarray, eps: float, per_run: Callable | None = None,
+    run_entries: int = 2**18,
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """A KL MU step on a CSR block in one pass over its rows: ``W_new`` (n_b, r), each row
+    ``(ratio_times_ht's row / scale's row) · W_b's row`` (``scale``, broadcast to (n_b, r): the MU
+    denominator plus ε), and then :func:`wt_ratio` at W_new, with ``per_run`` as there. The
+    same bits as :func:`ratio_times_ht`, that update, then :func:`wt_ratio`; each row's Hᵀ rows
+    are read from memory once instead of twice (``(W_new, numerator, runs)``)."""
+    indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
+    eps = W.dtype.type(eps)
+    scale = np.ascontiguousarray(np.broadcast_to(scale, W.shape), dtype=W.dtype)
+    W_new = np.empty_like(W)
+
+    def run(lo, hi, start, stop, wh, out_t):
+        _jit().mu_step(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht,
+                       scale[lo:hi], eps, W_new[lo:hi], wh, out_t, W.shape[1])
+
+    numer, out = _by_runs(V_b, W, run, per_run, run_entries)
+    return W_new, numer, out
+
+
+def _by_runs(V_b: sp.csr_matrix, W: np.ndarray, run: Callable, per_run: Callable | None, run_entries: int):
+    """``run(lo, hi, start, stop, wh, out_t)`` over V_b's rows, as one run or (with ``per_run``)
+    runs of about ``run_entries`` non-zeros, adding into one (p, whole eights) ``out_t``:
+    ``(out_t's first r columns transposed, [per_run(values, wh) of each run]``)."""
+    indptr, rank = V_b.indptr, W.shape[1]
+    out_t = np.zeros((V_b.shape[1], -(-rank // 8) * 8), dtype=W.dtype)  # rows of whole eights, as vectors
     out = []
     # Without per_run, one call over every row and no WH kept.
     runs = _row_runs(indptr, run_entries) if per_run is not None else [(0, len(indptr) - 1)]
@@ -99,8 +135,7 @@ def wt_ratio(
     for lo, hi in runs:
         start, stop = int(indptr[lo]), int(indptr[hi])
         wh = buffer[: stop - start] if per_run is not None else buffer
-        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
-                        out_t, rank)
+        run(lo, hi, start, stop, wh, out_t)
         if per_run is not None:
             out.append(per_run(V_b.data[start:stop], wh))
     return np.ascontiguousarray(out_t[:, :rank].T), out

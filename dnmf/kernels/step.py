@@ -16,11 +16,12 @@ from .products import (
     block_partials,
     frobenius_residual,
     gram,
+    kl_mu_step_sparse,
     l1_norm,
     stacked_products_agree,
 )
 from .stacked import stack_groups, stacked_dot_ht, stacked_dot_t
-from .updates import apply_w_update, update_w
+from .updates import apply_w_update, mu_penalized, update_w
 
 
 def step_block(
@@ -54,6 +55,8 @@ def step_block(
     V_b = as_float_block(V_b, W_b.dtype)
     if _fuses_in_tiles(V_b, rule):
         W_new, partials = _frobenius_step_tiled(V_b, W_b, H, HHt, rule, exact)
+    elif (scale := _kl_mu_scale(V_b, W_b, H, rule)) is not None:
+        W_new, partials = kl_mu_step_sparse(V_b, W_b, H, scale, rule.eps_wh, with_loss, exact)
     else:
         W_new = update_w(V_b, W_b, H, HHt, rule)
         partials = block_partials(V_b, W_new, H, rule, with_loss, exact)
@@ -66,6 +69,17 @@ def with_w_norms(W_new: np.ndarray, W_b: np.ndarray, partials: Partials):
     return W_new, partials._replace(
         w_sq=float(np.vdot(W_new, W_new)), dw_sq=float(np.vdot(delta, delta)), w_l1=l1_norm(W_new)
     )
+
+
+def _kl_mu_scale(V_b, W_b: np.ndarray, H: np.ndarray, rule: Rule) -> np.ndarray | None:
+    """For a KL MU step of a CSR block (done in one pass, :func:`~.products.kl_mu_step_sparse`):
+    the update's denominator plus ε, as :func:`~.updates.apply_w_update` forms it; None for
+    other steps (or a denominator in another dtype than W's, which that update would not
+    round to W's dtype before dividing)."""
+    if not (rule.kullback_leibler and rule.solver == "mu" and rule.gamma == 1.0 and sp.issparse(V_b)):
+        return None
+    scale = mu_penalized(H.sum(axis=1), W_b, rule.l1_w, rule.l2_w) + rule.eps_denominator
+    return scale if scale.dtype == W_b.dtype == H.dtype else None
 
 
 # Dense Frobenius steps of MU (and one-sweep HALS) run in row tiles of about this many
