@@ -264,60 +264,39 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cove
 
 
 @numba.jit(**_JIT)
-def _wt_ratio(indptr, indices, data, W, Ht, eps, wh_out, out_t, rank):  # pragma: no cover - compiled
-    """Wᵀ (V / (WH + ε)) transposed, (p, r) in the first r columns of ``out_t`` (p, whole
+def _wt_ratio(indptr, indices, data, W, Ht, scale, eps, update, W_new, wh_out, out_t, rank):  # pragma: no cover - compiled
+    """Wᵀ (V / (W_new H + ε)) transposed, (p, r) in the first r columns of ``out_t`` (p, whole
     eights), added there: each ratio added into its column's sums at once, in the order
     scipy's product Vᵀ W adds a CSR block's values (so rows given in runs, one call each, add
-    up to the same bits). With ``wh_out`` of length nnz (else 0), WH is written there too, for
-    the loss. Ratios eight at a time, as in :func:`_ratio_times_ht`."""
-    numba.literally(rank)
-    keep = wh_out.shape[0] > 0
-    dots = np.empty(LANES, dtype=W.dtype)
-    ratios = np.empty(LANES, dtype=W.dtype)
-    for i in range(W.shape[0]):
-        j, end = indptr[i], indptr[i + 1]
-        while j + LANES <= end:
-            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
-            for m in range(LANES):
-                if keep:
-                    wh_out[j + m] = dots[m]
-                _lane_axpy(out_t, indices[j + m], ratios[m], W, i, rank, 1)
-            j += LANES
-        for k in range(j, end):
-            c = indices[k]
-            s = _lane_dot(W, i, Ht, c, rank)
-            if keep:
-                wh_out[k] = s
-            _lane_axpy(out_t, c, data[k] / (s + eps), W, i, rank, 1)
+    up to the same bits). With ``wh_out`` of length nnz (else 0), W_new H is written there
+    too, for the loss. Ratios eight at a time, as in :func:`_ratio_times_ht`.
 
-
-@numba.jit(**_JIT)
-def _mu_step(indptr, indices, data, W, Ht, scale, eps, W_new, wh_out, out_t, rank):  # pragma: no cover - compiled
-    """A KL MU step on CSR rows, row by row: the row's ratios at W's row give its numerator
-    (V / (WH + ε)) Hᵀ, then ``W_new[i] = (numerator / scale[i]) · W[i]`` (``scale``: the MU
-    denominator plus ε, as :func:`dnmf.kernels.updates.mu_update` forms it), then the ratios
-    at W_new's row are added into ``out_t`` as :func:`_wt_ratio` adds them, while the Hᵀ rows
-    of the row's columns are still in cache from its first half. Each half is the same bits
-    as its own kernel: the sums go in the same order."""
+    Without ``update``, W_new is W (pass W itself). With it, this is a KL MU step, row by row:
+    the row's ratios at W's row give its numerator (V / (WH + ε)) Hᵀ, then
+    ``W_new[i] = (numerator / scale[i]) · W[i]`` (``scale``: the MU denominator plus ε, as
+    :func:`dnmf.kernels.updates.mu_update` forms it), then the row's ratios at W_new's row are
+    added as above, while the Hᵀ rows of its columns are still in cache. Each half is the same
+    bits as its own kernel: the sums go in the same order."""
     numba.literally(rank)
     keep = wh_out.shape[0] > 0
     acc = np.zeros((1, -(-rank // LANES) * LANES), dtype=W.dtype)
     dots = np.empty(LANES, dtype=W.dtype)
     ratios = np.empty(LANES, dtype=W.dtype)
     for i in range(W.shape[0]):
-        acc[0, :] = 0
         start, end = indptr[i], indptr[i + 1]
-        j = start
-        while j + LANES <= end:
-            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
-            for m in range(LANES):
-                _lane_axpy(acc, 0, ratios[m], Ht, indices[j + m], rank, 1)
-            j += LANES
-        for k in range(j, end):
-            c = indices[k]
-            _lane_axpy(acc, 0, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
-        for k in range(rank):
-            W_new[i, k] = (acc[0, k] / scale[i, k]) * W[i, k]
+        if update:
+            acc[0, :] = 0
+            j = start
+            while j + LANES <= end:
+                _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
+                for m in range(LANES):
+                    _lane_axpy(acc, 0, ratios[m], Ht, indices[j + m], rank, 1)
+                j += LANES
+            for k in range(j, end):
+                c = indices[k]
+                _lane_axpy(acc, 0, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
+            for k in range(rank):
+                W_new[i, k] = (acc[0, k] / scale[i, k]) * W[i, k]
         j = start
         while j + LANES <= end:
             _lane_ratios(W_new, i, Ht, indices, data, j, eps, dots, ratios, rank)

@@ -41,7 +41,6 @@ def _jit() -> SimpleNamespace:
         ratio_times_ht=functools.partial(k.call, k._ratio_times_ht),
         wt_ratio=functools.partial(k.call, k._wt_ratio),
         wh_values=functools.partial(k.call, k._wh_values),
-        mu_step=functools.partial(k.call, k._mu_step),
     )
 
 
@@ -88,11 +87,11 @@ def wt_ratio(
     the sums are the same bits however the rows are split. ``wh`` is one buffer, refilled run
     after run: ``per_run`` copies what it keeps."""
     indptr, indices, data, W, Ht = _parts(V_b, W_b, H)
-    eps = W.dtype.type(eps)
+    eps, unused = W.dtype.type(eps), np.empty((0, 0), dtype=W.dtype)
 
     def run(lo, hi, start, stop, wh, out_t):
-        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, eps, wh,
-                        out_t, W.shape[1])
+        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht, unused,
+                        eps, False, W[lo:hi], wh, out_t, W.shape[1])
 
     return _by_runs(V_b, W, run, per_run, run_entries)
 
@@ -112,8 +111,8 @@ def mu_step(
     W_new = np.empty_like(W)
 
     def run(lo, hi, start, stop, wh, out_t):
-        _jit().mu_step(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht,
-                       scale[lo:hi], eps, W_new[lo:hi], wh, out_t, W.shape[1])
+        _jit().wt_ratio(indptr[lo : hi + 1] - indptr[lo], indices[start:stop], data[start:stop], W[lo:hi], Ht,
+                        scale[lo:hi], eps, True, W_new[lo:hi], wh, out_t, W.shape[1])
 
     numer, out = _by_runs(V_b, W, run, per_run, run_entries)
     return W_new, numer, out
