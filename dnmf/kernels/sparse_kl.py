@@ -120,8 +120,9 @@ def mu_step(
 
 def _by_runs(V_b: sp.csr_matrix, W: np.ndarray, run: Callable, per_run: Callable | None, run_entries: int):
     """``run(lo, hi, start, stop, wh, out_t)`` over V_b's rows, as one run or (with ``per_run``)
-    runs of about ``run_entries`` non-zeros, adding into one (p, whole eights) ``out_t``:
-    ``(out_t's first r columns transposed, [per_run(values, wh) of each run]``)."""
+    runs of about ``run_entries`` non-zeros, adding into one (p, whole eights) ``out_t``.
+    Returns out_t's first r columns transposed, (r, p), and the list of ``per_run(values, wh)``
+    of the runs (empty without ``per_run``)."""
     indptr, rank = V_b.indptr, W.shape[1]
     out_t = np.zeros((V_b.shape[1], -(-rank // 8) * 8), dtype=W.dtype)  # rows of whole eights, as vectors
     out = []
