@@ -102,36 +102,28 @@ def _lane_dot(typingctx, A, i, B, c, width):
 
 
 @intrinsic
-def _lane_axpy(typingctx, Y, y, q, X, x, width, whole):
-    """Y[y, k] += q · X[x, k] for the first ``width`` (a literal) columns, eight at a time. The
-    last group, when short, is done column by column, or with ``whole`` (a literal 1: Y's rows
-    are padded to whole eights) as eight lanes, X's missing columns counting as zeros."""
-    if not isinstance(width, types.IntegerLiteral) or not isinstance(whole, types.IntegerLiteral) or not _rows_of(Y, X):
+def _lane_axpy(typingctx, Y, y, q, X, x, width):
+    """Y[y, k] += q · X[x, k] for the first ``width`` (a literal) columns, eight lanes at a
+    time: Y's rows are padded to whole eights, and X's columns past ``width`` count as zeros."""
+    if not isinstance(width, types.IntegerLiteral) or not _rows_of(Y, X):
         return None
-    n, whole_rows = width.literal_value, bool(whole.literal_value)
-    sig = types.void(Y, types.intp, Y.dtype, X, types.intp, width, whole)
+    n = width.literal_value
+    sig = types.void(Y, types.intp, Y.dtype, X, types.intp, width)
 
     def codegen(context, builder, sig, args):
-        y_array, y, q, x_array, x, _, _ = args
+        y_array, y, q, x_array, x, _ = args
         dtype = context.get_value_type(sig.args[0].dtype)
         vector = ir.VectorType(dtype, LANES)
         align = sig.args[0].dtype.bitwidth // 8
         row_y = _row_pointer(context, builder, sig.args[0], y_array, y)
         row_x = _row_pointer(context, builder, sig.args[3], x_array, x)
+        scale = builder.insert_element(ir.Constant(vector, ir.Undefined), q, ir.Constant(_I32, 0))
+        scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
         for start, count in _chunks(n):
-            if count == LANES or whole_rows:
-                scale = builder.insert_element(ir.Constant(vector, ir.Undefined), q, ir.Constant(_I32, 0))
-                scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
-                at = builder.bitcast(builder.gep(row_y, [ir.Constant(ir.IntType(64), start)]), vector.as_pointer())
-                added = builder.fadd(builder.load(at, align=align),
-                                     builder.fmul(scale, _lanes(builder, row_x, start, count, vector, align)))
-                builder.store(added, at, align=align)
-            else:
-                for k in range(start, start + count):
-                    index = ir.Constant(ir.IntType(64), k)
-                    at = builder.gep(row_y, [index])
-                    term = builder.fmul(q, builder.load(builder.gep(row_x, [index]), align=align))
-                    builder.store(builder.fadd(builder.load(at, align=align), term), at, align=align)
+            at = builder.bitcast(builder.gep(row_y, [ir.Constant(ir.IntType(64), start)]), vector.as_pointer())
+            added = builder.fadd(builder.load(at, align=align),
+                                 builder.fmul(scale, _lanes(builder, row_x, start, count, vector, align)))
+            builder.store(added, at, align=align)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -222,7 +214,7 @@ def _times_ht(indptr, indices, data, Ht, rank):  # pragma: no cover - compiled
     out = np.zeros((indptr.shape[0] - 1, -(-rank // LANES) * LANES), dtype=Ht.dtype)
     for i in range(out.shape[0]):
         for j in range(indptr[i], indptr[i + 1]):
-            _lane_axpy(out, i, data[j], Ht, indices[j], rank, 1)
+            _lane_axpy(out, i, data[j], Ht, indices[j], rank)
     return out
 
 
@@ -235,7 +227,7 @@ def _t_times_w(indptr, indices, data, W, p, rank):  # pragma: no cover - compile
     out_t = np.zeros((p, -(-rank // LANES) * LANES), dtype=W.dtype)
     for i in range(W.shape[0]):
         for j in range(indptr[i], indptr[i + 1]):
-            _lane_axpy(out_t, indices[j], data[j], W, i, rank, 1)
+            _lane_axpy(out_t, indices[j], data[j], W, i, rank)
     return out_t
 
 
@@ -251,16 +243,23 @@ def _ratio_times_ht(indptr, indices, data, W, Ht, eps, rank):  # pragma: no cove
     dots = np.empty(LANES, dtype=W.dtype)
     ratios = np.empty(LANES, dtype=W.dtype)
     for i in range(W.shape[0]):
-        j, end = indptr[i], indptr[i + 1]
-        while j + LANES <= end:
-            _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
-            for m in range(LANES):
-                _lane_axpy(out, i, ratios[m], Ht, indices[j + m], rank, 1)
-            j += LANES
-        for k in range(j, end):
-            c = indices[k]
-            _lane_axpy(out, i, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
+        _add_row_ratios(indptr, indices, data, W, Ht, eps, i, out, i, dots, ratios, rank)
     return out
+
+
+@numba.jit(**_JIT)
+def _add_row_ratios(indptr, indices, data, W, Ht, eps, i, out, row, dots, ratios, rank):  # pragma: no cover - compiled
+    """Row i's share of (V / (WH + ε)) Hᵀ added into ``out[row]``: its ratios eight at a time
+    (:func:`_lane_ratios`, ``dots`` and ``ratios`` its scratch), the last few one by one."""
+    j, end = indptr[i], indptr[i + 1]
+    while j + LANES <= end:
+        _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
+        for m in range(LANES):
+            _lane_axpy(out, row, ratios[m], Ht, indices[j + m], rank)
+        j += LANES
+    for k in range(j, end):
+        c = indices[k]
+        _lane_axpy(out, row, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank)
 
 
 @numba.jit(**_JIT)
@@ -286,15 +285,7 @@ def _wt_ratio(indptr, indices, data, W, Ht, scale, eps, update, W_new, wh_out, o
         start, end = indptr[i], indptr[i + 1]
         if update:
             acc[0, :] = 0
-            j = start
-            while j + LANES <= end:
-                _lane_ratios(W, i, Ht, indices, data, j, eps, dots, ratios, rank)
-                for m in range(LANES):
-                    _lane_axpy(acc, 0, ratios[m], Ht, indices[j + m], rank, 1)
-                j += LANES
-            for k in range(j, end):
-                c = indices[k]
-                _lane_axpy(acc, 0, data[k] / (_lane_dot(W, i, Ht, c, rank) + eps), Ht, c, rank, 1)
+            _add_row_ratios(indptr, indices, data, W, Ht, eps, i, acc, 0, dots, ratios, rank)
             for k in range(rank):
                 W_new[i, k] = (acc[0, k] / scale[i, k]) * W[i, k]
         j = start
@@ -303,14 +294,14 @@ def _wt_ratio(indptr, indices, data, W, Ht, scale, eps, update, W_new, wh_out, o
             for m in range(LANES):
                 if keep:
                     wh_out[j + m] = dots[m]
-                _lane_axpy(out_t, indices[j + m], ratios[m], W_new, i, rank, 1)
+                _lane_axpy(out_t, indices[j + m], ratios[m], W_new, i, rank)
             j += LANES
         for k in range(j, end):
             c = indices[k]
             s = _lane_dot(W_new, i, Ht, c, rank)
             if keep:
                 wh_out[k] = s
-            _lane_axpy(out_t, c, data[k] / (s + eps), W_new, i, rank, 1)
+            _lane_axpy(out_t, c, data[k] / (s + eps), W_new, i, rank)
 
 
 # A kernel called with the rank as a plain int goes through numba's literal dispatch on every
