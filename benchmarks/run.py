@@ -218,7 +218,7 @@ def lines_cluster_numpy(res: dict) -> list[dict]:
 
 
 def lines_out_of_core(res: dict) -> list[dict]:
-    out = [line("out-of-core: read V once from Zarr (Blosc-lz4)", ms(res["read_once"]))]
+    out = [line("out-of-core: read V once from Zarr (Blosc LZ4HC)", ms(res["read_once"]))]
     for s in ("mu", "hals"):
         ratio = res[f"zarr_{s}"] / res["read_once"]
         out.append(line(f"out-of-core: dnmf {s.upper()} per iteration / read once", f"{ratio:.2f}", "≤ 1.3", ratio <= 1.3,

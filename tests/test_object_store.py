@@ -63,6 +63,12 @@ def s3():
                 time.sleep(0.1)
         import s3fs
 
+        from dnmf.data import folders
+
+        # A file system made before these variables (another test module's s3:// path) would
+        # otherwise be reused from dnmf's and fsspec's caches, without the credentials.
+        folders._filesystem.cache_clear()
+        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
         fs.mkdir(BUCKET)
         yield fs

@@ -47,7 +47,7 @@ def info(path, dataset, layer, no_scan, as_json):
               help="Write a dense Zarr array, or a sparse store (AnnData's CSR encoding). Default: sparse "
               "for sparse sources (.npz, coordinate .mtx, CSR/CSC groups), dense otherwise.")
 @click.option("--compress/--no-compress", "compressed", default=True, show_default=True,
-              help="Blosc-lz4 chunks, or raw ones: larger on disk, but read without decoding (a pass over a "
+              help="Blosc (LZ4HC) chunks, or raw ones: larger on disk, but read without decoding (a pass over a "
               "sparse store in about half the time).")
 def convert(src, dst, chunks, dataset, quiet, overwrite, dense, compressed):
     """Write SRC (.npy, .npz, .mtx(.gz), .csv/.tsv, HDF5, 10x .h5, .h5ad, an AnnData .zarr's

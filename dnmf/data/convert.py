@@ -535,7 +535,7 @@ def convert(
         True: a dense Zarr array whatever the source; False: a sparse store whatever the
         source (a dense source's zeros left out); None (default): sparse for sparse sources.
     compressed : bool, default=True
-        Blosc-lz4 chunks (:func:`~dnmf.data.zarrio.default_compressors`), or raw ones (False):
+        Blosc (LZ4HC) chunks (:func:`~dnmf.data.zarrio.default_compressors`), or raw ones (False):
         larger on disk (1.6 times for random float32 values, more for counts), but read with no
         decoding: a pass over a 79M-non-zero sparse store took 64-102 ms instead of 152 here,
         which is most of what streaming adds to an in-memory iteration.

@@ -19,15 +19,22 @@ from .. import __version__
 
 
 def default_compressors() -> tuple:
-    """The codec of the arrays dnmf writes: Blosc-lz4, which reads about twice as fast as
-    Zarr's default Zstd.
+    """The codec of the arrays dnmf writes: Blosc with LZ4HC at level 1, which reads about
+    twice as fast as Zarr's default Zstd.
+
+    LZ4HC writes the LZ4 format with a better match search: at level 1 it writes about as
+    fast as plain LZ4 at level 5 did here (1.1-1.3 s for a 200000 x 20000 sparse store at 2%),
+    and its fewer, longer matches decode faster. Measured on this project's machines: one pass
+    over that store in 100 ms instead of 132 with count values (10% smaller on disk), 112
+    instead of 119 with uniform ones; over a dense 20000 x 5000 float32 array, 223 ms
+    instead of 266.
 
     Blosc's shuffle follows the dtype (byte shuffle; bit shuffle for 1-byte dtypes). Pass it
     as ``zarr.create_array(..., compressors=default_compressors())``.
     """
     from zarr.codecs import BloscCodec
 
-    return (BloscCodec(cname="lz4", clevel=5),)
+    return (BloscCodec(cname="lz4hc", clevel=1),)
 
 
 def create_array(
