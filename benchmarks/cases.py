@@ -447,15 +447,21 @@ def read_sparse_once_seconds(path: str) -> float:
 def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
     """Sparse V streamed from a sparse store (cache=False) vs the same CSR in memory, vs
     reading the store once, vs scikit-learn on the CSR; the same from an uncompressed store
-    (``raw_*``); dask's threaded scheduler."""
+    (``raw_*``), and HALS on the same entries holding counts (``counts_*``: negative binomial
+    values, which compress as count data does, where the uniform values barely compress);
+    dask's threaded scheduler."""
     V = sparse_uniform(n, p, density, dtype)
     W0, H0 = start(V.shape, r, float(V.sum(dtype=np.float64)) / (n * p), dtype)
+    C = V.copy()
+    C.data[:] = np.random.default_rng(2).negative_binomial(1, 0.4, size=C.nnz) + 1
+    Wc, Hc = start(C.shape, r, float(C.sum(dtype=np.float64)) / (n * p), dtype)
     out = {"nnz": int(V.nnz)}
     with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent)) as tmp:
-        path, raw = str(Path(tmp) / "v.zarr"), str(Path(tmp) / "raw.zarr")
+        path, raw, counts = (str(Path(tmp) / name) for name in ("v.zarr", "raw.zarr", "counts.zarr"))
         write_sparse_store(path, V)
         write_sparse_store(raw, V, compressed=False)
-        for key, where in (("read_once", path), ("raw_read_once", raw)):
+        write_sparse_store(counts, C)
+        for key, where in (("read_once", path), ("raw_read_once", raw), ("counts_read_once", counts)):
             read_sparse_once_seconds(where)  # warm the page cache
             out[key] = median(read_sparse_once_seconds(where) for _ in range(max(3, repeats)))
         kl = "kullback-leibler"
@@ -468,6 +474,8 @@ def case_sparse_out_of_core(n, p, density, r, dtype, lo, hi, repeats):
             "disk_hals_plain": lambda k: dnmf_fit(path, W0, H0, "hals", k, cache=False, inner_sweeps=1),
             "raw_kl": lambda k: dnmf_fit(raw, W0, H0, "mu", k, kl, cache=False),
             "raw_hals": lambda k: dnmf_fit(raw, W0, H0, "hals", k, cache=False),
+            "counts_disk_hals": lambda k: dnmf_fit(counts, Wc, Hc, "hals", k, cache=False),
+            "counts_mem_hals": lambda k: dnmf_fit(C, Wc, Hc, "hals", k),
             "sklearn_mu": lambda k: sk_fit(V, W0, H0, "mu", k),
             "sklearn_cd": lambda k: sk_fit(V, W0, H0, "cd", k),
         }, lo, hi, repeats))
